@@ -1,0 +1,173 @@
+//! One ZODB database as the cache sees it: its snapshot cache, its views and
+//! the attach / resync rules that keep time from running backwards
+//! (invariant 7).
+
+use crate::error::CoreError;
+use crate::revision::{Oid, StateWeight, Tid};
+use crate::snapshot::{CacheStats, Hit, SnapshotCache, StoreOutcome};
+use crate::view::{ViewId, ViewRegistry};
+use std::sync::Arc;
+
+/// What attaching a client did to the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttachOutcome {
+    /// First client: the log starts at its `lastTransaction`.
+    Started,
+    /// The client's `lastTransaction` is at or past the horizon: joined as is.
+    Joined,
+    /// The client's `lastTransaction` is below the horizon (a restored
+    /// backup): every revision was dropped and the log restarted there.
+    Flushed {
+        /// The horizon before the flush.
+        old_horizon: Tid,
+    },
+}
+
+/// A database's cache, views and log.
+pub struct Database<S> {
+    cache: SnapshotCache<S>,
+    views: ViewRegistry,
+}
+
+/// Sizes and counters of one database.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DatabaseStats {
+    /// The cache's counters.
+    pub cache: CacheStats,
+    /// Registered views.
+    pub views: u64,
+    /// Horizon, `None` before the first attach.
+    pub horizon: Option<Tid>,
+    /// Oldest registered view.
+    pub low_water_mark: Option<Tid>,
+    /// Start of the invalidation log.
+    pub log_start: Option<Tid>,
+    /// Changes held in the log.
+    pub log_len: u64,
+}
+
+impl<S: StateWeight + Send + Sync + 'static> Database<S> {
+    /// An empty database bounded to `capacity_bytes`.
+    pub fn new(capacity_bytes: u64) -> Self {
+        Database {
+            cache: SnapshotCache::new(capacity_bytes),
+            views: ViewRegistry::new(),
+        }
+    }
+
+    /// The snapshot cache.
+    pub fn cache(&self) -> &SnapshotCache<S> {
+        &self.cache
+    }
+
+    /// The view registry.
+    pub fn views(&self) -> &ViewRegistry {
+        &self.views
+    }
+
+    /// A client whose storage's `lastTransaction()` is `last_tid` attaches.
+    pub fn attach(&self, last_tid: Tid) -> AttachOutcome {
+        match self.cache.horizon() {
+            None => {
+                self.cache.start_log(last_tid);
+                AttachOutcome::Started
+            }
+            Some(h) if last_tid < h => {
+                self.cache.flush();
+                self.cache.start_log(last_tid);
+                AttachOutcome::Flushed { old_horizon: h }
+            }
+            Some(_) => AttachOutcome::Joined,
+        }
+    }
+
+    /// A client lost invalidations up to `at` (ZEO's `invalidateCache`, a
+    /// refused gap): if `at` is past the horizon, open revisions are dropped
+    /// and the log restarts at `at`; otherwise the log already covers it.
+    /// Returns whether the log restarted.
+    pub fn resync(&self, at: Tid) -> bool {
+        match self.cache.horizon() {
+            Some(h) if at <= h => false,
+            _ => {
+                self.cache.start_log(at);
+                true
+            }
+        }
+    }
+
+    /// See [`SnapshotCache::lookup`].
+    pub fn lookup(&self, oid: Oid, view: Tid) -> Option<Hit<S>> {
+        self.cache.lookup(oid, view)
+    }
+
+    /// See [`SnapshotCache::store`].
+    ///
+    /// # Errors
+    /// As [`SnapshotCache::store`].
+    pub fn store(
+        &self,
+        oid: Oid,
+        serial: Tid,
+        end: Option<Tid>,
+        view: Tid,
+        state: Arc<S>,
+    ) -> Result<StoreOutcome, CoreError> {
+        self.cache.store(oid, serial, end, view, state)
+    }
+
+    /// See [`SnapshotCache::report`].
+    ///
+    /// # Errors
+    /// As [`SnapshotCache::report`].
+    pub fn report(&self, from: Tid, to: Tid, changes: &[(Oid, Tid)]) -> Result<Tid, CoreError> {
+        self.cache.report(from, to, changes)
+    }
+
+    /// Reclaims what no registered view can see: the low-water mark is the
+    /// oldest view, or the horizon when no view is registered.
+    pub fn reclaim(&self) -> usize {
+        let Some(h) = self.cache.horizon() else {
+            return 0;
+        };
+        let low = self.views.low_water_mark().map_or(h, |l| l.min(h));
+        self.cache.reclaim(low)
+    }
+
+    /// Drops everything (a pack, an operator's request).
+    pub fn flush(&self) {
+        self.cache.flush();
+    }
+
+    /// Registers a view at `at`.
+    pub fn register_view(&self, at: Tid) -> ViewId {
+        self.views.register(at)
+    }
+
+    /// Advances a view.
+    ///
+    /// # Errors
+    /// [`CoreError::UnknownView`].
+    pub fn advance_view(&self, id: ViewId, to: Tid) -> Result<(), CoreError> {
+        self.views.advance(id, to)
+    }
+
+    /// Releases a view.
+    ///
+    /// # Errors
+    /// [`CoreError::UnknownView`].
+    pub fn release_view(&self, id: ViewId) -> Result<Tid, CoreError> {
+        self.views.release(id)
+    }
+
+    /// Sizes and counters.
+    pub fn stats(&self) -> DatabaseStats {
+        DatabaseStats {
+            cache: self.cache.stats(),
+            views: self.views.len() as u64,
+            horizon: self.cache.horizon(),
+            low_water_mark: self.views.low_water_mark(),
+            log_start: self.cache.log_start(),
+            log_len: self.cache.log_len() as u64,
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! The invalidation log: every change `(oid, tid)` from `log_start` up to
+//! the horizon `H`, used to check stores (invariant 3) and kept contiguous
+//! (invariant 4).
+
+use crate::error::CoreError;
+use crate::revision::{Oid, Tid};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+/// A contiguous record of changes in the tid interval `(log_start, horizon]`.
+///
+/// Reports are the shape ZEO's `invalidateTransaction`, a commit's
+/// `tpc_finish` and RelStorage's poll all give: `(from, to, [(oid, tid)])`,
+/// every change in `(from, to]` with its exact tid.
+#[derive(Debug, Clone)]
+pub struct InvalidationLog {
+    log_start: Tid,
+    horizon: Tid,
+    by_oid: HashMap<Oid, BTreeSet<Tid>>,
+    by_tid: BTreeMap<Tid, Vec<Oid>>,
+}
+
+impl InvalidationLog {
+    /// A log complete from (and horizon at) `start`: no change is known, and
+    /// none is needed, for the empty interval `(start, start]`.
+    pub fn starting_at(start: Tid) -> Self {
+        InvalidationLog {
+            log_start: start,
+            horizon: start,
+            by_oid: HashMap::new(),
+            by_tid: BTreeMap::new(),
+        }
+    }
+
+    /// The newest tid up to which invalidation information is complete.
+    pub fn horizon(&self) -> Tid {
+        self.horizon
+    }
+
+    /// The oldest tid from which the log is complete: a store loaded at a
+    /// view below it cannot be checked.
+    pub fn log_start(&self) -> Tid {
+        self.log_start
+    }
+
+    /// Number of `(oid, tid)` changes held.
+    pub fn len(&self) -> usize {
+        self.by_tid.values().map(Vec::len).sum()
+    }
+
+    /// Whether the log holds no change.
+    pub fn is_empty(&self) -> bool {
+        self.by_tid.is_empty()
+    }
+
+    /// Applies the report `(from, to, changes)` and returns the new horizon.
+    ///
+    /// Applied only when `from <= horizon`; then `horizon = max(horizon, to)`.
+    /// A report that overlaps what the log holds is applied idempotently.
+    ///
+    /// # Errors
+    /// [`CoreError::Gap`] when `from > horizon` (invariant 4: the cache must
+    /// not guess); [`CoreError::BadReport`] when `to < from` or a change's
+    /// tid lies outside `(from, to]`.
+    pub fn apply(&mut self, from: Tid, to: Tid, changes: &[(Oid, Tid)]) -> Result<Tid, CoreError> {
+        if to < from {
+            return Err(CoreError::BadReport {
+                from,
+                to,
+                reason: "the interval ends before it starts",
+            });
+        }
+        if changes.iter().any(|&(_, t)| t <= from || t > to) {
+            return Err(CoreError::BadReport {
+                from,
+                to,
+                reason: "a change's tid lies outside (from, to]",
+            });
+        }
+        if from > self.horizon {
+            return Err(CoreError::Gap {
+                from,
+                horizon: self.horizon,
+            });
+        }
+        for &(oid, tid) in changes {
+            if tid <= self.log_start {
+                continue; // below the log: truncated already, nobody needs it
+            }
+            if self.by_oid.entry(oid).or_default().insert(tid) {
+                self.by_tid.entry(tid).or_default().push(oid);
+            }
+        }
+        self.horizon = self.horizon.max(to);
+        Ok(self.horizon)
+    }
+
+    /// The first change of `oid` with tid in `(after, horizon]`, if any.
+    pub fn first_change_after(&self, oid: Oid, after: Tid) -> Option<Tid> {
+        use std::ops::Bound::{Excluded, Unbounded};
+        self.by_oid
+            .get(&oid)?
+            .range((Excluded(after), Unbounded))
+            .next()
+            .copied()
+    }
+
+    /// Forgets every change with tid `<= below` (capped at the horizon) and
+    /// moves `log_start` up to it (invariant 5: the log may be truncated
+    /// below the low-water mark).
+    pub fn truncate(&mut self, below: Tid) {
+        let below = below.min(self.horizon);
+        if below <= self.log_start {
+            return;
+        }
+        let keep = self.by_tid.split_off(&Tid(below.0.saturating_add(1)));
+        for (tid, oids) in std::mem::replace(&mut self.by_tid, keep) {
+            for oid in oids {
+                if let Some(set) = self.by_oid.get_mut(&oid) {
+                    set.remove(&tid);
+                    if set.is_empty() {
+                        self.by_oid.remove(&oid);
+                    }
+                }
+            }
+        }
+        self.log_start = below;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn log() -> InvalidationLog {
+        InvalidationLog::starting_at(Tid(10))
+    }
+
+    #[test]
+    fn contiguous_reports_advance_the_horizon() {
+        let mut l = log();
+        assert_eq!(l.apply(Tid(10), Tid(12), &[(Oid(1), Tid(12))]), Ok(Tid(12)));
+        assert_eq!(
+            l.apply(Tid(11), Tid(15), &[(Oid(1), Tid(12)), (Oid(2), Tid(14))]),
+            Ok(Tid(15))
+        );
+        assert_eq!(l.first_change_after(Oid(1), Tid(10)), Some(Tid(12)));
+        assert_eq!(l.first_change_after(Oid(1), Tid(12)), None);
+        assert_eq!(l.len(), 2, "a change reported twice is held once");
+    }
+
+    #[test]
+    fn a_gap_is_refused_and_changes_nothing() {
+        let mut l = log();
+        assert_eq!(
+            l.apply(Tid(11), Tid(13), &[(Oid(1), Tid(13))]),
+            Err(CoreError::Gap {
+                from: Tid(11),
+                horizon: Tid(10)
+            })
+        );
+        assert_eq!(l.horizon(), Tid(10));
+        assert_eq!(l.first_change_after(Oid(1), Tid(10)), None);
+    }
+
+    #[test]
+    fn an_overlapping_old_report_never_moves_the_horizon_back() {
+        let mut l = log();
+        l.apply(Tid(10), Tid(20), &[(Oid(1), Tid(15))]).unwrap();
+        assert_eq!(l.apply(Tid(12), Tid(18), &[(Oid(1), Tid(15))]), Ok(Tid(20)));
+        assert_eq!(l.len(), 1);
+    }
+
+    #[test]
+    fn changes_outside_the_interval_are_refused() {
+        let mut l = log();
+        assert!(matches!(
+            l.apply(Tid(10), Tid(12), &[(Oid(1), Tid(13))]),
+            Err(CoreError::BadReport { .. })
+        ));
+        assert!(matches!(
+            l.apply(Tid(10), Tid(12), &[(Oid(1), Tid(10))]),
+            Err(CoreError::BadReport { .. })
+        ));
+        assert!(matches!(
+            l.apply(Tid(12), Tid(11), &[]),
+            Err(CoreError::BadReport { .. })
+        ));
+    }
+
+    #[test]
+    fn truncation_moves_the_log_start() {
+        let mut l = log();
+        l.apply(
+            Tid(10),
+            Tid(20),
+            &[(Oid(1), Tid(12)), (Oid(1), Tid(18)), (Oid(2), Tid(15))],
+        )
+        .unwrap();
+        l.truncate(Tid(15));
+        assert_eq!(l.log_start(), Tid(15));
+        assert_eq!(l.first_change_after(Oid(1), Tid(10)), Some(Tid(18)));
+        assert_eq!(l.first_change_after(Oid(2), Tid(10)), None);
+        l.truncate(Tid(99));
+        assert_eq!(l.log_start(), Tid(20), "never past the horizon");
+        assert!(l.is_empty());
+    }
+}

@@ -1,0 +1,31 @@
+//! tidecache-core: the MVCC rules and the snapshot cache of tidecache.
+//!
+//! - [`revision`]: [`Oid`], [`Tid`], validity intervals.
+//! - [`invalidation`]: the invalidation log, its horizon and contiguous
+//!   reports (invariants 3 and 4 of DESIGN.md).
+//! - [`view`]: registered views and the low-water mark (invariant 5).
+//! - [`snapshot`]: [`SnapshotCache`], Arc-shared immutable states with a
+//!   lock-free read path (invariants 1, 2, 3, 5, 6).
+//! - [`database`]: one named database: cache, views, attach and resync
+//!   (invariant 7).
+//!
+//! Concurrency primitives come from the `sync` module, which swaps in
+//! loom's under `cfg(loom)`; the `tidecache-loom-tests` crate model-checks
+//! the protocols built on them.
+#![warn(missing_docs)]
+
+pub mod database;
+pub mod error;
+mod index;
+pub mod invalidation;
+pub mod revision;
+pub mod snapshot;
+mod sync;
+pub mod view;
+
+pub use database::{AttachOutcome, Database, DatabaseStats};
+pub use error::CoreError;
+pub use invalidation::InvalidationLog;
+pub use revision::{Oid, StateWeight, Tid, Validity};
+pub use snapshot::{CacheStats, Hit, Refusal, SnapshotCache, StoreOutcome, ENTRY_OVERHEAD};
+pub use view::{ViewId, ViewRegistry};

@@ -1,0 +1,420 @@
+//! `SnapshotCache<S>`: revisions keyed by `(oid, serial)`, handed out as
+//! Arc-shared immutable states, with the MVCC rules of DESIGN.md enforced
+//! at every read and write.
+//!
+//! Readers are lock-free: a lookup loads the horizon, finds the revision of
+//! the oid with the greatest serial `<= view` in the index (a skiplist whose
+//! memory crossbeam-epoch reclaims) and checks its interval. Writers — stores,
+//! invalidation reports, reclamation — are serialised by one lock that also
+//! guards the invalidation log, so a store's check against the log and its
+//! insertion are atomic with respect to reports.
+//!
+//! The ordering protocol that makes lock-free reads safe: a report first
+//! closes revisions (`end`, Release) and only then publishes the new horizon
+//! (Release); a lookup loads the horizon (Acquire) *before* it reads `end`.
+//! A reader that sees a horizon covering its view therefore also sees every
+//! closing up to that horizon. `loom-tests` model-checks this.
+
+use crate::error::CoreError;
+use crate::index::{Index, Slot, OPEN};
+use crate::invalidation::InvalidationLog;
+use crate::revision::{Oid, StateWeight, Tid};
+use crate::sync::{lock, AtomicU64 as SyncU64, Mutex, Ordering};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+/// Bytes charged per cached revision on top of its state, for eviction
+/// and for the `bytes` statistic: the skiplist node (key, slot, tower,
+/// ~80 B), the `Arc` header (16 B) and moka's per-entry bookkeeping
+/// (~150 B, measured by moka's authors and in docs/benchmarks.md).
+pub const ENTRY_OVERHEAD: usize = 256;
+
+/// A hit: the revision visible at the view asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hit<S> {
+    /// Tid that wrote the revision.
+    pub serial: Tid,
+    /// End of its validity, `None` while current.
+    pub end: Option<Tid>,
+    /// The state, shared and immutable (invariant 6).
+    pub state: Arc<S>,
+}
+
+/// Why a store was not kept. Refusals are normal (a miss is always safe).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// No log yet (no client attached): an open store cannot be checked.
+    LogNotStarted,
+    /// The store was loaded at a view below `log_start` (invariant 3).
+    BeforeLogStart,
+    /// A newer revision of the oid is cached, so "current" is stale.
+    Superseded,
+}
+
+/// What a store did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreOutcome {
+    /// Kept as the current (open) revision.
+    Open,
+    /// Kept with a known end: given by the caller, or found in the log.
+    Closed(Tid),
+    /// Not kept.
+    Refused(Refusal),
+}
+
+/// Counters and sizes of a cache, for `tidecached stats`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Revisions indexed.
+    pub entries: u64,
+    /// State bytes plus [`ENTRY_OVERHEAD`] per revision.
+    pub bytes: u64,
+    /// Size bound, bytes.
+    pub capacity: u64,
+    /// Lookups answered.
+    pub hits: u64,
+    /// Lookups not answered.
+    pub misses: u64,
+    /// Stores kept (open or closed).
+    pub stores: u64,
+    /// Stores refused.
+    pub refused: u64,
+    /// `(oid, tid)` changes received in applied reports.
+    pub invalidations: u64,
+    /// Revisions reclaimed because no registered view can see them.
+    pub reclaimed: u64,
+    /// Revisions evicted by the size bound.
+    pub evicted: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    stores: AtomicU64,
+    refused: AtomicU64,
+    invalidations: AtomicU64,
+    reclaimed: AtomicU64,
+    evicted: AtomicU64,
+    bytes: AtomicU64,
+}
+
+fn bump(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+}
+fn read(c: &AtomicU64) -> u64 {
+    c.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The MVCC snapshot cache. See the module documentation for the protocol.
+///
+/// `S` is the state type: raw pickles (`Vec<u8>`) in the sidecar; any
+/// [`StateWeight`] type in-process.
+pub struct SnapshotCache<S> {
+    index: Arc<Index<S>>,
+    #[cfg(not(loom))]
+    policy: moka::sync::Cache<(u64, u64), u32>,
+    /// Published horizon (`0` until the log starts).
+    horizon: SyncU64,
+    /// The writer lock and the invalidation log it guards (`None` until
+    /// the first `start_log`).
+    log: Mutex<Option<InvalidationLog>>,
+    counters: Arc<Counters>,
+    capacity: u64,
+}
+
+impl<S: StateWeight + Send + Sync + 'static> SnapshotCache<S> {
+    /// An empty cache bounded to `capacity_bytes` (states plus
+    /// [`ENTRY_OVERHEAD`] per revision). Its log is not started: open
+    /// stores are refused until [`SnapshotCache::start_log`].
+    pub fn new(capacity_bytes: u64) -> Self {
+        let index = Arc::new(Index::new());
+        let counters = Arc::new(Counters::default());
+        #[cfg(not(loom))]
+        let policy = {
+            let (index, counters) = (index.clone(), counters.clone());
+            moka::sync::Cache::builder()
+                .max_capacity(capacity_bytes)
+                .weigher(|_k, w: &u32| *w)
+                .eviction_listener(move |k: Arc<(u64, u64)>, _w, cause| {
+                    if cause.was_evicted() {
+                        if let Some(w) = index.remove(k.0, k.1) {
+                            counters
+                                .bytes
+                                .fetch_sub(u64::from(w), std::sync::atomic::Ordering::Relaxed);
+                            bump(&counters.evicted, 1);
+                        }
+                    }
+                })
+                .build()
+        };
+        SnapshotCache {
+            index,
+            #[cfg(not(loom))]
+            policy,
+            horizon: SyncU64::new(0),
+            log: Mutex::new(None),
+            counters,
+            capacity: capacity_bytes,
+        }
+    }
+
+    /// The revision of `oid` visible at view `view`, or `None` (a miss).
+    ///
+    /// A hit `(serial, state)` is what `loadBefore(oid, view + 1)` of the
+    /// base storage returns (invariant 1), given that stores and reports fed
+    /// to this cache were true. Lock-free; never blocks on writers.
+    pub fn lookup(&self, oid: Oid, view: Tid) -> Option<Hit<S>> {
+        let horizon = self.horizon.load(Ordering::Acquire);
+        let hit = self
+            .index
+            .floor(oid.0, view.0, |serial, slot| {
+                let end = slot.end();
+                let visible = if end == OPEN { view.0 <= horizon } else { view.0 < end };
+                visible.then(|| Hit {
+                    serial: Tid(serial),
+                    end: (end != OPEN).then_some(Tid(end)),
+                    state: slot.state.clone(),
+                })
+            })
+            .flatten();
+        match &hit {
+            Some(h) => {
+                bump(&self.counters.hits, 1);
+                #[cfg(not(loom))]
+                self.policy.get(&(oid.0, h.serial.0));
+            }
+            None => bump(&self.counters.misses, 1),
+        }
+        hit
+    }
+
+    /// Stores the revision `(oid, serial)` loaded at view `view`.
+    ///
+    /// With `end = Some(t)` (from `loadBefore`) the revision is closed and
+    /// kept as is: history does not change. With `end = None` it was current
+    /// at `view` and is checked against the invalidation log (invariant 3):
+    /// kept open if the log has no change of `oid` in `(view, H]`, closed at
+    /// the first such change otherwise, refused if `view` is below the log's
+    /// start or a newer revision of `oid` is cached.
+    ///
+    /// # Errors
+    /// [`CoreError::BadStore`] if `end <= serial` or, for an open store,
+    /// `view < serial`.
+    pub fn store(
+        &self,
+        oid: Oid,
+        serial: Tid,
+        end: Option<Tid>,
+        view: Tid,
+        state: Arc<S>,
+    ) -> Result<StoreOutcome, CoreError> {
+        let log = lock(&self.log);
+        let end = match end {
+            Some(e) if e <= serial => {
+                return Err(CoreError::BadStore {
+                    oid,
+                    serial,
+                    reason: "end is not after serial",
+                })
+            }
+            Some(e) => e,
+            None => {
+                if view < serial {
+                    return Err(CoreError::BadStore {
+                        oid,
+                        serial,
+                        reason: "current at a view older than its serial",
+                    });
+                }
+                let refusal = match &*log {
+                    None => Some(Refusal::LogNotStarted),
+                    Some(l) if view < l.log_start() => Some(Refusal::BeforeLogStart),
+                    Some(_) if self.index.has_later(oid.0, serial.0) => Some(Refusal::Superseded),
+                    Some(_) => None,
+                };
+                if let Some(r) = refusal {
+                    bump(&self.counters.refused, 1);
+                    return Ok(StoreOutcome::Refused(r));
+                }
+                match log.as_ref().and_then(|l| l.first_change_after(oid, view)) {
+                    Some(t) => t,
+                    None => {
+                        self.insert(oid, serial, OPEN, state);
+                        return Ok(StoreOutcome::Open);
+                    }
+                }
+            }
+        };
+        self.insert(oid, serial, end.0, state);
+        Ok(StoreOutcome::Closed(end))
+    }
+
+    /// Indexes a revision; writer lock held. An already indexed revision
+    /// keeps its slot (same oid and serial, same state) and only learns a
+    /// known end.
+    fn insert(&self, oid: Oid, serial: Tid, end: u64, state: Arc<S>) {
+        bump(&self.counters.stores, 1);
+        let known = self.index.get(oid.0, serial.0, |slot| {
+            if end != OPEN && slot.end() == OPEN {
+                slot.set_end(end);
+            }
+        });
+        if known.is_some() {
+            return;
+        }
+        let weight = u32::try_from(state.weight().saturating_add(ENTRY_OVERHEAD)).unwrap_or(u32::MAX);
+        self.index
+            .insert(oid.0, serial.0, Slot::new((end != OPEN).then_some(end), state, weight));
+        bump(&self.counters.bytes, u64::from(weight));
+        #[cfg(not(loom))]
+        self.policy.insert((oid.0, serial.0), weight);
+    }
+
+    /// Applies the invalidation report `(from, to, changes)`: closes the
+    /// open revision each change ends, then publishes the new horizon, which
+    /// it returns.
+    ///
+    /// # Errors
+    /// As [`InvalidationLog::apply`]: [`CoreError::Gap`] when `from` is past
+    /// the horizon (invariant 4), [`CoreError::BadReport`] for a malformed
+    /// report. A report before the log started is a gap at horizon 0.
+    pub fn report(&self, from: Tid, to: Tid, changes: &[(Oid, Tid)]) -> Result<Tid, CoreError> {
+        let mut guard = lock(&self.log);
+        let log = guard.as_mut().ok_or(CoreError::Gap {
+            from,
+            horizon: Tid::ZERO,
+        })?;
+        let horizon = log.apply(from, to, changes)?;
+        let mut sorted = changes.to_vec();
+        sorted.sort_by_key(|&(oid, tid)| (tid, oid));
+        for (oid, tid) in sorted {
+            self.close(oid, tid);
+        }
+        bump(&self.counters.invalidations, changes.len() as u64);
+        self.horizon.store(horizon.0, Ordering::Release);
+        Ok(horizon)
+    }
+
+    /// `oid` changed at `tid`: the revision before it ends there.
+    fn close(&self, oid: Oid, tid: Tid) {
+        let Some(prev) = tid.0.checked_sub(1) else {
+            return;
+        };
+        let stale = self.index.floor(oid.0, prev, |serial, slot| {
+            let end = slot.end();
+            if end == OPEN {
+                slot.set_end(tid.0);
+                None
+            } else {
+                // A known end after a change that precedes it contradicts
+                // the report: trust neither, drop the revision.
+                (end > tid.0).then_some(serial)
+            }
+        });
+        if let Some(Some(serial)) = stale {
+            self.remove(oid.0, serial);
+        }
+    }
+
+    fn remove(&self, oid: u64, serial: u64) {
+        if let Some(w) = self.index.remove(oid, serial) {
+            self.counters
+                .bytes
+                .fetch_sub(u64::from(w), std::sync::atomic::Ordering::Relaxed);
+        }
+        #[cfg(not(loom))]
+        self.policy.invalidate(&(oid, serial));
+    }
+
+    /// Starts (or restarts) the invalidation log at `at`: the horizon becomes
+    /// `at`, and every open revision is dropped, since nothing is known of
+    /// the changes that may have closed it. Closed revisions stay: history
+    /// does not change. Used when the first client attaches and when a
+    /// client lost invalidations (ZEO's `invalidateCache`, a gap).
+    pub fn start_log(&self, at: Tid) {
+        let mut log = lock(&self.log);
+        for (oid, serial) in self.index.select(|s| s.end() == OPEN) {
+            self.remove(oid, serial);
+        }
+        *log = Some(InvalidationLog::starting_at(at));
+        self.horizon.store(at.0, Ordering::Release);
+    }
+
+    /// Drops every revision and stops the log: history may have changed
+    /// (a restored backup, invariant 7).
+    pub fn flush(&self) {
+        let mut log = lock(&self.log);
+        *log = None;
+        self.horizon.store(0, Ordering::Release);
+        for (oid, serial) in self.index.select(|_| true) {
+            self.remove(oid, serial);
+        }
+    }
+
+    /// Reclaims every revision with `end <= low_water` (invisible to every
+    /// registered view, invariant 5) and truncates the log below
+    /// `low_water`. Returns the number of revisions reclaimed. Their states
+    /// are freed when the last `Arc` handed out is dropped; their index
+    /// nodes when crossbeam-epoch sees no reader pinned before the removal.
+    pub fn reclaim(&self, low_water: Tid) -> usize {
+        let mut log = lock(&self.log);
+        let Some(l) = log.as_mut() else { return 0 };
+        let low_water = low_water.min(l.horizon());
+        l.truncate(low_water);
+        let dead = self.index.select(|s| {
+            let end = s.end();
+            end != OPEN && end <= low_water.0
+        });
+        for &(oid, serial) in &dead {
+            self.remove(oid, serial);
+        }
+        bump(&self.counters.reclaimed, dead.len() as u64);
+        dead.len()
+    }
+
+    /// Evicts one revision, as the size bound would (tests and tools).
+    pub fn evict(&self, oid: Oid, serial: Tid) {
+        let _log = lock(&self.log);
+        self.remove(oid.0, serial.0);
+    }
+
+    /// The horizon, or `None` before the log started.
+    pub fn horizon(&self) -> Option<Tid> {
+        lock(&self.log).as_ref().map(InvalidationLog::horizon)
+    }
+
+    /// The log's start, or `None` before the log started.
+    pub fn log_start(&self) -> Option<Tid> {
+        lock(&self.log).as_ref().map(InvalidationLog::log_start)
+    }
+
+    /// Number of changes the log holds.
+    pub fn log_len(&self) -> usize {
+        lock(&self.log).as_ref().map_or(0, InvalidationLog::len)
+    }
+
+    /// Runs the size bound's pending evictions now (they otherwise run
+    /// during later inserts and lookups).
+    pub fn run_pending_tasks(&self) {
+        #[cfg(not(loom))]
+        self.policy.run_pending_tasks();
+    }
+
+    /// Counters and sizes.
+    pub fn stats(&self) -> CacheStats {
+        let c = &self.counters;
+        CacheStats {
+            entries: self.index.len() as u64,
+            bytes: read(&c.bytes),
+            capacity: self.capacity,
+            hits: read(&c.hits),
+            misses: read(&c.misses),
+            stores: read(&c.stores),
+            refused: read(&c.refused),
+            invalidations: read(&c.invalidations),
+            reclaimed: read(&c.reclaimed),
+            evicted: read(&c.evicted),
+        }
+    }
+}
