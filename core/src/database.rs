@@ -3,6 +3,7 @@
 //! (invariant 7).
 
 use crate::error::CoreError;
+use crate::eviction::SizeBound;
 use crate::revision::{Oid, StateWeight, Tid};
 use crate::snapshot::{CacheStats, Hit, SnapshotCache, StoreOutcome};
 use crate::view::{ViewId, ViewRegistry};
@@ -47,10 +48,15 @@ pub struct DatabaseStats {
 }
 
 impl<S: StateWeight + Send + Sync + 'static> Database<S> {
-    /// An empty database bounded to `capacity_bytes`.
+    /// An empty database with a byte budget of its own.
     pub fn new(capacity_bytes: u64) -> Self {
+        Self::within(&SizeBound::new(capacity_bytes))
+    }
+
+    /// An empty database sharing the byte budget `bound` with others.
+    pub fn within(bound: &SizeBound) -> Self {
         Database {
-            cache: SnapshotCache::new(capacity_bytes),
+            cache: SnapshotCache::within(bound),
             views: ViewRegistry::new(),
         }
     }

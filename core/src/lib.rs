@@ -6,6 +6,7 @@
 //! - [`view`]: registered views and the low-water mark (invariant 5).
 //! - [`snapshot`]: [`SnapshotCache`], Arc-shared immutable states with a
 //!   lock-free read path (invariants 1, 2, 3, 5, 6).
+//! - [`eviction`]: [`SizeBound`], the byte budget caches share (moka).
 //! - [`database`]: one named database: cache, views, attach and resync
 //!   (invariant 7).
 //!
@@ -16,6 +17,7 @@
 
 pub mod database;
 pub mod error;
+pub mod eviction;
 mod index;
 pub mod invalidation;
 pub mod revision;
@@ -25,6 +27,7 @@ pub mod view;
 
 pub use database::{AttachOutcome, Database, DatabaseStats};
 pub use error::CoreError;
+pub use eviction::SizeBound;
 pub use invalidation::InvalidationLog;
 pub use revision::{Oid, StateWeight, Tid, Validity};
 pub use snapshot::{CacheStats, Hit, Refusal, SnapshotCache, StoreOutcome, ENTRY_OVERHEAD};

@@ -16,6 +16,7 @@
 //! closing up to that horizon. `loom-tests` model-checks this.
 
 use crate::error::CoreError;
+use crate::eviction::{Member, SizeBound};
 use crate::index::{Index, Slot, OPEN};
 use crate::invalidation::InvalidationLog;
 use crate::revision::{Oid, StateWeight, Tid};
@@ -69,7 +70,7 @@ pub struct CacheStats {
     pub entries: u64,
     /// State bytes plus [`ENTRY_OVERHEAD`] per revision.
     pub bytes: u64,
-    /// Size bound, bytes.
+    /// Size bound, bytes (shared with the other caches of its budget).
     pub capacity: u64,
     /// Lookups answered.
     pub hits: u64,
@@ -112,50 +113,44 @@ fn read(c: &AtomicU64) -> u64 {
 /// [`StateWeight`] type in-process.
 pub struct SnapshotCache<S> {
     index: Arc<Index<S>>,
-    #[cfg(not(loom))]
-    policy: moka::sync::Cache<(u64, u64), u32>,
+    bound: Member,
     /// Published horizon (`0` until the log starts).
     horizon: SyncU64,
     /// The writer lock and the invalidation log it guards (`None` until
     /// the first `start_log`).
     log: Mutex<Option<InvalidationLog>>,
     counters: Arc<Counters>,
-    capacity: u64,
 }
 
 impl<S: StateWeight + Send + Sync + 'static> SnapshotCache<S> {
-    /// An empty cache bounded to `capacity_bytes` (states plus
-    /// [`ENTRY_OVERHEAD`] per revision). Its log is not started: open
+    /// An empty cache with a budget of its own of `capacity_bytes` (states
+    /// plus [`ENTRY_OVERHEAD`] per revision). Its log is not started: open
     /// stores are refused until [`SnapshotCache::start_log`].
     pub fn new(capacity_bytes: u64) -> Self {
+        Self::within(&SizeBound::new(capacity_bytes))
+    }
+
+    /// An empty cache that shares the byte budget `bound` with other caches.
+    pub fn within(bound: &SizeBound) -> Self {
         let index = Arc::new(Index::new());
         let counters = Arc::new(Counters::default());
-        #[cfg(not(loom))]
-        let policy = {
+        let evict = {
             let (index, counters) = (index.clone(), counters.clone());
-            moka::sync::Cache::builder()
-                .max_capacity(capacity_bytes)
-                .weigher(|_k, w: &u32| *w)
-                .eviction_listener(move |k: Arc<(u64, u64)>, _w, cause| {
-                    if cause.was_evicted() {
-                        if let Some(w) = index.remove(k.0, k.1) {
-                            counters
-                                .bytes
-                                .fetch_sub(u64::from(w), std::sync::atomic::Ordering::Relaxed);
-                            bump(&counters.evicted, 1);
-                        }
-                    }
-                })
-                .build()
+            Arc::new(move |oid, serial| {
+                if let Some(w) = index.remove(oid, serial) {
+                    counters
+                        .bytes
+                        .fetch_sub(u64::from(w), std::sync::atomic::Ordering::Relaxed);
+                    bump(&counters.evicted, 1);
+                }
+            })
         };
         SnapshotCache {
             index,
-            #[cfg(not(loom))]
-            policy,
+            bound: bound.join(evict),
             horizon: SyncU64::new(0),
             log: Mutex::new(None),
             counters,
-            capacity: capacity_bytes,
         }
     }
 
@@ -181,8 +176,7 @@ impl<S: StateWeight + Send + Sync + 'static> SnapshotCache<S> {
         match &hit {
             Some(h) => {
                 bump(&self.counters.hits, 1);
-                #[cfg(not(loom))]
-                self.policy.get(&(oid.0, h.serial.0));
+                self.bound.touch(oid.0, h.serial.0);
             }
             None => bump(&self.counters.misses, 1),
         }
@@ -267,8 +261,7 @@ impl<S: StateWeight + Send + Sync + 'static> SnapshotCache<S> {
         self.index
             .insert(oid.0, serial.0, Slot::new((end != OPEN).then_some(end), state, weight));
         bump(&self.counters.bytes, u64::from(weight));
-        #[cfg(not(loom))]
-        self.policy.insert((oid.0, serial.0), weight);
+        self.bound.record(oid.0, serial.0, weight);
     }
 
     /// Applies the invalidation report `(from, to, changes)`: closes the
@@ -323,8 +316,7 @@ impl<S: StateWeight + Send + Sync + 'static> SnapshotCache<S> {
                 .bytes
                 .fetch_sub(u64::from(w), std::sync::atomic::Ordering::Relaxed);
         }
-        #[cfg(not(loom))]
-        self.policy.invalidate(&(oid, serial));
+        self.bound.forget(oid, serial);
     }
 
     /// Starts (or restarts) the invalidation log at `at`: the horizon becomes
@@ -397,8 +389,7 @@ impl<S: StateWeight + Send + Sync + 'static> SnapshotCache<S> {
     /// Runs the size bound's pending evictions now (they otherwise run
     /// during later inserts and lookups).
     pub fn run_pending_tasks(&self) {
-        #[cfg(not(loom))]
-        self.policy.run_pending_tasks();
+        self.bound.run_pending_tasks();
     }
 
     /// Counters and sizes.
@@ -407,7 +398,7 @@ impl<S: StateWeight + Send + Sync + 'static> SnapshotCache<S> {
         CacheStats {
             entries: self.index.len() as u64,
             bytes: read(&c.bytes),
-            capacity: self.capacity,
+            capacity: self.bound.capacity(),
             hits: read(&c.hits),
             misses: read(&c.misses),
             stores: read(&c.stores),
