@@ -1,1 +1,9 @@
+//! tidecache-sidecar: the `tidecached` daemon, one per host, that holds
+//! every revision once for all worker processes.
+//!
+//! [`server`] serves the protocol of `tidecache_client::protocol` on a Unix
+//! socket; `src/main.rs` is the command line (`serve`, `stats`).
 
+pub mod server;
+
+pub use server::{Server, ServerConfig, SidecarError};

@@ -1,1 +1,128 @@
-fn main() {}
+//! `tidecached`: the tidecache sidecar. See `tidecached --help`.
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use tidecache_client::{Client, ClientConfig};
+use tidecache_sidecar::{Server, ServerConfig};
+
+/// tidecached: one per host beside the ZODB or RelStorage app servers. It
+/// holds every object revision once for all worker processes and tracks each
+/// connection's MVCC view, so a hit is always the state the connection's
+/// snapshot must see.
+#[derive(Parser)]
+#[command(version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve in the foreground, logging to stderr (RUST_LOG or --log-level).
+    Serve {
+        /// Path of the Unix socket to create (mode 0600). A stale socket
+        /// file is replaced; a live one is an error.
+        #[arg(long)]
+        socket: PathBuf,
+        /// Memory for cached states, MiB, all databases together (states
+        /// plus ~256 bytes of bookkeeping per revision).
+        #[arg(long, default_value_t = 256)]
+        memory_mb: u64,
+        /// Largest request accepted, MiB; a larger frame gets an error and
+        /// its connection is closed.
+        #[arg(long, default_value_t = 64)]
+        max_frame_mb: usize,
+        /// Most databases served at once.
+        #[arg(long, default_value_t = 64)]
+        max_databases: usize,
+        /// How often revisions no registered view can see are reclaimed, ms.
+        #[arg(long, default_value_t = 1000)]
+        reclaim_interval_ms: u64,
+        /// Log level when RUST_LOG is not set (error, warn, info, debug, trace).
+        #[arg(long, default_value = "info")]
+        log_level: String,
+    },
+    /// Print the counters of a running tidecached as one JSON object.
+    Stats {
+        /// Path of the running sidecar's socket.
+        #[arg(long)]
+        socket: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Serve {
+            socket,
+            memory_mb,
+            max_frame_mb,
+            max_databases,
+            reclaim_interval_ms,
+            log_level,
+        } => {
+            let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(log_level));
+            tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr)
+                .init();
+            let server = Server::new(ServerConfig {
+                socket: socket.clone(),
+                memory_bytes: memory_mb << 20,
+                max_frame: max_frame_mb << 20,
+                max_databases,
+                reclaim_interval: Duration::from_millis(reclaim_interval_ms.max(1)),
+            });
+            let listener = match server.bind() {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("tidecached: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            if let Err(e) = remove_socket_on_signal(socket) {
+                eprintln!("tidecached: cannot install signal handlers: {e}");
+                return ExitCode::FAILURE;
+            }
+            server.serve(listener);
+            ExitCode::SUCCESS
+        }
+        Command::Stats { socket } => {
+            let mut config = ClientConfig::new(&socket);
+            config.timeout = Duration::from_secs(5);
+            config.name = "tidecached stats".into();
+            match Client::new(config).stats() {
+                Ok(stats) => match serde_json::to_string(&stats) {
+                    Ok(json) => {
+                        println!("{json}");
+                        ExitCode::SUCCESS
+                    }
+                    Err(e) => {
+                        eprintln!("tidecached stats: {e}");
+                        ExitCode::FAILURE
+                    }
+                },
+                Err(e) => {
+                    eprintln!("tidecached stats: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+/// On SIGTERM or SIGINT: log, remove the socket file, exit 0.
+fn remove_socket_on_signal(socket: PathBuf) -> std::io::Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
+    std::thread::Builder::new().name("signals".into()).spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            tracing::info!(signal = sig, "stopping; removing the socket file");
+            let _ = std::fs::remove_file(&socket);
+            std::process::exit(0);
+        }
+    })?;
+    Ok(())
+}

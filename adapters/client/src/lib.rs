@@ -1,1 +1,436 @@
+//! tidecache-client: the Rust client of `tidecached`, used by every adapter.
+//!
+//! A [`Client`] holds one Unix-socket connection, sends a request and waits
+//! for its answer, each call bounded by a timeout (50 ms by default). When the
+//! sidecar is absent, dead, restarting, slow or answers garbage, calls fail
+//! fast with [`ClientError::Unavailable`] so the caller falls back to its
+//! storage (invariant 8); the client reconnects by itself on a later call,
+//! re-attaches its databases with `Resync` (never a flush) and re-registers
+//! its views.
+//!
+//! [`StoreQueue`] sends stores in batches from a background thread, off the
+//! caller's path.
 
+pub mod protocol;
+mod queue;
+
+pub use queue::StoreQueue;
+
+use protocol::{
+    encode, read_frame_len, write_frame, AttachState, ErrorCode, Found, Request, RequestBody, Response, ResponseBody,
+    ServerStats, StoreItem, PROTOCOL_VERSION,
+};
+use std::collections::HashMap;
+use std::io::Read;
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// Errors of the client. Callers treat every one as a miss.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClientError {
+    /// No usable connection: absent, dead, timed out or garbled sidecar.
+    #[error("tidecached at {socket} is unavailable: {reason}")]
+    Unavailable {
+        /// The socket path.
+        socket: String,
+        /// What went wrong, for logs.
+        reason: String,
+    },
+    /// The sidecar refused the request with an error reply.
+    #[error("tidecached refused the request ({code:?}): {message}")]
+    Refused {
+        /// Error code of the reply.
+        code: ErrorCode,
+        /// The sidecar's sentence.
+        message: String,
+        /// For [`ErrorCode::Gap`]: the sidecar's horizon.
+        horizon: Option<u64>,
+    },
+}
+
+impl ClientError {
+    /// Whether this is a refused report that left a gap (invariant 4).
+    pub fn is_gap(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Refused {
+                code: ErrorCode::Gap,
+                ..
+            }
+        )
+    }
+}
+
+/// How to reach the sidecar.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// Path of `tidecached`'s Unix socket.
+    pub socket: PathBuf,
+    /// Bound on each call: connect, send and answer (default 50 ms).
+    pub timeout: Duration,
+    /// After a failure, calls fail at once for this long before the client
+    /// tries to reconnect (default 250 ms).
+    pub retry_after: Duration,
+    /// Name sent in Hello, for the sidecar's logs.
+    pub name: String,
+}
+
+impl ClientConfig {
+    /// Defaults for `socket`: 50 ms timeout, 250 ms between reconnects.
+    pub fn new(socket: impl Into<PathBuf>) -> Self {
+        ClientConfig {
+            socket: socket.into(),
+            timeout: Duration::from_millis(50),
+            retry_after: Duration::from_millis(250),
+            name: format!("tidecache-client pid {}", std::process::id()),
+        }
+    }
+}
+
+struct View {
+    db: String,
+    tid: u64,
+    remote: Option<u64>,
+}
+
+#[derive(Default)]
+struct State {
+    conn: Option<UnixStream>,
+    down_until: Option<Instant>,
+    next_id: u64,
+    /// Databases attached, and the newest tid the sidecar has from us.
+    attached: HashMap<String, u64>,
+    views: HashMap<u64, View>,
+    next_view: u64,
+    connects: u64,
+}
+
+/// A connection to `tidecached` that reconnects by itself. Thread-safe:
+/// calls are serialised on the one connection.
+pub struct Client {
+    config: ClientConfig,
+    state: Mutex<State>,
+}
+
+impl Client {
+    /// A client for `config`; connects lazily, on the first call.
+    pub fn new(config: ClientConfig) -> Self {
+        Client {
+            config,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ClientConfig {
+        &self.config
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn unavailable(&self, reason: impl Into<String>) -> ClientError {
+        ClientError::Unavailable {
+            socket: self.config.socket.display().to_string(),
+            reason: reason.into(),
+        }
+    }
+
+    /// Whether the client holds a live connection now.
+    pub fn is_connected(&self) -> bool {
+        self.state().conn.is_some()
+    }
+
+    /// Number of connections made so far (1 after the first call; more
+    /// after reconnects).
+    pub fn connects(&self) -> u64 {
+        self.state().connects
+    }
+
+    /// Sends one request on the connection and reads its answer.
+    fn exchange(&self, st: &mut State, body: RequestBody) -> Result<ResponseBody, ClientError> {
+        let conn = st.conn.as_mut().ok_or_else(|| self.unavailable("not connected"))?;
+        st.next_id += 1;
+        let id = st.next_id;
+        let bytes = encode(&Request { id, body }).map_err(|e| self.unavailable(format!("encode: {e}")))?;
+        let result = (|| {
+            write_frame(conn, &bytes).map_err(|e| format!("send: {e}"))?;
+            let n = read_frame_len(conn).map_err(|e| format!("receive: {e}"))?;
+            let mut buf = vec![0u8; n];
+            conn.read_exact(&mut buf).map_err(|e| format!("receive: {e}"))?;
+            let resp: Response = rmp_serde::from_slice(&buf).map_err(|e| format!("undecodable answer: {e}"))?;
+            if resp.id != id {
+                return Err(format!("answer to request {} where {id} was expected", resp.id));
+            }
+            Ok(resp.body)
+        })();
+        match result {
+            Ok(ResponseBody::Error { code, message, horizon }) => Err(ClientError::Refused { code, message, horizon }),
+            Ok(body) => Ok(body),
+            Err(reason) => {
+                self.mark_down(st);
+                Err(self.unavailable(reason))
+            }
+        }
+    }
+
+    fn mark_down(&self, st: &mut State) {
+        if st.conn.take().is_some() {
+            tracing::warn!(socket = %self.config.socket.display(), "lost the connection to tidecached");
+        }
+        st.down_until = Some(Instant::now() + self.config.retry_after);
+        for v in st.views.values_mut() {
+            v.remote = None;
+        }
+    }
+
+    /// Connects if needed: Hello, then `Resync` of every attached database
+    /// and re-registration of every view.
+    fn ensure(&self, st: &mut State) -> Result<(), ClientError> {
+        if st.conn.is_some() {
+            return Ok(());
+        }
+        if st.down_until.is_some_and(|t| Instant::now() < t) {
+            return Err(self.unavailable("down; waiting before reconnecting"));
+        }
+        let stream = UnixStream::connect(&self.config.socket).map_err(|e| {
+            st.down_until = Some(Instant::now() + self.config.retry_after);
+            self.unavailable(format!("connect: {e}"))
+        })?;
+        let t = Some(self.config.timeout);
+        if let Err(e) = stream.set_read_timeout(t).and_then(|_| stream.set_write_timeout(t)) {
+            st.down_until = Some(Instant::now() + self.config.retry_after);
+            return Err(self.unavailable(format!("set timeout: {e}")));
+        }
+        st.conn = Some(stream);
+        st.connects += 1;
+        let hello = RequestBody::Hello {
+            version: PROTOCOL_VERSION,
+            client: self.config.name.clone(),
+        };
+        match self.exchange(st, hello) {
+            Ok(ResponseBody::Hello { version, .. }) if version == PROTOCOL_VERSION => {}
+            Ok(other) => {
+                self.mark_down(st);
+                return Err(self.unavailable(format!("unexpected Hello answer {other:?}")));
+            }
+            Err(e) => {
+                self.mark_down(st);
+                return Err(e);
+            }
+        }
+        let attached: Vec<(String, u64)> = st.attached.iter().map(|(d, t)| (d.clone(), *t)).collect();
+        for (db, tid) in attached {
+            self.exchange(st, RequestBody::Resync { db, tid })?;
+        }
+        let views: Vec<(u64, String, u64)> = st.views.iter().map(|(k, v)| (*k, v.db.clone(), v.tid)).collect();
+        for (local, db, tid) in views {
+            if let ResponseBody::ViewRegistered { view } = self.exchange(st, RequestBody::RegisterView { db, tid })? {
+                if let Some(v) = st.views.get_mut(&local) {
+                    v.remote = Some(view);
+                }
+            }
+        }
+        tracing::info!(socket = %self.config.socket.display(), "connected to tidecached");
+        Ok(())
+    }
+
+    fn call(&self, body: RequestBody) -> Result<ResponseBody, ClientError> {
+        let mut st = self.state();
+        self.ensure(&mut st)?;
+        self.exchange(&mut st, body)
+    }
+
+    fn unexpected(&self, got: ResponseBody, wanted: &str) -> ClientError {
+        self.mark_down(&mut self.state());
+        self.unavailable(format!("answered {got:?} where {wanted} was expected"))
+    }
+
+    /// Attaches to `db` with the storage's `lastTransaction()` (ZODB's
+    /// `registerDB` time). Returns what the sidecar did and its horizon.
+    ///
+    /// # Errors
+    /// [`ClientError::Unavailable`]; the attachment is remembered and
+    /// replayed (as `Resync`) on reconnect.
+    pub fn attach(&self, db: &str, last_tid: u64) -> Result<(AttachState, u64), ClientError> {
+        let mut st = self.state();
+        st.attached.insert(db.to_owned(), last_tid);
+        self.ensure(&mut st)?;
+        match self.exchange(
+            &mut st,
+            RequestBody::Attach {
+                db: db.to_owned(),
+                last_tid,
+            },
+        )? {
+            ResponseBody::Attached { state, horizon } => Ok((state, horizon)),
+            other => {
+                drop(st);
+                Err(self.unexpected(other, "Attached"))
+            }
+        }
+    }
+
+    /// Looks up `oids` at `view` in `db`; one result per oid.
+    ///
+    /// # Errors
+    /// [`ClientError`]: treat as all misses.
+    pub fn lookup(&self, db: &str, view: u64, oids: Vec<u64>) -> Result<Vec<Option<Found>>, ClientError> {
+        match self.call(RequestBody::Lookup {
+            db: db.to_owned(),
+            view,
+            oids,
+        })? {
+            ResponseBody::Found { results } => Ok(results),
+            other => Err(self.unexpected(other, "Found")),
+        }
+    }
+
+    /// Stores revisions; returns `(kept, refused)`.
+    ///
+    /// # Errors
+    /// [`ClientError`]: the revisions are simply not cached.
+    pub fn store(&self, db: &str, revisions: Vec<StoreItem>) -> Result<(u32, u32), ClientError> {
+        match self.call(RequestBody::Store {
+            db: db.to_owned(),
+            revisions,
+        })? {
+            ResponseBody::Stored { kept, refused } => Ok((kept, refused)),
+            other => Err(self.unexpected(other, "Stored")),
+        }
+    }
+
+    /// Sends the invalidation report `(from, to, changes)`; returns the
+    /// sidecar's horizon.
+    ///
+    /// # Errors
+    /// [`ClientError::Refused`] with [`ErrorCode::Gap`] when `from` is past
+    /// the horizon (see [`ClientError::is_gap`]): call [`Client::resync`].
+    /// [`ClientError::Unavailable`]: the report is lost; resync later.
+    pub fn report(&self, db: &str, from: u64, to: u64, changes: Vec<(u64, u64)>) -> Result<u64, ClientError> {
+        let mut st = self.state();
+        self.ensure(&mut st)?;
+        match self.exchange(
+            &mut st,
+            RequestBody::Report {
+                db: db.to_owned(),
+                from,
+                to,
+                changes,
+            },
+        )? {
+            ResponseBody::Reported { horizon } => {
+                if let Some(t) = st.attached.get_mut(db) {
+                    *t = (*t).max(to);
+                }
+                Ok(horizon)
+            }
+            other => {
+                drop(st);
+                Err(self.unexpected(other, "Reported"))
+            }
+        }
+    }
+
+    /// Tells the sidecar this client lost invalidations up to `tid`;
+    /// returns `(restarted, horizon)`.
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub fn resync(&self, db: &str, tid: u64) -> Result<(bool, u64), ClientError> {
+        let mut st = self.state();
+        if let Some(t) = st.attached.get_mut(db) {
+            *t = (*t).max(tid);
+        }
+        self.ensure(&mut st)?;
+        match self.exchange(&mut st, RequestBody::Resync { db: db.to_owned(), tid })? {
+            ResponseBody::Resynced { restarted, horizon } => Ok((restarted, horizon)),
+            other => {
+                drop(st);
+                Err(self.unexpected(other, "Resynced"))
+            }
+        }
+    }
+
+    /// Registers a view of `db` at `tid` and returns a local id for it. The
+    /// view is remembered even while the sidecar is unavailable and
+    /// registered again on every reconnect. Never fails.
+    pub fn register_view(&self, db: &str, tid: u64) -> u64 {
+        let mut st = self.state();
+        st.next_view += 1;
+        let local = st.next_view;
+        st.views.insert(
+            local,
+            View {
+                db: db.to_owned(),
+                tid,
+                remote: None,
+            },
+        );
+        if self.ensure(&mut st).is_ok() {
+            if let Ok(ResponseBody::ViewRegistered { view }) =
+                self.exchange(&mut st, RequestBody::RegisterView { db: db.to_owned(), tid })
+            {
+                if let Some(v) = st.views.get_mut(&local) {
+                    v.remote = Some(view);
+                }
+            }
+        }
+        local
+    }
+
+    /// Moves view `local` to `tid`. Never fails: an unknown id is ignored,
+    /// an unavailable sidecar learns the new tid on reconnect.
+    pub fn advance_view(&self, local: u64, tid: u64) {
+        let mut st = self.state();
+        let Some(v) = st.views.get_mut(&local) else { return };
+        v.tid = tid;
+        let (db, remote) = (v.db.clone(), v.remote);
+        match remote {
+            Some(view) => {
+                let _ = self.exchange(&mut st, RequestBody::AdvanceView { db, view, tid });
+            }
+            None => {
+                // Registers it (with the new tid) if the sidecar is back.
+                let _ = self.ensure(&mut st);
+            }
+        }
+    }
+
+    /// Releases view `local`. Never fails.
+    pub fn release_view(&self, local: u64) {
+        let mut st = self.state();
+        if let Some(View {
+            db, remote: Some(view), ..
+        }) = st.views.remove(&local)
+        {
+            let _ = self.exchange(&mut st, RequestBody::ReleaseView { db, view });
+        }
+    }
+
+    /// Drops every revision of `db` in the sidecar (after a pack).
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub fn flush(&self, db: &str) -> Result<(), ClientError> {
+        match self.call(RequestBody::Flush { db: db.to_owned() })? {
+            ResponseBody::Done => Ok(()),
+            other => Err(self.unexpected(other, "Done")),
+        }
+    }
+
+    /// The sidecar's counters.
+    ///
+    /// # Errors
+    /// [`ClientError`].
+    pub fn stats(&self) -> Result<ServerStats, ClientError> {
+        match self.call(RequestBody::Stats)? {
+            ResponseBody::Stats(s) => Ok(s),
+            other => Err(self.unexpected(other, "Stats")),
+        }
+    }
+}

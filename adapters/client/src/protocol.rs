@@ -1,0 +1,367 @@
+//! The tidecached wire protocol, version 1. docs/protocol.md is its
+//! specification; this module is its definition.
+//!
+//! Transport: a Unix domain socket. Every message is a *frame*: a 4-byte
+//! big-endian length `n`, then `n` bytes of MessagePack (rmp-serde,
+//! structs as arrays in field order, enums as a one-key map from variant
+//! name to content). The client sends [`Request`]s, the sidecar answers each
+//! with one [`Response`] carrying the same `id`, in order.
+//!
+//! The first request on a connection must be [`RequestBody::Hello`].
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+
+/// Version spoken by this build; the Hello of both sides carries it.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Default largest frame body the sidecar accepts, bytes (64 MiB).
+pub const DEFAULT_MAX_FRAME: usize = 64 << 20;
+
+/// A request: an id the response echoes, and the message.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Request {
+    /// Chosen by the client; echoed by the response.
+    pub id: u64,
+    /// The message.
+    pub body: RequestBody,
+}
+
+/// One revision to store.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoreItem {
+    /// Oid (`u64` of ZODB's 8-byte oid).
+    pub oid: u64,
+    /// Tid that wrote the revision.
+    pub serial: u64,
+    /// Serial of the next revision, or `None` if current at `view`.
+    pub end: Option<u64>,
+    /// The view the revision was loaded at (`loadBefore(oid, view + 1)`).
+    pub view: u64,
+    /// The pickle record, opaque to the sidecar.
+    #[serde(with = "serde_bytes")]
+    pub state: Vec<u8>,
+}
+
+/// A revision found by a lookup.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Found {
+    /// Tid that wrote the revision.
+    pub serial: u64,
+    /// Serial of the next revision, or `None` while current.
+    pub end: Option<u64>,
+    /// The pickle record.
+    #[serde(with = "serde_bytes")]
+    pub state: Vec<u8>,
+}
+
+/// Every request. Each names its database (`db`, a key the adapter derives
+/// from the base storage) except `Hello` and `Stats`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum RequestBody {
+    /// First message of a connection. Answered by `Hello`, or by an error
+    /// `VersionMismatch` and a closed connection.
+    Hello {
+        /// [`PROTOCOL_VERSION`] of the client.
+        version: u32,
+        /// Free text naming the client, for logs (`"zodb pid 4242"`).
+        client: String,
+    },
+    /// A client whose storage's `lastTransaction()` is `last_tid` attaches
+    /// to `db`. Starts the log of a new database; flushes a database whose
+    /// horizon is past `last_tid` (a restored backup). Answer: `Attached`.
+    Attach {
+        /// Database key.
+        db: String,
+        /// The storage's `lastTransaction()`.
+        last_tid: u64,
+    },
+    /// Look up the revisions of `oids` visible at `view`. Answer: `Found`,
+    /// one entry per oid, in order.
+    Lookup {
+        /// Database key.
+        db: String,
+        /// The connection's view (ZODB's `_start - 1`).
+        view: u64,
+        /// Oids to look up.
+        oids: Vec<u64>,
+    },
+    /// Store revisions loaded from the base storage. Answer: `Stored`.
+    Store {
+        /// Database key.
+        db: String,
+        /// The revisions.
+        revisions: Vec<StoreItem>,
+    },
+    /// An invalidation report: every change in `(from, to]`. Answer:
+    /// `Reported`, or error `Gap` if `from` is past the horizon.
+    Report {
+        /// Database key.
+        db: String,
+        /// Start of the interval, exclusive.
+        from: u64,
+        /// End of the interval, inclusive.
+        to: u64,
+        /// `(oid, tid)` of every change in the interval.
+        changes: Vec<(u64, u64)>,
+    },
+    /// The client lost invalidations up to `tid` (ZEO's `invalidateCache`, a
+    /// refused gap): drop open revisions and restart the log at `tid` unless
+    /// the horizon covers it already. Answer: `Resynced`.
+    Resync {
+        /// Database key.
+        db: String,
+        /// The client's `lastTransaction()`.
+        tid: u64,
+    },
+    /// Register a connection's view at `tid`. Answer: `ViewRegistered`.
+    /// Views are released when the connection that registered them closes.
+    RegisterView {
+        /// Database key.
+        db: String,
+        /// The view's tid.
+        tid: u64,
+    },
+    /// Move a view to `tid`. Answer: `Done`.
+    AdvanceView {
+        /// Database key.
+        db: String,
+        /// View id from `ViewRegistered`.
+        view: u64,
+        /// New tid.
+        tid: u64,
+    },
+    /// Release a view. Answer: `Done`.
+    ReleaseView {
+        /// Database key.
+        db: String,
+        /// View id from `ViewRegistered`.
+        view: u64,
+    },
+    /// Drop every revision of `db` (after a pack). Answer: `Done`.
+    Flush {
+        /// Database key.
+        db: String,
+    },
+    /// Counters of the sidecar and each database. Answer: `Stats`.
+    Stats,
+}
+
+/// A response: the request's id and the answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Response {
+    /// The id of the request answered; 0 for a request that could not be
+    /// decoded.
+    pub id: u64,
+    /// The answer.
+    pub body: ResponseBody,
+}
+
+/// What attaching did to the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum AttachState {
+    /// First client: the log starts at its `last_tid`.
+    Started,
+    /// Joined a database already known.
+    Joined,
+    /// `last_tid` was below the horizon: everything was dropped.
+    Flushed,
+}
+
+/// Error codes of [`ResponseBody::Error`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ErrorCode {
+    /// The frame's length is over the sidecar's maximum. Connection closed.
+    FrameTooLarge,
+    /// The body is not MessagePack. Connection closed.
+    Malformed,
+    /// Valid MessagePack, but no request this version knows. Connection kept.
+    UnknownMessage,
+    /// The first request was not `Hello`. Connection closed.
+    NoHello,
+    /// Protocol versions differ. Connection closed.
+    VersionMismatch,
+    /// A report starts after the horizon (invariant 4). Connection kept.
+    Gap,
+    /// A request whose content breaks a rule (a report's change outside
+    /// its interval, a store ending before it starts). Connection kept.
+    BadRequest,
+    /// A view id that is not registered. Connection kept.
+    UnknownView,
+    /// A limit of the sidecar (number of databases). Connection kept.
+    Limit,
+}
+
+/// Every answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum ResponseBody {
+    /// Answer to `Hello`.
+    Hello {
+        /// [`PROTOCOL_VERSION`] of the sidecar.
+        version: u32,
+        /// `"tidecached <crate version>"`.
+        server: String,
+    },
+    /// Answer to `Attach`.
+    Attached {
+        /// What happened.
+        state: AttachState,
+        /// The horizon after attaching.
+        horizon: u64,
+    },
+    /// Answer to `Lookup`: one entry per oid asked, `None` for a miss.
+    Found {
+        /// Results in request order.
+        results: Vec<Option<Found>>,
+    },
+    /// Answer to `Store`.
+    Stored {
+        /// Revisions kept.
+        kept: u32,
+        /// Revisions refused (a refusal is normal: a miss is safe).
+        refused: u32,
+    },
+    /// Answer to `Report`.
+    Reported {
+        /// The horizon after the report.
+        horizon: u64,
+    },
+    /// Answer to `Resync`.
+    Resynced {
+        /// Whether the log restarted (open revisions were dropped).
+        restarted: bool,
+        /// The horizon after the resync.
+        horizon: u64,
+    },
+    /// Answer to `RegisterView`.
+    ViewRegistered {
+        /// The view's id, for `AdvanceView` and `ReleaseView`.
+        view: u64,
+    },
+    /// Answer to `AdvanceView`, `ReleaseView`, `Flush`.
+    Done,
+    /// Answer to `Stats`.
+    Stats(ServerStats),
+    /// A refused request.
+    Error {
+        /// What kind of refusal.
+        code: ErrorCode,
+        /// A sentence for a person.
+        message: String,
+        /// For `Gap`: the sidecar's horizon.
+        horizon: Option<u64>,
+    },
+}
+
+/// Counters of one database.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct DatabaseStats {
+    /// Revisions held.
+    pub entries: u64,
+    /// Bytes charged for them (states plus per-revision overhead).
+    pub bytes: u64,
+    /// Lookups answered.
+    pub hits: u64,
+    /// Lookups not answered.
+    pub misses: u64,
+    /// Stores kept.
+    pub stores: u64,
+    /// Stores refused.
+    pub refused: u64,
+    /// Changes received in reports.
+    pub invalidations: u64,
+    /// Revisions reclaimed (invisible to every view).
+    pub reclaimed: u64,
+    /// Revisions evicted by the size bound.
+    pub evicted: u64,
+    /// Registered views.
+    pub views: u64,
+    /// Horizon (`None` before the first attach).
+    pub horizon: Option<u64>,
+    /// Low-water mark (`None` without views).
+    pub low_water_mark: Option<u64>,
+    /// Start of the invalidation log.
+    pub log_start: Option<u64>,
+    /// Changes held in the log.
+    pub log_len: u64,
+}
+
+/// Counters of the sidecar.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ServerStats {
+    /// `"tidecached <version>"`.
+    pub server: String,
+    /// Seconds since start.
+    pub uptime_s: u64,
+    /// Connected clients.
+    pub clients: u64,
+    /// Byte budget (`--memory-mb`).
+    pub capacity_bytes: u64,
+    /// Sum over databases.
+    pub total: DatabaseStats,
+    /// Per database key.
+    pub databases: BTreeMap<String, DatabaseStats>,
+}
+
+/// Writes one frame: 4-byte big-endian length, then `body`.
+///
+/// # Errors
+/// I/O errors of `w`; `InvalidInput` if `body` is over 4 GiB.
+pub fn write_frame(w: &mut impl Write, body: &[u8]) -> io::Result<()> {
+    let n = u32::try_from(body.len()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "frame over 4 GiB"))?;
+    let mut buf = Vec::with_capacity(4 + body.len());
+    buf.extend_from_slice(&n.to_be_bytes());
+    buf.extend_from_slice(body);
+    w.write_all(&buf)
+}
+
+/// Reads a frame's 4-byte length prefix.
+///
+/// # Errors
+/// I/O errors of `r` (`UnexpectedEof` on a closed connection).
+pub fn read_frame_len(r: &mut impl Read) -> io::Result<usize> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len)?;
+    Ok(u32::from_be_bytes(len) as usize)
+}
+
+/// Encodes a message as MessagePack.
+///
+/// # Errors
+/// Never for the types of this module; rmp-serde's error otherwise.
+pub fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, rmp_serde::encode::Error> {
+    rmp_serde::to_vec(msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_round_trip() {
+        let r = Request {
+            id: 7,
+            body: RequestBody::Store {
+                db: "zeo:/tmp/zeo.sock:1".into(),
+                revisions: vec![StoreItem {
+                    oid: 1,
+                    serial: 2,
+                    end: None,
+                    view: 3,
+                    state: b"pickle".to_vec(),
+                }],
+            },
+        };
+        let bytes = encode(&r).unwrap();
+        assert_eq!(rmp_serde::from_slice::<Request>(&bytes).unwrap(), r);
+    }
+
+    #[test]
+    fn frames_carry_a_big_endian_length() {
+        let mut out = Vec::new();
+        write_frame(&mut out, b"abc").unwrap();
+        assert_eq!(out, [0, 0, 0, 3, b'a', b'b', b'c']);
+        assert_eq!(read_frame_len(&mut &out[..]).unwrap(), 3);
+    }
+}

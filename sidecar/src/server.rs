@@ -1,0 +1,485 @@
+//! The sidecar's server: a Unix socket, a thread per client connection,
+//! one [`Database`] per database key, all sharing one byte budget.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+use tidecache_client::protocol::{
+    self, encode, AttachState, DatabaseStats as WireStats, ErrorCode, Found, Request, RequestBody, Response,
+    ResponseBody, ServerStats, PROTOCOL_VERSION,
+};
+use tidecache_core::{AttachOutcome, CoreError, Database, Oid, SizeBound, StoreOutcome, Tid, ViewId};
+
+/// Errors that stop the sidecar from starting or serving.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SidecarError {
+    /// An I/O operation failed; `context` says which.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// Another sidecar answers on the socket already.
+    #[error("another tidecached is already serving {0}")]
+    AlreadyRunning(PathBuf),
+    /// The socket path exists and is not a socket: refusing to remove it.
+    #[error("{0} exists and is not a socket; refusing to replace it")]
+    NotASocket(PathBuf),
+}
+
+fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> SidecarError {
+    move |source| SidecarError::Io {
+        context: context.into(),
+        source,
+    }
+}
+
+/// Settings of `tidecached serve`.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Path of the Unix socket (created mode 0600).
+    pub socket: PathBuf,
+    /// Byte budget for all databases together.
+    pub memory_bytes: u64,
+    /// Largest frame body accepted, bytes.
+    pub max_frame: usize,
+    /// Most databases served at once.
+    pub max_databases: usize,
+    /// How often invisible revisions are reclaimed.
+    pub reclaim_interval: Duration,
+}
+
+type Db = Arc<Database<Vec<u8>>>;
+
+/// The sidecar's state, shared by every connection thread.
+pub struct Server {
+    config: ServerConfig,
+    bound: SizeBound,
+    databases: RwLock<HashMap<String, Db>>,
+    clients: AtomicU64,
+    started: Instant,
+}
+
+impl Server {
+    /// A server with no database yet.
+    pub fn new(config: ServerConfig) -> Arc<Self> {
+        Arc::new(Server {
+            bound: SizeBound::new(config.memory_bytes),
+            config,
+            databases: RwLock::default(),
+            clients: AtomicU64::new(0),
+            started: Instant::now(),
+        })
+    }
+
+    /// Binds the socket, mode 0600. A stale socket file (nobody answers on
+    /// it) is replaced; a live one is an error.
+    ///
+    /// # Errors
+    /// [`SidecarError::AlreadyRunning`], [`SidecarError::NotASocket`],
+    /// [`SidecarError::Io`].
+    pub fn bind(&self) -> Result<UnixListener, SidecarError> {
+        let path = &self.config.socket;
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            if !meta.file_type().is_socket() {
+                return Err(SidecarError::NotASocket(path.clone()));
+            }
+            if UnixStream::connect(path).is_ok() {
+                return Err(SidecarError::AlreadyRunning(path.clone()));
+            }
+            tracing::info!(socket = %path.display(), "removing a stale socket file");
+            std::fs::remove_file(path).map_err(io_err(format!("removing stale socket {}", path.display())))?;
+        }
+        // Created 0600 from the start: no window in which others can connect.
+        // SAFETY: umask only swaps the process's file creation mask.
+        let old = unsafe { libc::umask(0o177) };
+        let bound = UnixListener::bind(path);
+        // SAFETY: as above, restoring the previous mask.
+        unsafe { libc::umask(old) };
+        let listener = bound.map_err(io_err(format!("binding {}", path.display())))?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .map_err(io_err(format!("chmod 0600 {}", path.display())))?;
+        Ok(listener)
+    }
+
+    /// Serves connections from `listener` until the process ends; starts
+    /// the reclamation thread.
+    pub fn serve(self: &Arc<Self>, listener: UnixListener) {
+        let me = self.clone();
+        let _ = std::thread::Builder::new()
+            .name("reclaim".into())
+            .spawn(move || me.reclaim_loop());
+        tracing::info!(
+            socket = %self.config.socket.display(),
+            memory_mb = self.config.memory_bytes >> 20,
+            "tidecached serving"
+        );
+        for stream in listener.incoming() {
+            match stream {
+                Ok(stream) => {
+                    let me = self.clone();
+                    let spawned = std::thread::Builder::new()
+                        .name("client".into())
+                        .spawn(move || me.client(stream));
+                    if let Err(e) = spawned {
+                        tracing::error!(error = %e, "cannot start a thread for a client");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+    }
+
+    fn reclaim_loop(&self) {
+        loop {
+            std::thread::sleep(self.config.reclaim_interval);
+            for (name, db) in self.snapshot_databases() {
+                let n = db.reclaim();
+                if n > 0 {
+                    tracing::debug!(db = %name, reclaimed = n, "reclaimed revisions no view can see");
+                }
+            }
+        }
+    }
+
+    fn snapshot_databases(&self) -> Vec<(String, Db)> {
+        let dbs = self.databases.read().unwrap_or_else(|p| p.into_inner());
+        dbs.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
+    fn database(&self, name: &str) -> Result<Db, ResponseBody> {
+        if let Some(db) = self.databases.read().unwrap_or_else(|p| p.into_inner()).get(name) {
+            return Ok(db.clone());
+        }
+        let mut dbs = self.databases.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(db) = dbs.get(name) {
+            return Ok(db.clone());
+        }
+        if dbs.len() >= self.config.max_databases {
+            return Err(error(
+                ErrorCode::Limit,
+                format!("already serving {} databases (--max-databases)", dbs.len()),
+            ));
+        }
+        tracing::info!(db = %name, "new database");
+        let db = Arc::new(Database::within(&self.bound));
+        dbs.insert(name.to_owned(), db.clone());
+        Ok(db)
+    }
+
+    /// One client connection, until it closes or breaks a framing rule.
+    fn client(&self, stream: UnixStream) {
+        let n = self.clients.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::debug!(clients = n, "client connected");
+        let mut conn = Conn {
+            views: Vec::new(),
+            hello: None,
+        };
+        if let Err(e) = self.converse(&stream, &mut conn) {
+            tracing::debug!(error = %e, "client connection ended");
+        }
+        for (db, view) in conn.views.drain(..) {
+            if let Ok(db) = self.database(&db) {
+                let _ = db.release_view(view);
+            }
+        }
+        let n = self.clients.fetch_sub(1, Ordering::Relaxed) - 1;
+        tracing::debug!(
+            client = conn.hello.as_deref().unwrap_or("?"),
+            clients = n,
+            "client gone; its views released"
+        );
+    }
+
+    fn converse(&self, mut stream: &UnixStream, conn: &mut Conn) -> io::Result<()> {
+        loop {
+            let n = match protocol::read_frame_len(&mut stream) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
+                Err(e) => return Err(e),
+            };
+            if n > self.config.max_frame {
+                tracing::warn!(
+                    bytes = n,
+                    max = self.config.max_frame,
+                    "frame over the maximum; closing the connection"
+                );
+                let msg = format!(
+                    "frame of {n} bytes is over the maximum of {} bytes",
+                    self.config.max_frame
+                );
+                return reply(&mut stream, 0, error(ErrorCode::FrameTooLarge, msg));
+            }
+            let mut body = vec![0u8; n];
+            stream.read_exact(&mut body)?;
+            let req: Request = match rmp_serde::from_slice(&body) {
+                Ok(r) => r,
+                Err(e) => {
+                    if rmp_serde::from_slice::<serde::de::IgnoredAny>(&body).is_ok() {
+                        // Valid MessagePack: a message this version does not know.
+                        let id = rmp_serde::from_slice::<(u64, serde::de::IgnoredAny)>(&body).map_or(0, |r| r.0);
+                        tracing::warn!(error = %e, "unknown message");
+                        reply(
+                            &mut stream,
+                            id,
+                            error(ErrorCode::UnknownMessage, format!("unknown message: {e}")),
+                        )?;
+                        continue;
+                    }
+                    tracing::warn!(error = %e, "undecodable frame; closing the connection");
+                    return reply(
+                        &mut stream,
+                        0,
+                        error(ErrorCode::Malformed, format!("body is not MessagePack: {e}")),
+                    );
+                }
+            };
+            if conn.hello.is_none() {
+                match req.body {
+                    RequestBody::Hello { version, client } if version == PROTOCOL_VERSION => {
+                        tracing::info!(client = %client, "client said hello");
+                        conn.hello = Some(client);
+                        let server = format!("tidecached {}", env!("CARGO_PKG_VERSION"));
+                        reply(
+                            &mut stream,
+                            req.id,
+                            ResponseBody::Hello {
+                                version: PROTOCOL_VERSION,
+                                server,
+                            },
+                        )?;
+                        continue;
+                    }
+                    RequestBody::Hello { version, .. } => {
+                        let msg = format!("protocol version {version} is not {PROTOCOL_VERSION}");
+                        return reply(&mut stream, req.id, error(ErrorCode::VersionMismatch, msg));
+                    }
+                    _ => {
+                        let msg = "the first request must be Hello".to_owned();
+                        return reply(&mut stream, req.id, error(ErrorCode::NoHello, msg));
+                    }
+                }
+            }
+            let answer = self.dispatch(conn, req.body);
+            reply(&mut stream, req.id, answer)?;
+        }
+    }
+
+    fn dispatch(&self, conn: &mut Conn, body: RequestBody) -> ResponseBody {
+        self.answer(conn, body).unwrap_or_else(|e| e)
+    }
+
+    fn answer(&self, conn: &mut Conn, body: RequestBody) -> Result<ResponseBody, ResponseBody> {
+        Ok(match body {
+            RequestBody::Hello { .. } => error(ErrorCode::BadRequest, "Hello was said already".into()),
+            RequestBody::Attach { db: name, last_tid } => {
+                let db = self.database(&name)?;
+                let state = match db.attach(Tid(last_tid)) {
+                    AttachOutcome::Started => AttachState::Started,
+                    AttachOutcome::Joined => AttachState::Joined,
+                    AttachOutcome::Flushed { old_horizon } => {
+                        tracing::warn!(
+                            db = %name, last_tid = %Tid(last_tid), horizon = %old_horizon,
+                            "a client's lastTransaction is below the horizon (restored backup?): database flushed"
+                        );
+                        AttachState::Flushed
+                    }
+                };
+                ResponseBody::Attached {
+                    state,
+                    horizon: db.stats().horizon.map_or(0, |t| t.0),
+                }
+            }
+            RequestBody::Lookup { db, view, oids } => {
+                let db = self.database(&db)?;
+                let results = oids
+                    .into_iter()
+                    .map(|oid| {
+                        db.lookup(Oid(oid), Tid(view)).map(|hit| Found {
+                            serial: hit.serial.0,
+                            end: hit.end.map(|t| t.0),
+                            state: hit.state.as_ref().clone(),
+                        })
+                    })
+                    .collect();
+                ResponseBody::Found { results }
+            }
+            RequestBody::Store { db, revisions } => {
+                let db = self.database(&db)?;
+                let (mut kept, mut refused) = (0, 0);
+                for r in revisions {
+                    let out = db.store(
+                        Oid(r.oid),
+                        Tid(r.serial),
+                        r.end.map(Tid),
+                        Tid(r.view),
+                        Arc::new(r.state),
+                    );
+                    match out.map_err(core_error)? {
+                        StoreOutcome::Refused(_) => refused += 1,
+                        _ => kept += 1,
+                    }
+                }
+                ResponseBody::Stored { kept, refused }
+            }
+            RequestBody::Report {
+                db: name,
+                from,
+                to,
+                changes,
+            } => {
+                let db = self.database(&name)?;
+                let changes: Vec<(Oid, Tid)> = changes.into_iter().map(|(o, t)| (Oid(o), Tid(t))).collect();
+                match db.report(Tid(from), Tid(to), &changes) {
+                    Ok(h) => ResponseBody::Reported { horizon: h.0 },
+                    Err(e) => {
+                        tracing::info!(db = %name, error = %e, "report refused");
+                        return Err(core_error(e));
+                    }
+                }
+            }
+            RequestBody::Resync { db: name, tid } => {
+                let db = self.database(&name)?;
+                let restarted = db.resync(Tid(tid));
+                if restarted {
+                    tracing::info!(db = %name, tid = %Tid(tid), "log restarted; open revisions dropped");
+                }
+                ResponseBody::Resynced {
+                    restarted,
+                    horizon: db.stats().horizon.map_or(0, |t| t.0),
+                }
+            }
+            RequestBody::RegisterView { db: name, tid } => {
+                let db = self.database(&name)?;
+                let view = db.register_view(Tid(tid));
+                conn.views.push((name, view));
+                ResponseBody::ViewRegistered { view: view.0 }
+            }
+            RequestBody::AdvanceView { db: name, view, tid } => {
+                conn.owns(&name, view)?;
+                self.database(&name)?
+                    .advance_view(ViewId(view), Tid(tid))
+                    .map_err(core_error)?;
+                ResponseBody::Done
+            }
+            RequestBody::ReleaseView { db: name, view } => {
+                conn.owns(&name, view)?;
+                conn.views.retain(|(d, v)| !(d == &name && v.0 == view));
+                self.database(&name)?.release_view(ViewId(view)).map_err(core_error)?;
+                ResponseBody::Done
+            }
+            RequestBody::Flush { db: name } => {
+                self.database(&name)?.flush();
+                tracing::info!(db = %name, "database flushed on request");
+                ResponseBody::Done
+            }
+            RequestBody::Stats => ResponseBody::Stats(self.stats()),
+        })
+    }
+
+    /// Counters of the sidecar and every database.
+    pub fn stats(&self) -> ServerStats {
+        let mut out = ServerStats {
+            server: format!("tidecached {}", env!("CARGO_PKG_VERSION")),
+            uptime_s: self.started.elapsed().as_secs(),
+            clients: self.clients.load(Ordering::Relaxed),
+            capacity_bytes: self.bound.capacity(),
+            ..ServerStats::default()
+        };
+        for (name, db) in self.snapshot_databases() {
+            let s = db.stats();
+            let c = s.cache;
+            let w = WireStats {
+                entries: c.entries,
+                bytes: c.bytes,
+                hits: c.hits,
+                misses: c.misses,
+                stores: c.stores,
+                refused: c.refused,
+                invalidations: c.invalidations,
+                reclaimed: c.reclaimed,
+                evicted: c.evicted,
+                views: s.views,
+                horizon: s.horizon.map(|t| t.0),
+                low_water_mark: s.low_water_mark.map(|t| t.0),
+                log_start: s.log_start.map(|t| t.0),
+                log_len: s.log_len,
+            };
+            let t = &mut out.total;
+            t.entries += w.entries;
+            t.bytes += w.bytes;
+            t.hits += w.hits;
+            t.misses += w.misses;
+            t.stores += w.stores;
+            t.refused += w.refused;
+            t.invalidations += w.invalidations;
+            t.reclaimed += w.reclaimed;
+            t.evicted += w.evicted;
+            t.views += w.views;
+            t.log_len += w.log_len;
+            out.databases.insert(name, w);
+        }
+        out
+    }
+
+    /// The socket path.
+    pub fn socket(&self) -> &Path {
+        &self.config.socket
+    }
+}
+
+struct Conn {
+    views: Vec<(String, ViewId)>,
+    hello: Option<String>,
+}
+
+impl Conn {
+    fn owns(&self, db: &str, view: u64) -> Result<(), ResponseBody> {
+        if self.views.iter().any(|(d, v)| d == db && v.0 == view) {
+            Ok(())
+        } else {
+            Err(error(
+                ErrorCode::UnknownView,
+                format!("view {view} of {db:?} is not registered by this connection"),
+            ))
+        }
+    }
+}
+
+fn error(code: ErrorCode, message: String) -> ResponseBody {
+    ResponseBody::Error {
+        code,
+        message,
+        horizon: None,
+    }
+}
+
+fn core_error(e: CoreError) -> ResponseBody {
+    match e {
+        CoreError::Gap { horizon, .. } => ResponseBody::Error {
+            code: ErrorCode::Gap,
+            message: e.to_string(),
+            horizon: Some(horizon.0),
+        },
+        CoreError::UnknownView(_) => error(ErrorCode::UnknownView, e.to_string()),
+        _ => error(ErrorCode::BadRequest, e.to_string()),
+    }
+}
+
+fn reply(stream: &mut &UnixStream, id: u64, body: ResponseBody) -> io::Result<()> {
+    let bytes = encode(&Response { id, body }).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    protocol::write_frame(stream, &bytes)?;
+    stream.flush()
+}

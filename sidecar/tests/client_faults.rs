@@ -1,0 +1,81 @@
+//! tidecache-client against an absent, stopped, killed and restarted
+//! `tidecached` (invariant 8: faults degrade to misses, fast).
+
+mod common;
+
+use common::Sidecar;
+use std::time::{Duration, Instant};
+use tidecache_client::{Client, ClientConfig, ClientError};
+
+fn fast_client(socket: &std::path::Path) -> Client {
+    let mut c = ClientConfig::new(socket);
+    c.retry_after = Duration::from_millis(20);
+    Client::new(c)
+}
+
+#[test]
+fn absent_sidecar_is_unavailable_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = fast_client(&dir.path().join("nobody.sock"));
+    let t = Instant::now();
+    let e = c.lookup("db", 1, vec![1]).unwrap_err();
+    assert!(matches!(e, ClientError::Unavailable { .. }), "{e}");
+    assert!(t.elapsed() < Duration::from_millis(50), "took {:?}", t.elapsed());
+}
+
+#[test]
+fn a_stopped_sidecar_costs_one_timeout_then_nothing() {
+    let sc = Sidecar::start(&[]);
+    let c = fast_client(&sc.socket);
+    c.attach("db", 1).unwrap();
+    // SIGSTOP: the socket accepts but nobody answers.
+    let pid = sc.child.id() as i32;
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let t = Instant::now();
+    assert!(matches!(
+        c.lookup("db", 1, vec![1]),
+        Err(ClientError::Unavailable { .. })
+    ));
+    let first = t.elapsed();
+    let t = Instant::now();
+    assert!(c.lookup("db", 1, vec![1]).is_err());
+    let second = t.elapsed();
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    // The configured bound is 50 ms; allow scheduling noise on a busy machine.
+    assert!(first < Duration::from_millis(250), "first call took {first:?}");
+    assert!(
+        second < Duration::from_millis(5),
+        "while down, calls fail at once: {second:?}"
+    );
+}
+
+#[test]
+fn the_client_reconnects_after_a_restart_and_re_registers_its_views() {
+    let sc = Sidecar::start(&[]);
+    let c = fast_client(&sc.socket);
+    c.attach("db", 10).unwrap();
+    c.report("db", 10, 15, vec![(1, 12)]).unwrap();
+    let view = c.register_view("db", 15);
+    let (dir, socket) = sc.kill();
+    assert!(c.lookup("db", 15, vec![1]).is_err());
+    let sc = Sidecar::start_at(dir, socket, &[]);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let stats = loop {
+        if let Ok(s) = c.stats() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "client never reconnected");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let db = &stats.databases["db"];
+    assert_eq!(db.views, 1, "the view was registered again");
+    assert_eq!(
+        db.horizon,
+        Some(15),
+        "the log restarted where this client's reports ended"
+    );
+    c.advance_view(view, 16);
+    assert_eq!(c.stats().unwrap().databases["db"].low_water_mark, Some(16));
+    assert!(c.connects() >= 2);
+    drop(sc);
+}

@@ -1,0 +1,59 @@
+//! A real `tidecached`, started on a socket in a temporary directory and
+//! killed when dropped.
+
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub struct Sidecar {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+impl Sidecar {
+    pub fn start(args: &[&str]) -> Sidecar {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let socket = dir.path().join("tidecached.sock");
+        Self::start_at(dir, socket, args)
+    }
+
+    pub fn start_at(dir: tempfile::TempDir, socket: PathBuf, args: &[&str]) -> Sidecar {
+        let child = Command::new(env!("CARGO_BIN_EXE_tidecached"))
+            .arg("serve")
+            .arg("--socket")
+            .arg(&socket)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start tidecached");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            assert!(Instant::now() < deadline, "tidecached did not come up");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Sidecar { child, socket, dir }
+    }
+
+    /// Kills it (SIGKILL) and keeps the directory.
+    pub fn kill(mut self) -> (tempfile::TempDir, PathBuf) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
+        (dir, self.socket.clone())
+    }
+
+    pub fn alive(&mut self) -> bool {
+        self.child.try_wait().map(|s| s.is_none()).unwrap_or(false)
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,298 @@
+//! The wire protocol against a running `tidecached`: the normal path and
+//! every kind of bad input the issue names.
+
+mod common;
+
+use common::Sidecar;
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+use tidecache_client::protocol::{
+    encode, read_frame_len, write_frame, ErrorCode, Request, RequestBody, Response, ResponseBody, StoreItem,
+    PROTOCOL_VERSION,
+};
+use tidecache_client::{Client, ClientConfig};
+
+fn raw(socket: &std::path::Path) -> UnixStream {
+    let s = UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s
+}
+
+fn send(s: &mut UnixStream, id: u64, body: RequestBody) {
+    write_frame(s, &encode(&Request { id, body }).unwrap()).unwrap();
+}
+
+fn recv(s: &mut UnixStream) -> Response {
+    let n = read_frame_len(s).unwrap();
+    let mut buf = vec![0; n];
+    s.read_exact(&mut buf).unwrap();
+    rmp_serde::from_slice(&buf).unwrap()
+}
+
+fn hello(s: &mut UnixStream) {
+    send(
+        s,
+        1,
+        RequestBody::Hello {
+            version: PROTOCOL_VERSION,
+            client: "test".into(),
+        },
+    );
+    assert!(matches!(
+        recv(s).body,
+        ResponseBody::Hello {
+            version: PROTOCOL_VERSION,
+            ..
+        }
+    ));
+}
+
+/// The connection was closed by the sidecar: a read gets EOF.
+fn assert_closed(s: &mut UnixStream) {
+    let mut b = [0u8; 1];
+    assert_eq!(s.read(&mut b).unwrap(), 0, "connection should be closed");
+}
+
+fn error_code(r: &Response) -> ErrorCode {
+    match &r.body {
+        ResponseBody::Error { code, .. } => *code,
+        other => panic!("expected an error, got {other:?}"),
+    }
+}
+
+fn client(sc: &Sidecar) -> Client {
+    let mut c = ClientConfig::new(&sc.socket);
+    c.timeout = Duration::from_secs(2);
+    Client::new(c)
+}
+
+fn item(oid: u64, serial: u64, end: Option<u64>, view: u64, state: &[u8]) -> StoreItem {
+    StoreItem {
+        oid,
+        serial,
+        end,
+        view,
+        state: state.to_vec(),
+    }
+}
+
+#[test]
+fn socket_is_created_0600() {
+    let sc = Sidecar::start(&[]);
+    let mode = std::fs::metadata(&sc.socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+}
+
+#[test]
+fn store_lookup_report_follow_the_mvcc_rules() {
+    let sc = Sidecar::start(&[]);
+    let c = client(&sc);
+    c.attach("db", 10).unwrap();
+    // Revision (1, serial 10) current at view 10; (2, 5) closed at 8.
+    assert_eq!(
+        c.store(
+            "db",
+            vec![item(1, 10, None, 10, b"one"), item(2, 5, Some(8), 10, b"two")]
+        )
+        .unwrap(),
+        (2, 0)
+    );
+    let r = c.lookup("db", 10, vec![1, 2, 3]).unwrap();
+    assert_eq!(r[0].as_ref().unwrap().state, b"one");
+    assert!(r[1].is_none(), "(2, 5) ends at 8: not visible at 10");
+    assert!(r[2].is_none());
+    assert_eq!(c.lookup("db", 7, vec![2]).unwrap()[0].as_ref().unwrap().state, b"two");
+    // An open revision does not answer past the horizon (invariant 2).
+    assert!(c.lookup("db", 11, vec![1]).unwrap()[0].is_none());
+    // Oid 1 changes at 12: visible at 11, not at 12.
+    assert_eq!(c.report("db", 10, 12, vec![(1, 12)]).unwrap(), 12);
+    assert!(c.lookup("db", 11, vec![1]).unwrap()[0].is_some());
+    assert!(c.lookup("db", 12, vec![1]).unwrap()[0].is_none());
+    // A late store of the stale revision is closed by the log (invariant 3).
+    c.store("db", vec![item(3, 9, None, 10, b"three")]).unwrap();
+    c.report("db", 12, 13, vec![(3, 13)]).unwrap();
+    c.store("db", vec![item(3, 9, None, 11, b"three")]).unwrap();
+    assert!(c.lookup("db", 13, vec![3]).unwrap()[0].is_none());
+    // Databases do not share anything (invariant 7).
+    assert!(c.lookup("other", 10, vec![1]).unwrap()[0].is_none());
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tidecached"))
+        .args(["stats", "--socket"])
+        .arg(&sc.socket)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let db = &v["databases"]["db"];
+    assert_eq!(db["horizon"], 13);
+    assert_eq!(db["hits"], 3);
+    assert!(v["total"]["entries"].as_u64().unwrap() >= 2);
+    for key in [
+        "entries",
+        "bytes",
+        "hits",
+        "misses",
+        "stores",
+        "views",
+        "horizon",
+        "low_water_mark",
+    ] {
+        assert!(db.get(key).is_some(), "stats lack {key}: {v}");
+    }
+    assert!(v.get("clients").is_some());
+}
+
+#[test]
+fn restored_backup_flushes_the_database() {
+    let sc = Sidecar::start(&[]);
+    let c = client(&sc);
+    c.attach("db", 10).unwrap();
+    c.store("db", vec![item(1, 5, Some(9), 10, b"old")]).unwrap();
+    c.report("db", 10, 20, vec![]).unwrap();
+    let (state, horizon) = c.attach("db", 15).unwrap();
+    assert_eq!((state, horizon), (tidecache_client::protocol::AttachState::Flushed, 15));
+    assert!(c.lookup("db", 6, vec![1]).unwrap()[0].is_none());
+}
+
+#[test]
+fn a_gap_is_refused_and_the_connection_kept() {
+    let sc = Sidecar::start(&[]);
+    let c = client(&sc);
+    c.attach("db", 10).unwrap();
+    let e = c.report("db", 11, 12, vec![(1, 12)]).unwrap_err();
+    assert!(e.is_gap(), "{e}");
+    assert_eq!(c.report("db", 10, 12, vec![(1, 12)]).unwrap(), 12);
+    assert_eq!(c.connects(), 1);
+}
+
+#[test]
+fn oversized_frame_gets_an_error_and_only_that_connection_closes() {
+    let sc = Sidecar::start(&["--max-frame-mb", "1"]);
+    let other = client(&sc);
+    other.attach("db", 1).unwrap();
+    let mut s = raw(&sc.socket);
+    hello(&mut s);
+    s.write_all(&(2u32 << 20).to_be_bytes()).unwrap();
+    let r = recv(&mut s);
+    assert_eq!(error_code(&r), ErrorCode::FrameTooLarge);
+    assert_closed(&mut s);
+    assert!(
+        other.lookup("db", 1, vec![1]).is_ok(),
+        "another client keeps being served"
+    );
+    assert_eq!(other.connects(), 1);
+}
+
+#[test]
+fn undecodable_body_gets_an_error_and_a_closed_connection() {
+    let sc = Sidecar::start(&[]);
+    let mut s = raw(&sc.socket);
+    hello(&mut s);
+    write_frame(&mut s, &[0xc1, 0xff, 0x00]).unwrap(); // 0xc1 is never valid MessagePack
+    assert_eq!(error_code(&recv(&mut s)), ErrorCode::Malformed);
+    assert_closed(&mut s);
+}
+
+#[test]
+fn unknown_message_gets_an_error_and_the_connection_lives_on() {
+    let sc = Sidecar::start(&[]);
+    let mut s = raw(&sc.socket);
+    hello(&mut s);
+    let bytes = rmp_serde::to_vec(&(77u64, std::collections::BTreeMap::from([("Frobnicate", 1u8)]))).unwrap();
+    write_frame(&mut s, &bytes).unwrap();
+    let r = recv(&mut s);
+    assert_eq!(r.id, 77);
+    assert_eq!(error_code(&r), ErrorCode::UnknownMessage);
+    send(&mut s, 78, RequestBody::Stats);
+    assert!(matches!(recv(&mut s).body, ResponseBody::Stats(_)));
+}
+
+#[test]
+fn requests_before_hello_and_wrong_versions_are_refused() {
+    let sc = Sidecar::start(&[]);
+    let mut s = raw(&sc.socket);
+    send(&mut s, 5, RequestBody::Stats);
+    let r = recv(&mut s);
+    assert_eq!((r.id, error_code(&r)), (5, ErrorCode::NoHello));
+    assert_closed(&mut s);
+    let mut s = raw(&sc.socket);
+    send(
+        &mut s,
+        6,
+        RequestBody::Hello {
+            version: 999,
+            client: "future".into(),
+        },
+    );
+    assert_eq!(error_code(&recv(&mut s)), ErrorCode::VersionMismatch);
+    assert_closed(&mut s);
+}
+
+#[test]
+fn bad_requests_are_refused_and_garbage_never_kills_the_sidecar() {
+    let mut sc = Sidecar::start(&[]);
+    let c = client(&sc);
+    c.attach("db", 10).unwrap();
+    // A store that ends before it starts; a report with a change outside it.
+    assert!(c.store("db", vec![item(1, 9, Some(9), 10, b"x")]).is_err());
+    assert!(c.report("db", 10, 12, vec![(1, 13)]).is_err());
+    // A view that is not ours.
+    let mut s = raw(&sc.socket);
+    hello(&mut s);
+    send(
+        &mut s,
+        2,
+        RequestBody::ReleaseView {
+            db: "db".into(),
+            view: 424242,
+        },
+    );
+    assert_eq!(error_code(&recv(&mut s)), ErrorCode::UnknownView);
+    // Random bytes in many shapes.
+    let mut seed = 0x2545F4914F6CDD1Du64;
+    for i in 0..200 {
+        let mut s = raw(&sc.socket);
+        if i % 2 == 0 {
+            hello(&mut s);
+        }
+        let n = (seed % 64) as usize + 1;
+        let body: Vec<u8> = (0..n)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                seed as u8
+            })
+            .collect();
+        let _ = write_frame(&mut s, &body);
+    }
+    assert!(sc.alive(), "tidecached died on garbage");
+    assert!(c.lookup("db", 10, vec![1]).is_ok());
+}
+
+#[test]
+fn a_disconnecting_client_releases_its_views() {
+    let sc = Sidecar::start(&[]);
+    let watcher = client(&sc);
+    {
+        let c = client(&sc);
+        c.attach("db", 10).unwrap();
+        c.register_view("db", 10);
+        c.register_view("db", 12);
+        let s = watcher.stats().unwrap();
+        assert_eq!(s.databases["db"].views, 2);
+        assert_eq!(s.databases["db"].low_water_mark, Some(10));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let s = watcher.stats().unwrap();
+        if s.databases["db"].views == 0 {
+            assert_eq!(s.databases["db"].low_water_mark, None);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "views not released");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
