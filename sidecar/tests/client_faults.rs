@@ -31,6 +31,15 @@ fn a_stopped_sidecar_costs_one_timeout_then_nothing() {
     // SIGSTOP: the socket accepts but nobody answers.
     let pid = sc.child.id() as i32;
     unsafe { libc::kill(pid, libc::SIGSTOP) };
+    // SIGSTOP lands asynchronously: wait until the kernel says stopped.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap()
+        .contains(") T ")
+    {
+        assert!(Instant::now() < deadline, "tidecached did not stop");
+        std::thread::sleep(Duration::from_millis(1));
+    }
     let t = Instant::now();
     assert!(matches!(
         c.lookup("db", 1, vec![1]),
