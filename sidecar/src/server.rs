@@ -60,11 +60,17 @@ pub struct ServerConfig {
 
 type Db = Arc<Database<Vec<u8>>>;
 
+/// A database and the number of client connections attached to it.
+struct Entry {
+    db: Db,
+    attached: usize,
+}
+
 /// The sidecar's state, shared by every connection thread.
 pub struct Server {
     config: ServerConfig,
     bound: SizeBound,
-    databases: RwLock<HashMap<String, Db>>,
+    databases: RwLock<HashMap<String, Entry>>,
     clients: AtomicU64,
     started: Instant,
 }
@@ -156,43 +162,66 @@ impl Server {
 
     fn snapshot_databases(&self) -> Vec<(String, Db)> {
         let dbs = self.databases.read().unwrap_or_else(|p| p.into_inner());
-        dbs.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        dbs.iter().map(|(k, v)| (k.clone(), v.db.clone())).collect()
     }
 
+    /// The database `name`, created on first use. At `--max-databases`,
+    /// databases no connection is attached to are dropped to make room.
     fn database(&self, name: &str) -> Result<Db, ResponseBody> {
-        if let Some(db) = self.databases.read().unwrap_or_else(|p| p.into_inner()).get(name) {
-            return Ok(db.clone());
+        if let Some(e) = self.databases.read().unwrap_or_else(|p| p.into_inner()).get(name) {
+            return Ok(e.db.clone());
         }
         let mut dbs = self.databases.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(db) = dbs.get(name) {
-            return Ok(db.clone());
+        if let Some(e) = dbs.get(name) {
+            return Ok(e.db.clone());
+        }
+        if dbs.len() >= self.config.max_databases {
+            let before = dbs.len();
+            dbs.retain(|_, e| e.attached > 0);
+            tracing::info!(dropped = before - dbs.len(), "dropped databases no client is attached to");
         }
         if dbs.len() >= self.config.max_databases {
             return Err(error(
                 ErrorCode::Limit,
-                format!("already serving {} databases (--max-databases)", dbs.len()),
+                format!("already serving {} attached databases (--max-databases)", dbs.len()),
             ));
         }
         tracing::info!(db = %name, "new database");
         let db = Arc::new(Database::within(&self.bound));
-        dbs.insert(name.to_owned(), db.clone());
+        dbs.insert(name.to_owned(), Entry { db: db.clone(), attached: 0 });
         Ok(db)
+    }
+
+    /// Counts `conn` as attached to `name` (once per connection).
+    fn mark_attached(&self, conn: &mut Conn, name: &str) {
+        if conn.attached.iter().any(|d| d == name) {
+            return;
+        }
+        if let Some(e) = self.databases.write().unwrap_or_else(|p| p.into_inner()).get_mut(name) {
+            e.attached += 1;
+            conn.attached.push(name.to_owned());
+        }
     }
 
     /// One client connection, until it closes or breaks a framing rule.
     fn client(&self, stream: UnixStream) {
         let n = self.clients.fetch_add(1, Ordering::Relaxed) + 1;
         tracing::debug!(clients = n, "client connected");
-        let mut conn = Conn {
-            views: Vec::new(),
-            hello: None,
-        };
+        let mut conn = Conn { views: Vec::new(), attached: Vec::new(), hello: None };
         if let Err(e) = self.converse(&stream, &mut conn) {
             tracing::debug!(error = %e, "client connection ended");
         }
-        for (db, view) in conn.views.drain(..) {
-            if let Ok(db) = self.database(&db) {
-                let _ = db.release_view(view);
+        {
+            let mut dbs = self.databases.write().unwrap_or_else(|p| p.into_inner());
+            for (db, view) in conn.views.drain(..) {
+                if let Some(e) = dbs.get(&db) {
+                    let _ = e.db.release_view(view);
+                }
+            }
+            for db in conn.attached.drain(..) {
+                if let Some(e) = dbs.get_mut(&db) {
+                    e.attached -= 1;
+                }
             }
         }
         let n = self.clients.fetch_sub(1, Ordering::Relaxed) - 1;
@@ -286,6 +315,7 @@ impl Server {
             RequestBody::Hello { .. } => error(ErrorCode::BadRequest, "Hello was said already".into()),
             RequestBody::Attach { db: name, last_tid } => {
                 let db = self.database(&name)?;
+                self.mark_attached(conn, &name);
                 let state = match db.attach(Tid(last_tid)) {
                     AttachOutcome::Started => AttachState::Started,
                     AttachOutcome::Joined => AttachState::Joined,
@@ -352,6 +382,7 @@ impl Server {
             }
             RequestBody::Resync { db: name, tid } => {
                 let db = self.database(&name)?;
+                self.mark_attached(conn, &name);
                 let restarted = db.resync(Tid(tid));
                 if restarted {
                     tracing::info!(db = %name, tid = %Tid(tid), "log restarted; open revisions dropped");
@@ -442,6 +473,8 @@ impl Server {
 
 struct Conn {
     views: Vec<(String, ViewId)>,
+    /// Databases this connection attached to (Attach or Resync).
+    attached: Vec<String>,
     hello: Option<String>,
 }
 

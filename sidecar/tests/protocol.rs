@@ -296,3 +296,22 @@ fn a_disconnecting_client_releases_its_views() {
         std::thread::sleep(Duration::from_millis(10));
     }
 }
+
+#[test]
+fn databases_nobody_is_attached_to_make_room_for_new_ones() {
+    let sc = Sidecar::start(&["--max-databases", "2"]);
+    let first = client(&sc);
+    first.attach("a", 1).unwrap();
+    first.attach("b", 1).unwrap();
+    let second = client(&sc);
+    let e = second.attach("c", 1).unwrap_err();
+    assert!(matches!(e, tidecache_client::ClientError::Refused { code: ErrorCode::Limit, .. }), "{e}");
+    first.close();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while second.attach("c", 1).is_err() {
+        assert!(std::time::Instant::now() < deadline, "a and b were never dropped");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let s = second.stats().unwrap();
+    assert_eq!(s.databases.keys().collect::<Vec<_>>(), vec!["c"]);
+}

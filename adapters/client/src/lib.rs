@@ -106,6 +106,7 @@ struct State {
     views: HashMap<u64, View>,
     next_view: u64,
     connects: u64,
+    closed: bool,
 }
 
 /// A connection to `tidecached` that reconnects by itself. Thread-safe:
@@ -143,6 +144,15 @@ impl Client {
     /// Whether the client holds a live connection now.
     pub fn is_connected(&self) -> bool {
         self.state().conn.is_some()
+    }
+
+    /// Closes the connection for good: the sidecar releases this client's
+    /// views and attachments; later calls fail with `Unavailable`.
+    pub fn close(&self) {
+        let mut st = self.state();
+        st.closed = true;
+        st.conn = None;
+        st.views.clear();
     }
 
     /// Number of connections made so far (1 after the first call; more
@@ -193,6 +203,9 @@ impl Client {
     fn ensure(&self, st: &mut State) -> Result<(), ClientError> {
         if st.conn.is_some() {
             return Ok(());
+        }
+        if st.closed {
+            return Err(self.unavailable("client closed"));
         }
         if st.down_until.is_some_and(|t| Instant::now() < t) {
             return Err(self.unavailable("down; waiting before reconnecting"));

@@ -1,1 +1,201 @@
+//! `tidecache._native`: the PyO3 bindings of tidecache-client.
+//!
+//! One class, [`PyClient`] (`tidecache.Client` in Python), and three
+//! exceptions. Oids and tids are Python ints (ZODB's `u64(oid)`), states are
+//! `bytes`. Every call releases the GIL while it talks to the sidecar.
 
+use pyo3::create_exception;
+use pyo3::exceptions::PyException;
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+use std::time::Duration;
+use tidecache_client::protocol::{AttachState, StoreItem};
+use tidecache_client::{Client, ClientConfig, ClientError, StoreQueue};
+
+create_exception!(_native, TideCacheError, PyException, "Base class of tidecache's errors.");
+create_exception!(
+    _native,
+    Unavailable,
+    TideCacheError,
+    "The sidecar is absent, dead, restarting, slow or garbled: treat as a miss."
+);
+create_exception!(
+    _native,
+    GapError,
+    TideCacheError,
+    "An invalidation report started after the sidecar's horizon and was refused; resync."
+);
+create_exception!(_native, RefusedError, TideCacheError, "The sidecar refused the request as malformed.");
+
+fn to_py(e: ClientError) -> PyErr {
+    match &e {
+        ClientError::Unavailable { .. } => Unavailable::new_err(e.to_string()),
+        _ if e.is_gap() => GapError::new_err(e.to_string()),
+        _ => RefusedError::new_err(e.to_string()),
+    }
+}
+
+/// A client of `tidecached` bound to one database.
+///
+/// `Client(socket, database="default", timeout_ms=50)`: `socket` is the
+/// sidecar's Unix socket path, `database` the key of the database (the
+/// storage adapter derives it from the base storage), `timeout_ms` the bound
+/// on each call in milliseconds. Connects lazily and reconnects by itself.
+#[pyclass(name = "Client", module = "tidecache._native", frozen)]
+struct PyClient {
+    client: Client,
+    database: String,
+    config: ClientConfig,
+    queue: std::sync::OnceLock<Option<StoreQueue>>,
+}
+
+#[pymethods]
+impl PyClient {
+    #[new]
+    #[pyo3(signature = (socket, database = "default".to_owned(), timeout_ms = 50))]
+    fn new(socket: String, database: String, timeout_ms: u64) -> Self {
+        let mut config = ClientConfig::new(socket);
+        config.timeout = Duration::from_millis(timeout_ms.max(1));
+        config.name = format!("python pid {}", std::process::id());
+        PyClient { client: Client::new(config.clone()), database, config, queue: std::sync::OnceLock::new() }
+    }
+
+    /// The database key.
+    #[getter]
+    fn database(&self) -> &str {
+        &self.database
+    }
+
+    /// Whether a connection to the sidecar is open now.
+    #[getter]
+    fn connected(&self) -> bool {
+        self.client.is_connected()
+    }
+
+    /// Attaches with the storage's `lastTransaction()` as an int; returns
+    /// `"started"`, `"joined"` or `"flushed"` (a restored backup).
+    /// Raises `Unavailable`.
+    fn attach(&self, py: Python<'_>, last_tid: u64) -> PyResult<&'static str> {
+        let (state, _) = py.allow_threads(|| self.client.attach(&self.database, last_tid)).map_err(to_py)?;
+        Ok(match state {
+            AttachState::Started => "started",
+            AttachState::Joined => "joined",
+            AttachState::Flushed => "flushed",
+        })
+    }
+
+    /// `(serial, state)` of the revision of `oid` visible at `view`, or
+    /// `None`. Raises `Unavailable`.
+    fn lookup<'py>(&self, py: Python<'py>, oid: u64, view: u64) -> PyResult<Option<(u64, Bound<'py, PyBytes>)>> {
+        let mut r = py.allow_threads(|| self.client.lookup(&self.database, view, vec![oid])).map_err(to_py)?;
+        Ok(r.pop().flatten().map(|f| (f.serial, PyBytes::new(py, &f.state))))
+    }
+
+    /// [`lookup`] for many oids in one round trip: a list with one
+    /// `(serial, state)` or `None` per oid. Raises `Unavailable`.
+    fn lookup_many<'py>(
+        &self,
+        py: Python<'py>,
+        oids: Vec<u64>,
+        view: u64,
+    ) -> PyResult<Vec<Option<(u64, Bound<'py, PyBytes>)>>> {
+        let r = py.allow_threads(|| self.client.lookup(&self.database, view, oids)).map_err(to_py)?;
+        Ok(r.into_iter().map(|o| o.map(|f| (f.serial, PyBytes::new(py, &f.state)))).collect())
+    }
+
+    /// Stores the revision `(oid, serial)` with `end` (None if it was
+    /// current at `view`) and waits for the answer; returns whether it was
+    /// kept. Raises `Unavailable`, `RefusedError` (end <= serial).
+    #[pyo3(signature = (oid, serial, end, state, view))]
+    fn store(&self, py: Python<'_>, oid: u64, serial: u64, end: Option<u64>, state: Vec<u8>, view: u64) -> PyResult<bool> {
+        let item = StoreItem { oid, serial, end, view, state };
+        let (kept, _) = py.allow_threads(|| self.client.store(&self.database, vec![item])).map_err(to_py)?;
+        Ok(kept == 1)
+    }
+
+    /// Queues a store for the background sender (batched, off the caller's
+    /// path). Returns False if the queue was full and the store dropped.
+    #[pyo3(signature = (oid, serial, end, state, view))]
+    fn store_later(&self, oid: u64, serial: u64, end: Option<u64>, state: Vec<u8>, view: u64) -> bool {
+        let queue = self.queue.get_or_init(|| StoreQueue::start(self.config.clone(), 16 * 1024).ok());
+        match queue {
+            Some(q) => q.push(&self.database, StoreItem { oid, serial, end, view, state }),
+            None => false,
+        }
+    }
+
+    /// Waits until queued stores were sent; returns whether that happened
+    /// within `timeout_ms`.
+    #[pyo3(signature = (timeout_ms = 5000))]
+    fn wait_for_stores(&self, py: Python<'_>, timeout_ms: u64) -> bool {
+        match self.queue.get() {
+            Some(Some(q)) => py.allow_threads(|| q.barrier(Duration::from_millis(timeout_ms))),
+            _ => true,
+        }
+    }
+
+    /// Reports every change in `(from_tid, to_tid]`: `changes` is a list of
+    /// `(oid, tid)`. Returns the sidecar's horizon. Raises `GapError` when
+    /// `from_tid` is past the horizon, `Unavailable`, `RefusedError`.
+    fn report(&self, py: Python<'_>, from_tid: u64, to_tid: u64, changes: Vec<(u64, u64)>) -> PyResult<u64> {
+        py.allow_threads(|| self.client.report(&self.database, from_tid, to_tid, changes)).map_err(to_py)
+    }
+
+    /// Tells the sidecar invalidations up to `tid` were lost; returns
+    /// whether its log restarted. Raises `Unavailable`.
+    fn resync(&self, py: Python<'_>, tid: u64) -> PyResult<bool> {
+        py.allow_threads(|| self.client.resync(&self.database, tid)).map(|r| r.0).map_err(to_py)
+    }
+
+    /// Registers a connection's view at `tid`; returns its id. Never raises:
+    /// an unavailable sidecar learns of it on reconnect.
+    fn register_view(&self, py: Python<'_>, tid: u64) -> u64 {
+        py.allow_threads(|| self.client.register_view(&self.database, tid))
+    }
+
+    /// Moves view `view_id` to `tid`. Never raises.
+    fn advance_view(&self, py: Python<'_>, view_id: u64, tid: u64) {
+        py.allow_threads(|| self.client.advance_view(view_id, tid))
+    }
+
+    /// Releases view `view_id`. Never raises.
+    fn release_view(&self, py: Python<'_>, view_id: u64) {
+        py.allow_threads(|| self.client.release_view(view_id))
+    }
+
+    /// Waits (at most 1 s) for queued stores, then closes the connection
+    /// for good; the sidecar releases this client's views. Later calls
+    /// raise `Unavailable`.
+    fn close(&self, py: Python<'_>) {
+        if let Some(Some(q)) = self.queue.get() {
+            py.allow_threads(|| q.barrier(Duration::from_secs(1)));
+        }
+        self.client.close();
+    }
+
+    /// Drops every revision of this database in the sidecar. Raises
+    /// `Unavailable`.
+    fn flush(&self, py: Python<'_>) -> PyResult<()> {
+        py.allow_threads(|| self.client.flush(&self.database)).map_err(to_py)
+    }
+
+    /// The sidecar's counters as JSON text (see `tidecached stats`).
+    /// Raises `Unavailable`.
+    fn stats_json(&self, py: Python<'_>) -> PyResult<String> {
+        let s = py.allow_threads(|| self.client.stats()).map_err(to_py)?;
+        serde_json::to_string(&s).map_err(|e| RefusedError::new_err(e.to_string()))
+    }
+}
+
+/// The native half of the `tidecache` package.
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyClient>()?;
+    let py = m.py();
+    m.add("TideCacheError", py.get_type::<TideCacheError>())?;
+    m.add("Unavailable", py.get_type::<Unavailable>())?;
+    m.add("GapError", py.get_type::<GapError>())?;
+    m.add("RefusedError", py.get_type::<RefusedError>())?;
+    m.add("PROTOCOL_VERSION", tidecache_client::protocol::PROTOCOL_VERSION)?;
+    Ok(())
+}

@@ -1,0 +1,56 @@
+# tidecache: `make demo`, `make test` and `make bench` each set up what they
+# need on a fresh machine: a virtual environment in .venv, the pip packages
+# of requirements-dev.txt, a release build of tidecached and of the Python
+# adapter (maturin).
+
+PYTHON ?= python3
+VENV := $(CURDIR)/.venv
+PY := $(VENV)/bin/python
+DEPS := $(VENV)/.deps-installed
+LOOM_MAX_PREEMPTIONS ?= 2
+
+.PHONY: all build demo test test-rust test-loom test-python bench clean model-long
+
+all: build
+
+$(DEPS): requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+build: $(DEPS)
+	cargo build --release -p tidecache-sidecar
+	cd adapters/python && VIRTUAL_ENV=$(VENV) $(VENV)/bin/maturin develop --release --quiet
+
+## The main job: ZEO + tidecached + a ZODB application over the stdlib's
+## sources, with and without tidecache, side by side.
+demo: build
+	$(PY) demo/run_demo.py
+
+## Every test: Rust (unit, property, integration), loom models, Python.
+test: build test-rust test-loom test-python
+
+test-rust:
+	cargo test --release --workspace --exclude tidecache-python
+
+test-loom:
+	RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom LOOM_MAX_PREEMPTIONS=$(LOOM_MAX_PREEMPTIONS) \
+		cargo test --release -p tidecache-loom-tests
+
+test-python: build
+	TIDECACHED=$(CURDIR)/target/release/tidecached $(PY) -m pytest -q adapters/python/tests
+
+## A longer search of the property tests (one million cases).
+model-long:
+	TIDECACHE_MODEL_CASES=1000000 cargo test --release -p tidecache-core --test model
+
+## Benchmarks: programs that print anchor and tidecache side by side and
+## write bench-results/*.json, from which docs/benchmarks.md is built.
+bench: build
+	cargo bench -p tidecache-core --bench snapshot
+	$(PY) bench/run_bench.py
+
+clean:
+	cargo clean
+	rm -rf $(VENV)

@@ -1,0 +1,42 @@
+"""tidecache: an MVCC-aware state cache for ZODB, shared by every process
+on a host through the ``tidecached`` sidecar.
+
+Use::
+
+    import ZODB
+    from tidecache import TideCacheStorage
+    db = ZODB.DB(TideCacheStorage(base_storage, socket="/run/tidecached.sock"))
+
+or in ZConfig::
+
+    %import tidecache
+    <zodb>
+      <tidecache>
+        socket /run/tidecached.sock
+        <filestorage>
+          path /var/db/Data.fs
+        </filestorage>
+      </tidecache>
+    </zodb>
+
+``Client`` is the raw client of the sidecar's protocol, for tools and
+benchmarks.
+"""
+
+from tidecache._native import Client
+from tidecache._native import GapError
+from tidecache._native import RefusedError
+from tidecache._native import TideCacheError
+from tidecache._native import Unavailable
+from tidecache.storage import TideCacheStorage
+from tidecache.storage import database_key
+
+__all__ = [
+    "Client",
+    "GapError",
+    "RefusedError",
+    "TideCacheError",
+    "TideCacheStorage",
+    "Unavailable",
+    "database_key",
+]

@@ -1,0 +1,370 @@
+"""``TideCacheStorage``: a ZODB storage wrapper that serves connections'
+loads from the ``tidecached`` sidecar.
+
+The wrapper is both a plain storage (every ``IStorage`` method goes to the
+base storage, as ``zc.zlibstorage`` does) and an ``IMVCCStorage``: it is
+ZODB's own ``MVCCAdapter`` (``ZODB/mvccadapter.py``) with four additions:
+
+- each connection's view (``_start - 1``) is registered with the sidecar by
+  ``poll_invalidations`` and released by ``release``;
+- ``load`` looks the oid up in the sidecar at the connection's view; a miss
+  loads ``loadBefore(oid, _start)`` from the base storage and queues a store
+  of the revision (closed if ``loadBefore`` gave an end, open otherwise);
+- every commit this process sees -- its own (``tpc_finish``, through a
+  connection, an undo or the storage API) and other processes' (ZEO's
+  ``invalidateTransaction``) -- is reported with its exact tid as the
+  invalidation report ``(previous tid, tid, [(oid, tid), ...])``;
+- ``invalidateCache`` (ZEO lost invalidations) and a refused or lost report
+  make the next report a ``resync``: the sidecar drops its open revisions
+  rather than guess.
+
+If the sidecar is absent, dead or slow, every lookup is a miss and the
+application runs from its base storage (invariant 8 of DESIGN.md).
+"""
+
+import json
+import logging
+import os
+import threading
+
+import zope.interface
+from ZODB import POSException
+from ZODB.interfaces import IMVCCStorage
+from ZODB.mvccadapter import MVCCAdapter
+from ZODB.mvccadapter import MVCCAdapterInstance
+from ZODB.utils import oid_repr
+from ZODB.utils import p64
+from ZODB.utils import tid_repr
+from ZODB.utils import u64
+
+from tidecache._native import Client
+from tidecache._native import GapError
+from tidecache._native import TideCacheError
+from tidecache._native import Unavailable
+
+logger = logging.getLogger("tidecache")
+
+_STAT_KEYS = ("hits", "misses", "stores", "invalidations", "resyncs", "unavailable")
+
+
+def database_key(base):
+    """The key naming ``base``'s database in the sidecar (invariant 7).
+
+    ZEO ``ClientStorage``: ``zeo:<address>:<storage name>``; FileStorage:
+    ``file:<absolute path>``; any other storage: ``<class>:<getName()>``,
+    with the process id for in-memory storages (``MappingStorage``,
+    ``DemoStorage``) that no other process can share. Pass ``database=`` to
+    ``TideCacheStorage`` where two spellings name one database (two
+    addresses of one ZEO server).
+    """
+    cls = type(base).__name__
+    if hasattr(base, "_server_addr") or cls == "ClientStorage":
+        return "zeo:%s:%s" % (getattr(base, "_addr", "?"), getattr(base, "_storage", "1"))
+    file_name = getattr(base, "_file_name", None)
+    if file_name:
+        return "file:" + os.path.abspath(file_name)
+    name = base.getName() if hasattr(base, "getName") else repr(base)
+    if cls in ("MappingStorage", "DemoStorage"):
+        return "%s:%s:pid %d:%x" % (cls, name, os.getpid(), id(base))
+    return "%s:%s" % (cls, name)
+
+
+class _Stats:
+    """Counters of one storage; ``+=`` under the GIL is good enough for
+    statistics."""
+
+    def __init__(self):
+        for k in _STAT_KEYS:
+            setattr(self, k, 0)
+
+    def as_dict(self):
+        return {k: getattr(self, k) for k in _STAT_KEYS}
+
+
+@zope.interface.implementer(IMVCCStorage)
+class TideCacheStorage(MVCCAdapter):
+    """Wraps ``base`` (any ZODB storage) and caches its revisions in the
+    ``tidecached`` sidecar listening on ``socket``.
+
+    :param base: the storage that holds the data: FileStorage,
+        MappingStorage, ZEO ClientStorage, ...
+    :param socket: path of the sidecar's Unix socket.
+    :param database: the database's key in the sidecar; default
+        :func:`database_key` of ``base``.
+    :param timeout_ms: bound on each call to the sidecar, milliseconds;
+        past it the call is a miss.
+    """
+
+    def __init__(self, base, socket, database=None, timeout_ms=50):
+        self._tc_socket = socket
+        self._tc_client = Client(socket, database or database_key(base), timeout_ms)
+        self._tc_stats = _Stats()
+        self._tc_lock = threading.Lock()
+        self._tc_reported = u64(base.lastTransaction())
+        self._tc_resync = False
+        self._tc_direct = {}
+        for iface in zope.interface.providedBy(base):
+            zope.interface.alsoProvides(self, iface)
+        # Calls base.registerDB(self): base's invalidations come here.
+        MVCCAdapter.__init__(self, base)
+        try:
+            state = self._tc_client.attach(self._tc_reported)
+            logger.info("tidecache: %s attached to %s (%s) at %s", self._tc_client.database, socket,
+                        state, tid_repr(p64(self._tc_reported)))
+        except TideCacheError as e:
+            logger.warning("tidecache: sidecar unavailable, running from the base storage: %s", e)
+
+    # -- plain storage: everything else goes to the base --------------------
+
+    def __getattr__(self, name):
+        if name.startswith("_tc_") or name == "_storage":
+            raise AttributeError(name)
+        return getattr(self._storage, name)
+
+    def __len__(self):
+        return len(self._storage)
+
+    def __repr__(self):
+        return "<TideCacheStorage %s over %r>" % (self._tc_client.database, self._storage)
+
+    def getName(self):
+        return self._storage.getName()
+
+    def sortKey(self):
+        return self._storage.sortKey()
+
+    def lastTransaction(self):
+        return self._storage.lastTransaction()
+
+    def isReadOnly(self):
+        return self._storage.isReadOnly()
+
+    def supportsUndo(self):
+        s = self._storage
+        return s.supportsUndo() if hasattr(s, "supportsUndo") else False
+
+    # The storage-level write path (zodbconvert, tests, tools): commits made
+    # through it are reported like a connection's.
+
+    def _tc_modified(self, transaction):
+        return self._tc_direct.setdefault(id(transaction), set())
+
+    def tpc_begin(self, transaction, *args):
+        self._storage.tpc_begin(transaction, *args)
+        self._tc_direct[id(transaction)] = set()
+
+    def store(self, oid, serial, data, version, transaction):
+        r = self._storage.store(oid, serial, data, version, transaction)
+        self._tc_modified(transaction).add(oid)
+        return r
+
+    def restore(self, oid, serial, data, version, prev_txn, transaction):
+        r = self._storage.restore(oid, serial, data, version, prev_txn, transaction)
+        self._tc_modified(transaction).add(oid)
+        return r
+
+    def storeBlob(self, oid, oldserial, data, blobfilename, version, transaction):
+        r = self._storage.storeBlob(oid, oldserial, data, blobfilename, version, transaction)
+        self._tc_modified(transaction).add(oid)
+        return r
+
+    def restoreBlob(self, oid, serial, data, blobfilename, prev_txn, transaction):
+        r = self._storage.restoreBlob(oid, serial, data, blobfilename, prev_txn, transaction)
+        self._tc_modified(transaction).add(oid)
+        return r
+
+    def deleteObject(self, oid, oldserial, transaction):
+        r = self._storage.deleteObject(oid, oldserial, transaction)
+        self._tc_modified(transaction).add(oid)
+        return r
+
+    def undo(self, transaction_id, transaction):
+        r = self._storage.undo(transaction_id, transaction)
+        if r:
+            self._tc_modified(transaction).update(r[1])
+        return r
+
+    def tpc_vote(self, transaction):
+        r = self._storage.tpc_vote(transaction)
+        if r:
+            self._tc_modified(transaction).update(r)
+        return r
+
+    def tpc_finish(self, transaction, func=lambda tid: None):
+        oids = self._tc_direct.pop(id(transaction), set())
+
+        def finish(tid):
+            self._invalidate_finish(tid, oids, None)
+            func(tid)
+
+        return self._storage.tpc_finish(transaction, finish)
+
+    def tpc_abort(self, transaction):
+        self._tc_direct.pop(id(transaction), None)
+        return self._storage.tpc_abort(transaction)
+
+    def pack(self, pack_time, referencesf=None, *args, **kw):
+        if referencesf is None:
+            from ZODB.serialize import referencesf
+        r = self._storage.pack(pack_time, referencesf, *args, **kw)
+        # Packed revisions must not be served from the cache any more.
+        try:
+            self._tc_client.flush()
+        except TideCacheError as e:
+            logger.warning("tidecache: could not flush the sidecar after a pack: %s", e)
+        return r
+
+    def copyTransactionsFrom(self, other):
+        from ZODB.blob import is_blob_record  # noqa: F401 (ZODB >= 5)
+        from ZODB.BaseStorage import copy
+        copy(other, self)
+
+    # -- IMVCCStorage --------------------------------------------------------
+
+    def release(self):
+        """``IMVCCStorage.release`` of the root storage, which no connection
+        uses (connections get ``new_instance()``): nothing to release."""
+
+    def sync(self, force=True):
+        """Lets the base storage catch up with other processes (ZEO)."""
+        sync = getattr(self._storage, "sync", None)
+        if sync is not None and force:
+            sync()
+
+    def poll_invalidations(self):
+        """``IMVCCStorage.poll_invalidations`` of the root storage: the root
+        holds no snapshot, so nothing it sees can be stale."""
+        return []
+
+    def new_instance(self):
+        instance = TideCacheInstance(self)
+        with self._lock:
+            self._instances.add(instance)
+        return instance
+
+    def invalidate(self, transaction_id, oids):
+        """Another process committed ``transaction_id`` (ZEO's
+        ``invalidateTransaction``)."""
+        self._tc_report(transaction_id, oids)
+        MVCCAdapter.invalidate(self, transaction_id, oids)
+
+    def _invalidate_finish(self, tid, oids, committing_instance):
+        """This process committed ``tid`` (``tpc_finish``)."""
+        self._tc_report(tid, oids)
+        MVCCAdapter._invalidate_finish(self, tid, oids, committing_instance)
+
+    def invalidateCache(self):
+        """The base storage lost invalidations (ZEO reconnect): the next
+        report is a resync."""
+        with self._tc_lock:
+            self._tc_resync = True
+        MVCCAdapter.invalidateCache(self)
+
+    def _tc_report(self, tid, oids):
+        t = u64(tid)
+        with self._tc_lock:
+            if t <= self._tc_reported:
+                return
+            frm, self._tc_reported = self._tc_reported, t
+            self._tc_stats.invalidations += len(oids)
+            try:
+                if not self._tc_resync:
+                    try:
+                        self._tc_client.report(frm, t, [(u64(o), t) for o in oids])
+                        return
+                    except GapError:
+                        pass
+                self._tc_stats.resyncs += 1
+                self._tc_client.resync(t)
+                self._tc_resync = False
+            except TideCacheError as e:
+                self._tc_stats.unavailable += 1
+                self._tc_resync = True
+                logger.debug("tidecache: report of %s lost: %s", tid_repr(tid), e)
+
+    def close(self):
+        if not self.closed:
+            self._tc_client.close()
+        MVCCAdapter.close(self)
+
+    # -- statistics ------------------------------------------------------------
+
+    def cache_stats(self):
+        """Counters of this storage: ``hits``, ``misses``, ``stores``,
+        ``invalidations`` (changes reported), ``resyncs``, ``unavailable``
+        (calls that found no sidecar), ``database`` (the key), and
+        ``sidecar``: the sidecar's counters for this database, or ``None``
+        when it is unavailable."""
+        d = self._tc_stats.as_dict()
+        d["database"] = self._tc_client.database
+        try:
+            self._tc_client.wait_for_stores(1000)
+            s = json.loads(self._tc_client.stats_json())
+            d["sidecar"] = s["databases"].get(self._tc_client.database)
+        except TideCacheError:
+            d["sidecar"] = None
+        return d
+
+
+class TideCacheInstance(MVCCAdapterInstance):
+    """One connection's storage: ZODB's ``MVCCAdapterInstance`` whose loads
+    are looked up in the sidecar at the connection's view."""
+
+    _tc_view = None
+
+    def __init__(self, base):
+        MVCCAdapterInstance.__init__(self, base)
+        self._tc_client = base._tc_client
+        self._tc_stats = base._tc_stats
+        self._tc_at = None
+
+    def poll_invalidations(self):
+        result = MVCCAdapterInstance.poll_invalidations(self)
+        view = u64(self._start) - 1
+        if self._tc_view is None:
+            self._tc_view = self._tc_client.register_view(view)
+        elif view != self._tc_at:
+            self._tc_client.advance_view(self._tc_view, view)
+        self._tc_at = view
+        return result
+
+    def afterCompletion(self):
+        """The connection's transaction ended, or the connection went back
+        to the pool (ZODB's ``Connection.close`` calls this, as RelStorage
+        relies on): its view no longer holds the low-water mark back. The
+        next ``poll_invalidations`` registers it again."""
+        if self._tc_view is not None:
+            self._tc_client.release_view(self._tc_view)
+            self._tc_view = None
+
+    def release(self):
+        self.afterCompletion()
+        MVCCAdapterInstance.release(self)
+
+    close = release
+
+    def load(self, oid):
+        assert self._start is not None
+        view = u64(self._start) - 1
+        o = u64(oid)
+        try:
+            hit = self._tc_client.lookup(o, view)
+        except TideCacheError:
+            self._tc_stats.unavailable += 1
+            hit = None
+        if hit is not None:
+            self._tc_stats.hits += 1
+            return hit[1], p64(hit[0])
+        self._tc_stats.misses += 1
+        r = self._storage.loadBefore(oid, self._start)
+        if r is None:
+            # As MVCCAdapterInstance.load: deleted, or packed away.
+            raise POSException.ReadConflictError(
+                "load %s @%s: object deleted, likely by simultaneous pack" %
+                (oid_repr(oid), tid_repr(p64(view))))
+        data, serial, end = r
+        if data is not None:
+            s = u64(serial)
+            if self._tc_client.store_later(o, s, u64(end) if end else None, data, view):
+                self._tc_stats.stores += 1
+        return data, serial
