@@ -178,7 +178,10 @@ impl Server {
         if dbs.len() >= self.config.max_databases {
             let before = dbs.len();
             dbs.retain(|_, e| e.attached > 0);
-            tracing::info!(dropped = before - dbs.len(), "dropped databases no client is attached to");
+            tracing::info!(
+                dropped = before - dbs.len(),
+                "dropped databases no client is attached to"
+            );
         }
         if dbs.len() >= self.config.max_databases {
             return Err(error(
@@ -188,7 +191,13 @@ impl Server {
         }
         tracing::info!(db = %name, "new database");
         let db = Arc::new(Database::within(&self.bound));
-        dbs.insert(name.to_owned(), Entry { db: db.clone(), attached: 0 });
+        dbs.insert(
+            name.to_owned(),
+            Entry {
+                db: db.clone(),
+                attached: 0,
+            },
+        );
         Ok(db)
     }
 
@@ -207,7 +216,11 @@ impl Server {
     fn client(&self, stream: UnixStream) {
         let n = self.clients.fetch_add(1, Ordering::Relaxed) + 1;
         tracing::debug!(clients = n, "client connected");
-        let mut conn = Conn { views: Vec::new(), attached: Vec::new(), hello: None };
+        let mut conn = Conn {
+            views: Vec::new(),
+            attached: Vec::new(),
+            hello: None,
+        };
         if let Err(e) = self.converse(&stream, &mut conn) {
             tracing::debug!(error = %e, "client connection ended");
         }

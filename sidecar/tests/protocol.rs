@@ -305,7 +305,16 @@ fn databases_nobody_is_attached_to_make_room_for_new_ones() {
     first.attach("b", 1).unwrap();
     let second = client(&sc);
     let e = second.attach("c", 1).unwrap_err();
-    assert!(matches!(e, tidecache_client::ClientError::Refused { code: ErrorCode::Limit, .. }), "{e}");
+    assert!(
+        matches!(
+            e,
+            tidecache_client::ClientError::Refused {
+                code: ErrorCode::Limit,
+                ..
+            }
+        ),
+        "{e}"
+    );
     first.close();
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while second.attach("c", 1).is_err() {

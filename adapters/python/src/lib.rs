@@ -12,7 +12,12 @@ use std::time::Duration;
 use tidecache_client::protocol::{AttachState, StoreItem};
 use tidecache_client::{Client, ClientConfig, ClientError, StoreQueue};
 
-create_exception!(_native, TideCacheError, PyException, "Base class of tidecache's errors.");
+create_exception!(
+    _native,
+    TideCacheError,
+    PyException,
+    "Base class of tidecache's errors."
+);
 create_exception!(
     _native,
     Unavailable,
@@ -25,7 +30,12 @@ create_exception!(
     TideCacheError,
     "An invalidation report started after the sidecar's horizon and was refused; resync."
 );
-create_exception!(_native, RefusedError, TideCacheError, "The sidecar refused the request as malformed.");
+create_exception!(
+    _native,
+    RefusedError,
+    TideCacheError,
+    "The sidecar refused the request as malformed."
+);
 
 fn to_py(e: ClientError) -> PyErr {
     match &e {
@@ -57,7 +67,12 @@ impl PyClient {
         let mut config = ClientConfig::new(socket);
         config.timeout = Duration::from_millis(timeout_ms.max(1));
         config.name = format!("python pid {}", std::process::id());
-        PyClient { client: Client::new(config.clone()), database, config, queue: std::sync::OnceLock::new() }
+        PyClient {
+            client: Client::new(config.clone()),
+            database,
+            config,
+            queue: std::sync::OnceLock::new(),
+        }
     }
 
     /// The database key.
@@ -76,7 +91,9 @@ impl PyClient {
     /// `"started"`, `"joined"` or `"flushed"` (a restored backup).
     /// Raises `Unavailable`.
     fn attach(&self, py: Python<'_>, last_tid: u64) -> PyResult<&'static str> {
-        let (state, _) = py.allow_threads(|| self.client.attach(&self.database, last_tid)).map_err(to_py)?;
+        let (state, _) = py
+            .allow_threads(|| self.client.attach(&self.database, last_tid))
+            .map_err(to_py)?;
         Ok(match state {
             AttachState::Started => "started",
             AttachState::Joined => "joined",
@@ -87,7 +104,9 @@ impl PyClient {
     /// `(serial, state)` of the revision of `oid` visible at `view`, or
     /// `None`. Raises `Unavailable`.
     fn lookup<'py>(&self, py: Python<'py>, oid: u64, view: u64) -> PyResult<Option<(u64, Bound<'py, PyBytes>)>> {
-        let mut r = py.allow_threads(|| self.client.lookup(&self.database, view, vec![oid])).map_err(to_py)?;
+        let mut r = py
+            .allow_threads(|| self.client.lookup(&self.database, view, vec![oid]))
+            .map_err(to_py)?;
         Ok(r.pop().flatten().map(|f| (f.serial, PyBytes::new(py, &f.state))))
     }
 
@@ -99,17 +118,37 @@ impl PyClient {
         oids: Vec<u64>,
         view: u64,
     ) -> PyResult<Vec<Option<(u64, Bound<'py, PyBytes>)>>> {
-        let r = py.allow_threads(|| self.client.lookup(&self.database, view, oids)).map_err(to_py)?;
-        Ok(r.into_iter().map(|o| o.map(|f| (f.serial, PyBytes::new(py, &f.state)))).collect())
+        let r = py
+            .allow_threads(|| self.client.lookup(&self.database, view, oids))
+            .map_err(to_py)?;
+        Ok(r.into_iter()
+            .map(|o| o.map(|f| (f.serial, PyBytes::new(py, &f.state))))
+            .collect())
     }
 
     /// Stores the revision `(oid, serial)` with `end` (None if it was
     /// current at `view`) and waits for the answer; returns whether it was
     /// kept. Raises `Unavailable`, `RefusedError` (end <= serial).
     #[pyo3(signature = (oid, serial, end, state, view))]
-    fn store(&self, py: Python<'_>, oid: u64, serial: u64, end: Option<u64>, state: Vec<u8>, view: u64) -> PyResult<bool> {
-        let item = StoreItem { oid, serial, end, view, state };
-        let (kept, _) = py.allow_threads(|| self.client.store(&self.database, vec![item])).map_err(to_py)?;
+    fn store(
+        &self,
+        py: Python<'_>,
+        oid: u64,
+        serial: u64,
+        end: Option<u64>,
+        state: Vec<u8>,
+        view: u64,
+    ) -> PyResult<bool> {
+        let item = StoreItem {
+            oid,
+            serial,
+            end,
+            view,
+            state,
+        };
+        let (kept, _) = py
+            .allow_threads(|| self.client.store(&self.database, vec![item]))
+            .map_err(to_py)?;
         Ok(kept == 1)
     }
 
@@ -117,9 +156,20 @@ impl PyClient {
     /// path). Returns False if the queue was full and the store dropped.
     #[pyo3(signature = (oid, serial, end, state, view))]
     fn store_later(&self, oid: u64, serial: u64, end: Option<u64>, state: Vec<u8>, view: u64) -> bool {
-        let queue = self.queue.get_or_init(|| StoreQueue::start(self.config.clone(), 16 * 1024).ok());
+        let queue = self
+            .queue
+            .get_or_init(|| StoreQueue::start(self.config.clone(), 16 * 1024).ok());
         match queue {
-            Some(q) => q.push(&self.database, StoreItem { oid, serial, end, view, state }),
+            Some(q) => q.push(
+                &self.database,
+                StoreItem {
+                    oid,
+                    serial,
+                    end,
+                    view,
+                    state,
+                },
+            ),
             None => false,
         }
     }
@@ -138,13 +188,16 @@ impl PyClient {
     /// `(oid, tid)`. Returns the sidecar's horizon. Raises `GapError` when
     /// `from_tid` is past the horizon, `Unavailable`, `RefusedError`.
     fn report(&self, py: Python<'_>, from_tid: u64, to_tid: u64, changes: Vec<(u64, u64)>) -> PyResult<u64> {
-        py.allow_threads(|| self.client.report(&self.database, from_tid, to_tid, changes)).map_err(to_py)
+        py.allow_threads(|| self.client.report(&self.database, from_tid, to_tid, changes))
+            .map_err(to_py)
     }
 
     /// Tells the sidecar invalidations up to `tid` were lost; returns
     /// whether its log restarted. Raises `Unavailable`.
     fn resync(&self, py: Python<'_>, tid: u64) -> PyResult<bool> {
-        py.allow_threads(|| self.client.resync(&self.database, tid)).map(|r| r.0).map_err(to_py)
+        py.allow_threads(|| self.client.resync(&self.database, tid))
+            .map(|r| r.0)
+            .map_err(to_py)
     }
 
     /// Registers a connection's view at `tid`; returns its id. Never raises:
