@@ -1,1 +1,75 @@
-fn main() {}
+//! `SnapshotCache::lookup` against two anchors in the same process:
+//! a `RwLock<HashMap>` get (the plain in-process cache) and a moka get
+//! (the policy tidecache uses). Criterion prints each; the summary of
+//! medians goes to `bench-results/core.json` for docs/benchmarks.md.
+
+use criterion::{black_box, Criterion};
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tidecache_core::{Database, Oid, Tid};
+
+const N: u64 = 100_000;
+const STATE: usize = 1024;
+
+fn main() {
+    let mut c = Criterion::default()
+        .configure_from_args()
+        .measurement_time(Duration::from_secs(3));
+    let db: Database<Vec<u8>> = Database::new(1 << 30);
+    db.attach(Tid(1));
+    let map: RwLock<HashMap<(u64, u64), Arc<Vec<u8>>>> = RwLock::new(HashMap::new());
+    let moka: moka::sync::Cache<(u64, u64), Arc<Vec<u8>>> = moka::sync::Cache::new(N * 2);
+    for oid in 0..N {
+        let state = Arc::new(vec![oid as u8; STATE]);
+        db.store(Oid(oid), Tid(1), None, Tid(1), state.clone()).unwrap();
+        map.write().unwrap().insert((oid, 1), state.clone());
+        moka.insert((oid, 1), state);
+    }
+    let mut i = 0u64;
+    let mut next = move || {
+        i = (i + 7919) % N;
+        i
+    };
+    let mut group = c.benchmark_group("lookup_1KiB_hit");
+    group.bench_function("anchor_rwlock_hashmap", |b| {
+        b.iter(|| black_box(map.read().unwrap().get(&(next(), 1)).cloned()))
+    });
+    group.bench_function("anchor_moka_get", |b| b.iter(|| black_box(moka.get(&(next(), 1)))));
+    group.bench_function("tidecache_snapshot_lookup", |b| {
+        b.iter(|| black_box(db.lookup(Oid(next()), Tid(1))))
+    });
+    group.bench_function("tidecache_snapshot_miss", |b| {
+        b.iter(|| black_box(db.lookup(Oid(N + next()), Tid(1))))
+    });
+    group.finish();
+    c.final_summary();
+    write_summary();
+}
+
+/// Reads criterion's estimates and writes medians (ns) and ratios.
+fn write_summary() {
+    let base = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/criterion/lookup_1KiB_hit");
+    let median = |name: &str| -> Option<f64> {
+        let text = std::fs::read_to_string(base.join(name).join("new/estimates.json")).ok()?;
+        let key = "\"median\":{\"confidence_interval\":";
+        let at = text.find(key)?;
+        let rest = &text[at..];
+        let p = rest.find("\"point_estimate\":")? + "\"point_estimate\":".len();
+        rest[p..].split([',', '}']).next()?.parse().ok()
+    };
+    let names = [
+        "anchor_rwlock_hashmap",
+        "anchor_moka_get",
+        "tidecache_snapshot_lookup",
+        "tidecache_snapshot_miss",
+    ];
+    let values: Vec<String> = names
+        .iter()
+        .filter_map(|n| median(n).map(|v| format!("  \"{n}_ns\": {v:.1}")))
+        .collect();
+    let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench-results");
+    let _ = std::fs::create_dir_all(&out);
+    let _ = std::fs::write(out.join("core.json"), format!("{{\n{}\n}}\n", values.join(",\n")));
+    println!("medians written to bench-results/core.json");
+}

@@ -1,0 +1,176 @@
+"""tidecache's demo, end to end, on real input: ``make demo``.
+
+1. Starts a ZEO server over a FileStorage in a temporary directory, and
+   ``tidecached``.
+2. Loads the Python standard library's own sources into a ZODB
+   application (demo/corpus.py).
+3. Runs the same workload twice, side by side in this one invocation:
+   plain ZODB over ZEO, then ZODB with TideCacheStorage: 4 worker
+   processes x 4 connections serving searches and section views (word
+   popularity from the corpus's own frequencies) while a writer edits and
+   reindexes sections.
+4. Prints requests/s, loads/s, sidecar hit ratio, p50/p99 load latency and
+   sidecar memory for both, and checks every read transaction's snapshot:
+   a document's checksum must match its sections read in the same
+   transaction. Exits non-zero if any check fails.
+
+Environment: DEMO_SECONDS (default 20) per run, DEMO_MODULES (default: all).
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = pathlib.Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT / "adapters" / "python" / "tests"))
+
+import ZODB  # noqa: E402
+from ZEO.ClientStorage import ClientStorage  # noqa: E402
+
+import corpus  # noqa: E402
+from conftest import Sidecar  # noqa: E402  (the tests' server fixtures)
+from conftest import ZEOServer  # noqa: E402
+
+WORKERS = 4
+SECONDS = float(os.environ.get("DEMO_SECONDS", "20"))
+MODULES = int(os.environ.get("DEMO_MODULES", "0")) or None
+TOP_WORDS = 20000
+
+
+def rss_kib(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def run(mode, zeo, sidecar, words_path, tmp):
+    """One run: WORKERS readers and one writer for SECONDS."""
+    sock = sidecar.socket if sidecar else "none"
+    procs = []
+    for i in range(WORKERS):
+        out = os.path.join(tmp, "%s-reader-%d.json" % (mode, i))
+        procs.append((out, subprocess.Popen([sys.executable, str(HERE / "workload.py"), "reader", zeo, sock,
+                                             str(SECONDS), words_path, out, str(i + 1)], cwd=HERE)))
+    out = os.path.join(tmp, "%s-writer.json" % mode)
+    procs.append((out, subprocess.Popen([sys.executable, str(HERE / "workload.py"), "writer", zeo, sock,
+                                         str(SECONDS), words_path, out, "99"], cwd=HERE)))
+    for _, p in procs:
+        if p.wait() != 0:
+            raise SystemExit("a %s worker failed with exit code %d" % (mode, p.returncode))
+    results = []
+    for path, _ in procs:
+        with open(path) as f:
+            results.append(json.load(f))
+    readers = [r for r in results if r["role"] == "reader"]
+    writer = [r for r in results if r["role"] == "writer"][0]
+    lat = sorted(x for r in readers for x in r["latencies_us"])
+    seconds = max(r["seconds"] for r in readers)
+    hits = sum((r["cache"] or {}).get("hits", 0) for r in readers)
+    misses = sum((r["cache"] or {}).get("misses", 0) for r in readers)
+    row = {
+        "mode": mode,
+        "requests_per_s": sum(r["searches"] + r["views"] for r in readers) / seconds,
+        "loads_per_s": sum(r["loads"] for r in readers) / seconds,
+        "hit_ratio": hits / (hits + misses) if hits + misses else None,
+        "p50_us": lat[len(lat) // 2] if lat else 0,
+        "p99_us": lat[int(len(lat) * 0.99)] if lat else 0,
+        "views_checked": sum(r["views"] for r in readers),
+        "failures": [f for r in readers for f in r["failures"]],
+        "commits": writer["commits"],
+    }
+    if sidecar:
+        stats = sidecar.stats()
+        row["sidecar_entries"] = stats["total"]["entries"]
+        row["sidecar_bytes"] = stats["total"]["bytes"]
+        row["sidecar_rss_kib"] = rss_kib(sidecar.proc.pid)
+    return row
+
+
+def main():
+    t0 = time.time()
+    with tempfile.TemporaryDirectory(prefix="tidecache-demo-") as tmp:
+        print("tidecache demo in %s" % tmp)
+        zeo = ZEOServer(tmp)
+        sidecar = None
+        try:
+            modules = corpus.stdlib_modules(MODULES)
+            print("loading %d modules of the standard library into ZODB over ZEO ..." % len(modules))
+            db = ZODB.DB(ClientStorage(zeo.address))
+            freq = corpus.load(db, modules)
+            with db.transaction() as conn:
+                n_sections = len(conn.root()["sections"])
+                n_words = len(conn.root()["index"])
+            db.close()
+            words_path = os.path.join(tmp, "words.json")
+            with open(words_path, "w") as f:
+                json.dump(freq.most_common(TOP_WORDS), f)
+            print("corpus: %d modules, %d sections, %d indexed words (%.0f s)"
+                  % (len(modules), n_sections, n_words, time.time() - t0))
+
+            print("run 1/2: plain ZODB over ZEO, %d workers x 4 connections + 1 writer, %.0f s ..."
+                  % (WORKERS, SECONDS))
+            plain = run("plain", zeo.address, None, words_path, tmp)
+            sidecar = Sidecar(tmp, memory_mb=256)
+            print("run 2/2: ZODB + tidecache (tidecached on %s), same workload ..." % sidecar.socket)
+            cached = run("tidecache", zeo.address, sidecar, words_path, tmp)
+        finally:
+            if sidecar:
+                sidecar.stop()
+            zeo.stop()
+
+    rows = [
+        ("requests/s", "%.0f", "requests_per_s"),
+        ("loads/s (storage loads)", "%.0f", "loads_per_s"),
+        ("sidecar hit ratio", "%s", "hit_ratio"),
+        ("p50 load latency (us)", "%.1f", "p50_us"),
+        ("p99 load latency (us)", "%.1f", "p99_us"),
+        ("writer commits", "%d", "commits"),
+        ("section views checked", "%d", "views_checked"),
+        ("snapshot check failures", "%d", "failures"),
+        ("sidecar revisions", "%s", "sidecar_entries"),
+        ("sidecar state bytes", "%s", "sidecar_bytes"),
+        ("sidecar RSS (KiB)", "%s", "sidecar_rss_kib"),
+    ]
+    print()
+    print("%-28s %16s %16s" % ("", "plain ZODB", "ZODB + tidecache"))
+    for label, fmt, key in rows:
+        cells = []
+        for r in (plain, cached):
+            v = r.get(key)
+            if key == "failures":
+                v = len(v)
+            if key == "hit_ratio" and v is not None:
+                cells.append("%.1f%%" % (100 * v))
+            elif v is None:
+                cells.append("-")
+            else:
+                cells.append(fmt % v)
+        print("%-28s %16s %16s" % (label, cells[0], cells[1]))
+    print()
+    out_dir = ROOT / "bench-results"
+    out_dir.mkdir(exist_ok=True)
+    with open(out_dir / "demo.json", "w") as f:
+        json.dump({"plain": plain, "tidecache": cached, "seconds": SECONDS, "workers": WORKERS}, f, indent=1)
+    failures = plain["failures"] + cached["failures"]
+    if failures:
+        print("CONSISTENCY CHECK FAILED: %d torn snapshots, e.g. %s" % (len(failures), failures[0]))
+        return 1
+    if not cached["hit_ratio"]:
+        print("CHECK FAILED: the tidecache run never hit the sidecar")
+        return 1
+    print("consistency: every one of %d section views saw its document's checksum match its sections"
+          % (plain["views_checked"] + cached["views_checked"]))
+    print("figures written to bench-results/demo.json (%.0f s in all)" % (time.time() - t0))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
