@@ -10,6 +10,9 @@ use std::time::Duration;
 use tidecache_core::{Database, Oid, Tid};
 
 const N: u64 = 100_000;
+
+/// The anchor: a plain in-process map behind a read-write lock.
+type Anchor = RwLock<HashMap<(u64, u64), Arc<Vec<u8>>>>;
 const STATE: usize = 1024;
 
 fn main() {
@@ -18,7 +21,7 @@ fn main() {
         .measurement_time(Duration::from_secs(3));
     let db: Database<Vec<u8>> = Database::new(1 << 30);
     db.attach(Tid(1));
-    let map: RwLock<HashMap<(u64, u64), Arc<Vec<u8>>>> = RwLock::new(HashMap::new());
+    let map: Anchor = RwLock::new(HashMap::new());
     let moka: moka::sync::Cache<(u64, u64), Arc<Vec<u8>>> = moka::sync::Cache::new(N * 2);
     for oid in 0..N {
         let state = Arc::new(vec![oid as u8; STATE]);

@@ -124,6 +124,9 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// `(from, to, changes)` of a report, kept to replay it.
+type Report = (u64, u64, Vec<(Oid, Tid)>);
+
 struct PendingStore {
     oid: u64,
     serial: u64,
@@ -150,7 +153,7 @@ fn run(ops: &[Op], capacity: u64) -> Result<(), TestCaseError> {
     let mut pending: Vec<PendingStore> = Vec::new();
     let mut views: Vec<(ViewId, u64)> = Vec::new();
     let mut loaded: Vec<(u64, u64)> = Vec::new();
-    let mut last_report: Option<(u64, u64, Vec<(Oid, Tid)>)> = None;
+    let mut last_report: Option<Report> = None;
 
     for op in ops {
         match op.clone() {

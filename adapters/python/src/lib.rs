@@ -37,6 +37,9 @@ create_exception!(
     "The sidecar refused the request as malformed."
 );
 
+/// `(serial, state)` of a hit, or `None`.
+type PyHit<'py> = Option<(u64, Bound<'py, PyBytes>)>;
+
 fn to_py(e: ClientError) -> PyErr {
     match &e {
         ClientError::Unavailable { .. } => Unavailable::new_err(e.to_string()),
@@ -103,7 +106,7 @@ impl PyClient {
 
     /// `(serial, state)` of the revision of `oid` visible at `view`, or
     /// `None`. Raises `Unavailable`.
-    fn lookup<'py>(&self, py: Python<'py>, oid: u64, view: u64) -> PyResult<Option<(u64, Bound<'py, PyBytes>)>> {
+    fn lookup<'py>(&self, py: Python<'py>, oid: u64, view: u64) -> PyResult<PyHit<'py>> {
         let mut r = py
             .allow_threads(|| self.client.lookup(&self.database, view, vec![oid]))
             .map_err(to_py)?;
@@ -112,12 +115,7 @@ impl PyClient {
 
     /// [`lookup`] for many oids in one round trip: a list with one
     /// `(serial, state)` or `None` per oid. Raises `Unavailable`.
-    fn lookup_many<'py>(
-        &self,
-        py: Python<'py>,
-        oids: Vec<u64>,
-        view: u64,
-    ) -> PyResult<Vec<Option<(u64, Bound<'py, PyBytes>)>>> {
+    fn lookup_many<'py>(&self, py: Python<'py>, oids: Vec<u64>, view: u64) -> PyResult<Vec<PyHit<'py>>> {
         let r = py
             .allow_threads(|| self.client.lookup(&self.database, view, oids))
             .map_err(to_py)?;

@@ -44,6 +44,17 @@ def wait_for_socket(path, proc, what, timeout=20.0):
     raise RuntimeError("%s did not come up on %s" % (what, path))
 
 
+def stop_process(proc, timeout=10):
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout`` s."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class Sidecar:
     """A running ``tidecached``; ``kill()`` and ``start()`` for fault tests."""
 
@@ -68,12 +79,7 @@ class Sidecar:
         self.proc.wait()
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        stop_process(self.proc)
         self.log.close()
 
     def stats(self):
@@ -118,12 +124,7 @@ class ZEOServer:
         wait_for_socket(self.address, self.proc, "ZEO server")
 
     def stop(self):
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        stop_process(self.proc)
         self.log.close()
 
 
