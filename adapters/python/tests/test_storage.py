@@ -26,12 +26,16 @@ def make_db(tmp_path, socket, **kw):
 
 
 def read_fresh(db, key="doc"):
+    """Reads through the storage (empty object cache), then waits until the
+    stores that read queued have reached the sidecar: stores are sent in the
+    background, and the next read should find them."""
     conn = db.open()
     try:
         conn.cacheMinimize()
         return conn.root()[key]["x"]
     finally:
         conn.close()
+        db.storage._tc_client.wait_for_stores()
 
 
 def test_connections_share_states_and_see_their_own_snapshot(tmp_path, sidecar):
@@ -189,12 +193,22 @@ def test_raw_client_follows_the_rules(sidecar):
         c.lookup(1, 10)
 
 
-def test_database_keys():
+def test_mvcc_storages_are_refused_with_a_clear_error(sidecar):
+    import zope.interface
+    from ZODB.interfaces import IMVCCStorage
+
+    base = ZODB.MappingStorage.MappingStorage()
+    zope.interface.alsoProvides(base, IMVCCStorage)
+    with pytest.raises(TypeError, match="IMVCCStorage"):
+        TideCacheStorage(base, socket=sidecar.socket)
+
+
+def test_database_keys(tmp_path):
     from tidecache import database_key
 
-    fs_key = database_key(ZODB.FileStorage.FileStorage.__new__(ZODB.FileStorage.FileStorage))  \
-        if False else None
-    assert fs_key is None
+    fs = ZODB.FileStorage.FileStorage(str(tmp_path / "Data.fs"))
+    assert database_key(fs) == "file:" + str(tmp_path / "Data.fs")
+    fs.close()
     m = ZODB.MappingStorage.MappingStorage()
     assert database_key(m).startswith("MappingStorage:")
     assert str(os.getpid()) in database_key(m)

@@ -96,6 +96,11 @@ class TideCacheStorage(MVCCAdapter):
     """
 
     def __init__(self, base, socket, database=None, timeout_ms=50):
+        if IMVCCStorage.providedBy(base):
+            raise TypeError(
+                "TideCacheStorage wraps storages that ZODB adapts with MVCCAdapter "
+                "(FileStorage, MappingStorage, ZEO ClientStorage); %r is an IMVCCStorage "
+                "(RelStorage?), which it does not support yet" % (base,))
         self._tc_socket = socket
         self._tc_client = Client(socket, database or database_key(base), timeout_ms)
         self._tc_stats = _Stats()
@@ -128,18 +133,23 @@ class TideCacheStorage(MVCCAdapter):
         return "<TideCacheStorage %s over %r>" % (self._tc_client.database, self._storage)
 
     def getName(self):
+        """The base storage's name."""
         return self._storage.getName()
 
     def sortKey(self):
+        """The base storage's sort key (two-phase commit ordering)."""
         return self._storage.sortKey()
 
     def lastTransaction(self):
+        """The base storage's last committed tid."""
         return self._storage.lastTransaction()
 
     def isReadOnly(self):
+        """Whether the base storage is read-only."""
         return self._storage.isReadOnly()
 
     def supportsUndo(self):
+        """Whether the base storage supports undo."""
         s = self._storage
         return s.supportsUndo() if hasattr(s, "supportsUndo") else False
 
@@ -150,47 +160,59 @@ class TideCacheStorage(MVCCAdapter):
         return self._tc_direct.setdefault(id(transaction), set())
 
     def tpc_begin(self, transaction, *args):
+        """Begins a storage-level commit; its changes are collected for the
+        report ``tpc_finish`` sends."""
         self._storage.tpc_begin(transaction, *args)
         self._tc_direct[id(transaction)] = set()
 
     def store(self, oid, serial, data, version, transaction):
+        """``IStorage.store`` on the base; ``oid`` joins the report."""
         r = self._storage.store(oid, serial, data, version, transaction)
         self._tc_modified(transaction).add(oid)
         return r
 
     def restore(self, oid, serial, data, version, prev_txn, transaction):
+        """``IStorageRestoreable.restore`` on the base; ``oid`` joins the report."""
         r = self._storage.restore(oid, serial, data, version, prev_txn, transaction)
         self._tc_modified(transaction).add(oid)
         return r
 
     def storeBlob(self, oid, oldserial, data, blobfilename, version, transaction):
+        """``IBlobStorage.storeBlob`` on the base; ``oid`` joins the report."""
         r = self._storage.storeBlob(oid, oldserial, data, blobfilename, version, transaction)
         self._tc_modified(transaction).add(oid)
         return r
 
     def restoreBlob(self, oid, serial, data, blobfilename, prev_txn, transaction):
+        """``IBlobStorageRestoreable.restoreBlob`` on the base; ``oid`` joins the report."""
         r = self._storage.restoreBlob(oid, serial, data, blobfilename, prev_txn, transaction)
         self._tc_modified(transaction).add(oid)
         return r
 
     def deleteObject(self, oid, oldserial, transaction):
+        """``IExternalGC.deleteObject`` on the base; ``oid`` joins the report."""
         r = self._storage.deleteObject(oid, oldserial, transaction)
         self._tc_modified(transaction).add(oid)
         return r
 
     def undo(self, transaction_id, transaction):
+        """``IStorageUndoable.undo`` on the base; the undone oids join the report."""
         r = self._storage.undo(transaction_id, transaction)
         if r:
             self._tc_modified(transaction).update(r[1])
         return r
 
     def tpc_vote(self, transaction):
+        """``tpc_vote`` on the base; oids it resolved join the report."""
         r = self._storage.tpc_vote(transaction)
         if r:
             self._tc_modified(transaction).update(r)
         return r
 
     def tpc_finish(self, transaction, func=lambda tid: None):
+        """Finishes the commit on the base; in its callback (commit order,
+        under the base's commit lock) the changes are reported with the
+        commit's tid and ZODB's connections are invalidated."""
         oids = self._tc_direct.pop(id(transaction), set())
 
         def finish(tid):
@@ -200,10 +222,13 @@ class TideCacheStorage(MVCCAdapter):
         return self._storage.tpc_finish(transaction, finish)
 
     def tpc_abort(self, transaction):
+        """Aborts on the base; nothing is reported."""
         self._tc_direct.pop(id(transaction), None)
         return self._storage.tpc_abort(transaction)
 
     def pack(self, pack_time, referencesf=None, *args, **kw):
+        """Packs the base, then flushes this database in the sidecar: packed
+        revisions must not be served any more."""
         if referencesf is None:
             from ZODB.serialize import referencesf
         r = self._storage.pack(pack_time, referencesf, *args, **kw)
@@ -215,6 +240,7 @@ class TideCacheStorage(MVCCAdapter):
         return r
 
     def copyTransactionsFrom(self, other):
+        """Copies ``other``'s history in through ``restore`` (reported)."""
         from ZODB.blob import is_blob_record  # noqa: F401 (ZODB >= 5)
         from ZODB.BaseStorage import copy
         copy(other, self)
@@ -283,6 +309,8 @@ class TideCacheStorage(MVCCAdapter):
                 logger.debug("tidecache: report of %s lost: %s", tid_repr(tid), e)
 
     def close(self):
+        """Closes the client (the sidecar releases this process's views) and
+        the base storage."""
         if not self.closed:
             self._tc_client.close()
         MVCCAdapter.close(self)
@@ -319,6 +347,8 @@ class TideCacheInstance(MVCCAdapterInstance):
         self._tc_at = None
 
     def poll_invalidations(self):
+        """ZODB's poll (new transaction): moves the view to the storage's
+        ``lastTransaction`` and registers or advances it with the sidecar."""
         result = MVCCAdapterInstance.poll_invalidations(self)
         view = u64(self._start) - 1
         if self._tc_view is None:
@@ -338,12 +368,17 @@ class TideCacheInstance(MVCCAdapterInstance):
             self._tc_view = None
 
     def release(self):
+        """The connection is discarded: release its view and the instance."""
         self.afterCompletion()
         MVCCAdapterInstance.release(self)
 
     close = release
 
     def load(self, oid):
+        """``(state, serial)`` of ``oid`` at the connection's view: from the
+        sidecar on a hit; else from ``loadBefore`` of the base storage, then
+        queued as a store. Raises ``ReadConflictError`` as ZODB's
+        ``MVCCAdapterInstance.load`` does when the oid has no revision there."""
         assert self._start is not None
         view = u64(self._start) - 1
         o = u64(oid)
