@@ -28,6 +28,7 @@ pub enum AttachOutcome {
 pub struct Database<S> {
     cache: SnapshotCache<S>,
     views: ViewRegistry,
+    detached: std::sync::atomic::AtomicU64,
 }
 
 /// Sizes and counters of one database.
@@ -45,6 +46,8 @@ pub struct DatabaseStats {
     pub log_start: Option<Tid>,
     /// Changes held in the log.
     pub log_len: u64,
+    /// Views detached for holding the log past its limit.
+    pub detached: u64,
 }
 
 impl<S: StateWeight + Send + Sync + 'static> Database<S> {
@@ -58,6 +61,7 @@ impl<S: StateWeight + Send + Sync + 'static> Database<S> {
         Database {
             cache: SnapshotCache::within(bound),
             views: ViewRegistry::new(),
+            detached: Default::default(),
         }
     }
 
@@ -139,6 +143,29 @@ impl<S: StateWeight + Send + Sync + 'static> Database<S> {
         self.cache.reclaim(low)
     }
 
+    /// Keeps the invalidation log at most `max_changes` long: while it is
+    /// longer, the oldest view is detached (unregistered) and invisible
+    /// revisions are reclaimed again (invariant 5: a view that holds the
+    /// low-water mark back too long is detached, never served from a
+    /// truncated log: its open stores fall below the log's start and are
+    /// refused). Returns the views detached.
+    pub fn enforce_log_limit(&self, max_changes: usize) -> Vec<(ViewId, Tid)> {
+        let mut detached = Vec::new();
+        while self.cache.log_len() > max_changes {
+            match self.views.detach_oldest() {
+                Some(v) => detached.push(v),
+                None => {
+                    self.reclaim();
+                    break;
+                }
+            }
+            self.reclaim();
+        }
+        self.detached
+            .fetch_add(detached.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        detached
+    }
+
     /// Drops everything (a pack, an operator's request).
     pub fn flush(&self) {
         self.cache.flush();
@@ -174,6 +201,35 @@ impl<S: StateWeight + Send + Sync + 'static> Database<S> {
             low_water_mark: self.views.low_water_mark(),
             log_start: self.cache.log_start(),
             log_len: self.cache.log_len() as u64,
+            detached: self.detached.load(std::sync::atomic::Ordering::Relaxed),
         }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_view_holding_the_log_back_is_detached() {
+        let db: Database<Vec<u8>> = Database::new(1 << 20);
+        db.attach(Tid(10));
+        let old = db.register_view(Tid(10));
+        let recent = db.register_view(Tid(30));
+        let changes: Vec<(Oid, Tid)> = (11..=30).map(|t| (Oid(t), Tid(t))).collect();
+        db.report(Tid(10), Tid(30), &changes).unwrap();
+        db.reclaim();
+        assert_eq!(db.stats().log_len, 20, "the old view holds the log");
+        // A revision current at view 12 from the old view's time.
+        let detached = db.enforce_log_limit(5);
+        assert_eq!(detached, vec![(old, Tid(10))]);
+        let s = db.stats();
+        assert_eq!((s.views, s.low_water_mark, s.detached), (1, Some(Tid(30)), 1));
+        assert!(s.log_len <= 5);
+        // Its stores are refused now: the log no longer covers its view.
+        let out = db.store(Oid(99), Tid(10), None, Tid(12), Arc::new(vec![])).unwrap();
+        assert!(matches!(out, StoreOutcome::Refused(_)), "{out:?}");
+        assert_eq!(db.advance_view(old, Tid(31)), Err(CoreError::UnknownView(old)));
+        db.release_view(recent).unwrap();
     }
 }

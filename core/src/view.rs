@@ -106,6 +106,17 @@ impl ViewRegistry {
         Ok(old)
     }
 
+    /// Unregisters the oldest view (a view that holds the low-water mark
+    /// back too long, invariant 5) and returns it with its tid.
+    pub fn detach_oldest(&self) -> Option<(ViewId, Tid)> {
+        let mut v = lock(&self.views);
+        let (&id, &tid) = v.by_id.iter().min_by_key(|(id, tid)| (**tid, **id))?;
+        v.by_id.remove(&id);
+        v.remove(tid);
+        self.low_water.store(v.low_water(), Ordering::Release);
+        Some((id, tid))
+    }
+
     /// The oldest registered view, or `None` when no view is registered.
     pub fn low_water_mark(&self) -> Option<Tid> {
         match self.low_water.load(Ordering::Acquire) {
@@ -148,5 +159,17 @@ mod tests {
         r.release(c).unwrap();
         assert_eq!(r.low_water_mark(), None);
         assert!(r.is_empty());
+    }
+
+    #[test]
+    fn detaching_takes_the_oldest_view() {
+        let r = ViewRegistry::new();
+        let a = r.register(Tid(5));
+        let b = r.register(Tid(3));
+        assert_eq!(r.detach_oldest(), Some((b, Tid(3))));
+        assert_eq!(r.low_water_mark(), Some(Tid(5)));
+        assert_eq!(r.release(b), Err(CoreError::UnknownView(b)));
+        assert_eq!(r.detach_oldest(), Some((a, Tid(5))));
+        assert_eq!(r.detach_oldest(), None);
     }
 }

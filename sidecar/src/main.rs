@@ -40,6 +40,11 @@ enum Command {
         /// How often revisions no registered view can see are reclaimed, ms.
         #[arg(long, default_value_t = 1000)]
         reclaim_interval_ms: u64,
+        /// Most changes one database's invalidation log may hold. Past it the
+        /// oldest registered views (connections left open too long) are
+        /// detached: their stores are refused, their lookups stay correct.
+        #[arg(long, default_value_t = 1_000_000)]
+        max_log_changes: usize,
         /// Log level when RUST_LOG is not set (error, warn, info, debug, trace).
         #[arg(long, default_value = "info")]
         log_level: String,
@@ -60,6 +65,7 @@ fn main() -> ExitCode {
             max_frame_mb,
             max_databases,
             reclaim_interval_ms,
+            max_log_changes,
             log_level,
         } => {
             let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -74,6 +80,7 @@ fn main() -> ExitCode {
                 max_frame: max_frame_mb << 20,
                 max_databases,
                 reclaim_interval: Duration::from_millis(reclaim_interval_ms.max(1)),
+                max_log_changes,
             });
             let listener = match server.bind() {
                 Ok(l) => l,

@@ -60,6 +60,9 @@ pub struct ServerConfig {
     pub max_databases: usize,
     /// How often invisible revisions are reclaimed.
     pub reclaim_interval: Duration,
+    /// Most changes a database's invalidation log may hold before the
+    /// oldest views are detached (invariant 5).
+    pub max_log_changes: usize,
 }
 
 type Db = Arc<Database<Vec<u8>>>;
@@ -159,6 +162,13 @@ impl Server {
                 let n = db.reclaim();
                 if n > 0 {
                     tracing::debug!(db = %name, reclaimed = n, "reclaimed revisions no view can see");
+                }
+                let detached = db.enforce_log_limit(self.config.max_log_changes);
+                if let Some((_, oldest)) = detached.first() {
+                    tracing::warn!(
+                        db = %name, views = detached.len(), oldest = %oldest, max = self.config.max_log_changes,
+                        "detached views holding the low-water mark back (log over --max-log-changes)"
+                    );
                 }
             }
         }
@@ -417,9 +427,11 @@ impl Server {
             }
             RequestBody::AdvanceView { db: name, view, tid } => {
                 conn.owns(&name, view)?;
-                self.database(&name)?
-                    .advance_view(ViewId(view), Tid(tid))
-                    .map_err(core_error)?;
+                if let Err(e) = self.database(&name)?.advance_view(ViewId(view), Tid(tid)) {
+                    // Detached by the log limit: no longer this connection's.
+                    conn.views.retain(|(d, v)| !(d == &name && v.0 == view));
+                    return Err(core_error(e));
+                }
                 ResponseBody::Done
             }
             RequestBody::ReleaseView { db: name, view } => {
@@ -464,6 +476,7 @@ impl Server {
                 low_water_mark: s.low_water_mark.map(|t| t.0),
                 log_start: s.log_start.map(|t| t.0),
                 log_len: s.log_len,
+                detached: s.detached,
             };
             let t = &mut out.total;
             t.entries += w.entries;
@@ -477,6 +490,7 @@ impl Server {
             t.evicted += w.evicted;
             t.views += w.views;
             t.log_len += w.log_len;
+            t.detached += w.detached;
             out.databases.insert(name, w);
         }
         out

@@ -324,3 +324,31 @@ fn databases_nobody_is_attached_to_make_room_for_new_ones() {
     let s = second.stats().unwrap();
     assert_eq!(s.databases.keys().collect::<Vec<_>>(), vec!["c"]);
 }
+
+#[test]
+fn a_view_holding_the_log_back_is_detached_and_registers_again_when_it_moves() {
+    let sc = Sidecar::start(&["--max-log-changes", "10", "--reclaim-interval-ms", "20"]);
+    let c = client(&sc);
+    c.attach("db", 10).unwrap();
+    let old = c.register_view("db", 10);
+    let changes: Vec<(u64, u64)> = (11..=40).map(|t| (t, t)).collect();
+    c.report("db", 10, 40, changes).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let s = c.stats().unwrap();
+        let db = &s.databases["db"];
+        if db.detached == 1 {
+            assert_eq!(db.views, 0);
+            assert!(db.log_len <= 10, "log still holds {}", db.log_len);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "never detached: {db:?}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // A store from the detached view's time is refused; the view registers
+    // again when its connection moves on.
+    assert_eq!(c.store("db", vec![item(99, 10, None, 12, b"old")]).unwrap(), (0, 1));
+    c.advance_view(old, 40);
+    let db = &c.stats().unwrap().databases["db"];
+    assert_eq!((db.views, db.low_water_mark), (1, Some(40)));
+}

@@ -408,7 +408,29 @@ impl Client {
         let (db, remote) = (v.db.clone(), v.remote);
         match remote {
             Some(view) => {
-                let _ = self.exchange(&mut st, RequestBody::AdvanceView { db, view, tid });
+                let r = self.exchange(
+                    &mut st,
+                    RequestBody::AdvanceView {
+                        db: db.clone(),
+                        view,
+                        tid,
+                    },
+                );
+                if let Err(ClientError::Refused {
+                    code: ErrorCode::UnknownView,
+                    ..
+                }) = r
+                {
+                    // Detached by the sidecar (held the log back too long):
+                    // register again at the new tid.
+                    if let Ok(ResponseBody::ViewRegistered { view }) =
+                        self.exchange(&mut st, RequestBody::RegisterView { db, tid })
+                    {
+                        if let Some(v) = st.views.get_mut(&local) {
+                            v.remote = Some(view);
+                        }
+                    }
+                }
             }
             None => {
                 // Registers it (with the new tid) if the sidecar is back.

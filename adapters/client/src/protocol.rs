@@ -285,6 +285,8 @@ pub struct DatabaseStats {
     pub log_start: Option<u64>,
     /// Changes held in the log.
     pub log_len: u64,
+    /// Views detached for holding the log past `--max-log-changes`.
+    pub detached: u64,
 }
 
 /// Counters of the sidecar.
