@@ -105,19 +105,31 @@ class TideCacheStorage(MVCCAdapter):
         self._tc_client = Client(socket, database or database_key(base), timeout_ms)
         self._tc_stats = _Stats()
         self._tc_lock = threading.Lock()
-        self._tc_reported = u64(base.lastTransaction())
+        # Until lastTransaction is read, invalidations are held back here.
+        self._tc_reported = None
+        self._tc_pending = []
         self._tc_resync = False
         self._tc_direct = {}
         for iface in zope.interface.providedBy(base):
             zope.interface.alsoProvides(self, iface)
-        # Calls base.registerDB(self): base's invalidations come here.
+        # Calls base.registerDB(self): base's invalidations come here from now
+        # on. lastTransaction is read after that, so no transaction falls
+        # between the two (ZODB >= 5.6: lastTransaction moves only after its
+        # invalidations were delivered); those delivered meanwhile are
+        # reported in order below.
         MVCCAdapter.__init__(self, base)
-        try:
-            state = self._tc_client.attach(self._tc_reported)
-            logger.info("tidecache: %s attached to %s (%s) at %s", self._tc_client.database, socket,
-                        state, tid_repr(p64(self._tc_reported)))
-        except TideCacheError as e:
-            logger.warning("tidecache: sidecar unavailable, running from the base storage: %s", e)
+        last = u64(base.lastTransaction())
+        with self._tc_lock:
+            self._tc_reported = last
+            try:
+                state = self._tc_client.attach(last)
+                logger.info("tidecache: %s attached to %s (%s) at %s", self._tc_client.database, socket,
+                            state, tid_repr(p64(last)))
+            except TideCacheError as e:
+                logger.warning("tidecache: sidecar unavailable, running from the base storage: %s", e)
+            pending, self._tc_pending = self._tc_pending, None
+            for t, oids in pending:
+                self._tc_report_locked(t, oids)
 
     # -- plain storage: everything else goes to the base --------------------
 
@@ -287,26 +299,32 @@ class TideCacheStorage(MVCCAdapter):
         MVCCAdapter.invalidateCache(self)
 
     def _tc_report(self, tid, oids):
-        t = u64(tid)
+        """Reports the commit ``tid`` of ``oids`` as ``(previous, tid]``."""
         with self._tc_lock:
-            if t <= self._tc_reported:
-                return
-            frm, self._tc_reported = self._tc_reported, t
-            self._tc_stats.invalidations += len(oids)
-            try:
-                if not self._tc_resync:
-                    try:
-                        self._tc_client.report(frm, t, [(u64(o), t) for o in oids])
-                        return
-                    except GapError:
-                        pass
-                self._tc_stats.resyncs += 1
-                self._tc_client.resync(t)
-                self._tc_resync = False
-            except TideCacheError as e:
-                self._tc_stats.unavailable += 1
-                self._tc_resync = True
-                logger.debug("tidecache: report of %s lost: %s", tid_repr(tid), e)
+            if self._tc_reported is None:
+                self._tc_pending.append((u64(tid), list(oids)))
+            else:
+                self._tc_report_locked(u64(tid), oids)
+
+    def _tc_report_locked(self, t, oids):
+        if t <= self._tc_reported:
+            return
+        frm, self._tc_reported = self._tc_reported, t
+        self._tc_stats.invalidations += len(oids)
+        try:
+            if not self._tc_resync:
+                try:
+                    self._tc_client.report(frm, t, [(u64(o), t) for o in oids])
+                    return
+                except GapError:
+                    pass
+            self._tc_stats.resyncs += 1
+            self._tc_client.resync(t)
+            self._tc_resync = False
+        except TideCacheError as e:
+            self._tc_stats.unavailable += 1
+            self._tc_resync = True
+            logger.debug("tidecache: report of %s lost: %s", tid_repr(p64(t)), e)
 
     def close(self):
         """Closes the client (the sidecar releases this process's views) and
