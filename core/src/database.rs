@@ -16,11 +16,14 @@ pub enum AttachOutcome {
     Started,
     /// The client's `lastTransaction` is at or past the horizon: joined as is.
     Joined,
-    /// The client's `lastTransaction` is below the horizon (a restored
-    /// backup): every revision was dropped and the log restarted there.
-    Flushed {
-        /// The horizon before the flush.
-        old_horizon: Tid,
+    /// The client's `lastTransaction` is below the horizon: either it lags
+    /// (another process reported newer commits it has not heard of yet) or
+    /// its storage was restored from a backup. Nothing changed; the client
+    /// waits for its storage to catch up and attaches again, or, if it does
+    /// not, flushes the database (invariant 7) before using it.
+    Behind {
+        /// The horizon.
+        horizon: Tid,
     },
 }
 
@@ -76,17 +79,15 @@ impl<S: StateWeight + Send + Sync + 'static> Database<S> {
     }
 
     /// A client whose storage's `lastTransaction()` is `last_tid` attaches.
+    /// See [`AttachOutcome`]; only a database without a log changes (its log
+    /// starts at `last_tid`).
     pub fn attach(&self, last_tid: Tid) -> AttachOutcome {
         match self.cache.horizon() {
             None => {
                 self.cache.start_log(last_tid);
                 AttachOutcome::Started
             }
-            Some(h) if last_tid < h => {
-                self.cache.flush();
-                self.cache.start_log(last_tid);
-                AttachOutcome::Flushed { old_horizon: h }
-            }
+            Some(h) if last_tid < h => AttachOutcome::Behind { horizon: h },
             Some(_) => AttachOutcome::Joined,
         }
     }

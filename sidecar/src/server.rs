@@ -346,12 +346,12 @@ impl Server {
                 let state = match db.attach(Tid(last_tid)) {
                     AttachOutcome::Started => AttachState::Started,
                     AttachOutcome::Joined => AttachState::Joined,
-                    AttachOutcome::Flushed { old_horizon } => {
-                        tracing::warn!(
-                            db = %name, last_tid = %Tid(last_tid), horizon = %old_horizon,
-                            "a client's lastTransaction is below the horizon (restored backup?): database flushed"
+                    AttachOutcome::Behind { horizon } => {
+                        tracing::info!(
+                            db = %name, last_tid = %Tid(last_tid), horizon = %horizon,
+                            "a client's lastTransaction is below the horizon (lagging, or a restored backup)"
                         );
-                        AttachState::Flushed
+                        AttachState::Behind
                     }
                 };
                 ResponseBody::Attached {

@@ -145,14 +145,21 @@ fn store_lookup_report_follow_the_mvcc_rules() {
 }
 
 #[test]
-fn restored_backup_flushes_the_database() {
+fn a_client_below_the_horizon_is_told_and_a_restored_one_flushes() {
     let sc = Sidecar::start(&[]);
     let c = client(&sc);
     c.attach("db", 10).unwrap();
     c.store("db", vec![item(1, 5, Some(9), 10, b"old")]).unwrap();
     c.report("db", 10, 20, vec![]).unwrap();
-    let (state, horizon) = c.attach("db", 15).unwrap();
-    assert_eq!((state, horizon), (tidecache_client::protocol::AttachState::Flushed, 15));
+    use tidecache_client::protocol::AttachState;
+    // Below the horizon: nothing changes until the client decides.
+    assert_eq!(c.attach("db", 15).unwrap(), (AttachState::Behind, 20));
+    assert!(c.lookup("db", 6, vec![1]).unwrap()[0].is_some());
+    // A lagging client catches up and joins.
+    assert_eq!(c.attach("db", 20).unwrap(), (AttachState::Joined, 20));
+    // A restored one does not: it flushes, then starts the log anew.
+    c.flush("db").unwrap();
+    assert_eq!(c.attach("db", 15).unwrap(), (AttachState::Started, 15));
     assert!(c.lookup("db", 6, vec![1]).unwrap()[0].is_none());
 }
 

@@ -69,8 +69,9 @@ pub enum RequestBody {
         client: String,
     },
     /// A client whose storage's `lastTransaction()` is `last_tid` attaches
-    /// to `db`. Starts the log of a new database; flushes a database whose
-    /// horizon is past `last_tid` (a restored backup). Answer: `Attached`.
+    /// to `db`. Starts the log of a new database (or of one flushed); answers
+    /// `Behind` without changing anything when `last_tid` is below the
+    /// horizon. Answer: `Attached`.
     Attach {
         /// Database key.
         db: String,
@@ -165,8 +166,11 @@ pub enum AttachState {
     Started,
     /// Joined a database already known.
     Joined,
-    /// `last_tid` was below the horizon: everything was dropped.
-    Flushed,
+    /// `last_tid` is below the horizon: the client's storage lags, or was
+    /// restored from a backup. The client waits for its storage to reach the
+    /// horizon and attaches again; if it never does, it sends `Flush` and
+    /// attaches again (invariant 7), before using the database.
+    Behind,
 }
 
 /// Error codes of [`ResponseBody::Error`].

@@ -91,8 +91,9 @@ impl PyClient {
     }
 
     /// Attaches with the storage's `lastTransaction()` as an int; returns
-    /// `"started"`, `"joined"` or `"flushed"` (a restored backup).
-    /// Raises `Unavailable`.
+    /// `"started"` (a new database's log starts there), `"joined"`, or
+    /// `"behind"` (below the sidecar's horizon: the storage lags or was
+    /// restored; nothing changed). Raises `Unavailable`.
     fn attach(&self, py: Python<'_>, last_tid: u64) -> PyResult<&'static str> {
         let (state, _) = py
             .allow_threads(|| self.client.attach(&self.database, last_tid))
@@ -100,7 +101,7 @@ impl PyClient {
         Ok(match state {
             AttachState::Started => "started",
             AttachState::Joined => "joined",
-            AttachState::Flushed => "flushed",
+            AttachState::Behind => "behind",
         })
     }
 

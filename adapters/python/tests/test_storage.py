@@ -120,6 +120,44 @@ def test_an_absent_sidecar_costs_misses_only(tmp_path):
     db.close()
 
 
+def test_a_restored_backup_flushes_the_database_and_a_lagging_client_joins(tmp_path, sidecar, monkeypatch):
+    import shutil
+
+    import tidecache.storage
+
+    monkeypatch.setattr(tidecache.storage, "RESTORE_GRACE_SECONDS", 0.2)
+    storage, db = make_db(tmp_path, sidecar.socket)
+    with db.transaction() as c:
+        c.root()["doc"] = PersistentMapping(x="backed up")
+    db.close()
+    shutil.copy(tmp_path / "Data.fs", tmp_path / "backup.fs")
+    storage, db = make_db(tmp_path, sidecar.socket)
+    with db.transaction() as c:
+        c.root()["doc"]["x"] = "after the backup"
+    assert read_fresh(db) == "after the backup"
+    assert read_fresh(db) == "after the backup"
+    assert storage.cache_stats()["sidecar"]["entries"] > 0
+    db.close()
+    # Restore the backup over Data.fs: its lastTransaction is older than
+    # what the sidecar knows.
+    shutil.copy(tmp_path / "backup.fs", tmp_path / "Data.fs")
+    for suffix in (".index", ".tmp", ".lock"):
+        p = tmp_path / ("Data.fs" + suffix)
+        if p.exists():
+            p.unlink()
+    storage, db = make_db(tmp_path, sidecar.socket)
+    stats = storage.cache_stats()["sidecar"]
+    assert stats["horizon"] == u64(storage.lastTransaction())
+    assert read_fresh(db) == "backed up"
+    # A new commit (not touching doc) moves views past the old history's
+    # tids: the old history's "after the backup" must not come back.
+    with db.transaction() as c:
+        c.root()["other"] = PersistentMapping(x=0)
+    assert read_fresh(db) == "backed up"
+    assert read_fresh(db) == "backed up"
+    db.close()
+
+
 def test_pack_flushes_the_database(tmp_path, sidecar):
     storage, db = make_db(tmp_path, sidecar.socket)
     with db.transaction() as c:

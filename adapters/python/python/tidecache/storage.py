@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import threading
+import time
 
 import zope.interface
 from ZODB import POSException
@@ -43,6 +44,10 @@ from tidecache._native import TideCacheError
 from tidecache._native import Unavailable
 
 logger = logging.getLogger("tidecache")
+
+#: How long a storage whose ``lastTransaction`` is below the sidecar's
+#: horizon may take to catch up before it is taken for a restored backup.
+RESTORE_GRACE_SECONDS = 2.0
 
 _STAT_KEYS = ("hits", "misses", "stores", "invalidations", "resyncs", "unavailable")
 
@@ -118,18 +123,47 @@ class TideCacheStorage(MVCCAdapter):
         # invalidations were delivered); those delivered meanwhile are
         # reported in order below.
         MVCCAdapter.__init__(self, base)
-        last = u64(base.lastTransaction())
+        last = self._tc_attach(base)
         with self._tc_lock:
             self._tc_reported = last
-            try:
-                state = self._tc_client.attach(last)
-                logger.info("tidecache: %s attached to %s (%s) at %s", self._tc_client.database, socket,
-                            state, tid_repr(p64(last)))
-            except TideCacheError as e:
-                logger.warning("tidecache: sidecar unavailable, running from the base storage: %s", e)
             pending, self._tc_pending = self._tc_pending, None
             for t, oids in pending:
                 self._tc_report_locked(t, oids)
+
+    def _tc_attach(self, base):
+        """Attaches to the sidecar with ``base.lastTransaction()`` and returns
+        the tid attached at.
+
+        Below the sidecar's horizon, the storage either lags (a ZEO client
+        that has not yet heard of commits another process reported) or was
+        restored from a backup. It is polled for up to
+        ``RESTORE_GRACE_SECONDS``; if it catches up, it joins; if not, the
+        database is flushed in the sidecar before anything is served from it
+        (invariant 7 of DESIGN.md)."""
+        client = self._tc_client
+        last = u64(base.lastTransaction())
+        try:
+            state = client.attach(last)
+            deadline = time.monotonic() + RESTORE_GRACE_SECONDS
+            while state == "behind" and time.monotonic() < deadline:
+                time.sleep(0.02)
+                sync = getattr(base, "sync", None)
+                if sync is not None:
+                    sync()
+                last = u64(base.lastTransaction())
+                state = client.attach(last)
+            if state == "behind":
+                logger.warning(
+                    "tidecache: %s's lastTransaction %s stays below the sidecar's horizon: "
+                    "restored from a backup? Flushing the database in the sidecar.",
+                    client.database, tid_repr(p64(last)))
+                client.flush()
+                state = client.attach(last)
+            logger.info("tidecache: %s attached to %s (%s) at %s", client.database, self._tc_socket,
+                        state, tid_repr(p64(last)))
+        except TideCacheError as e:
+            logger.warning("tidecache: sidecar unavailable, running from the base storage: %s", e)
+        return last
 
     # -- plain storage: everything else goes to the base --------------------
 
