@@ -46,13 +46,28 @@ fn main() {
         b.iter(|| black_box(db.lookup(Oid(N + next()), Tid(1))))
     });
     group.finish();
+    // A skewed workload's hot set: 64 revisions read over and over.
+    let mut j = 0u64;
+    let mut hot = move || {
+        j = (j + 1) % 64;
+        j * 1013 % N
+    };
+    let mut group = c.benchmark_group("lookup_1KiB_hot64");
+    group.bench_function("anchor_rwlock_hashmap", |b| {
+        b.iter(|| black_box(map.read().unwrap().get(&(hot(), 1)).cloned()))
+    });
+    group.bench_function("anchor_moka_get", |b| b.iter(|| black_box(moka.get(&(hot(), 1)))));
+    group.bench_function("tidecache_snapshot_lookup", |b| {
+        b.iter(|| black_box(db.lookup(Oid(hot()), Tid(1))))
+    });
+    group.finish();
     c.final_summary();
     write_summary();
 }
 
 /// Reads criterion's estimates and writes medians (ns) and ratios.
 fn write_summary() {
-    let base = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/criterion/lookup_1KiB_hit");
+    let base = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/criterion");
     let median = |name: &str| -> Option<f64> {
         let text = std::fs::read_to_string(base.join(name).join("new/estimates.json")).ok()?;
         let key = "\"median\":{\"confidence_interval\":";
@@ -62,14 +77,17 @@ fn write_summary() {
         rest[p..].split([',', '}']).next()?.parse().ok()
     };
     let names = [
-        "anchor_rwlock_hashmap",
-        "anchor_moka_get",
-        "tidecache_snapshot_lookup",
-        "tidecache_snapshot_miss",
+        "lookup_1KiB_hit/anchor_rwlock_hashmap",
+        "lookup_1KiB_hit/anchor_moka_get",
+        "lookup_1KiB_hit/tidecache_snapshot_lookup",
+        "lookup_1KiB_hit/tidecache_snapshot_miss",
+        "lookup_1KiB_hot64/anchor_rwlock_hashmap",
+        "lookup_1KiB_hot64/anchor_moka_get",
+        "lookup_1KiB_hot64/tidecache_snapshot_lookup",
     ];
     let values: Vec<String> = names
         .iter()
-        .filter_map(|n| median(n).map(|v| format!("  \"{n}_ns\": {v:.1}")))
+        .filter_map(|n| median(n).map(|v| format!("  \"{}_ns\": {v:.1}", n.replace('/', "."))))
         .collect();
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../bench-results");
     let _ = std::fs::create_dir_all(&out);

@@ -20,6 +20,10 @@ pub(crate) struct Slot<S> {
     pub(crate) end: AtomicU64,
     pub(crate) state: Arc<S>,
     pub(crate) weight: u32,
+    /// The hit tick at which this revision last told the size bound it was
+    /// read (see `SnapshotCache::lookup`). Statistics only: not part of
+    /// the visibility protocol.
+    pub(crate) touched: std::sync::atomic::AtomicU64,
 }
 
 impl<S> Slot<S> {
@@ -28,6 +32,7 @@ impl<S> Slot<S> {
             end: AtomicU64::new(end.unwrap_or(OPEN)),
             state,
             weight,
+            touched: std::sync::atomic::AtomicU64::new(u64::MAX),
         }
     }
     pub(crate) fn end(&self) -> u64 {
