@@ -231,6 +231,17 @@ impl PyClient {
         py.allow_threads(|| self.client.flush(&self.database)).map_err(to_py)
     }
 
+    /// The sidecar's counters as a dict: `clients`, `capacity_bytes`,
+    /// `total` and `databases` (per key: `entries`, `bytes`, `hits`,
+    /// `misses`, `stores`, `refused`, `invalidations`, `reclaimed`,
+    /// `evicted`, `views`, `horizon`, `low_water_mark`, `log_start`,
+    /// `log_len`, `detached`), as `tidecached stats` prints them. Raises
+    /// `Unavailable`.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let text = self.stats_json(py)?;
+        py.import("json")?.call_method1("loads", (text,))
+    }
+
     /// The sidecar's counters as JSON text (see `tidecached stats`).
     /// Raises `Unavailable`.
     fn stats_json(&self, py: Python<'_>) -> PyResult<String> {

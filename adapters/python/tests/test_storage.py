@@ -226,6 +226,8 @@ def test_raw_client_follows_the_rules(sidecar):
         c.report(13, 14, [])
     with pytest.raises(tidecache.RefusedError):
         c.store(1, 9, 9, b"x", 10)
+    stats = c.stats()["databases"]["raw"]
+    assert (stats["horizon"], stats["entries"]) == (12, 2)
     c.close()
     with pytest.raises(tidecache.Unavailable):
         c.lookup(1, 10)

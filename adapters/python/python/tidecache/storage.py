@@ -22,7 +22,6 @@ If the sidecar is absent, dead or slow, every lookup is a miss and the
 application runs from its base storage (invariant 8 of DESIGN.md).
 """
 
-import json
 import logging
 import os
 import threading
@@ -379,7 +378,7 @@ class TideCacheStorage(MVCCAdapter):
         d["database"] = self._tc_client.database
         try:
             self._tc_client.wait_for_stores(1000)
-            s = json.loads(self._tc_client.stats_json())
+            s = self._tc_client.stats()
             d["sidecar"] = s["databases"].get(self._tc_client.database)
         except TideCacheError:
             d["sidecar"] = None
