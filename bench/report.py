@@ -56,9 +56,9 @@ def main():
         for name, us in py["median_us"].items():
             out.append("| %s | %.2f | %.2fx |" % (LABELS.get(name, name), us, us / tc))
         out += ["", "![get latency](img/get_latency.png)", "",
-                "A sidecar hit today is a Unix-socket round trip to `tidecached` (issue 2's data",
-                "plane): it costs about what memcached costs and an order of magnitude more than",
-                "an in-process `LocalClient` get. Issue 3's shared-memory data plane targets this.", ""]
+                "A sidecar hit is a Unix-socket round trip to `tidecached`: it costs about what",
+                "memcached costs, and over an order of magnitude more than an in-process",
+                "`LocalClient` get.", ""]
         plot(py)
     if core:
         out += ["## `SnapshotCache::lookup` in Rust", "",
@@ -74,8 +74,8 @@ def main():
             out.append("| %s | %s | %.1f | %s |" % (group, name, v, "%.2fx" % (v / base) if base else "-"))
         out += ["", "A hit pays for the horizon check, the skiplist's floor search (crossbeam-skiplist:",
                 "a reference-counted node per step, slow when cold) and, sampled, moka's frequency",
-                "bookkeeping. A miss past the last oid is the cheapest path. The index is the cost",
-                "of a cold hit; issue 3's arena brings its own index.", ""]
+                "bookkeeping. A miss past the last oid is the cheapest path. The index is most of",
+                "the cost of a cold hit.", ""]
     if demo:
         p, t = demo["plain"], demo["tidecache"]
         out += ["## The demo (`make demo`)", "",
