@@ -478,19 +478,7 @@ impl Server {
                 log_len: s.log_len,
                 detached: s.detached,
             };
-            let t = &mut out.total;
-            t.entries += w.entries;
-            t.bytes += w.bytes;
-            t.hits += w.hits;
-            t.misses += w.misses;
-            t.stores += w.stores;
-            t.refused += w.refused;
-            t.invalidations += w.invalidations;
-            t.reclaimed += w.reclaimed;
-            t.evicted += w.evicted;
-            t.views += w.views;
-            t.log_len += w.log_len;
-            t.detached += w.detached;
+            out.total.add(&w);
             out.databases.insert(name, w);
         }
         out

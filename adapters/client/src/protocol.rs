@@ -293,6 +293,26 @@ pub struct DatabaseStats {
     pub detached: u64,
 }
 
+impl DatabaseStats {
+    /// Adds `other`'s counters and sizes into `self` (the sidecar's
+    /// `total`); tids (horizon, low-water mark, log start) are per database
+    /// and stay as they are.
+    pub fn add(&mut self, other: &DatabaseStats) {
+        self.entries += other.entries;
+        self.bytes += other.bytes;
+        self.hits += other.hits;
+        self.misses += other.misses;
+        self.stores += other.stores;
+        self.refused += other.refused;
+        self.invalidations += other.invalidations;
+        self.reclaimed += other.reclaimed;
+        self.evicted += other.evicted;
+        self.views += other.views;
+        self.log_len += other.log_len;
+        self.detached += other.detached;
+    }
+}
+
 /// Counters of the sidecar.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ServerStats {
