@@ -125,7 +125,7 @@ def main():
         finally:
             if sidecar:
                 sidecar.stop()
-            zeo.stop()
+            zeo.close()
 
     rows = [
         ("requests/s", "%.0f", "requests_per_s"),

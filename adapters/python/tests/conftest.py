@@ -117,6 +117,9 @@ class ZEOServer:
         self.address = os.path.join(directory, "zeo.sock")
         self.path = os.path.join(directory, "Data.fs")
         self.log = open(os.path.join(directory, "zeo.log"), "ab")
+        self.start()
+
+    def start(self):
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "ZEO.runzeo", "-a", self.address, "-f", self.path],
             stdout=self.log, stderr=subprocess.STDOUT,
@@ -125,6 +128,9 @@ class ZEOServer:
 
     def stop(self):
         stop_process(self.proc)
+
+    def close(self):
+        self.stop()
         self.log.close()
 
 
@@ -135,4 +141,4 @@ def zeo_server():
         try:
             yield z
         finally:
-            z.stop()
+            z.close()

@@ -51,3 +51,67 @@ def test_commits_are_seen_exactly_at_their_tid_in_other_processes(zeo_server, si
     assert hits > 0, "the readers never hit the sidecar: %s" % [r["stats"] for r in results[1:]]
     # The readers saw commits of the other process while they ran.
     assert len({a for r in results[1:] for _, a, _ in r["seen"]}) > 10
+
+
+def test_a_zeo_reconnect_resyncs_instead_of_claiming_what_it_missed(zeo_server, sidecar, tmp_path):
+    """While a worker is disconnected from ZEO, two commits happen: doc
+    changes at T_a, other at T_b. On reconnect ZEO calls ``invalidateCache``
+    and delivers both oids as changed at T_b (its quick verification): the
+    tids are not exact. Reported as is, doc's revision would be closed at T_b
+    instead of T_a, and a connection of another process whose view lies in
+    [T_a, T_b) would be served the old state. The adapter resyncs instead;
+    every lookup at every view must equal loadBefore."""
+    import time
+
+    import ZODB.FileStorage
+    from ZODB.utils import p64
+
+    from tidecache import TideCacheStorage
+
+    storage = TideCacheStorage(ClientStorage(zeo_server.address, wait_timeout=30), socket=sidecar.socket)
+    db = ZODB.DB(storage, cache_size=0)
+    with db.transaction() as c:
+        c.root()["doc"] = PersistentMapping(x="before")
+        c.root()["other"] = PersistentMapping(x=0)
+    with db.transaction() as c:
+        doc_oid = c.root()["doc"]._p_oid
+
+    def read(key="doc"):
+        conn = db.open()
+        conn.cacheMinimize()
+        try:
+            return conn.root()[key]["x"]
+        finally:
+            conn.close()
+            storage._tc_client.wait_for_stores()
+
+    assert read() == "before"
+    assert read() == "before"
+    assert storage.cache_stats()["hits"] > 0
+
+    # The ZEO server goes away; two commits reach the FileStorage directly.
+    zeo_server.stop()
+    direct = ZODB.DB(ZODB.FileStorage.FileStorage(zeo_server.path))
+    with direct.transaction() as c:
+        c.root()["doc"]["x"] = "changed at T_a"
+    t_a = u64(direct.lastTransaction())
+    with direct.transaction() as c:
+        c.root()["other"]["x"] = 1
+    t_b = u64(direct.lastTransaction())
+    direct.close()
+    zeo_server.start()
+    deadline = time.time() + 30
+    while not storage._storage.is_connected() or u64(storage.lastTransaction()) < t_b:
+        assert time.time() < deadline, "the ZEO client never caught up"
+        time.sleep(0.05)
+
+    base = storage._storage
+    client = storage._tc_client
+    for view in (t_a - 1, t_a, t_b - 1, t_b):
+        hit = client.lookup(u64(doc_oid), view)
+        if hit is not None:
+            data, serial, _ = base.loadBefore(doc_oid, p64(view + 1))
+            assert (hit[0], hit[1]) == (u64(serial), data), "wrong hit at view %x" % view
+    assert read() == "changed at T_a"
+    assert storage.cache_stats()["resyncs"] >= 1
+    db.close()

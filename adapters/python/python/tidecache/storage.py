@@ -124,6 +124,7 @@ class TideCacheStorage(MVCCAdapter):
         MVCCAdapter.__init__(self, base)
         last = self._tc_attach(base)
         with self._tc_lock:
+            self._tc_generation = self._tc_connection_generation()
             self._tc_reported = last
             pending, self._tc_pending = self._tc_pending, None
             for t, oids in pending:
@@ -339,11 +340,25 @@ class TideCacheStorage(MVCCAdapter):
             else:
                 self._tc_report_locked(u64(tid), oids)
 
+    def _tc_connection_generation(self):
+        """ZEO's ``ClientStorage._connection_generation``: it moves when the
+        client disconnects and again when it reconnects; ``None`` for
+        storages without a server connection."""
+        return getattr(self._storage, "_connection_generation", None)
+
     def _tc_report_locked(self, t, oids):
         if t <= self._tc_reported:
             return
         frm, self._tc_reported = self._tc_reported, t
         self._tc_stats.invalidations += len(oids)
+        generation = self._tc_connection_generation()
+        if generation != self._tc_generation:
+            # The connection to the server broke since the last report. ZEO's
+            # reconnect delivers the missed transactions' oids as one
+            # invalidation at the newest tid (ZEO/asyncio/client.py, verify)
+            # *before* it calls invalidateCache: those tids are not exact.
+            self._tc_generation = generation
+            self._tc_resync = True
         try:
             if not self._tc_resync:
                 try:
