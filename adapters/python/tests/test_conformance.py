@@ -7,8 +7,11 @@ PackableStorage, Synchronization) go through ``ZODB.DB`` and connections,
 and so through the sidecar's lookups and stores.
 """
 
+import os
+
 import pytest
 import ZODB.FileStorage
+from ZEO.ClientStorage import ClientStorage
 import ZODB.MappingStorage
 from ZODB.tests import BasicStorage
 from ZODB.tests import ConflictResolution
@@ -24,6 +27,8 @@ from ZODB.tests import Synchronization
 from ZODB.tests import TransactionalUndoStorage
 
 from tidecache import TideCacheStorage
+
+from conftest import ZEOServer
 
 
 def expose_checks(cls):
@@ -92,3 +97,24 @@ class TestOverMappingStorage(
     def setUp(self):
         StorageTestBase.StorageTestBase.setUp(self)
         self._storage = TideCacheStorage(ZODB.MappingStorage.MappingStorage(), socket=self.sidecar_socket)
+
+
+@expose_checks
+class TestOverZEO(StorageTestBase.StorageTestBase, BasicStorage.BasicStorage):
+    """BasicStorage over a real ZEO server, every client a TideCacheStorage
+    sharing the one sidecar database. With ``_new_storage_client`` ZODB's
+    race tests run too: several clients, each in its own thread, load while
+    others commit (and, in the long one, reconnect), and check a two-object
+    invariant in every transaction (ZODB/tests/racetest.py)."""
+
+    def setUp(self):
+        StorageTestBase.StorageTestBase.setUp(self)
+        self._zeo = ZEOServer(os.getcwd())
+        self._storage = self._new_storage_client()
+
+    def _new_storage_client(self):
+        return TideCacheStorage(ClientStorage(self._zeo.address, wait_timeout=30), socket=self.sidecar_socket)
+
+    def tearDown(self):
+        StorageTestBase.StorageTestBase.tearDown(self)
+        self._zeo.close()
