@@ -107,6 +107,8 @@ struct State {
     next_view: u64,
     connects: u64,
     closed: bool,
+    /// Process that opened `conn`: after a fork the child must not share it.
+    pid: u32,
 }
 
 /// A connection to `tidecached` that reconnects by itself. Thread-safe:
@@ -163,6 +165,9 @@ impl Client {
 
     /// Sends one request on the connection and reads its answer.
     fn exchange(&self, st: &mut State, body: RequestBody) -> Result<ResponseBody, ClientError> {
+        if st.pid != std::process::id() {
+            self.ensure(st)?;
+        }
         let conn = st.conn.as_mut().ok_or_else(|| self.unavailable("not connected"))?;
         st.next_id += 1;
         let id = st.next_id;
@@ -201,6 +206,16 @@ impl Client {
     /// Connects if needed: Hello, then `Resync` of every attached database
     /// and re-registration of every view.
     fn ensure(&self, st: &mut State) -> Result<(), ClientError> {
+        if st.conn.is_some() && st.pid != std::process::id() {
+            // A forked child (gunicorn --preload, uwsgi): the socket and the
+            // request ids are the parent's. Interleaved on one socket, an
+            // answer could reach the wrong process with a matching id. Close
+            // the child's copy (the parent's connection stays up), forget
+            // the parent's views, connect anew.
+            st.conn = None;
+            st.views.clear();
+            st.down_until = None;
+        }
         if st.conn.is_some() {
             return Ok(());
         }
@@ -220,6 +235,7 @@ impl Client {
             return Err(self.unavailable(format!("set timeout: {e}")));
         }
         st.conn = Some(stream);
+        st.pid = std::process::id();
         st.connects += 1;
         let hello = RequestBody::Hello {
             version: PROTOCOL_VERSION,

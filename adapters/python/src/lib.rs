@@ -59,7 +59,9 @@ struct PyClient {
     client: Client,
     database: String,
     config: ClientConfig,
-    queue: std::sync::OnceLock<Option<StoreQueue>>,
+    /// The background store sender and the process that started it (its
+    /// thread does not survive a fork: a child starts its own).
+    queue: std::sync::Mutex<Option<(u32, StoreQueue)>>,
 }
 
 #[pymethods]
@@ -74,7 +76,7 @@ impl PyClient {
             client: Client::new(config.clone()),
             database,
             config,
-            queue: std::sync::OnceLock::new(),
+            queue: std::sync::Mutex::new(None),
         }
     }
 
@@ -155,11 +157,13 @@ impl PyClient {
     /// path). Returns False if the queue was full and the store dropped.
     #[pyo3(signature = (oid, serial, end, state, view))]
     fn store_later(&self, oid: u64, serial: u64, end: Option<u64>, state: Vec<u8>, view: u64) -> bool {
-        let queue = self
-            .queue
-            .get_or_init(|| StoreQueue::start(self.config.clone(), 16 * 1024).ok());
-        match queue {
-            Some(q) => q.push(
+        let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        let pid = std::process::id();
+        if queue.as_ref().is_none_or(|(owner, _)| *owner != pid) {
+            *queue = StoreQueue::start(self.config.clone(), 16 * 1024).ok().map(|q| (pid, q));
+        }
+        match queue.as_ref() {
+            Some((_, q)) => q.push(
                 &self.database,
                 StoreItem {
                     oid,
@@ -177,8 +181,11 @@ impl PyClient {
     /// within `timeout_ms`.
     #[pyo3(signature = (timeout_ms = 5000))]
     fn wait_for_stores(&self, py: Python<'_>, timeout_ms: u64) -> bool {
-        match self.queue.get() {
-            Some(Some(q)) => py.allow_threads(|| q.barrier(Duration::from_millis(timeout_ms))),
+        let queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        match queue.as_ref() {
+            Some((pid, q)) if *pid == std::process::id() => {
+                py.allow_threads(|| q.barrier(Duration::from_millis(timeout_ms)))
+            }
             _ => true,
         }
     }
@@ -219,9 +226,7 @@ impl PyClient {
     /// for good; the sidecar releases this client's views. Later calls
     /// raise `Unavailable`.
     fn close(&self, py: Python<'_>) {
-        if let Some(Some(q)) = self.queue.get() {
-            py.allow_threads(|| q.barrier(Duration::from_secs(1)));
-        }
+        self.wait_for_stores(py, 1000);
         self.client.close();
     }
 
