@@ -4,6 +4,8 @@
 //! [`server`] serves the protocol of `tidecache_client::protocol` on a Unix
 //! socket; `src/main.rs` is the command line (`serve`, `stats`).
 
+#![warn(missing_docs)]
+
 pub mod server;
 
 pub use server::{Server, ServerConfig, SidecarError};

@@ -11,6 +11,8 @@
 //! [`StoreQueue`] sends stores in batches from a background thread, off the
 //! caller's path.
 
+#![warn(missing_docs)]
+
 pub mod protocol;
 mod queue;
 
