@@ -361,10 +361,16 @@ impl Server {
             }
             RequestBody::Lookup { db, view, oids } => {
                 let db = self.database(&db)?;
+                // The answer stays within half a frame: past that, further
+                // oids answer as misses (always safe) rather than let one
+                // request make the sidecar build an answer of any size.
+                let mut budget = self.config.max_frame / 2;
                 let results = oids
                     .into_iter()
                     .map(|oid| {
-                        db.lookup(Oid(oid), Tid(view)).map(|hit| Found {
+                        let hit = db.lookup(Oid(oid), Tid(view))?;
+                        budget = budget.checked_sub(hit.state.len() + 32)?;
+                        Some(Found {
                             serial: hit.serial.0,
                             end: hit.end.map(|t| t.0),
                             state: hit.state.as_ref().clone(),

@@ -359,3 +359,38 @@ fn a_view_holding_the_log_back_is_detached_and_registers_again_when_it_moves() {
     let db = &c.stats().unwrap().databases["db"];
     assert_eq!((db.views, db.low_water_mark), (1, Some(40)));
 }
+
+#[test]
+fn a_lookup_answer_stays_within_half_a_frame_extra_oids_miss() {
+    let sc = Sidecar::start(&["--max-frame-mb", "1"]);
+    let c = client(&sc);
+    c.attach("db", 10).unwrap();
+    let big = vec![7u8; 100 * 1024];
+    c.store("db", vec![item(1, 10, None, 10, &big)]).unwrap();
+    // 20 copies of a 100 KiB revision would be 2 MiB: only what fits in
+    // half a frame (512 KiB) is answered, the rest are misses.
+    let r = c.lookup("db", 10, vec![1; 20]).unwrap();
+    let hits = r.iter().filter(|f| f.is_some()).count();
+    assert_eq!(hits, 5, "{hits} hits");
+    assert!(r[..5].iter().all(|f| f.as_ref().unwrap().state == big));
+}
+
+#[test]
+fn the_client_refuses_an_oversized_answer_as_unavailable() {
+    // A fake sidecar that answers Hello with a 3 GiB length prefix.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("liar.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    std::thread::spawn(move || {
+        if let Ok((mut s, _)) = listener.accept() {
+            let n = read_frame_len(&mut s).unwrap();
+            let mut buf = vec![0; n];
+            s.read_exact(&mut buf).unwrap();
+            s.write_all(&(3u32 << 30).to_be_bytes()).unwrap();
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    });
+    let c = Client::new(ClientConfig::new(&path));
+    let e = c.lookup("db", 1, vec![1]).unwrap_err();
+    assert!(e.to_string().contains("over the maximum"), "{e}");
+}

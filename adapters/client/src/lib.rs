@@ -78,6 +78,10 @@ pub struct ClientConfig {
     pub retry_after: Duration,
     /// Name sent in Hello, for the sidecar's logs.
     pub name: String,
+    /// Largest answer accepted, bytes (default 64 MiB, the sidecar's
+    /// default frame limit); a larger length prefix is garbage: the
+    /// connection is dropped and the call is `Unavailable`.
+    pub max_frame: usize,
 }
 
 impl ClientConfig {
@@ -88,6 +92,7 @@ impl ClientConfig {
             timeout: Duration::from_millis(50),
             retry_after: Duration::from_millis(250),
             name: format!("tidecache-client pid {}", std::process::id()),
+            max_frame: protocol::DEFAULT_MAX_FRAME,
         }
     }
 }
@@ -177,6 +182,12 @@ impl Client {
         let result = (|| {
             write_frame(conn, &bytes).map_err(|e| format!("send: {e}"))?;
             let n = read_frame_len(conn).map_err(|e| format!("receive: {e}"))?;
+            if n > self.config.max_frame {
+                return Err(format!(
+                    "answer of {n} bytes is over the maximum of {} bytes",
+                    self.config.max_frame
+                ));
+            }
             let mut buf = vec![0u8; n];
             conn.read_exact(&mut buf).map_err(|e| format!("receive: {e}"))?;
             let resp: Response = rmp_serde::from_slice(&buf).map_err(|e| format!("undecodable answer: {e}"))?;
