@@ -82,11 +82,17 @@ def main():
                 "ZEO over FileStorage, the standard library's sources as a ZODB application,",
                 "%d worker processes x 4 connections (object cache 400 per connection) and one"
                 % demo["workers"],
-                "writer, %.0f s per run, plain ZODB then ZODB + tidecache in one invocation." % demo["seconds"], "",
+                "writer; %.0f s per side in %d interleaved rounds (plain ZODB, then ZODB + tidecache with a"
+                % (demo["seconds"], demo.get("rounds", 1)),
+                "new sidecar, and again), in one invocation.", "",
                 "| | plain ZODB over ZEO | ZODB + tidecache |", "|---|---:|---:|"]
         def cell(r, k, fmt):
             v = r.get(k)
             return "-" if v is None else fmt % v
+        if "requests_per_s_by_round" in p:
+            out.append("| requests/s by round | %s | %s |" % (
+                " ".join("%.0f" % x for x in p["requests_per_s_by_round"]),
+                " ".join("%.0f" % x for x in t["requests_per_s_by_round"])))
         for label, k, fmt in [("requests/s", "requests_per_s", "%.0f"), ("storage loads/s", "loads_per_s", "%.0f"),
                               ("p50 load latency (us)", "p50_us", "%.1f"), ("p99 load latency (us)", "p99_us", "%.1f"),
                               ("writer commits", "commits", "%d"), ("section views checked", "views_checked", "%d")]:

@@ -4,17 +4,20 @@
    ``tidecached``.
 2. Loads the Python standard library's own sources into a ZODB
    application (demo/corpus.py).
-3. Runs the same workload twice, side by side in this one invocation:
-   plain ZODB over ZEO, then ZODB with TideCacheStorage: 4 worker
-   processes x 4 connections serving searches and section views (word
-   popularity from the corpus's own frequencies) while a writer edits and
-   reindexes sections.
+3. Runs the same workload with and without tidecache, side by side in this
+   one invocation, in interleaved rounds (plain ZODB over ZEO, then ZODB with
+   TideCacheStorage, again and again) so that the machine's drift falls on
+   both: 4 worker processes x 4 connections serving searches and section
+   views (word popularity from the corpus's own frequencies) while a writer
+   edits and reindexes sections. The sidecar is started anew for every
+   round, so both sides start with cold processes.
 4. Prints requests/s, loads/s, sidecar hit ratio, p50/p99 load latency and
    sidecar memory for both, and checks every read transaction's snapshot:
    a document's checksum must match its sections read in the same
    transaction. Exits non-zero if any check fails.
 
-Environment: DEMO_SECONDS (default 20) per run, DEMO_MODULES (default: all),
+Environment: DEMO_SECONDS (default 20) per side in all, DEMO_ROUNDS (default
+2) rounds it is split into, DEMO_MODULES (default: all),
 DEMO_RESULTS (default bench-results/demo.json, what docs/benchmarks.md uses).
 """
 
@@ -40,6 +43,7 @@ from conftest import ZEOServer  # noqa: E402
 
 WORKERS = 4
 SECONDS = float(os.environ.get("DEMO_SECONDS", "20"))
+ROUNDS = max(1, int(os.environ.get("DEMO_ROUNDS", "2")))
 MODULES = int(os.environ.get("DEMO_MODULES", "0")) or None
 TOP_WORDS = 20000
 
@@ -52,17 +56,18 @@ def rss_kib(pid):
     return 0
 
 
-def run(mode, zeo, sidecar, words_path, tmp):
-    """One run: WORKERS readers and one writer for SECONDS."""
+def run(mode, zeo, sidecar, words_path, tmp, seconds):
+    """One run: WORKERS readers and one writer for ``seconds``; returns the
+    readers' and the writer's result documents."""
     sock = sidecar.socket if sidecar else "none"
     procs = []
     for i in range(WORKERS):
         out = os.path.join(tmp, "%s-reader-%d.json" % (mode, i))
         procs.append((out, subprocess.Popen([sys.executable, str(HERE / "workload.py"), "reader", zeo, sock,
-                                             str(SECONDS), words_path, out, str(i + 1)], cwd=HERE)))
+                                             str(seconds), words_path, out, str(i + 1)], cwd=HERE)))
     out = os.path.join(tmp, "%s-writer.json" % mode)
     procs.append((out, subprocess.Popen([sys.executable, str(HERE / "workload.py"), "writer", zeo, sock,
-                                         str(SECONDS), words_path, out, "99"], cwd=HERE)))
+                                         str(seconds), words_path, out, "99"], cwd=HERE)))
     for _, p in procs:
         if p.wait() != 0:
             raise SystemExit("a %s worker failed with exit code %d" % (mode, p.returncode))
@@ -70,28 +75,39 @@ def run(mode, zeo, sidecar, words_path, tmp):
     for path, _ in procs:
         with open(path) as f:
             results.append(json.load(f))
-    readers = [r for r in results if r["role"] == "reader"]
-    writer = [r for r in results if r["role"] == "writer"][0]
+    return results
+
+
+def summarize(mode, rounds, sidecar_stats):
+    """Aggregates the rounds of one side into one table column."""
+    readers = [r for results in rounds for r in results if r["role"] == "reader"]
+    writers = [r for results in rounds for r in results if r["role"] == "writer"]
+    # Each round's readers ran side by side: a round lasts its longest reader.
+    seconds = sum(max(r["seconds"] for r in results if r["role"] == "reader") for results in rounds)
     lat = sorted(x for r in readers for x in r["latencies_us"])
-    seconds = max(r["seconds"] for r in readers)
     hits = sum((r["cache"] or {}).get("hits", 0) for r in readers)
     misses = sum((r["cache"] or {}).get("misses", 0) for r in readers)
     row = {
         "mode": mode,
+        "rounds": len(rounds),
         "requests_per_s": sum(r["searches"] + r["views"] for r in readers) / seconds,
+        "requests_per_s_by_round": [
+            sum(r["searches"] + r["views"] for r in results if r["role"] == "reader")
+            / max(r["seconds"] for r in results if r["role"] == "reader")
+            for results in rounds
+        ],
         "loads_per_s": sum(r["loads"] for r in readers) / seconds,
         "hit_ratio": hits / (hits + misses) if hits + misses else None,
         "p50_us": lat[len(lat) // 2] if lat else 0,
         "p99_us": lat[int(len(lat) * 0.99)] if lat else 0,
         "views_checked": sum(r["views"] for r in readers),
         "failures": [f for r in readers for f in r["failures"]],
-        "commits": writer["commits"],
+        "commits": sum(w["commits"] for w in writers),
     }
-    if sidecar:
-        stats = sidecar.stats()
-        row["sidecar_entries"] = stats["total"]["entries"]
-        row["sidecar_bytes"] = stats["total"]["bytes"]
-        row["sidecar_rss_kib"] = rss_kib(sidecar.proc.pid)
+    if sidecar_stats:
+        row["sidecar_entries"] = max(s["entries"] for s in sidecar_stats)
+        row["sidecar_bytes"] = max(s["bytes"] for s in sidecar_stats)
+        row["sidecar_rss_kib"] = max(s["rss_kib"] for s in sidecar_stats)
     return row
 
 
@@ -116,12 +132,23 @@ def main():
             print("corpus: %d modules, %d sections, %d indexed words (%.0f s)"
                   % (len(modules), n_sections, n_words, time.time() - t0))
 
-            print("run 1/2: plain ZODB over ZEO, %d workers x 4 connections + 1 writer, %.0f s ..."
-                  % (WORKERS, SECONDS))
-            plain = run("plain", zeo.address, None, words_path, tmp)
-            sidecar = Sidecar(tmp, memory_mb=256)
-            print("run 2/2: ZODB + tidecache (tidecached on %s), same workload ..." % sidecar.socket)
-            cached = run("tidecache", zeo.address, sidecar, words_path, tmp)
+            per_round = SECONDS / ROUNDS
+            plain_rounds, cached_rounds, sidecar_stats = [], [], []
+            for n in range(1, ROUNDS + 1):
+                print("round %d/%d: plain ZODB over ZEO, %d workers x 4 connections + 1 writer, %.0f s ..."
+                      % (n, ROUNDS, WORKERS, per_round))
+                plain_rounds.append(run("plain", zeo.address, None, words_path, tmp, per_round))
+                sidecar = Sidecar(tmp, memory_mb=256)
+                print("round %d/%d: ZODB + tidecache (a new tidecached on %s), same workload ..."
+                      % (n, ROUNDS, sidecar.socket))
+                cached_rounds.append(run("tidecache", zeo.address, sidecar, words_path, tmp, per_round))
+                stats = sidecar.stats()["total"]
+                stats["rss_kib"] = rss_kib(sidecar.proc.pid)
+                sidecar_stats.append(stats)
+                sidecar.stop()
+                sidecar = None
+            plain = summarize("plain", plain_rounds, None)
+            cached = summarize("tidecache", cached_rounds, sidecar_stats)
         finally:
             if sidecar:
                 sidecar.stop()
@@ -129,6 +156,7 @@ def main():
 
     rows = [
         ("requests/s", "%.0f", "requests_per_s"),
+        ("requests/s by round", "%s", "requests_per_s_by_round"),
         ("loads/s (storage loads)", "%.0f", "loads_per_s"),
         ("sidecar hit ratio", "%s", "hit_ratio"),
         ("p50 load latency (us)", "%.1f", "p50_us"),
@@ -148,6 +176,8 @@ def main():
             v = r.get(key)
             if key == "failures":
                 v = len(v)
+            if key == "requests_per_s_by_round":
+                v = " ".join("%.0f" % x for x in v)
             if key == "hit_ratio" and v is not None:
                 cells.append("%.1f%%" % (100 * v))
             elif v is None:
@@ -159,7 +189,8 @@ def main():
     results = pathlib.Path(os.environ.get("DEMO_RESULTS") or ROOT / "bench-results" / "demo.json")
     results.parent.mkdir(parents=True, exist_ok=True)
     with open(results, "w") as f:
-        json.dump({"plain": plain, "tidecache": cached, "seconds": SECONDS, "workers": WORKERS}, f, indent=1)
+        json.dump({"plain": plain, "tidecache": cached, "seconds": SECONDS, "rounds": ROUNDS, "workers": WORKERS},
+                  f, indent=1)
     failures = plain["failures"] + cached["failures"]
     if failures:
         print("CONSISTENCY CHECK FAILED: %d torn snapshots, e.g. %s" % (len(failures), failures[0]))
