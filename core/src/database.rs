@@ -211,6 +211,47 @@ impl<S: StateWeight + Send + Sync + 'static> Database<S> {
 mod tests {
     use super::*;
 
+    /// Invariant 5: reclamation removes exactly what no registered view
+    /// can see.
+    #[test]
+    fn reclamation_keeps_what_a_registered_view_sees() {
+        let db: Database<Vec<u8>> = Database::new(1 << 20);
+        db.attach(Tid(20));
+        let view = db.register_view(Tid(12));
+        db.store(Oid(1), Tid(5), Some(Tid(13)), Tid(20), Arc::new(b"seen at 12".to_vec()))
+            .unwrap();
+        db.store(
+            Oid(2),
+            Tid(5),
+            Some(Tid(12)),
+            Tid(20),
+            Arc::new(b"ended at 12".to_vec()),
+        )
+        .unwrap();
+        db.store(Oid(3), Tid(5), Some(Tid(9)), Tid(20), Arc::new(b"ended at 9".to_vec()))
+            .unwrap();
+        assert_eq!(db.reclaim(), 2, "end <= 12 is invisible to the view at 12");
+        assert!(db.lookup(Oid(1), Tid(12)).is_some(), "the view at 12 still sees oid 1");
+        assert!(db.lookup(Oid(2), Tid(11)).is_none());
+        assert_eq!(db.stats().cache.entries, 1);
+        // Once the view moves on, its old revisions go too.
+        db.advance_view(view, Tid(20)).unwrap();
+        assert_eq!(db.reclaim(), 1);
+        assert_eq!(db.stats().cache.entries, 0);
+    }
+
+    /// Invariant 6: a state handed to several readers is one shared,
+    /// immutable allocation (`Arc<S>`; the API has no way to mutate it).
+    #[test]
+    fn hits_share_one_immutable_state() {
+        let db: Database<Vec<u8>> = Database::new(1 << 20);
+        db.attach(Tid(1));
+        db.store(Oid(1), Tid(1), None, Tid(1), Arc::new(b"state".to_vec()))
+            .unwrap();
+        let (a, b) = (db.lookup(Oid(1), Tid(1)).unwrap(), db.lookup(Oid(1), Tid(1)).unwrap());
+        assert!(Arc::ptr_eq(&a.state, &b.state));
+    }
+
     #[test]
     fn a_view_holding_the_log_back_is_detached() {
         let db: Database<Vec<u8>> = Database::new(1 << 20);

@@ -66,6 +66,36 @@ def test_connections_share_states_and_see_their_own_snapshot(tmp_path, sidecar):
     db.close()
 
 
+def test_a_connection_changes_its_own_copy_never_the_shared_state(tmp_path, sidecar):
+    """Invariant 6: two connections read one cached revision; a change in
+    one (uncommitted, then committed) reaches the other only as a new
+    revision, at its next transaction."""
+    storage, db = make_db(tmp_path, sidecar.socket)
+    with db.transaction() as c:
+        c.root()["doc"] = PersistentMapping(x=1, items=[1, 2])
+    read_fresh(db)
+    tm1, tm2 = transaction.TransactionManager(), transaction.TransactionManager()
+    c1, c2 = db.open(tm1), db.open(tm2)
+    c1.cacheMinimize()
+    c2.cacheMinimize()
+    hits = storage.cache_stats()["hits"]
+    d1, d2 = c1.root()["doc"], c2.root()["doc"]
+    assert d1["items"] == d2["items"] == [1, 2]
+    assert storage.cache_stats()["hits"] > hits, "both read the cached revision"
+    assert d1 is not d2 and d1["items"] is not d2["items"]
+    d1["items"].append(3)  # mutates connection 1's own copy, in place
+    d1["x"] = 2
+    assert d2["items"] == [1, 2] and d2["x"] == 1
+    tm1.commit()
+    assert c2.root()["doc"]["x"] == 1, "c2's snapshot predates the commit"
+    tm2.abort()
+    c2.cacheMinimize()
+    assert c2.root()["doc"]["x"] == 2
+    c1.close()
+    c2.close()
+    db.close()
+
+
 def test_views_are_released_when_connections_go_back_to_the_pool(tmp_path, sidecar):
     storage, db = make_db(tmp_path, sidecar.socket)
     conns = [db.open(transaction.TransactionManager()) for _ in range(3)]
