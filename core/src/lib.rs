@@ -7,6 +7,8 @@
 //! - [`snapshot`]: [`SnapshotCache`], Arc-shared immutable states with a
 //!   lock-free read path (invariants 1, 2, 3, 5, 6).
 //! - [`eviction`]: [`SizeBound`], the byte budget caches share (moka).
+//! - [`arena`]: a record other processes copy without locks, validated by a
+//!   sequence word and a CRC-32 (a seqlock).
 //! - [`database`]: one named database: cache, views, attach and resync
 //!   (invariant 7).
 //!
@@ -15,6 +17,7 @@
 //! the protocols built on them.
 #![warn(missing_docs)]
 
+pub mod arena;
 pub mod database;
 pub mod error;
 pub mod eviction;
