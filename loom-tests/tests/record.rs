@@ -12,14 +12,7 @@ use tidecache_core::arena::{record::words_for, RecordWords};
 
 #[test]
 fn a_reader_never_accepts_a_record_being_reused() {
-    let mut b = loom::model::Builder::new();
-    b.preemption_bound = Some(
-        std::env::var("LOOM_MAX_PREEMPTIONS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(2),
-    );
-    b.check(|| {
+    tidecache_loom_tests::check(|| {
         let words: Arc<Vec<AtomicU64>> = Arc::new((0..words_for(8)).map(|_| AtomicU64::new(0)).collect());
         assert!(RecordWords::new(&words).unwrap().write(1, 10, None, b"old one!"));
         let writer = {

@@ -17,14 +17,7 @@ use tidecache_core::{Database, Oid, Tid};
 
 #[test]
 fn a_closed_revision_is_never_served_past_its_end() {
-    let mut b = loom::model::Builder::new();
-    b.preemption_bound = Some(
-        std::env::var("LOOM_MAX_PREEMPTIONS")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(2),
-    );
-    b.check(|| {
+    tidecache_loom_tests::check(|| {
         let db: Arc<Database<Vec<u8>>> = Arc::new(Database::new(1 << 20));
         db.attach(Tid(1));
         let store = {
@@ -60,7 +53,7 @@ fn a_closed_revision_is_never_served_past_its_end() {
 
 #[test]
 fn an_open_revision_stored_after_the_report_is_closed_by_the_log() {
-    loom::model(|| {
+    tidecache_loom_tests::check(|| {
         let db: Arc<Database<Vec<u8>>> = Arc::new(Database::new(1 << 20));
         db.attach(Tid(1));
         let late_store = {

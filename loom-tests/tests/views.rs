@@ -10,7 +10,7 @@ use tidecache_core::{Tid, ViewRegistry};
 
 #[test]
 fn low_water_mark_never_passes_a_registered_view() {
-    loom::model(|| {
+    tidecache_loom_tests::check(|| {
         let r = Arc::new(ViewRegistry::new());
         let old = r.register(Tid(5));
         let a = {
