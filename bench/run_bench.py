@@ -28,7 +28,8 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "adapters" / "python" / "tests"))
 
-from conftest import Sidecar  # noqa: E402  (the tests' server fixture)
+from conftest import Sidecar  # noqa: E402  (the tests' server fixtures)
+from conftest import stop_process  # noqa: E402
 from conftest import wait_for_socket  # noqa: E402
 
 STATE = os.urandom(1024)
@@ -62,6 +63,16 @@ def batch_timer(get):
     return run
 
 
+def string_store_timer(set_, get):
+    """Seeds KEYS string keys (``k0``...) with STATE through ``set_`` and
+    returns the batch timer of ``get`` over them (memcached, Redis)."""
+    keys = ["k%d" % k for k in range(KEYS)]
+    for key in keys:
+        set_(key, STATE)
+    assert get(keys[0]) == STATE
+    return batch_timer(lambda k: get(keys[k]))
+
+
 def main():
     results = {"state_bytes": len(STATE), "rounds": ROUNDS, "batch": BATCH, "python": sys.version.split()[0]}
     contenders = {}
@@ -81,11 +92,7 @@ def main():
             sock = os.path.join(tmp, "memcached.sock")
             procs.append(start(["memcached", "-s", sock, "-a", "0600", "-m", "64", "-u", "root"], sock, "memcached"))
             mc = Memcache(sock)
-            for k in range(KEYS):
-                mc.set("k%d" % k, STATE)
-            assert mc.get("k0") == STATE
-            mkeys = ["k%d" % k for k in range(KEYS)]
-            contenders["memcached_pymemcache"] = batch_timer(lambda k: mc.get(mkeys[k]))
+            contenders["memcached_pymemcache"] = string_store_timer(mc.set, mc.get)
         else:
             print("memcached not available: skipped")
 
@@ -95,11 +102,7 @@ def main():
             procs.append(start(["redis-server", "--port", "0", "--unixsocket", sock, "--unixsocketperm", "600",
                                 "--save", "", "--appendonly", "no"], sock, "redis-server"))
             r = redis.Redis(unix_socket_path=sock)
-            for k in range(KEYS):
-                r.set("k%d" % k, STATE)
-            assert r.get("k0") == STATE
-            rkeys = ["k%d" % k for k in range(KEYS)]
-            contenders["redis_redispy"] = batch_timer(lambda k: r.get(rkeys[k]))
+            contenders["redis_redispy"] = string_store_timer(r.set, r.get)
         else:
             print("redis-server not available: skipped")
 
@@ -121,8 +124,7 @@ def main():
         sidecar.stop()
     finally:
         for p in procs:
-            p.terminate()
-            p.wait()
+            stop_process(p)
         shutil.rmtree(tmp, ignore_errors=True)
 
     medians = {name: statistics.median(v) for name, v in samples.items()}
