@@ -58,14 +58,6 @@ impl SizeBound {
         self.capacity
     }
 
-    /// Bytes currently charged to the budget, as moka counts them.
-    pub fn weighted_size(&self) -> u64 {
-        #[cfg(not(loom))]
-        return self.policy.weighted_size();
-        #[cfg(loom)]
-        0
-    }
-
     pub(crate) fn join(&self, evict: Evictor) -> Member {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         if let Ok(mut m) = self.members.write() {

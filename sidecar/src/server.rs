@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -356,7 +356,7 @@ impl Server {
                 };
                 ResponseBody::Attached {
                     state,
-                    horizon: db.stats().horizon.map_or(0, |t| t.0),
+                    horizon: db.cache().horizon().map_or(0, |t| t.0),
                 }
             }
             RequestBody::Lookup { db, view, oids } => {
@@ -422,7 +422,7 @@ impl Server {
                 }
                 ResponseBody::Resynced {
                     restarted,
-                    horizon: db.stats().horizon.map_or(0, |t| t.0),
+                    horizon: db.cache().horizon().map_or(0, |t| t.0),
                 }
             }
             RequestBody::RegisterView { db: name, tid } => {
@@ -488,11 +488,6 @@ impl Server {
             out.databases.insert(name, w);
         }
         out
-    }
-
-    /// The socket path.
-    pub fn socket(&self) -> &Path {
-        &self.config.socket
     }
 }
 

@@ -287,7 +287,6 @@ class TideCacheStorage(MVCCAdapter):
 
     def copyTransactionsFrom(self, other):
         """Copies ``other``'s history in through ``restore`` (reported)."""
-        from ZODB.blob import is_blob_record  # noqa: F401 (ZODB >= 5)
         from ZODB.BaseStorage import copy
         copy(other, self)
 
