@@ -9,6 +9,142 @@ use crate::snapshot::{CacheStats, Hit, SnapshotCache, StoreOutcome};
 use crate::view::{ViewId, ViewRegistry};
 use std::sync::Arc;
 
+/// What a [`DatabaseOf`] needs of its cache: the operations of
+/// [`SnapshotCache`] (in-process, `Arc`-shared states) and of
+/// [`crate::arena::ArenaCache`] (the shared-memory arena), which both apply
+/// the same MVCC rules.
+pub trait Revisions: Send + Sync {
+    /// What a store takes as the state.
+    type State;
+    /// What a hit hands out.
+    type Hit;
+    /// The revision of `oid` visible at `view`, if cached.
+    fn lookup(&self, oid: Oid, view: Tid) -> Option<Self::Hit>;
+    /// Stores a revision loaded at `view` (invariant 3).
+    ///
+    /// # Errors
+    /// [`CoreError::BadStore`].
+    fn store(
+        &self,
+        oid: Oid,
+        serial: Tid,
+        end: Option<Tid>,
+        view: Tid,
+        state: Self::State,
+    ) -> Result<StoreOutcome, CoreError>;
+    /// Applies an invalidation report (invariant 4).
+    ///
+    /// # Errors
+    /// [`CoreError::Gap`], [`CoreError::BadReport`].
+    fn report(&self, from: Tid, to: Tid, changes: &[(Oid, Tid)]) -> Result<Tid, CoreError>;
+    /// Drops open revisions and restarts the log at `at`.
+    fn start_log(&self, at: Tid);
+    /// Drops everything.
+    fn flush(&self);
+    /// Reclaims what ends at or below `low_water` (invariant 5).
+    fn reclaim(&self, low_water: Tid) -> usize;
+    /// The horizon, `None` before the log started.
+    fn horizon(&self) -> Option<Tid>;
+    /// The log's start.
+    fn log_start(&self) -> Option<Tid>;
+    /// Changes in the log.
+    fn log_len(&self) -> usize;
+    /// Counters and sizes.
+    fn stats(&self) -> CacheStats;
+}
+
+impl<S: StateWeight + Send + Sync + 'static> Revisions for SnapshotCache<S> {
+    type State = Arc<S>;
+    type Hit = Hit<S>;
+    fn lookup(&self, oid: Oid, view: Tid) -> Option<Hit<S>> {
+        SnapshotCache::lookup(self, oid, view)
+    }
+    fn store(
+        &self,
+        oid: Oid,
+        serial: Tid,
+        end: Option<Tid>,
+        view: Tid,
+        state: Arc<S>,
+    ) -> Result<StoreOutcome, CoreError> {
+        SnapshotCache::store(self, oid, serial, end, view, state)
+    }
+    fn report(&self, from: Tid, to: Tid, changes: &[(Oid, Tid)]) -> Result<Tid, CoreError> {
+        SnapshotCache::report(self, from, to, changes)
+    }
+    fn start_log(&self, at: Tid) {
+        SnapshotCache::start_log(self, at);
+    }
+    fn flush(&self) {
+        SnapshotCache::flush(self);
+    }
+    fn reclaim(&self, low_water: Tid) -> usize {
+        SnapshotCache::reclaim(self, low_water)
+    }
+    fn horizon(&self) -> Option<Tid> {
+        SnapshotCache::horizon(self)
+    }
+    fn log_start(&self) -> Option<Tid> {
+        SnapshotCache::log_start(self)
+    }
+    fn log_len(&self) -> usize {
+        SnapshotCache::log_len(self)
+    }
+    fn stats(&self) -> CacheStats {
+        SnapshotCache::stats(self)
+    }
+}
+
+#[cfg(not(loom))]
+impl Revisions for crate::arena::ArenaCache {
+    type State = Vec<u8>;
+    type Hit = crate::arena::Found;
+    fn lookup(&self, oid: Oid, view: Tid) -> Option<crate::arena::Found> {
+        crate::arena::ArenaCache::lookup(self, oid, view)
+    }
+    fn store(
+        &self,
+        oid: Oid,
+        serial: Tid,
+        end: Option<Tid>,
+        view: Tid,
+        state: Vec<u8>,
+    ) -> Result<StoreOutcome, CoreError> {
+        crate::arena::ArenaCache::store(self, oid, serial, end, view, &state)
+    }
+    fn report(&self, from: Tid, to: Tid, changes: &[(Oid, Tid)]) -> Result<Tid, CoreError> {
+        crate::arena::ArenaCache::report(self, from, to, changes)
+    }
+    fn start_log(&self, at: Tid) {
+        crate::arena::ArenaCache::start_log(self, at);
+    }
+    fn flush(&self) {
+        crate::arena::ArenaCache::flush(self);
+    }
+    fn reclaim(&self, low_water: Tid) -> usize {
+        crate::arena::ArenaCache::reclaim(self, low_water)
+    }
+    fn horizon(&self) -> Option<Tid> {
+        crate::arena::ArenaCache::horizon(self)
+    }
+    fn log_start(&self) -> Option<Tid> {
+        crate::arena::ArenaCache::log_start(self)
+    }
+    fn log_len(&self) -> usize {
+        crate::arena::ArenaCache::log_len(self)
+    }
+    fn stats(&self) -> CacheStats {
+        crate::arena::ArenaCache::stats(self)
+    }
+}
+
+/// The in-process database: a [`SnapshotCache`] of `Arc<S>` states.
+pub type Database<S> = DatabaseOf<SnapshotCache<S>>;
+
+/// The sidecar's database: its revisions in the shared-memory arena.
+#[cfg(not(loom))]
+pub type SharedDatabase = DatabaseOf<crate::arena::ArenaCache>;
+
 /// What attaching a client did to the database.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AttachOutcome {
@@ -28,8 +164,8 @@ pub enum AttachOutcome {
 }
 
 /// A database's cache, views and log.
-pub struct Database<S> {
-    cache: SnapshotCache<S>,
+pub struct DatabaseOf<C> {
+    cache: C,
     views: ViewRegistry,
     detached: std::sync::atomic::AtomicU64,
 }
@@ -53,7 +189,7 @@ pub struct DatabaseStats {
     pub detached: u64,
 }
 
-impl<S: StateWeight + Send + Sync + 'static> Database<S> {
+impl<S: StateWeight + Send + Sync + 'static> DatabaseOf<SnapshotCache<S>> {
     /// An empty database with a byte budget of its own.
     pub fn new(capacity_bytes: u64) -> Self {
         Self::within(&SizeBound::new(capacity_bytes))
@@ -61,15 +197,23 @@ impl<S: StateWeight + Send + Sync + 'static> Database<S> {
 
     /// An empty database sharing the byte budget `bound` with others.
     pub fn within(bound: &SizeBound) -> Self {
-        Database {
-            cache: SnapshotCache::within(bound),
+        Self::with_cache(SnapshotCache::within(bound))
+    }
+}
+
+impl<C: Revisions> DatabaseOf<C> {
+    /// A database over `cache` (which may already hold revisions: a
+    /// reopened arena).
+    pub fn with_cache(cache: C) -> Self {
+        DatabaseOf {
+            cache,
             views: ViewRegistry::new(),
             detached: Default::default(),
         }
     }
 
-    /// The snapshot cache.
-    pub fn cache(&self) -> &SnapshotCache<S> {
+    /// The cache.
+    pub fn cache(&self) -> &C {
         &self.cache
     }
 
@@ -107,7 +251,7 @@ impl<S: StateWeight + Send + Sync + 'static> Database<S> {
     }
 
     /// See [`SnapshotCache::lookup`].
-    pub fn lookup(&self, oid: Oid, view: Tid) -> Option<Hit<S>> {
+    pub fn lookup(&self, oid: Oid, view: Tid) -> Option<C::Hit> {
         self.cache.lookup(oid, view)
     }
 
@@ -121,7 +265,7 @@ impl<S: StateWeight + Send + Sync + 'static> Database<S> {
         serial: Tid,
         end: Option<Tid>,
         view: Tid,
-        state: Arc<S>,
+        state: C::State,
     ) -> Result<StoreOutcome, CoreError> {
         self.cache.store(oid, serial, end, view, state)
     }

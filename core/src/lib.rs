@@ -28,7 +28,9 @@ pub mod snapshot;
 mod sync;
 pub mod view;
 
-pub use database::{AttachOutcome, Database, DatabaseStats};
+#[cfg(not(loom))]
+pub use database::SharedDatabase;
+pub use database::{AttachOutcome, Database, DatabaseOf, DatabaseStats, Revisions};
 pub use error::CoreError;
 pub use eviction::SizeBound;
 pub use invalidation::InvalidationLog;

@@ -54,6 +54,9 @@ pub enum Refusal {
     BeforeLogStart,
     /// A newer revision of the oid is cached, so "current" is stale.
     Superseded,
+    /// The cache cannot hold it: a state larger than a segment, an oid over
+    /// 48 bits, or a database without a slot (arena only).
+    NotCacheable,
 }
 
 /// What a store did.
@@ -218,49 +221,24 @@ impl<S: StateWeight + Send + Sync + 'static> SnapshotCache<S> {
         state: Arc<S>,
     ) -> Result<StoreOutcome, CoreError> {
         let log = lock(&self.log);
-        let end = match end {
-            Some(e) if e <= serial => {
-                return Err(CoreError::BadStore {
-                    oid,
-                    serial,
-                    reason: "end is not after serial",
+        match plan_store(log.as_ref(), oid, serial, end, view, || {
+            self.index.has_later(oid.0, serial.0)
+        })? {
+            StorePlan::Refuse(r) => {
+                bump(&self.counters.refused, 1);
+                Ok(StoreOutcome::Refused(r))
+            }
+            StorePlan::Insert(end) => {
+                self.insert(oid, serial, end, state);
+                Ok(if end == OPEN {
+                    StoreOutcome::Open
+                } else {
+                    StoreOutcome::Closed(Tid(end))
                 })
             }
-            Some(e) => e,
-            None => {
-                if view < serial {
-                    return Err(CoreError::BadStore {
-                        oid,
-                        serial,
-                        reason: "current at a view older than its serial",
-                    });
-                }
-                let refusal = match &*log {
-                    None => Some(Refusal::LogNotStarted),
-                    Some(l) if view < l.log_start() => Some(Refusal::BeforeLogStart),
-                    Some(_) if self.index.has_later(oid.0, serial.0) => Some(Refusal::Superseded),
-                    Some(_) => None,
-                };
-                if let Some(r) = refusal {
-                    bump(&self.counters.refused, 1);
-                    return Ok(StoreOutcome::Refused(r));
-                }
-                match log.as_ref().and_then(|l| l.first_change_after(oid, view)) {
-                    Some(t) => t,
-                    None => {
-                        self.insert(oid, serial, OPEN, state);
-                        return Ok(StoreOutcome::Open);
-                    }
-                }
-            }
-        };
-        self.insert(oid, serial, end.0, state);
-        Ok(StoreOutcome::Closed(end))
+        }
     }
 
-    /// Indexes a revision; writer lock held. An already indexed revision
-    /// keeps its slot (same oid and serial, same state) and only learns a
-    /// known end.
     fn insert(&self, oid: Oid, serial: Tid, end: u64, state: Arc<S>) {
         bump(&self.counters.stores, 1);
         let known = self.index.get(oid.0, serial.0, |slot| {
@@ -308,17 +286,16 @@ impl<S: StateWeight + Send + Sync + 'static> SnapshotCache<S> {
         let Some(prev) = tid.0.checked_sub(1) else {
             return;
         };
-        let stale = self.index.floor(oid.0, prev, |serial, slot| {
-            let end = slot.end();
-            if end == OPEN {
-                slot.set_end(tid.0);
-                None
-            } else {
-                // A known end after a change that precedes it contradicts
-                // the report: trust neither, drop the revision.
-                (end > tid.0).then_some(serial)
-            }
-        });
+        let stale = self
+            .index
+            .floor(oid.0, prev, |serial, slot| match closing(slot.end(), tid) {
+                Closing::Close => {
+                    slot.set_end(tid.0);
+                    None
+                }
+                Closing::Drop => Some(serial),
+                Closing::Keep => None,
+            });
         if let Some(Some(serial)) = stale {
             self.remove(oid.0, serial);
         }
@@ -421,5 +398,75 @@ impl<S: StateWeight + Send + Sync + 'static> SnapshotCache<S> {
             reclaimed: read(&c.reclaimed),
             evicted: read(&c.evicted),
         }
+    }
+}
+/// What a store becomes, decided against the log (invariant 3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StorePlan {
+    /// Insert with this end ([`OPEN`] for an open revision).
+    Insert(u64),
+    /// Refuse.
+    Refuse(Refusal),
+}
+
+/// The rule every cache applies to a store of `(oid, serial)` loaded at
+/// `view` with `end` (`None`: current at `view`): a closed store needs no
+/// check; an open one needs a log that covers `view`, no later serial of
+/// the oid cached (`has_later`), and is closed at the log's first change of
+/// the oid after `view`, if any.
+///
+/// # Errors
+/// [`CoreError::BadStore`] for an end not after the serial or a view older
+/// than the serial.
+pub(crate) fn plan_store(
+    log: Option<&InvalidationLog>,
+    oid: Oid,
+    serial: Tid,
+    end: Option<Tid>,
+    view: Tid,
+    has_later: impl FnOnce() -> bool,
+) -> Result<StorePlan, CoreError> {
+    match end {
+        Some(e) if e <= serial => Err(CoreError::BadStore {
+            oid,
+            serial,
+            reason: "end is not after serial",
+        }),
+        Some(e) => Ok(StorePlan::Insert(e.0)),
+        None if view < serial => Err(CoreError::BadStore {
+            oid,
+            serial,
+            reason: "current at a view older than its serial",
+        }),
+        None => Ok(match log {
+            None => StorePlan::Refuse(Refusal::LogNotStarted),
+            Some(l) if view < l.log_start() => StorePlan::Refuse(Refusal::BeforeLogStart),
+            Some(_) if has_later() => StorePlan::Refuse(Refusal::Superseded),
+            Some(l) => StorePlan::Insert(l.first_change_after(oid, view).map_or(OPEN, |t| t.0)),
+        }),
+    }
+}
+
+/// What a reported change at `tid` does to the newest cached revision of
+/// its oid with a serial before `tid`, whose end is `end`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Closing {
+    /// It was open: it ends at `tid`.
+    Close,
+    /// It is known to end after `tid`, which contradicts the report: trust
+    /// neither, drop the revision.
+    Drop,
+    /// It already ends at or before `tid`.
+    Keep,
+}
+
+/// See [`Closing`].
+pub(crate) fn closing(end: u64, tid: Tid) -> Closing {
+    if end == OPEN {
+        Closing::Close
+    } else if end > tid.0 {
+        Closing::Drop
+    } else {
+        Closing::Keep
     }
 }

@@ -1,4 +1,5 @@
-//! Property tests of the snapshot cache against a reference model.
+//! Property tests of both caches (the in-process `SnapshotCache` and the
+//! shared-memory `ArenaCache`) against a reference model.
 //!
 //! The model is the whole history of a small database, kept plainly: every
 //! revision of every oid, in commit order. Its `load_before` is exact. Random
@@ -15,7 +16,107 @@ use proptest::prelude::*;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use tidecache_core::{CoreError, Database, Oid, StoreOutcome, Tid, ViewId, ENTRY_OVERHEAD};
+use tidecache_core::arena::{ArenaCache, ArenaWriter, Geometry, Memory, SharedArena};
+use tidecache_core::{
+    CoreError, DatabaseOf, Hit, Oid, Revisions, SnapshotCache, StoreOutcome, Tid, ViewId, ENTRY_OVERHEAD,
+};
+
+/// A hit of either cache: serial, end, state.
+trait Answer {
+    fn parts(&self) -> (u64, Option<u64>, &[u8]);
+}
+
+impl Answer for Hit<Vec<u8>> {
+    fn parts(&self) -> (u64, Option<u64>, &[u8]) {
+        (self.serial.0, self.end.map(|t| t.0), &self.state)
+    }
+}
+
+impl Answer for tidecache_core::arena::Found {
+    fn parts(&self) -> (u64, Option<u64>, &[u8]) {
+        (self.serial, self.end, &self.state)
+    }
+}
+
+/// What the model needs of a cache beyond [`Revisions`].
+trait UnderTest: Revisions<State = Vec<u8>> + Sized
+where
+    Self::Hit: Answer,
+{
+    fn evict(&self, oid: Oid, serial: Tid);
+    fn settle(&self) {}
+}
+
+impl UnderTest for ArenaCache {
+    fn evict(&self, oid: Oid, serial: Tid) {
+        ArenaCache::evict(self, oid, serial);
+    }
+}
+
+/// The in-process cache, adapted to `Vec<u8>` states.
+struct InProcess(SnapshotCache<Vec<u8>>);
+
+impl Revisions for InProcess {
+    type State = Vec<u8>;
+    type Hit = Hit<Vec<u8>>;
+    fn lookup(&self, oid: Oid, view: Tid) -> Option<Self::Hit> {
+        self.0.lookup(oid, view)
+    }
+    fn store(
+        &self,
+        oid: Oid,
+        serial: Tid,
+        end: Option<Tid>,
+        view: Tid,
+        state: Vec<u8>,
+    ) -> Result<StoreOutcome, CoreError> {
+        self.0.store(oid, serial, end, view, Arc::new(state))
+    }
+    fn report(&self, from: Tid, to: Tid, changes: &[(Oid, Tid)]) -> Result<Tid, CoreError> {
+        self.0.report(from, to, changes)
+    }
+    fn start_log(&self, at: Tid) {
+        self.0.start_log(at);
+    }
+    fn flush(&self) {
+        self.0.flush();
+    }
+    fn reclaim(&self, low_water: Tid) -> usize {
+        self.0.reclaim(low_water)
+    }
+    fn horizon(&self) -> Option<Tid> {
+        self.0.horizon()
+    }
+    fn log_start(&self) -> Option<Tid> {
+        self.0.log_start()
+    }
+    fn log_len(&self) -> usize {
+        self.0.log_len()
+    }
+    fn stats(&self) -> tidecache_core::CacheStats {
+        self.0.stats()
+    }
+}
+
+impl UnderTest for InProcess {
+    fn evict(&self, oid: Oid, serial: Tid) {
+        self.0.evict(oid, serial);
+    }
+    fn settle(&self) {
+        self.0.run_pending_tasks();
+    }
+}
+
+fn in_process(capacity: u64) -> DatabaseOf<InProcess> {
+    DatabaseOf::with_cache(InProcess(SnapshotCache::new(capacity)))
+}
+
+/// An arena of `segments` segments of `segment_words` words.
+fn in_arena(segments: u64, segment_words: u64) -> DatabaseOf<ArenaCache> {
+    let g = Geometry::small(segments, segment_words);
+    let writer = ArenaWriter::create(Arc::new(Memory::heap(g.file_bytes)), g, 1);
+    DatabaseOf::with_cache(SharedArena::new(writer).database("model").unwrap())
+}
 
 const OIDS: u64 = 6;
 
@@ -139,10 +240,12 @@ static OPEN_HITS: AtomicU64 = AtomicU64::new(0);
 static LOOKUPS: AtomicU64 = AtomicU64::new(0);
 
 /// Runs one program; returns Err with a description of the first wrong hit.
-fn run(ops: &[Op], capacity: u64) -> Result<(), TestCaseError> {
+fn run<C: UnderTest>(ops: &[Op], db: DatabaseOf<C>) -> Result<(), TestCaseError>
+where
+    C::Hit: Answer,
+{
     let mut h = History::default();
     h.commit(1, &[0, 1, 2]);
-    let db: Database<Vec<u8>> = Database::new(capacity);
     // The first client attaches with lastTransaction = 1.
     db.attach(Tid(h.last));
     let mut reported = 0usize; // transactions delivered in reports
@@ -212,7 +315,7 @@ fn run(ops: &[Op], capacity: u64) -> Result<(), TestCaseError> {
                     Tid(s.serial),
                     s.end.map(Tid),
                     Tid(s.view),
-                    Arc::new(state_of(s.oid, s.serial)),
+                    state_of(s.oid, s.serial),
                 );
                 prop_assert!(out.is_ok(), "a true store was refused as malformed: {:?}", out);
                 if let (Ok(StoreOutcome::Closed(end)), None) = (out, s.end) {
@@ -231,24 +334,25 @@ fn run(ops: &[Op], capacity: u64) -> Result<(), TestCaseError> {
                 };
                 LOOKUPS.fetch_add(1, Ordering::Relaxed);
                 if let Some(hit) = db.lookup(Oid(oid), Tid(view)) {
+                    let (serial, end, state) = hit.parts();
                     HITS.fetch_add(1, Ordering::Relaxed);
-                    if hit.end.is_none() {
+                    if end.is_none() {
                         OPEN_HITS.fetch_add(1, Ordering::Relaxed);
                     }
                     prop_assert!(view <= h.last, "hit at view {} beyond the last commit {}", view, h.last);
                     let truth = h.load_before(oid, view);
                     prop_assert_eq!(
                         truth.map(|t| t.0),
-                        Some(hit.serial.0),
+                        Some(serial),
                         "wrong hit for oid {} at view {}",
                         oid,
                         view
                     );
-                    prop_assert_eq!(&*hit.state, &state_of(oid, hit.serial.0));
-                    if let Some(end) = hit.end {
+                    prop_assert_eq!(state, &state_of(oid, serial)[..]);
+                    if let Some(end) = end {
                         prop_assert_eq!(
                             truth.and_then(|t| t.1),
-                            Some(end.0),
+                            Some(end),
                             "wrong end for oid {} at view {}",
                             oid,
                             view
@@ -288,10 +392,10 @@ fn run(ops: &[Op], capacity: u64) -> Result<(), TestCaseError> {
             }
             Op::Evict { oid, view } => {
                 if let Some(hit) = db.lookup(Oid(oid), Tid(view % (h.last + 1))) {
-                    db.cache().evict(Oid(oid), hit.serial);
+                    db.cache().evict(Oid(oid), Tid(hit.parts().0));
                 }
             }
-            Op::Settle => db.cache().run_pending_tasks(),
+            Op::Settle => db.cache().settle(),
             Op::Resync => {
                 // The client lost invalidations (ZEO's invalidateCache) and
                 // restarts from its lastTransaction.
@@ -328,13 +432,25 @@ proptest! {
     /// Zero wrong hits, with room for everything.
     #[test]
     fn every_hit_equals_load_before(ops in prop::collection::vec(op(), 1..80)) {
-        run(&ops, 1 << 20)?;
+        run(&ops, in_process(1 << 20))?;
     }
 
     /// Zero wrong hits while the size bound evicts (room for ~4 revisions).
     #[test]
     fn every_hit_equals_load_before_under_eviction(ops in prop::collection::vec(op(), 1..80)) {
-        run(&ops, 4 * (ENTRY_OVERHEAD as u64 + 32))?;
+        run(&ops, in_process(4 * (ENTRY_OVERHEAD as u64 + 32)))?;
+    }
+
+    /// The arena, with room for everything.
+    #[test]
+    fn every_arena_hit_equals_load_before(ops in prop::collection::vec(op(), 1..80)) {
+        run(&ops, in_arena(8, 4096))?;
+    }
+
+    /// The arena while it recycles segments: 8 segments of 3 records each.
+    #[test]
+    fn every_arena_hit_equals_load_before_under_eviction(ops in prop::collection::vec(op(), 1..80)) {
+        run(&ops, in_arena(8, 40))?;
     }
 }
 
@@ -355,7 +471,8 @@ fn the_model_test_is_not_vacuous() {
             .new_tree(&mut runner)
             .unwrap()
             .current();
-        run(&ops, 1 << 20).unwrap();
+        run(&ops, in_process(1 << 20)).unwrap();
+        run(&ops, in_arena(8, 4096)).unwrap();
     }
     let hits = HITS.load(Ordering::Relaxed) - h0;
     let lookups = LOOKUPS.load(Ordering::Relaxed) - l0;

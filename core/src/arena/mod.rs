@@ -1,8 +1,29 @@
-//! Building blocks of a cache kept in memory that other processes read
-//! without locks: [`record`], a revision stored in atomic words and guarded
-//! by a sequence word, so that a reader copying it while the single writer
-//! reuses its space gets either a whole record or nothing.
+//! The shared-memory arena: revisions and their index in one mapped file
+//! that the sidecar writes and every worker process reads without a lock
+//! or a system call.
+//!
+//! - [`layout`]: the file's layout (version [`layout::LAYOUT_VERSION`]),
+//!   word by word, and the pure functions writer and readers share.
+//! - [`reader`]: the validated, lock-free lookup.
+//! - [`writer`]: [`ArenaWriter`], the single writer: databases, records,
+//!   chains, S3-FIFO eviction.
+//! - [`cache`]: [`ArenaCache`], one database's revisions in the arena
+//!   under the MVCC rules, and [`SharedArena`], the arena they share.
+//! - [`memory`]: [`Memory`], the words: a mapped file (read-write for the
+//!   sidecar, read-only for clients) or, for tests and loom, the heap.
+//! - [`record`]: a standalone seqlock-guarded record (kept as the minimal
+//!   model of the validation protocol).
 
+pub mod cache;
+pub mod layout;
+pub mod memory;
+pub mod reader;
 pub mod record;
+pub mod writer;
 
+pub use cache::{ArenaCache, SharedArena};
+pub use layout::{Geometry, LayoutError};
+pub use memory::Memory;
+pub use reader::{Found, Miss};
 pub use record::{Record, RecordHeader, RecordWords, HEADER_WORDS};
+pub use writer::{ArenaStats, ArenaWriter, NotWritten, Policy, RecordInfo};

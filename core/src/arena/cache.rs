@@ -1,0 +1,463 @@
+//! [`ArenaCache`]: one database's revisions in the shared arena, under the
+//! same MVCC rules as [`crate::SnapshotCache`] (the rules themselves live in
+//! `snapshot.rs` and are shared: `plan_store`, `closing`).
+//!
+//! Every database of a sidecar has its own invalidation log and a slot in
+//! the one [`SharedArena`]. Lock order: a database's log, then the arena's
+//! writer. Lookups take no lock (see [`super::reader`]).
+
+use super::layout::OPEN;
+use super::reader::{self, Found};
+use super::writer::{ArenaStats, ArenaWriter};
+use super::{Geometry, Memory};
+use crate::error::CoreError;
+use crate::invalidation::InvalidationLog;
+use crate::revision::{Oid, Tid};
+use crate::snapshot::{closing, plan_store, CacheStats, Closing, Refusal, StoreOutcome, StorePlan};
+use crate::sync::{lock, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// The arena of a sidecar: its memory and its single writer.
+pub struct SharedArena {
+    memory: Arc<Memory>,
+    geometry: Geometry,
+    writer: Mutex<ArenaWriter>,
+}
+
+impl SharedArena {
+    /// Shares `writer`'s arena.
+    pub fn new(writer: ArenaWriter) -> Arc<Self> {
+        Arc::new(SharedArena {
+            memory: writer.memory().clone(),
+            geometry: *writer.geometry(),
+            writer: Mutex::new(writer),
+        })
+    }
+
+    /// The arena's geometry.
+    pub fn geometry(&self) -> &Geometry {
+        &self.geometry
+    }
+
+    /// The writer, locked.
+    pub fn writer(&self) -> MutexGuard<'_, ArenaWriter> {
+        lock(&self.writer)
+    }
+
+    /// The cache of database `key`, in the slot that holds it already (a
+    /// reopened file: its log restarts at the persisted horizon, so closed
+    /// revisions answer at once and open ones up to that horizon) or a free
+    /// one. `None` when every slot is taken.
+    pub fn database(self: &Arc<Self>, key: &str) -> Option<ArenaCache> {
+        let mut w = self.writer();
+        let slot = w.attach_database(key)?;
+        let horizon = w.horizon(slot);
+        drop(w);
+        Some(ArenaCache {
+            arena: self.clone(),
+            slot,
+            log: Mutex::new((horizon != 0).then(|| InvalidationLog::starting_at(Tid(horizon)))),
+            counters: Counters::default(),
+        })
+    }
+
+    /// Counts reads of revisions `(oid, serial)` of slot `slot` (hits a
+    /// client reported): eviction keeps what is read.
+    pub fn touch(&self, slot: u8, revisions: &[(u64, u64)]) {
+        let w = self.writer();
+        for &(oid, serial) in revisions {
+            w.touch(slot, oid, serial);
+        }
+    }
+
+    /// Sizes and counters of the whole arena.
+    pub fn stats(&self) -> ArenaStats {
+        self.writer().stats()
+    }
+}
+
+#[derive(Default)]
+struct Counters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    stores: AtomicU64,
+    refused: AtomicU64,
+    invalidations: AtomicU64,
+    reclaimed: AtomicU64,
+}
+
+fn bump(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+/// One database's cache in a [`SharedArena`].
+pub struct ArenaCache {
+    arena: Arc<SharedArena>,
+    slot: u8,
+    log: Mutex<Option<InvalidationLog>>,
+    counters: Counters,
+}
+
+impl ArenaCache {
+    /// The database's slot in the arena (clients look up with it).
+    pub fn slot(&self) -> u8 {
+        self.slot
+    }
+
+    /// The arena.
+    pub fn arena(&self) -> &Arc<SharedArena> {
+        &self.arena
+    }
+
+    /// The revision of `oid` visible at `view`, as a client reads it.
+    pub fn lookup(&self, oid: Oid, view: Tid) -> Option<Found> {
+        let found = reader::lookup(
+            self.arena.memory.words(),
+            &self.arena.geometry,
+            self.slot,
+            oid.0,
+            view.0,
+        )
+        .ok();
+        match &found {
+            Some(f) => {
+                bump(&self.counters.hits, 1);
+                self.arena.touch(self.slot, &[(oid.0, f.serial)]);
+            }
+            None => bump(&self.counters.misses, 1),
+        }
+        found
+    }
+
+    /// Stores a revision loaded at `view` (rules of
+    /// [`crate::SnapshotCache::store`], invariant 3).
+    ///
+    /// # Errors
+    /// [`CoreError::BadStore`].
+    pub fn store(
+        &self,
+        oid: Oid,
+        serial: Tid,
+        end: Option<Tid>,
+        view: Tid,
+        state: &[u8],
+    ) -> Result<StoreOutcome, CoreError> {
+        let log = lock(&self.log);
+        let mut w = self.arena.writer();
+        let known = w.revisions(self.slot, oid.0);
+        let plan = plan_store(log.as_ref(), oid, serial, end, view, || {
+            known.iter().any(|&(_, s, _)| s > serial.0)
+        })?;
+        let end = match plan {
+            StorePlan::Refuse(r) => {
+                bump(&self.counters.refused, 1);
+                return Ok(StoreOutcome::Refused(r));
+            }
+            StorePlan::Insert(end) => end,
+        };
+        if let Some(&(at, _, known_end)) = known.iter().find(|&&(_, s, _)| s == serial.0) {
+            if end != OPEN && known_end == OPEN {
+                w.set_end(at, end);
+            }
+        } else if w.insert(self.slot, oid.0, serial.0, end, state).is_err() {
+            bump(&self.counters.refused, 1);
+            return Ok(StoreOutcome::Refused(Refusal::NotCacheable));
+        }
+        bump(&self.counters.stores, 1);
+        Ok(if end == OPEN {
+            StoreOutcome::Open
+        } else {
+            StoreOutcome::Closed(Tid(end))
+        })
+    }
+
+    /// Applies an invalidation report (invariant 4): closes the revisions it
+    /// ends, then publishes the new horizon in the arena.
+    ///
+    /// # Errors
+    /// [`CoreError::Gap`], [`CoreError::BadReport`].
+    pub fn report(&self, from: Tid, to: Tid, changes: &[(Oid, Tid)]) -> Result<Tid, CoreError> {
+        let mut guard = lock(&self.log);
+        let log = guard.as_mut().ok_or(CoreError::Gap {
+            from,
+            horizon: Tid::ZERO,
+        })?;
+        let horizon = log.apply(from, to, changes)?;
+        let mut w = self.arena.writer();
+        let mut sorted = changes.to_vec();
+        sorted.sort_by_key(|&(oid, tid)| (tid, oid));
+        for (oid, tid) in sorted {
+            let floor = w
+                .revisions(self.slot, oid.0)
+                .into_iter()
+                .filter(|&(_, s, _)| s < tid.0)
+                .max_by_key(|&(_, s, _)| s);
+            if let Some((at, _, end)) = floor {
+                match closing(end, tid) {
+                    Closing::Close => w.set_end(at, tid.0),
+                    Closing::Drop => w.remove(at),
+                    Closing::Keep => {}
+                }
+            }
+        }
+        bump(&self.counters.invalidations, changes.len() as u64);
+        w.publish_horizon(self.slot, horizon.0);
+        Ok(horizon)
+    }
+
+    /// Restarts the log at `at`: open revisions are dropped first (their
+    /// validity after the old horizon is unknown), then the horizon moves.
+    pub fn start_log(&self, at: Tid) {
+        let mut log = lock(&self.log);
+        let mut w = self.arena.writer();
+        let slot = self.slot;
+        w.remove_where(|r| r.slot == slot && r.end == OPEN);
+        *log = Some(InvalidationLog::starting_at(at));
+        w.publish_horizon(slot, at.0);
+    }
+
+    /// Drops everything of this database (a pack, a restored backup).
+    pub fn flush(&self) {
+        let mut log = lock(&self.log);
+        *log = None;
+        self.arena.writer().flush_database(self.slot);
+    }
+
+    /// Truncates the log below `low_water` and lets eviction drop closed
+    /// revisions that end at or below it (invariant 5). Returns 0: the
+    /// arena reclaims lazily, segment by segment.
+    pub fn reclaim(&self, low_water: Tid) -> usize {
+        let mut log = lock(&self.log);
+        let Some(l) = log.as_mut() else { return 0 };
+        let low_water = low_water.min(l.horizon());
+        l.truncate(low_water);
+        self.arena.writer().set_low_water(self.slot, low_water.0);
+        0
+    }
+
+    /// Evicts one revision, as the arena's eviction would (tests, tools).
+    pub fn evict(&self, oid: Oid, serial: Tid) {
+        let _log = lock(&self.log);
+        let mut w = self.arena.writer();
+        if let Some(&(at, _, _)) = w.revisions(self.slot, oid.0).iter().find(|r| r.1 == serial.0) {
+            w.remove(at);
+        }
+    }
+
+    /// Frees the database's slot (the sidecar dropped the database).
+    pub fn release(&self) {
+        let _log = lock(&self.log);
+        self.arena.writer().release_database(self.slot);
+    }
+
+    /// The horizon, `None` before the log started.
+    pub fn horizon(&self) -> Option<Tid> {
+        lock(&self.log).as_ref().map(InvalidationLog::horizon)
+    }
+
+    /// The log's start, `None` before the log started.
+    pub fn log_start(&self) -> Option<Tid> {
+        lock(&self.log).as_ref().map(InvalidationLog::log_start)
+    }
+
+    /// Changes held in the log.
+    pub fn log_len(&self) -> usize {
+        lock(&self.log).as_ref().map_or(0, InvalidationLog::len)
+    }
+
+    /// Counters and sizes (entries and bytes of this database's slot).
+    pub fn stats(&self) -> CacheStats {
+        let c = &self.counters;
+        let (entries, bytes) = self.arena.writer().slot_usage(self.slot);
+        let read = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        CacheStats {
+            entries,
+            bytes,
+            capacity: self.arena.geometry.file_bytes,
+            hits: read(&c.hits),
+            misses: read(&c.misses),
+            stores: read(&c.stores),
+            refused: read(&c.refused),
+            invalidations: read(&c.invalidations),
+            reclaimed: read(&c.reclaimed),
+            evicted: 0,
+        }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::arena::layout;
+
+    fn arena(segments: u64, segment_words: u64) -> Arc<SharedArena> {
+        let g = Geometry::small(segments, segment_words);
+        SharedArena::new(ArenaWriter::create(Arc::new(Memory::heap(g.file_bytes)), g, 7))
+    }
+
+    fn state(oid: u64) -> Vec<u8> {
+        vec![oid as u8; 40]
+    }
+
+    #[test]
+    fn a_stored_revision_is_read_back_and_closed_by_a_report() {
+        let a = arena(8, 4096);
+        let db = a.database("db").unwrap();
+        db.start_log(Tid(10));
+        assert_eq!(
+            db.store(Oid(1), Tid(5), None, Tid(10), &state(1)),
+            Ok(StoreOutcome::Open)
+        );
+        let hit = db.lookup(Oid(1), Tid(10)).unwrap();
+        assert_eq!((hit.serial, hit.end, hit.state), (5, None, state(1)));
+        assert!(
+            db.lookup(Oid(1), Tid(11)).is_none(),
+            "open revisions stop at the horizon"
+        );
+        assert!(db.lookup(Oid(1), Tid(4)).is_none());
+        db.report(Tid(10), Tid(12), &[(Oid(1), Tid(12))]).unwrap();
+        assert_eq!(db.lookup(Oid(1), Tid(11)).unwrap().end, Some(12));
+        assert!(db.lookup(Oid(1), Tid(12)).is_none());
+        // Another database never sees it.
+        let other = a.database("other").unwrap();
+        other.start_log(Tid(10));
+        assert!(other.lookup(Oid(1), Tid(10)).is_none());
+        // A flush drops it at once.
+        db.flush();
+        assert!(db.lookup(Oid(1), Tid(11)).is_none());
+        assert_eq!(a.stats().entries, 0);
+    }
+
+    #[test]
+    fn eviction_recycles_segments_and_keeps_what_is_read() {
+        // 16 segments of ~7 records: room for ~100 of the 1,000 stored.
+        let a = arena(16, 4 + 7 * 10);
+        let db = a.database("db").unwrap();
+        db.start_log(Tid(1));
+        for oid in 0..1000u64 {
+            db.store(Oid(oid), Tid(1), None, Tid(1), &state(oid)).unwrap();
+            // Oids 0..10 are read after every store.
+            for hot in 0..10u64.min(oid + 1) {
+                assert_eq!(
+                    db.lookup(Oid(hot), Tid(1)).map(|f| f.state),
+                    Some(state(hot)),
+                    "hot oid {hot}"
+                );
+            }
+        }
+        let s = a.stats();
+        assert!(s.evicted > 800, "{s:?}");
+        assert!(s.promoted > 0 && s.main_segments > 0, "{s:?}");
+        assert_eq!(s.small_segments + s.main_segments + s.free_segments, 16);
+        // Everything still linked reads back whole.
+        let found = (0..1000u64).filter(|&o| db.lookup(Oid(o), Tid(1)).is_some()).count() as u64;
+        assert_eq!(found, s.entries);
+    }
+
+    #[test]
+    fn a_pointer_into_a_recycled_segment_is_a_miss() {
+        let a = arena(8, 4 + 10);
+        let db = a.database("db").unwrap();
+        db.start_log(Tid(1));
+        db.store(Oid(1), Tid(1), None, Tid(1), &state(1)).unwrap();
+        let g = *a.geometry();
+        let key = layout::key(db.slot(), 1, 1).unwrap();
+        let bucket = g.bucket_word_of(key);
+        let stale = a.memory.words()[bucket].load(Ordering::Relaxed);
+        // Fill the arena with other oids until oid 1's segment is reused.
+        for oid in 2..200u64 {
+            db.store(Oid(oid), Tid(1), None, Tid(1), &state(oid)).unwrap();
+        }
+        assert!(db.lookup(Oid(1), Tid(1)).is_none(), "evicted");
+        // Put the stale pointer back: the reader must refuse it.
+        a.memory.words()[bucket].store(stale, Ordering::Relaxed);
+        assert_eq!(
+            reader::lookup(a.memory.words(), &g, db.slot(), 1, 1),
+            Err(reader::Miss::Invalid)
+        );
+    }
+
+    #[test]
+    fn a_flipped_byte_in_a_record_is_a_miss() {
+        let a = arena(8, 4096);
+        let db = a.database("db").unwrap();
+        db.start_log(Tid(1));
+        db.store(Oid(1), Tid(1), None, Tid(1), &state(1)).unwrap();
+        let (at, _, _) = a.writer().revisions(db.slot(), 1)[0];
+        for word in [
+            layout::record::SERIAL,
+            layout::record::END,
+            layout::RECORD_HEADER_WORDS + 2,
+        ] {
+            let w = &a.memory.words()[at + word];
+            let v = w.load(Ordering::Relaxed);
+            w.store(v ^ 0x100, Ordering::Relaxed);
+            assert!(db.lookup(Oid(1), Tid(1)).is_none(), "word {word} flipped");
+            w.store(v, Ordering::Relaxed);
+            assert!(db.lookup(Oid(1), Tid(1)).is_some());
+        }
+    }
+
+    #[test]
+    fn resync_drops_open_revisions_only() {
+        let a = arena(8, 4096);
+        let db = a.database("db").unwrap();
+        db.start_log(Tid(10));
+        db.store(Oid(1), Tid(5), None, Tid(10), &state(1)).unwrap();
+        db.store(Oid(2), Tid(5), Some(Tid(8)), Tid(10), &state(2)).unwrap();
+        db.start_log(Tid(20));
+        assert!(db.lookup(Oid(1), Tid(10)).is_none());
+        assert!(db.lookup(Oid(2), Tid(7)).is_some());
+        assert_eq!(a.stats().entries, 1);
+    }
+
+    /// Real threads: the writer commits, reports and stores into a small
+    /// arena that keeps recycling segments while readers look up at views
+    /// up to the published horizon; every hit must be the revision visible
+    /// at its view, whole.
+    #[test]
+    fn readers_racing_the_writer_never_get_a_wrong_hit() {
+        use std::sync::atomic::AtomicBool;
+        const N: u64 = 37;
+        let a = arena(8, 4 + 4 * 10);
+        let db = Arc::new(a.database("db").unwrap());
+        db.start_log(Tid(1));
+        let stop = Arc::new(AtomicBool::new(false));
+        let content =
+            |oid: u64, serial: u64| -> Vec<u8> { (0..40).map(|i| (oid * 7 + serial * 13 + i) as u8).collect() };
+        let readers: Vec<_> = (0..2)
+            .map(|r| {
+                let (a, db, stop) = (a.clone(), db.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let mut hits = 0u64;
+                    let mut x = r as u64 + 1;
+                    while !stop.load(Ordering::Relaxed) {
+                        let Some((_, h)) = reader::database(a.memory.words(), &a.geometry, db.slot()) else {
+                            continue;
+                        };
+                        x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                        let view = h.saturating_sub((x >> 33) % 8);
+                        let oid = (x >> 20) % N;
+                        if let Ok(f) = reader::lookup(a.memory.words(), &a.geometry, db.slot(), oid, view) {
+                            // Revisions of `oid` are the tids t with t % N == oid.
+                            let expected = view - (view + N - oid) % N;
+                            assert_eq!(f.serial, expected, "oid {oid} at view {view}");
+                            assert_eq!(f.state, content(oid, f.serial), "torn state");
+                            hits += 1;
+                        }
+                    }
+                    hits
+                })
+            })
+            .collect();
+        for t in 2..40_000u64 {
+            db.report(Tid(t - 1), Tid(t), &[(Oid(t % N), Tid(t))]).unwrap();
+            db.store(Oid(t % N), Tid(t), None, Tid(t), &content(t % N, t)).unwrap();
+        }
+        stop.store(true, Ordering::Relaxed);
+        let hits: u64 = readers.into_iter().map(|r| r.join().unwrap()).sum();
+        assert!(hits > 0);
+        assert!(a.stats().evicted > 10_000, "{:?}", a.stats());
+    }
+}

@@ -1,0 +1,126 @@
+//! The lock-free read path: finds the revision of an oid visible at a view
+//! in an arena's words, as any process that maps the file does, without a
+//! system call and without writing anything.
+//!
+//! Validation, in order (anything that fails is a miss):
+//!
+//! 1. the header's `LIVE` word is 1;
+//! 2. the database slot is in use; its horizon `H` is loaded (Acquire)
+//!    *before* any record, so every closing the writer made before
+//!    publishing `H` is seen (the same protocol as `SnapshotCache`);
+//! 3. each pointer followed is in bounds and its segment's generation word
+//!    (Acquire) still holds the pointer's generation;
+//! 4. after copying a record (header, and state when it matches), an
+//!    Acquire fence and a second load of the generation must give the same
+//!    value: the segment was not recycled during the copy (a seqlock per
+//!    segment; H.-J. Boehm, "Can seqlocks get along with programming
+//!    language memory models?", MSPC 2012);
+//! 5. the record's CRC-32 (key, serial, end, length, state) matches;
+//! 6. the revision is visible: `serial <= V` and either `V < end`, or the
+//!    revision is open and `V <= H` (invariants 1 and 2).
+//!
+//! Records are written once; the writer changes a linked record in place
+//! only to close it (`end`, then the CRC word) or to relink its `next`. A
+//! reader that sees a mix of old and new `end`/CRC fails step 5.
+
+use super::layout::{self, db_slot, header, record, segment, Geometry, OPEN};
+use crate::sync::{fence, AtomicU64, Ordering};
+
+/// A revision found by a lookup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    /// Serial of the revision.
+    pub serial: u64,
+    /// End of its validity, `None` while it is current.
+    pub end: Option<u64>,
+    /// The state.
+    pub state: Vec<u8>,
+}
+
+/// Why a lookup missed, for counters and tests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Miss {
+    /// The arena is retired or not yet live.
+    NotLive,
+    /// The database slot is free or has no horizon yet.
+    NoDatabase,
+    /// The oid is over 48 bits.
+    OidTooLarge,
+    /// No revision of the oid visible at the view is cached.
+    Absent,
+    /// A record could not be validated (recycled segment, torn copy, CRC).
+    Invalid,
+}
+
+/// The current state word and horizon of database slot `slot`: `None` if
+/// the slot is free.
+pub fn database(words: &[AtomicU64], g: &Geometry, slot: u8) -> Option<(u8, u64)> {
+    let base = g.db_slot_word(slot);
+    let horizon = words[base + db_slot::HORIZON].load(Ordering::Acquire);
+    let state = words[base + db_slot::STATE].load(Ordering::Acquire);
+    (state >> 8 == 1).then_some((state as u8, horizon))
+}
+
+/// Looks up the revision of `oid` visible at `view` in database slot
+/// `slot`; `Err` says why it missed.
+pub fn lookup(words: &[AtomicU64], g: &Geometry, slot: u8, oid: u64, view: u64) -> Result<Found, Miss> {
+    if words[header::LIVE].load(Ordering::Acquire) != 1 {
+        return Err(Miss::NotLive);
+    }
+    let (generation, horizon) = database(words, g, slot).ok_or(Miss::NoDatabase)?;
+    if horizon == 0 {
+        return Err(Miss::NoDatabase);
+    }
+    let key = layout::key(slot, generation, oid).ok_or(Miss::OidTooLarge)?;
+    let mut p = words[g.bucket_word_of(key)].load(Ordering::Acquire);
+    for _ in 0..layout::MAX_CHAIN {
+        if p == 0 {
+            return Err(Miss::Absent);
+        }
+        let (pgen, offset) = layout::unpoint(p);
+        let seg = g.locate(offset).ok_or(Miss::Invalid)?;
+        let gen_word = &words[g.segment_word(seg) + segment::GENERATION];
+        let g1 = gen_word.load(Ordering::Acquire);
+        if g1 & 0xffff_ffff != pgen || g1 & 1 == 1 {
+            return Err(Miss::Invalid);
+        }
+        let at = (g.data_word + offset) as usize;
+        let next = words[at + record::NEXT].load(Ordering::Acquire);
+        let rkey = words[at + record::KEY].load(Ordering::Relaxed);
+        let serial = words[at + record::SERIAL].load(Ordering::Relaxed);
+        let end = words[at + record::END].load(Ordering::Relaxed);
+        let lencrc = words[at + record::LENGTH].load(Ordering::Relaxed);
+        let visible = rkey == key && serial <= view && if end == OPEN { view <= horizon } else { view < end };
+        if !visible {
+            fence(Ordering::Acquire);
+            if gen_word.load(Ordering::Relaxed) != g1 {
+                return Err(Miss::Invalid);
+            }
+            p = next;
+            continue;
+        }
+        let len = (lencrc & layout::LENGTH_MASK) as usize;
+        let state_words = len.div_ceil(8);
+        if offset % g.segment_words + (layout::RECORD_HEADER_WORDS + state_words) as u64 > g.segment_words {
+            return Err(Miss::Invalid);
+        }
+        let mut state = Vec::with_capacity(state_words * 8);
+        for w in &words[at + layout::RECORD_HEADER_WORDS..at + layout::RECORD_HEADER_WORDS + state_words] {
+            state.extend_from_slice(&w.load(Ordering::Relaxed).to_ne_bytes());
+        }
+        state.truncate(len);
+        fence(Ordering::Acquire);
+        if gen_word.load(Ordering::Relaxed) != g1 {
+            return Err(Miss::Invalid);
+        }
+        if layout::record_crc(rkey, serial, end, &state) != (lencrc >> 32) as u32 {
+            return Err(Miss::Invalid);
+        }
+        return Ok(Found {
+            serial,
+            end: (end != OPEN).then_some(end),
+            state,
+        });
+    }
+    Err(Miss::Invalid)
+}
