@@ -26,4 +26,4 @@ pub use layout::{Geometry, LayoutError};
 pub use memory::Memory;
 pub use reader::{Found, Miss};
 pub use record::{Record, RecordHeader, RecordWords, HEADER_WORDS};
-pub use writer::{ArenaStats, ArenaWriter, NotWritten, Policy, RecordInfo};
+pub use writer::{ArenaStats, ArenaWriter, NotWritten, Policy, RecordInfo, Recovered};

@@ -31,7 +31,7 @@
 //! a new, even generation (then a Release fence) before any word of it is
 //! overwritten, so every pointer made before is stale.
 
-use super::layout::{self, db_slot, header, record, segment, Geometry, Ring, OPEN};
+use super::layout::{self, db_slot, header, record, segment, Geometry, LayoutError, Ring, OPEN};
 use super::reader;
 use super::Memory;
 use crate::sync::{fence, AtomicU64, Ordering};
@@ -191,6 +191,122 @@ impl ArenaWriter {
         let mut writer = Self::empty(memory, g);
         writer.free = (0..g.segments).rev().collect();
         writer
+    }
+
+    /// Re-attaches an arena file a previous sidecar left (a restart, also
+    /// after `kill -9`): checks the header, keeps the database slots whose
+    /// CRC matches (a damaged slot is freed, its revisions unreachable),
+    /// rebuilds the rings from the segments' order words and counts the
+    /// records. Record CRCs and links are verified afterwards, segment by
+    /// segment, by [`ArenaWriter::verify_segment`], while the arena serves
+    /// (a reader validates every record it reads anyway).
+    ///
+    /// # Errors
+    /// A [`LayoutError`] if the header is not a valid version-1 header for
+    /// a file of this length.
+    pub fn recover(memory: Arc<Memory>, incarnation: u64) -> Result<(Self, Recovered), LayoutError> {
+        let g = Geometry::read(memory.words(), memory.len_bytes())?;
+        let w = memory.words();
+        w[header::LIVE].store(0, Ordering::Release);
+        let mut writer = Self::empty(memory.clone(), g);
+        let mut report = Recovered::default();
+        for slot in 0..g.db_slots as u8 {
+            let base = g.db_slot_word(slot);
+            let state = w[base + db_slot::STATE].load(Ordering::Relaxed);
+            if state >> 8 != 1 {
+                continue;
+            }
+            if w[base + db_slot::CRC].load(Ordering::Relaxed) != u64::from(slot_crc(w, &g, slot)) {
+                w[base + db_slot::STATE].store(state & 0xff, Ordering::Release);
+                w[base + db_slot::HORIZON].store(0, Ordering::Release);
+                writer.seal_slot(slot);
+                report.damaged_databases += 1;
+            } else {
+                report.databases += 1;
+            }
+        }
+        let mut rings: Vec<(u64, Ring, u64)> = Vec::new();
+        for seg in 0..g.segments {
+            let base = g.segment_word(seg);
+            let generation = w[base + segment::GENERATION].load(Ordering::Relaxed);
+            let meta = w[base + segment::META].load(Ordering::Relaxed);
+            let ring = match meta & 0xff {
+                1 => Ring::Small,
+                2 => Ring::Main,
+                _ => Ring::Free,
+            };
+            if generation & 1 == 1 || ring == Ring::Free {
+                // Free, or left mid-recycling: nothing in it is linked
+                // safely any more. Odd, so pointers into it miss.
+                w[base + segment::GENERATION].store(generation | 1, Ordering::Release);
+                w[base + segment::META].store(0, Ordering::Relaxed);
+                writer.free.push(seg);
+            } else {
+                rings.push((meta >> 8, ring, seg));
+            }
+        }
+        rings.sort_unstable_by_key(|&(order, _, seg)| (order, seg));
+        for &(order, ring, seg) in &rings {
+            writer.order = writer.order.max(order);
+            match ring {
+                Ring::Small => writer.small.push_back(seg),
+                _ => writer.main.push_back(seg),
+            }
+            let mut counted = Vec::new();
+            writer.each_record(seg, |at, h| {
+                if !h.unlinked() {
+                    counted.push((h.key, h.len(), at));
+                }
+            });
+            for (key, len, _) in counted {
+                writer.account(key, len, 1);
+                writer.count_in(ring, 1);
+                report.records += 1;
+            }
+        }
+        report.segments = rings.len() as u64;
+        w[header::INCARNATION].store(incarnation, Ordering::Relaxed);
+        w[header::LIVE].store(1, Ordering::Release);
+        Ok((writer, report))
+    }
+
+    /// The segments in use, oldest first (what a restart verifies).
+    pub fn segments_in_use(&self) -> Vec<u64> {
+        self.small.iter().chain(self.main.iter()).copied().collect()
+    }
+
+    /// Verifies every record of segment `seg` after a restart: a record
+    /// whose CRC fails, whose database slot is no longer in use at its
+    /// generation, or that is not linked from its chain (a store cut short)
+    /// is unlinked and forgotten. Returns `(checked, discarded)`.
+    pub fn verify_segment(&mut self, seg: u64) -> (u64, u64) {
+        if !self.small.contains(&seg) && !self.main.contains(&seg) {
+            return (0, 0);
+        }
+        let mut records = Vec::new();
+        self.each_record(seg, |at, h| {
+            if !h.unlinked() {
+                records.push((at, h));
+            }
+        });
+        let mut bad = 0;
+        for &(at, h) in &records {
+            let sound = layout::record_crc(h.key, h.serial, h.end, &self.state_at(at, h.len()))
+                == (h.length >> 32) as u32
+                && self.worth_keeping(&Header { end: OPEN, ..h });
+            let linked = self.chain(h.key).iter().any(|&(_, a)| a == at);
+            if !sound && linked {
+                self.remove(at);
+                bad += 1;
+            } else if !linked {
+                self.w()[at + record::LENGTH].fetch_or(layout::UNLINKED, Ordering::Relaxed);
+                self.account(h.key, h.len(), -1);
+                let ring = self.ring_of(at);
+                self.count_in(ring, -1);
+                bad += 1;
+            }
+        }
+        (records.len() as u64, bad)
     }
 
     fn empty(memory: Arc<Memory>, g: Geometry) -> Self {
@@ -767,6 +883,19 @@ impl ArenaWriter {
     pub fn lookup(&self, slot: u8, oid: u64, view: u64) -> Result<reader::Found, reader::Miss> {
         reader::lookup(self.w(), &self.g, slot, oid, view)
     }
+}
+
+/// What [`ArenaWriter::recover`] found.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Recovered {
+    /// Database slots kept.
+    pub databases: u64,
+    /// Database slots freed because their CRC failed.
+    pub damaged_databases: u64,
+    /// Segments in use.
+    pub segments: u64,
+    /// Records counted (not yet verified).
+    pub records: u64,
 }
 
 /// What [`ArenaWriter::remove_where`] shows of a record.
