@@ -26,10 +26,22 @@ enum Command {
         /// file is replaced; a live one is an error.
         #[arg(long)]
         socket: PathBuf,
-        /// Memory for cached states, MiB, all databases together (states
-        /// plus ~256 bytes of bookkeeping per revision).
+        /// Size of the arena, MiB, all databases together: states plus 40
+        /// bytes per revision, the bucket array (about 1/128 of it) and the
+        /// database table. Between 1 and 32768.
         #[arg(long, default_value_t = 256)]
         memory_mb: u64,
+        /// Arena file. Default: /dev/shm/tidecache-<uid>-<hash of the socket
+        /// path>.arena (memory that outlives the process, not a reboot). A
+        /// file on a real disk also survives a reboot. A sound file of the
+        /// same size is re-attached at start (warm restart); any other is
+        /// discarded and recreated.
+        #[arg(long)]
+        cache_file: Option<PathBuf>,
+        /// Group whose members may use the socket (mode 0660) and map the
+        /// arena (0640). Default: the owner only (0600 both).
+        #[arg(long)]
+        group: Option<String>,
         /// Largest request accepted, MiB; a larger frame gets an error and
         /// its connection is closed.
         #[arg(long, default_value_t = 64)]
@@ -62,6 +74,8 @@ fn main() -> ExitCode {
         Command::Serve {
             socket,
             memory_mb,
+            cache_file,
+            group,
             max_frame_mb,
             max_databases,
             reclaim_interval_ms,
@@ -74,14 +88,31 @@ fn main() -> ExitCode {
                 .with_env_filter(filter)
                 .with_writer(std::io::stderr)
                 .init();
+            let group = match group.as_deref().map(group_id).transpose() {
+                Ok(g) => g,
+                Err(e) => {
+                    eprintln!("tidecached: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let cache_file = cache_file.unwrap_or_else(|| default_cache_file(&socket));
             let server = Server::new(ServerConfig {
                 socket: socket.clone(),
                 memory_bytes: memory_mb << 20,
+                cache_file,
+                group,
                 max_frame: max_frame_mb << 20,
                 max_databases,
                 reclaim_interval: Duration::from_millis(reclaim_interval_ms.max(1)),
                 max_log_changes,
             });
+            let server = match server {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("tidecached: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
             let listener = match server.bind() {
                 Ok(l) => l,
                 Err(e) => {
@@ -132,4 +163,36 @@ fn remove_socket_on_signal(socket: PathBuf) -> std::io::Result<()> {
         }
     })?;
     Ok(())
+}
+
+/// `/dev/shm/tidecache-<uid>-<CRC-32 of the socket path>.arena`, or the
+/// socket's path plus `.arena` where there is no /dev/shm.
+fn default_cache_file(socket: &std::path::Path) -> PathBuf {
+    let shm = std::path::Path::new("/dev/shm");
+    if !shm.is_dir() {
+        let mut p = socket.as_os_str().to_owned();
+        p.push(".arena");
+        return PathBuf::from(p);
+    }
+    let absolute = std::path::absolute(socket).unwrap_or_else(|_| socket.to_path_buf());
+    let hash = crc32fast::hash(absolute.as_os_str().as_encoded_bytes());
+    // SAFETY: getuid cannot fail.
+    let uid = unsafe { libc::getuid() };
+    shm.join(format!("tidecache-{uid}-{hash:08x}.arena"))
+}
+
+/// The id of group `name` (or a number).
+fn group_id(name: &str) -> Result<u32, String> {
+    if let Ok(gid) = name.parse() {
+        return Ok(gid);
+    }
+    let c = std::ffi::CString::new(name).map_err(|_| format!("bad group name {name:?}"))?;
+    // SAFETY: getgrnam reads a NUL-terminated string and returns a pointer
+    // to static storage or null; it is read at once, on this thread only.
+    let entry = unsafe { libc::getgrnam(c.as_ptr()) };
+    if entry.is_null() {
+        return Err(format!("no group named {name:?}"));
+    }
+    // SAFETY: non-null, as checked.
+    Ok(unsafe { (*entry).gr_gid })
 }

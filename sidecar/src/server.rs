@@ -11,13 +11,14 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tidecache_client::protocol::{
-    self, encode, AttachState, DatabaseStats as WireStats, ErrorCode, Found, Request, RequestBody, Response,
-    ResponseBody, ServerStats, PROTOCOL_VERSION,
+    self, encode, ArenaInfo, ArenaStats as WireArenaStats, AttachState, DatabaseStats as WireStats, ErrorCode, Found,
+    Request, RequestBody, Response, ResponseBody, ServerStats, PROTOCOL_VERSION,
 };
-use tidecache_core::{AttachOutcome, CoreError, Database, Oid, SizeBound, StoreOutcome, Tid, ViewId};
+use tidecache_core::arena::{ArenaWriter, Geometry, LayoutError, Memory, SharedArena};
+use tidecache_core::{AttachOutcome, CoreError, Oid, SharedDatabase, StoreOutcome, Tid, ViewId};
 
 /// Errors that stop the sidecar from starting or serving.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +39,9 @@ pub enum SidecarError {
     /// The socket path exists and is not a socket: refusing to remove it.
     #[error("{0} exists and is not a socket; refusing to replace it")]
     NotASocket(PathBuf),
+    /// The arena cannot be laid out (size out of range).
+    #[error("arena: {0}")]
+    Arena(LayoutError),
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> SidecarError {
@@ -52,8 +56,13 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> SidecarError 
 pub struct ServerConfig {
     /// Path of the Unix socket (created mode 0600).
     pub socket: PathBuf,
-    /// Byte budget for all databases together.
+    /// Size of the arena file: the byte budget of all databases together.
     pub memory_bytes: u64,
+    /// Path of the arena file (on /dev/shm unless `--cache-file`).
+    pub cache_file: PathBuf,
+    /// Group allowed to read the arena and use the socket (mode 0640 and
+    /// 0660); `None`: the owner only (0600).
+    pub group: Option<u32>,
     /// Largest frame body accepted, bytes.
     pub max_frame: usize,
     /// Most databases served at once.
@@ -65,7 +74,7 @@ pub struct ServerConfig {
     pub max_log_changes: usize,
 }
 
-type Db = Arc<Database<Vec<u8>>>;
+type Db = Arc<SharedDatabase>;
 
 /// A database and the number of client connections attached to it.
 struct Entry {
@@ -76,22 +85,40 @@ struct Entry {
 /// The sidecar's state, shared by every connection thread.
 pub struct Server {
     config: ServerConfig,
-    bound: SizeBound,
+    arena: Arc<SharedArena>,
+    arena_info: ArenaInfo,
+    /// Segments of a reopened file still to verify, and records discarded.
+    verification: Mutex<(Vec<u64>, u64)>,
     databases: RwLock<HashMap<String, Entry>>,
     clients: AtomicU64,
     started: Instant,
 }
 
 impl Server {
-    /// A server with no database yet.
-    pub fn new(config: ServerConfig) -> Arc<Self> {
-        Arc::new(Server {
-            bound: SizeBound::new(config.memory_bytes),
+    /// A server over the arena at `config.cache_file`: the file a previous
+    /// run left is re-attached if it is sound and of the same size (a warm
+    /// restart: its databases serve at once, its records are verified in
+    /// the background by [`Server::serve`]); otherwise it is discarded, with
+    /// the reason in the log, and a new one created.
+    ///
+    /// # Errors
+    /// [`SidecarError::Arena`] if the size is out of range,
+    /// [`SidecarError::Io`] if the file cannot be created or mapped.
+    pub fn new(config: ServerConfig) -> Result<Arc<Self>, SidecarError> {
+        let (arena, unverified) = open_arena(&config)?;
+        let incarnation = arena.writer().incarnation();
+        Ok(Arc::new(Server {
+            arena_info: ArenaInfo {
+                path: config.cache_file.display().to_string(),
+                incarnation,
+            },
+            arena,
+            verification: Mutex::new((unverified, 0)),
             config,
             databases: RwLock::default(),
             clients: AtomicU64::new(0),
             started: Instant::now(),
-        })
+        }))
     }
 
     /// Binds the socket, mode 0600. A stale socket file (nobody answers on
@@ -119,8 +146,16 @@ impl Server {
         // SAFETY: as above, restoring the previous mask.
         unsafe { libc::umask(old) };
         let listener = bound.map_err(io_err(format!("binding {}", path.display())))?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-            .map_err(io_err(format!("chmod 0600 {}", path.display())))?;
+        let mode = match self.config.group {
+            Some(gid) => {
+                std::os::unix::fs::chown(path, None, Some(gid))
+                    .map_err(io_err(format!("chown :{gid} {}", path.display())))?;
+                0o660
+            }
+            None => 0o600,
+        };
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+            .map_err(io_err(format!("chmod {mode:o} {}", path.display())))?;
         Ok(listener)
     }
 
@@ -131,8 +166,13 @@ impl Server {
         let _ = std::thread::Builder::new()
             .name("reclaim".into())
             .spawn(move || me.reclaim_loop());
+        let me = self.clone();
+        let _ = std::thread::Builder::new()
+            .name("verify".into())
+            .spawn(move || me.verify());
         tracing::info!(
             socket = %self.config.socket.display(),
+            cache_file = %self.config.cache_file.display(),
             memory_mb = self.config.memory_bytes >> 20,
             "tidecached serving"
         );
@@ -153,6 +193,51 @@ impl Server {
                 }
             }
         }
+    }
+
+    /// Verifies the records of a reopened arena, one segment per lock
+    /// hold, logging progress: service goes on meanwhile (readers validate
+    /// every record anyway; this removes the damaged ones for good).
+    pub fn verify(&self) {
+        let total = self.verification.lock().unwrap_or_else(|p| p.into_inner()).0.len();
+        if total == 0 {
+            return;
+        }
+        let started = Instant::now();
+        let (mut checked, mut discarded, mut done) = (0u64, 0u64, 0usize);
+        let mut last_log = Instant::now();
+        loop {
+            let seg = {
+                let mut v = self.verification.lock().unwrap_or_else(|p| p.into_inner());
+                v.1 = discarded;
+                match v.0.pop() {
+                    Some(s) => s,
+                    None => break,
+                }
+            };
+            let (c, d) = self.arena.writer().verify_segment(seg);
+            checked += c;
+            discarded += d;
+            done += 1;
+            if last_log.elapsed() >= Duration::from_secs(1) {
+                tracing::info!(
+                    segments = done,
+                    of = total,
+                    records = checked,
+                    discarded,
+                    "verifying the reopened arena"
+                );
+                last_log = Instant::now();
+            }
+        }
+        self.verification.lock().unwrap_or_else(|p| p.into_inner()).1 = discarded;
+        tracing::info!(
+            segments = total,
+            records = checked,
+            discarded,
+            ms = started.elapsed().as_millis() as u64,
+            "reopened arena verified"
+        );
     }
 
     fn reclaim_loop(&self) {
@@ -191,7 +276,12 @@ impl Server {
         }
         if dbs.len() >= self.config.max_databases {
             let before = dbs.len();
-            dbs.retain(|_, e| e.attached > 0);
+            dbs.retain(|_, e| {
+                if e.attached == 0 {
+                    e.db.cache().release();
+                }
+                e.attached > 0
+            });
             tracing::info!(
                 dropped = before - dbs.len(),
                 "dropped databases no client is attached to"
@@ -203,8 +293,18 @@ impl Server {
                 format!("already serving {} attached databases (--max-databases)", dbs.len()),
             ));
         }
-        tracing::info!(db = %name, "new database");
-        let db = Arc::new(Database::within(&self.bound));
+        let Some(cache) = self.arena.database(name) else {
+            return Err(error(
+                ErrorCode::Limit,
+                "every database slot of the arena is taken (--max-databases)".into(),
+            ));
+        };
+        match cache.horizon() {
+            Some(h) => tracing::info!(db = %name, slot = cache.slot(), horizon = %h,
+                "database re-attached from the arena file: closed revisions serve now, open ones up to its horizon"),
+            None => tracing::info!(db = %name, slot = cache.slot(), "new database"),
+        }
+        let db = Arc::new(SharedDatabase::with_cache(cache));
         dbs.insert(
             name.to_owned(),
             Entry {
@@ -314,6 +414,7 @@ impl Server {
                             ResponseBody::Hello {
                                 version: PROTOCOL_VERSION,
                                 server,
+                                arena: self.arena_info.clone(),
                             },
                         )?;
                         continue;
@@ -357,6 +458,7 @@ impl Server {
                 ResponseBody::Attached {
                     state,
                     horizon: db.cache().horizon().map_or(0, |t| t.0),
+                    slot: db.cache().slot(),
                 }
             }
             RequestBody::Lookup { db, view, oids } => {
@@ -371,9 +473,9 @@ impl Server {
                         let hit = db.lookup(Oid(oid), Tid(view))?;
                         budget = budget.checked_sub(hit.state.len() + 32)?;
                         Some(Found {
-                            serial: hit.serial.0,
-                            end: hit.end.map(|t| t.0),
-                            state: hit.state.as_ref().clone(),
+                            serial: hit.serial,
+                            end: hit.end,
+                            state: hit.state,
                         })
                     })
                     .collect();
@@ -383,13 +485,7 @@ impl Server {
                 let db = self.database(&db)?;
                 let (mut kept, mut refused) = (0, 0);
                 for r in revisions {
-                    let out = db.store(
-                        Oid(r.oid),
-                        Tid(r.serial),
-                        r.end.map(Tid),
-                        Tid(r.view),
-                        Arc::new(r.state),
-                    );
+                    let out = db.store(Oid(r.oid), Tid(r.serial), r.end.map(Tid), Tid(r.view), r.state);
                     match out.map_err(core_error)? {
                         StoreOutcome::Refused(_) => refused += 1,
                         _ => kept += 1,
@@ -423,6 +519,7 @@ impl Server {
                 ResponseBody::Resynced {
                     restarted,
                     horizon: db.cache().horizon().map_or(0, |t| t.0),
+                    slot: db.cache().slot(),
                 }
             }
             RequestBody::RegisterView { db: name, tid } => {
@@ -452,6 +549,11 @@ impl Server {
                 ResponseBody::Done
             }
             RequestBody::Stats => ResponseBody::Stats(self.stats()),
+            RequestBody::Touch { db, revisions } => {
+                let db = self.database(&db)?;
+                self.arena.touch(db.cache().slot(), &revisions);
+                ResponseBody::Done
+            }
         })
     }
 
@@ -461,7 +563,8 @@ impl Server {
             server: format!("tidecached {}", env!("CARGO_PKG_VERSION")),
             uptime_s: self.started.elapsed().as_secs(),
             clients: self.clients.load(Ordering::Relaxed),
-            capacity_bytes: self.bound.capacity(),
+            capacity_bytes: self.config.memory_bytes,
+            arena: self.arena_stats(),
             ..ServerStats::default()
         };
         for (name, db) in self.snapshot_databases() {
@@ -488,6 +591,99 @@ impl Server {
             out.databases.insert(name, w);
         }
         out
+    }
+}
+
+impl Server {
+    /// Where clients find the arena (the Hello answer).
+    pub fn arena_info(&self) -> &ArenaInfo {
+        &self.arena_info
+    }
+
+    fn arena_stats(&self) -> WireArenaStats {
+        let a = self.arena.stats();
+        let (unverified, discarded) = {
+            let v = self.verification.lock().unwrap_or_else(|p| p.into_inner());
+            (v.0.len() as u64, v.1)
+        };
+        WireArenaStats {
+            path: self.arena_info.path.clone(),
+            file_bytes: a.file_bytes,
+            entries: a.entries,
+            state_bytes: a.state_bytes,
+            record_bytes: a.record_bytes,
+            small_segments: a.small_segments,
+            main_segments: a.main_segments,
+            free_segments: a.free_segments,
+            inserted: a.inserted,
+            evicted: a.evicted,
+            promoted: a.promoted,
+            reinserted: a.reinserted,
+            ghost_hits: a.ghost_hits,
+            removed: a.removed,
+            unverified_segments: unverified,
+            discarded,
+        }
+    }
+}
+
+/// Opens the arena: re-attaches a sound file of the configured size, else
+/// discards it (logging why) and creates a new one. Returns the arena and
+/// the segments still to verify.
+fn open_arena(config: &ServerConfig) -> Result<(Arc<SharedArena>, Vec<u64>), SidecarError> {
+    let path = &config.cache_file;
+    let geometry = Geometry::for_size(config.memory_bytes, config.max_databases as u64).map_err(SidecarError::Arena)?;
+    let incarnation = fastrand::u64(1..);
+    if path.exists() {
+        let started = Instant::now();
+        let reopened = Memory::open_file(path, config.group)
+            .map_err(|e| e.to_string())
+            .and_then(|m| {
+                let m = Arc::new(m);
+                match Geometry::read(m.words(), m.len_bytes()) {
+                    Ok(g) if g != geometry => Err(format!(
+                        "it is {} MiB for {} databases, this run asks for {} MiB for {}",
+                        g.file_bytes >> 20,
+                        g.db_slots,
+                        geometry.file_bytes >> 20,
+                        geometry.db_slots
+                    )),
+                    Ok(_) => ArenaWriter::recover(m, incarnation).map_err(|e: LayoutError| e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                }
+            });
+        match reopened {
+            Ok((writer, found)) => {
+                tracing::info!(
+                    cache_file = %path.display(), databases = found.databases,
+                    damaged_databases = found.damaged_databases, segments = found.segments,
+                    records = found.records, ms = started.elapsed().as_millis() as u64,
+                    "re-attached the arena file left by the previous run; verifying its records in the background"
+                );
+                let unverified = writer.segments_in_use();
+                return Ok((SharedArena::new(writer), unverified));
+            }
+            Err(reason) => {
+                tracing::warn!(cache_file = %path.display(), %reason, "discarding the arena file; starting empty");
+                retire(path);
+            }
+        }
+    }
+    let memory = Memory::create_file(path, geometry.file_bytes, config.group)
+        .map_err(io_err(format!("creating the arena file {}", path.display())))?;
+    let writer = ArenaWriter::create(Arc::new(memory), geometry, incarnation);
+    Ok((SharedArena::new(writer), Vec::new()))
+}
+
+/// Clears the LIVE word of a discarded arena file before it is unlinked, so
+/// processes that still map it stop reading it (their lookups miss).
+fn retire(path: &std::path::Path) {
+    use std::os::unix::fs::FileExt;
+    let offset = tidecache_core::arena::layout::header::LIVE as u64 * 8;
+    if let Ok(f) = std::fs::OpenOptions::new().write(true).open(path) {
+        if f.metadata().map(|m| m.len() >= offset + 8).unwrap_or(false) {
+            let _ = f.write_all_at(&0u64.to_ne_bytes(), offset);
+        }
     }
 }
 

@@ -40,14 +40,14 @@ fn a_stopped_sidecar_costs_one_timeout_then_nothing() {
         assert!(Instant::now() < deadline, "tidecached did not stop");
         std::thread::sleep(Duration::from_millis(1));
     }
+    // Lookups read the arena: no socket, so they do not notice...
+    assert_eq!(c.lookup("db", 1, vec![1]).unwrap(), vec![None]);
+    // ...until a call that uses the socket times out.
     let t = Instant::now();
-    assert!(matches!(
-        c.lookup("db", 1, vec![1]),
-        Err(ClientError::Unavailable { .. })
-    ));
+    assert!(matches!(c.stats(), Err(ClientError::Unavailable { .. })));
     let first = t.elapsed();
     let t = Instant::now();
-    assert!(c.lookup("db", 1, vec![1]).is_err());
+    assert!(c.lookup("db", 1, vec![1]).is_err(), "down: lookups miss too");
     let second = t.elapsed();
     unsafe { libc::kill(pid, libc::SIGCONT) };
     // The configured bound is 50 ms; allow scheduling noise on a busy machine.
@@ -66,7 +66,8 @@ fn the_client_reconnects_after_a_restart_and_re_registers_its_views() {
     c.report("db", 10, 15, vec![(1, 12)]).unwrap();
     let view = c.register_view("db", 15);
     let (dir, socket) = sc.kill();
-    assert!(c.lookup("db", 15, vec![1]).is_err());
+    assert!(c.stats().is_err());
+    assert!(c.lookup("db", 15, vec![1]).is_err(), "down: lookups miss");
     let sc = Sidecar::start_at(dir, socket, &[]);
     let deadline = Instant::now() + Duration::from_secs(5);
     let stats = loop {

@@ -14,6 +14,19 @@ use tidecache_client::protocol::{
 };
 use tidecache_client::{Client, ClientConfig};
 
+/// Looks up over the socket and in the mapped arena: both must agree.
+fn both(
+    c: &Client,
+    db: &str,
+    view: u64,
+    oids: Vec<u64>,
+) -> Result<Vec<Option<tidecache_client::protocol::Found>>, tidecache_client::ClientError> {
+    let remote = c.lookup_remote(db, view, oids.clone())?;
+    let local = c.lookup(db, view, oids)?;
+    assert_eq!(remote, local, "the socket and the arena disagree at view {view}");
+    Ok(remote)
+}
+
 fn raw(socket: &std::path::Path) -> UnixStream {
     let s = UnixStream::connect(socket).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -99,24 +112,24 @@ fn store_lookup_report_follow_the_mvcc_rules() {
         .unwrap(),
         (2, 0)
     );
-    let r = c.lookup("db", 10, vec![1, 2, 3]).unwrap();
+    let r = both(&c, "db", 10, vec![1, 2, 3]).unwrap();
     assert_eq!(r[0].as_ref().unwrap().state, b"one");
     assert!(r[1].is_none(), "(2, 5) ends at 8: not visible at 10");
     assert!(r[2].is_none());
-    assert_eq!(c.lookup("db", 7, vec![2]).unwrap()[0].as_ref().unwrap().state, b"two");
+    assert_eq!(both(&c, "db", 7, vec![2]).unwrap()[0].as_ref().unwrap().state, b"two");
     // An open revision does not answer past the horizon (invariant 2).
-    assert!(c.lookup("db", 11, vec![1]).unwrap()[0].is_none());
+    assert!(both(&c, "db", 11, vec![1]).unwrap()[0].is_none());
     // Oid 1 changes at 12: visible at 11, not at 12.
     assert_eq!(c.report("db", 10, 12, vec![(1, 12)]).unwrap(), 12);
-    assert!(c.lookup("db", 11, vec![1]).unwrap()[0].is_some());
-    assert!(c.lookup("db", 12, vec![1]).unwrap()[0].is_none());
+    assert!(both(&c, "db", 11, vec![1]).unwrap()[0].is_some());
+    assert!(both(&c, "db", 12, vec![1]).unwrap()[0].is_none());
     // A late store of the stale revision is closed by the log (invariant 3).
     c.store("db", vec![item(3, 9, None, 10, b"three")]).unwrap();
     c.report("db", 12, 13, vec![(3, 13)]).unwrap();
     c.store("db", vec![item(3, 9, None, 11, b"three")]).unwrap();
-    assert!(c.lookup("db", 13, vec![3]).unwrap()[0].is_none());
+    assert!(both(&c, "db", 13, vec![3]).unwrap()[0].is_none());
     // Databases do not share anything (invariant 7).
-    assert!(c.lookup("other", 10, vec![1]).unwrap()[0].is_none());
+    assert!(both(&c, "other", 10, vec![1]).unwrap()[0].is_none());
 
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tidecached"))
         .args(["stats", "--socket"])
@@ -369,7 +382,7 @@ fn a_lookup_answer_stays_within_half_a_frame_extra_oids_miss() {
     c.store("db", vec![item(1, 10, None, 10, &big)]).unwrap();
     // 20 copies of a 100 KiB revision would be 2 MiB: only what fits in
     // half a frame (512 KiB) is answered, the rest are misses.
-    let r = c.lookup("db", 10, vec![1; 20]).unwrap();
+    let r = c.lookup_remote("db", 10, vec![1; 20]).unwrap();
     let hits = r.iter().filter(|f| f.is_some()).count();
     assert_eq!(hits, 5, "{hits} hits");
     assert!(r[..5].iter().all(|f| f.as_ref().unwrap().state == big));

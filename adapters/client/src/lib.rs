@@ -8,8 +8,14 @@
 //! re-attaches its databases with `Resync` (never a flush) and re-registers
 //! its views.
 //!
-//! [`StoreQueue`] sends stores in batches from a background thread, off the
-//! caller's path.
+//! Lookups do not use the socket: the sidecar's Hello names its arena file,
+//! which the client maps read-only, and [`Client::lookup_local`] finds the
+//! revision visible at a view there, validated, without a system call
+//! (`tidecache_core::arena::reader`). Attach and Resync answers give each
+//! database's slot in the arena. While the connection is down, lookups miss.
+//!
+//! [`StoreQueue`] sends stores (and sampled hits, so eviction keeps what is
+//! read) in batches from a background thread, off the caller's path.
 
 #![warn(missing_docs)]
 
@@ -26,8 +32,9 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+use tidecache_core::arena::{reader, Geometry, Memory};
 
 /// Errors of the client. Callers treat every one as a miss.
 #[derive(Debug, thiserror::Error)]
@@ -97,6 +104,62 @@ impl ClientConfig {
     }
 }
 
+/// The sidecar's arena, mapped read-only.
+pub struct MappedArena {
+    memory: Memory,
+    geometry: Geometry,
+    incarnation: u64,
+}
+
+impl MappedArena {
+    /// Maps the arena at `path` and checks its header (layout version,
+    /// checksum, length) and that it is live with `incarnation`.
+    ///
+    /// # Errors
+    /// A sentence saying why it cannot be used.
+    pub fn open(path: &std::path::Path, incarnation: u64) -> Result<Self, String> {
+        use tidecache_core::arena::layout::header;
+        let memory = Memory::map_read_only(path).map_err(|e| e.to_string())?;
+        let geometry = Geometry::read(memory.words(), memory.len_bytes()).map_err(|e| e.to_string())?;
+        let found = memory.words()[header::INCARNATION].load(std::sync::atomic::Ordering::Acquire);
+        if found != incarnation {
+            return Err(format!("incarnation {found:#x}, the sidecar serves {incarnation:#x}"));
+        }
+        Ok(MappedArena {
+            memory,
+            geometry,
+            incarnation,
+        })
+    }
+
+    /// The revision of `oid` visible at `view` in database slot `slot`.
+    ///
+    /// # Errors
+    /// Why it missed.
+    pub fn lookup(&self, slot: u8, oid: u64, view: u64) -> Result<reader::Found, reader::Miss> {
+        reader::lookup(self.memory.words(), &self.geometry, slot, oid, view)
+    }
+}
+
+/// What lookups read without the connection's lock: the mapped arena and
+/// the slot of each attached database, replaced whole on every change.
+#[derive(Default)]
+struct Plane {
+    arena: Option<Arc<MappedArena>>,
+    slots: HashMap<String, u8>,
+}
+
+/// The result of [`Client::lookup_local`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Local {
+    /// The revision visible at the view.
+    Hit(Found),
+    /// Not in the arena (or not valid there): load from the storage.
+    Miss,
+    /// No arena to read (not connected, not attached, file not mappable).
+    Unavailable,
+}
+
 struct View {
     db: String,
     tid: u64,
@@ -116,6 +179,10 @@ struct State {
     closed: bool,
     /// Process that opened `conn`: after a fork the child must not share it.
     pid: u32,
+    /// The arena mapped at the last Hello.
+    mapped: Option<Arc<MappedArena>>,
+    /// Slots of the databases attached on this connection.
+    slots: HashMap<String, u8>,
 }
 
 /// A connection to `tidecached` that reconnects by itself. Thread-safe:
@@ -123,6 +190,7 @@ struct State {
 pub struct Client {
     config: ClientConfig,
     state: Mutex<State>,
+    plane: arc_swap::ArcSwap<Plane>,
 }
 
 impl Client {
@@ -131,7 +199,45 @@ impl Client {
         Client {
             config,
             state: Mutex::new(State::default()),
+            plane: arc_swap::ArcSwap::from_pointee(Plane::default()),
         }
+    }
+
+    /// Publishes what lookups may use: the arena and slots while connected,
+    /// nothing otherwise.
+    fn publish(&self, st: &State) {
+        let plane = match (&st.conn, &st.mapped) {
+            (Some(_), Some(arena)) => Plane {
+                arena: Some(arena.clone()),
+                slots: st.slots.clone(),
+            },
+            _ => Plane::default(),
+        };
+        self.plane.store(Arc::new(plane));
+    }
+
+    /// Looks up `oid` at `view` in `db` in the mapped arena: no lock, no
+    /// system call.
+    pub fn lookup_local(&self, db: &str, oid: u64, view: u64) -> Local {
+        let plane = self.plane.load();
+        let (Some(arena), Some(&slot)) = (&plane.arena, plane.slots.get(db)) else {
+            return Local::Unavailable;
+        };
+        match arena.lookup(slot, oid, view) {
+            Ok(f) => Local::Hit(Found {
+                serial: f.serial,
+                end: f.end,
+                state: f.state,
+            }),
+            Err(_) => Local::Miss,
+        }
+    }
+
+    /// The mapped arena and the slot of `db`, while connected and attached
+    /// (for adapters that read it directly).
+    pub fn arena_for(&self, db: &str) -> Option<(Arc<MappedArena>, u8)> {
+        let plane = self.plane.load();
+        Some((plane.arena.clone()?, *plane.slots.get(db)?))
     }
 
     /// The configuration.
@@ -214,6 +320,8 @@ impl Client {
         for v in st.views.values_mut() {
             v.remote = None;
         }
+        st.slots.clear();
+        self.publish(st);
     }
 
     /// Connects if needed: Hello, then `Resync` of every attached database
@@ -228,6 +336,7 @@ impl Client {
             st.conn = None;
             st.views.clear();
             st.down_until = None;
+            st.slots.clear();
         }
         if st.conn.is_some() {
             return Ok(());
@@ -255,7 +364,17 @@ impl Client {
             client: self.config.name.clone(),
         };
         match self.exchange(st, hello) {
-            Ok(ResponseBody::Hello { version, .. }) if version == PROTOCOL_VERSION => {}
+            Ok(ResponseBody::Hello { version, arena, .. }) if version == PROTOCOL_VERSION => {
+                if st.mapped.as_ref().map(|m| m.incarnation) != Some(arena.incarnation) {
+                    st.mapped = match MappedArena::open(std::path::Path::new(&arena.path), arena.incarnation) {
+                        Ok(m) => Some(Arc::new(m)),
+                        Err(reason) => {
+                            tracing::warn!(arena = %arena.path, %reason, "cannot map the sidecar's arena; lookups go over the socket");
+                            None
+                        }
+                    };
+                }
+            }
             Ok(other) => {
                 self.mark_down(st);
                 return Err(self.unavailable(format!("unexpected Hello answer {other:?}")));
@@ -267,7 +386,11 @@ impl Client {
         }
         let attached: Vec<(String, u64)> = st.attached.iter().map(|(d, t)| (d.clone(), *t)).collect();
         for (db, tid) in attached {
-            self.exchange(st, RequestBody::Resync { db, tid })?;
+            if let ResponseBody::Resynced { slot, .. } =
+                self.exchange(st, RequestBody::Resync { db: db.clone(), tid })?
+            {
+                st.slots.insert(db, slot);
+            }
         }
         let views: Vec<(u64, String, u64)> = st.views.iter().map(|(k, v)| (*k, v.db.clone(), v.tid)).collect();
         for (local, db, tid) in views {
@@ -277,6 +400,7 @@ impl Client {
                 }
             }
         }
+        self.publish(st);
         tracing::info!(socket = %self.config.socket.display(), "connected to tidecached");
         Ok(())
     }
@@ -312,7 +436,11 @@ impl Client {
                 last_tid,
             },
         )? {
-            ResponseBody::Attached { state, horizon } => Ok((state, horizon)),
+            ResponseBody::Attached { state, horizon, slot } => {
+                st.slots.insert(db.to_owned(), slot);
+                self.publish(&st);
+                Ok((state, horizon))
+            }
             other => {
                 drop(st);
                 Err(self.unexpected(other, "Attached"))
@@ -320,11 +448,31 @@ impl Client {
         }
     }
 
-    /// Looks up `oids` at `view` in `db`; one result per oid.
+    /// Looks up `oids` at `view` in `db`; one result per oid: in the mapped
+    /// arena, or over the socket when the arena cannot be mapped.
     ///
     /// # Errors
     /// [`ClientError`]: treat as all misses.
     pub fn lookup(&self, db: &str, view: u64, oids: Vec<u64>) -> Result<Vec<Option<Found>>, ClientError> {
+        let local: Vec<Local> = oids.iter().map(|&oid| self.lookup_local(db, oid, view)).collect();
+        if !local.iter().any(|l| *l == Local::Unavailable) {
+            return Ok(local
+                .into_iter()
+                .map(|l| match l {
+                    Local::Hit(f) => Some(f),
+                    _ => None,
+                })
+                .collect());
+        }
+        self.lookup_remote(db, view, oids)
+    }
+
+    /// Looks up `oids` at `view` in `db` over the socket (the sidecar reads
+    /// its arena).
+    ///
+    /// # Errors
+    /// [`ClientError`]: treat as all misses.
+    pub fn lookup_remote(&self, db: &str, view: u64, oids: Vec<u64>) -> Result<Vec<Option<Found>>, ClientError> {
         match self.call(RequestBody::Lookup {
             db: db.to_owned(),
             view,
@@ -393,7 +541,15 @@ impl Client {
         }
         self.ensure(&mut st)?;
         match self.exchange(&mut st, RequestBody::Resync { db: db.to_owned(), tid })? {
-            ResponseBody::Resynced { restarted, horizon } => Ok((restarted, horizon)),
+            ResponseBody::Resynced {
+                restarted,
+                horizon,
+                slot,
+            } => {
+                st.slots.insert(db.to_owned(), slot);
+                self.publish(&st);
+                Ok((restarted, horizon))
+            }
             other => {
                 drop(st);
                 Err(self.unexpected(other, "Resynced"))
@@ -485,6 +641,21 @@ impl Client {
     /// [`ClientError`].
     pub fn flush(&self, db: &str) -> Result<(), ClientError> {
         match self.call(RequestBody::Flush { db: db.to_owned() })? {
+            ResponseBody::Done => Ok(()),
+            other => Err(self.unexpected(other, "Done")),
+        }
+    }
+
+    /// Tells the sidecar these revisions of `db` were read (hits in the
+    /// arena), so eviction keeps them.
+    ///
+    /// # Errors
+    /// [`ClientError`]: the hints are lost, which only costs hit ratio.
+    pub fn touch(&self, db: &str, revisions: Vec<(u64, u64)>) -> Result<(), ClientError> {
+        match self.call(RequestBody::Touch {
+            db: db.to_owned(),
+            revisions,
+        })? {
             ResponseBody::Done => Ok(()),
             other => Err(self.unexpected(other, "Done")),
         }

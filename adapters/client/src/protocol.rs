@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 
 /// Version spoken by this build; the Hello of both sides carries it.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Default largest frame body the sidecar accepts, bytes (64 MiB).
 pub const DEFAULT_MAX_FRAME: usize = 64 << 20;
@@ -147,6 +147,23 @@ pub enum RequestBody {
     },
     /// Counters of the sidecar and each database. Answer: `Stats`.
     Stats,
+    /// Revisions a client read from the arena (a sample of its hits), so
+    /// eviction keeps them. Answer: `Done`.
+    Touch {
+        /// Database key.
+        db: String,
+        /// `(oid, serial)` of each revision read.
+        revisions: Vec<(u64, u64)>,
+    },
+}
+
+/// Where a client finds the sidecar's arena (the answer to `Hello`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArenaInfo {
+    /// Path of the arena file, to map read-only.
+    pub path: String,
+    /// The sidecar run's incarnation; the mapped header must hold it.
+    pub incarnation: u64,
 }
 
 /// A response: the request's id and the answer.
@@ -206,6 +223,8 @@ pub enum ResponseBody {
         version: u32,
         /// `"tidecached <crate version>"`.
         server: String,
+        /// The arena clients read revisions from.
+        arena: ArenaInfo,
     },
     /// Answer to `Attach`.
     Attached {
@@ -213,6 +232,8 @@ pub enum ResponseBody {
         state: AttachState,
         /// The horizon after attaching.
         horizon: u64,
+        /// The database's slot in the arena.
+        slot: u8,
     },
     /// Answer to `Lookup`: one entry per oid asked, `None` for a miss.
     Found {
@@ -237,6 +258,8 @@ pub enum ResponseBody {
         restarted: bool,
         /// The horizon after the resync.
         horizon: u64,
+        /// The database's slot in the arena.
+        slot: u8,
     },
     /// Answer to `RegisterView`.
     ViewRegistered {
@@ -324,10 +347,50 @@ pub struct ServerStats {
     pub clients: u64,
     /// Byte budget (`--memory-mb`).
     pub capacity_bytes: u64,
+    /// The arena, as a whole.
+    #[serde(default)]
+    pub arena: ArenaStats,
     /// Sum over databases.
     pub total: DatabaseStats,
     /// Per database key.
     pub databases: BTreeMap<String, DatabaseStats>,
+}
+
+/// Sizes and counters of the sidecar's arena (see `docs/architecture.md`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArenaStats {
+    /// Path of the arena file.
+    pub path: String,
+    /// Its length, bytes.
+    pub file_bytes: u64,
+    /// Revisions readable.
+    pub entries: u64,
+    /// Bytes of their states.
+    pub state_bytes: u64,
+    /// Bytes their records take (headers, states, padding).
+    pub record_bytes: u64,
+    /// Segments in the small ring, in the main ring, free.
+    pub small_segments: u64,
+    /// Segments in the main ring.
+    pub main_segments: u64,
+    /// Free segments.
+    pub free_segments: u64,
+    /// Revisions written by stores.
+    pub inserted: u64,
+    /// Revisions dropped by eviction.
+    pub evicted: u64,
+    /// Revisions moved from the small ring to main (read while in small).
+    pub promoted: u64,
+    /// Revisions copied again within main (read since the last pass).
+    pub reinserted: u64,
+    /// Stores that went straight to main (recently evicted from small).
+    pub ghost_hits: u64,
+    /// Revisions removed by invalidation contradictions, resyncs, flushes.
+    pub removed: u64,
+    /// Records of a reopened file still to verify (0 once verified).
+    pub unverified_segments: u64,
+    /// Records discarded by verification after a restart.
+    pub discarded: u64,
 }
 
 /// Writes one frame: 4-byte big-endian length, then `body`.

@@ -1,5 +1,5 @@
-//! Stores off the caller's path: a background thread with its own
-//! connection sends them in batches.
+//! Stores and hit hints off the caller's path: a background thread with its
+//! own connection sends them in batches.
 
 use crate::protocol::StoreItem;
 use crate::{Client, ClientConfig};
@@ -12,6 +12,7 @@ pub const MAX_BATCH: usize = 256;
 
 enum Msg {
     Store(String, StoreItem),
+    Touch(String, u64, u64),
     Barrier(Sender<()>),
 }
 
@@ -49,6 +50,12 @@ impl StoreQueue {
         }
     }
 
+    /// Queues a hit hint: revision `(oid, serial)` of `db` was read. Dropped
+    /// if the queue is full.
+    pub fn touch(&self, db: &str, oid: u64, serial: u64) {
+        let _ = self.tx.try_send(Msg::Touch(db.to_owned(), oid, serial));
+    }
+
     /// Waits until everything queued before this call was sent (or dropped),
     /// at most `timeout`. Returns whether it finished in time.
     pub fn barrier(&self, timeout: Duration) -> bool {
@@ -63,6 +70,7 @@ impl StoreQueue {
 fn drain(client: Client, rx: Receiver<Msg>) {
     while let Ok(first) = rx.recv() {
         let mut batch: HashMap<String, Vec<StoreItem>> = HashMap::new();
+        let mut touches: HashMap<String, Vec<(u64, u64)>> = HashMap::new();
         let mut barriers = Vec::new();
         let mut n = 0;
         let mut next = Some(first);
@@ -70,6 +78,10 @@ fn drain(client: Client, rx: Receiver<Msg>) {
             match msg {
                 Msg::Store(db, item) => {
                     batch.entry(db).or_default().push(item);
+                    n += 1;
+                }
+                Msg::Touch(db, oid, serial) => {
+                    touches.entry(db).or_default().push((oid, serial));
                     n += 1;
                 }
                 Msg::Barrier(done) => barriers.push(done),
@@ -81,6 +93,11 @@ fn drain(client: Client, rx: Receiver<Msg>) {
         for (db, items) in batch {
             if let Err(e) = client.store(&db, items) {
                 tracing::debug!(error = %e, "stores dropped");
+            }
+        }
+        for (db, revisions) in touches {
+            if let Err(e) = client.touch(&db, revisions) {
+                tracing::debug!(error = %e, "hit hints dropped");
             }
         }
         for done in barriers {

@@ -336,6 +336,11 @@ impl ArenaWriter {
         self.policy = policy;
     }
 
+    /// The incarnation in the header (see [`header::INCARNATION`]).
+    pub fn incarnation(&self) -> u64 {
+        self.w()[header::INCARNATION].load(Ordering::Relaxed)
+    }
+
     /// The arena's geometry.
     pub fn geometry(&self) -> &Geometry {
         &self.g

@@ -21,13 +21,23 @@ impl Sidecar {
     }
 
     pub fn start_at(dir: tempfile::TempDir, socket: PathBuf, args: &[&str]) -> Sidecar {
-        let child = Command::new(env!("CARGO_BIN_EXE_tidecached"))
-            .arg("serve")
-            .arg("--socket")
-            .arg(&socket)
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .stderr(Stdio::inherit())
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tidecached"));
+        cmd.arg("serve").arg("--socket").arg(&socket).args(args);
+        if !args.contains(&"--cache-file") {
+            // Beside the socket, not in /dev/shm: removed with the directory.
+            cmd.arg("--cache-file").arg(dir.path().join("cache.arena"));
+        }
+        if !args.contains(&"--memory-mb") {
+            cmd.args(["--memory-mb", "16"]);
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.path().join("tidecached.log"))
+            .expect("log file");
+        let child = cmd
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::from(log))
             .spawn()
             .expect("start tidecached");
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -44,6 +54,11 @@ impl Sidecar {
         let _ = self.child.wait();
         let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap());
         (dir, self.socket.clone())
+    }
+
+    /// What it logged so far (every run in this directory).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("tidecached.log")).unwrap_or_default()
     }
 
     pub fn alive(&mut self) -> bool {

@@ -1,0 +1,166 @@
+//! The arena as clients and operators see it: a file mapped read-only,
+//! lookups without the socket, permissions, and warm restart after
+//! `kill -9` on the same `--cache-file`, with damaged files discarded.
+
+mod common;
+
+use common::Sidecar;
+use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::time::{Duration, Instant};
+use tidecache_client::protocol::StoreItem;
+use tidecache_client::{Client, ClientConfig, Local};
+
+fn client(socket: &std::path::Path) -> Client {
+    let mut c = ClientConfig::new(socket);
+    c.retry_after = Duration::from_millis(20);
+    c.timeout = Duration::from_secs(2);
+    Client::new(c)
+}
+
+fn item(oid: u64, serial: u64, end: Option<u64>, view: u64, state: &[u8]) -> StoreItem {
+    StoreItem {
+        oid,
+        serial,
+        end,
+        view,
+        state: state.to_vec(),
+    }
+}
+
+fn hit(c: &Client, oid: u64, view: u64) -> Option<Vec<u8>> {
+    match c.lookup_local("db", oid, view) {
+        Local::Hit(f) => Some(f.state),
+        Local::Miss => None,
+        Local::Unavailable => panic!("no arena to read"),
+    }
+}
+
+/// Waits until the client is connected again (after a restart).
+fn reconnect(c: &Client) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while c.stats().is_err() {
+        assert!(Instant::now() < deadline, "client never reconnected");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn the_arena_file_is_private_and_lookups_need_no_socket() {
+    let sc = Sidecar::start(&[]);
+    let path = sc.dir.path().join("cache.arena");
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let c = client(&sc.socket);
+    c.attach("db", 10).unwrap();
+    c.store("db", vec![item(1, 5, None, 10, b"one")]).unwrap();
+    assert_eq!(hit(&c, 1, 10).as_deref(), Some(&b"one"[..]));
+    // With the sidecar stopped, the arena still answers: no socket, no lock.
+    let pid = sc.child.id() as i32;
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let t = Instant::now();
+    for _ in 0..1000 {
+        assert!(hit(&c, 1, 10).is_some());
+    }
+    let elapsed = t.elapsed();
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert!(elapsed < Duration::from_millis(500), "1000 lookups took {elapsed:?}");
+}
+
+#[test]
+fn group_widens_file_and_socket_to_one_group() {
+    // The process's own group, which it may always chown to.
+    let gid = unsafe { libc::getgid() }.to_string();
+    let sc = Sidecar::start(&["--group", &gid]);
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&sc.dir.path().join("cache.arena")), 0o640);
+    assert_eq!(mode(&sc.socket), 0o660);
+}
+
+#[test]
+fn after_kill_9_a_restart_on_the_same_file_serves_at_once() {
+    let sc = Sidecar::start(&[]);
+    let c = client(&sc.socket);
+    c.attach("db", 10).unwrap();
+    c.store(
+        "db",
+        vec![item(1, 5, Some(8), 10, b"closed"), item(2, 5, None, 10, b"open")],
+    )
+    .unwrap();
+    c.report("db", 10, 20, vec![(3, 15)]).unwrap();
+    let (dir, socket) = sc.kill();
+    let sc = Sidecar::start_at(dir, socket, &[]);
+    let t = Instant::now();
+    reconnect(&c);
+    // Closed revisions answer at once; the open one up to the persisted
+    // horizon (20) only.
+    assert_eq!(hit(&c, 1, 7).as_deref(), Some(&b"closed"[..]));
+    assert_eq!(hit(&c, 2, 20).as_deref(), Some(&b"open"[..]));
+    assert!(hit(&c, 2, 21).is_none());
+    let first_hit = t.elapsed();
+    assert!(first_hit < Duration::from_secs(5), "first hit after {first_hit:?}");
+    // The first adapter supplies what changed since (oid 2 at 25).
+    c.report("db", 20, 30, vec![(2, 25)]).unwrap();
+    assert_eq!(hit(&c, 2, 24).as_deref(), Some(&b"open"[..]));
+    assert!(hit(&c, 2, 25).is_none());
+    let log = sc.log();
+    assert!(log.contains("re-attached the arena file"), "{log}");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !sc.log().contains("reopened arena verified") {
+        assert!(Instant::now() < deadline, "verification never finished: {}", sc.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(c.stats().unwrap().arena.unverified_segments, 0);
+}
+
+#[test]
+fn damaged_truncated_and_foreign_files_are_discarded_with_a_log_line() {
+    // (offset, bytes written, what the log says)
+    let damages: [(&str, Box<dyn Fn(&std::path::Path)>, &str); 3] = [
+        (
+            "a flipped header byte",
+            Box::new(|p| poke(p, 5 * 8, &[0x5a])),
+            "header checksum mismatch",
+        ),
+        (
+            "a truncated file",
+            Box::new(|p| {
+                let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+                f.set_len(f.metadata().unwrap().len() - 4096).unwrap();
+            }),
+            "truncated or extended",
+        ),
+        (
+            "another layout version",
+            Box::new(|p| poke(p, 8, &7u64.to_ne_bytes())),
+            "layout version 7",
+        ),
+    ];
+    for (what, damage, says) in damages {
+        let sc = Sidecar::start(&[]);
+        let c = client(&sc.socket);
+        c.attach("db", 10).unwrap();
+        c.store("db", vec![item(1, 5, Some(8), 10, b"closed")]).unwrap();
+        let (dir, socket) = sc.kill();
+        damage(&dir.path().join("cache.arena"));
+        let mut sc = Sidecar::start_at(dir, socket, &[]);
+        reconnect(&c);
+        assert!(sc.alive(), "{what}: the sidecar died");
+        let log = sc.log();
+        assert!(
+            log.contains("discarding the arena file") && log.contains(says),
+            "{what}: {log}"
+        );
+        assert!(hit(&c, 1, 7).is_none(), "{what}: served from a discarded file");
+        // The new file works.
+        c.attach("db", 10).unwrap();
+        c.store("db", vec![item(1, 5, Some(8), 10, b"closed")]).unwrap();
+        assert!(hit(&c, 1, 7).is_some(), "{what}");
+    }
+}
+
+fn poke(path: &std::path::Path, at: u64, bytes: &[u8]) {
+    let mut f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.seek(SeekFrom::Start(at)).unwrap();
+    f.write_all(bytes).unwrap();
+}
