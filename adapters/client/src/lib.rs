@@ -268,6 +268,8 @@ impl Client {
         st.closed = true;
         st.conn = None;
         st.views.clear();
+        st.slots.clear();
+        self.publish(&st);
     }
 
     /// Number of connections made so far (1 after the first call; more

@@ -60,6 +60,8 @@ class Sidecar:
 
     def __init__(self, directory, memory_mb=64, extra=()):
         self.socket = os.path.join(directory, "tidecached.sock")
+        # Beside the socket (removed with the directory), not in /dev/shm.
+        self.cache_file = os.path.join(directory, "cache.arena")
         self.memory_mb = memory_mb
         self.extra = list(extra)
         self.log = open(os.path.join(directory, "tidecached.log"), "ab")
@@ -68,7 +70,8 @@ class Sidecar:
 
     def start(self):
         self.proc = subprocess.Popen(
-            [tidecached_binary(), "serve", "--socket", self.socket, "--memory-mb", str(self.memory_mb)]
+            [tidecached_binary(), "serve", "--socket", self.socket, "--memory-mb", str(self.memory_mb),
+             "--cache-file", self.cache_file]
             + self.extra,
             stderr=self.log,
         )
