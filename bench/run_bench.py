@@ -114,6 +114,15 @@ def main():
             tc.store(k, 10, None, STATE, 10)
         assert tc.lookup(0, 10) == (10, STATE)
         contenders["tidecache_sidecar_hit"] = batch_timer(lambda k: tc.lookup(k, 10))
+        arena = tc.stats()["arena"]
+        buckets_bytes = (arena["file_bytes"] // 1024)  # one 8-byte bucket per 2 KiB of file, see layout.rs
+        results["arena"] = {
+            "entries": arena["entries"],
+            "state_bytes": arena["state_bytes"],
+            "record_bytes": arena["record_bytes"],
+            "record_overhead_per_entry": (arena["record_bytes"] - arena["state_bytes"]) / arena["entries"],
+            "bucket_bytes_per_entry": buckets_bytes * 4 / arena["entries"],
+        }
 
         samples = {name: [] for name in contenders}
         for name, run in contenders.items():

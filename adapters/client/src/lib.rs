@@ -139,6 +139,20 @@ impl MappedArena {
     pub fn lookup(&self, slot: u8, oid: u64, view: u64) -> Result<reader::Found, reader::Miss> {
         reader::lookup(self.memory.words(), &self.geometry, slot, oid, view)
     }
+
+    /// Finds the revision of `oid` visible at `view`; copy its state with
+    /// [`MappedArena::copy`] (which validates the copy).
+    ///
+    /// # Errors
+    /// Why it missed.
+    pub fn locate(&self, slot: u8, oid: u64, view: u64) -> Result<reader::Located, reader::Miss> {
+        reader::locate_visible(self.memory.words(), &self.geometry, slot, oid, view)
+    }
+
+    /// Copies a located state into `buf` and validates it; `false` is a miss.
+    pub fn copy(&self, found: &reader::Located, buf: &mut [u8]) -> bool {
+        found.copy_to(self.memory.words(), buf)
+    }
 }
 
 /// What lookups read without the connection's lock: the mapped arena and
@@ -233,11 +247,11 @@ impl Client {
         }
     }
 
-    /// The mapped arena and the slot of `db`, while connected and attached
-    /// (for adapters that read it directly).
-    pub fn arena_for(&self, db: &str) -> Option<(Arc<MappedArena>, u8)> {
+    /// Calls `f` with the mapped arena and the slot of `db`, while connected
+    /// and attached (for adapters that read it directly); `None` otherwise.
+    pub fn with_arena<R>(&self, db: &str, f: impl FnOnce(&MappedArena, u8) -> R) -> Option<R> {
         let plane = self.plane.load();
-        Some((plane.arena.clone()?, *plane.slots.get(db)?))
+        Some(f(plane.arena.as_ref()?, *plane.slots.get(db)?))
     }
 
     /// The configuration.

@@ -12,7 +12,7 @@ pub const MAX_BATCH: usize = 256;
 
 enum Msg {
     Store(String, StoreItem),
-    Touch(String, u64, u64),
+    Touch(String, Vec<(u64, u64)>),
     Barrier(Sender<()>),
 }
 
@@ -50,10 +50,11 @@ impl StoreQueue {
         }
     }
 
-    /// Queues a hit hint: revision `(oid, serial)` of `db` was read. Dropped
-    /// if the queue is full.
-    pub fn touch(&self, db: &str, oid: u64, serial: u64) {
-        let _ = self.tx.try_send(Msg::Touch(db.to_owned(), oid, serial));
+    /// Queues hit hints: revisions `(oid, serial)` of `db` were read.
+    /// Dropped if the queue is full. Send them in batches: each message may
+    /// wake the sender thread (a system call).
+    pub fn touch(&self, db: &str, revisions: Vec<(u64, u64)>) {
+        let _ = self.tx.try_send(Msg::Touch(db.to_owned(), revisions));
     }
 
     /// Waits until everything queued before this call was sent (or dropped),
@@ -80,8 +81,8 @@ fn drain(client: Client, rx: Receiver<Msg>) {
                     batch.entry(db).or_default().push(item);
                     n += 1;
                 }
-                Msg::Touch(db, oid, serial) => {
-                    touches.entry(db).or_default().push((oid, serial));
+                Msg::Touch(db, revisions) => {
+                    touches.entry(db).or_default().extend(revisions);
                     n += 1;
                 }
                 Msg::Barrier(done) => barriers.push(done),

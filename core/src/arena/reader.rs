@@ -61,9 +61,78 @@ pub fn database(words: &[AtomicU64], g: &Geometry, slot: u8) -> Option<(u8, u64)
     (state >> 8 == 1).then_some((state as u8, horizon))
 }
 
+/// A visible revision found in the index, its state not yet copied.
+#[derive(Debug, Clone, Copy)]
+pub struct Located {
+    at: usize,
+    gen_word: usize,
+    generation: u64,
+    key: u64,
+    /// Serial of the revision.
+    pub serial: u64,
+    end: u64,
+    lencrc: u64,
+}
+
+impl Located {
+    /// Length of the state, bytes.
+    pub fn len(&self) -> usize {
+        (self.lencrc & layout::LENGTH_MASK) as usize
+    }
+
+    /// Whether the state is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// End of validity, `None` while current.
+    pub fn end(&self) -> Option<u64> {
+        (self.end != OPEN).then_some(self.end)
+    }
+
+    /// Copies the state into `buf` (of [`Located::len`] bytes) and
+    /// validates the copy: the segment was not recycled meanwhile and the
+    /// CRC matches. `false`: a miss (`buf` holds garbage).
+    pub fn copy_to(&self, words: &[AtomicU64], buf: &mut [u8]) -> bool {
+        let len = self.len();
+        if buf.len() != len {
+            return false;
+        }
+        let first = self.at + layout::RECORD_HEADER_WORDS;
+        let mut chunks = buf.chunks_mut(8);
+        for w in &words[first..first + len.div_ceil(8)] {
+            let bytes = w.load(Ordering::Relaxed).to_ne_bytes();
+            if let Some(c) = chunks.next() {
+                c.copy_from_slice(&bytes[..c.len()]);
+            }
+        }
+        fence(Ordering::Acquire);
+        if words[self.gen_word].load(Ordering::Relaxed) != self.generation {
+            return false;
+        }
+        layout::record_crc(self.key, self.serial, self.end, buf) == (self.lencrc >> 32) as u32
+    }
+}
+
 /// Looks up the revision of `oid` visible at `view` in database slot
 /// `slot`; `Err` says why it missed.
 pub fn lookup(words: &[AtomicU64], g: &Geometry, slot: u8, oid: u64, view: u64) -> Result<Found, Miss> {
+    let found = locate_visible(words, g, slot, oid, view)?;
+    let mut state = vec![0u8; found.len()];
+    if !found.copy_to(words, &mut state) {
+        return Err(Miss::Invalid);
+    }
+    Ok(Found {
+        serial: found.serial,
+        end: found.end(),
+        state,
+    })
+}
+
+/// Finds the revision of `oid` visible at `view` in slot `slot` (steps 1
+/// to 4 and 6 of the module documentation); [`Located::copy_to`] does the
+/// rest.
+pub fn locate_visible(words: &[AtomicU64], g: &Geometry, slot: u8, oid: u64, view: u64) -> Result<Located, Miss> {
     if words[header::LIVE].load(Ordering::Acquire) != 1 {
         return Err(Miss::NotLive);
     }
@@ -79,8 +148,8 @@ pub fn lookup(words: &[AtomicU64], g: &Geometry, slot: u8, oid: u64, view: u64) 
         }
         let (pgen, offset) = layout::unpoint(p);
         let seg = g.locate(offset).ok_or(Miss::Invalid)?;
-        let gen_word = &words[g.segment_word(seg) + segment::GENERATION];
-        let g1 = gen_word.load(Ordering::Acquire);
+        let gen_word = g.segment_word(seg) + segment::GENERATION;
+        let g1 = words[gen_word].load(Ordering::Acquire);
         if g1 & 0xffff_ffff != pgen || g1 & 1 == 1 {
             return Err(Miss::Invalid);
         }
@@ -93,33 +162,24 @@ pub fn lookup(words: &[AtomicU64], g: &Geometry, slot: u8, oid: u64, view: u64) 
         let visible = rkey == key && serial <= view && if end == OPEN { view <= horizon } else { view < end };
         if !visible {
             fence(Ordering::Acquire);
-            if gen_word.load(Ordering::Relaxed) != g1 {
+            if words[gen_word].load(Ordering::Relaxed) != g1 {
                 return Err(Miss::Invalid);
             }
             p = next;
             continue;
         }
         let len = (lencrc & layout::LENGTH_MASK) as usize;
-        let state_words = len.div_ceil(8);
-        if offset % g.segment_words + (layout::RECORD_HEADER_WORDS + state_words) as u64 > g.segment_words {
+        if offset % g.segment_words + (layout::RECORD_HEADER_WORDS + len.div_ceil(8)) as u64 > g.segment_words {
             return Err(Miss::Invalid);
         }
-        let mut state = Vec::with_capacity(state_words * 8);
-        for w in &words[at + layout::RECORD_HEADER_WORDS..at + layout::RECORD_HEADER_WORDS + state_words] {
-            state.extend_from_slice(&w.load(Ordering::Relaxed).to_ne_bytes());
-        }
-        state.truncate(len);
-        fence(Ordering::Acquire);
-        if gen_word.load(Ordering::Relaxed) != g1 {
-            return Err(Miss::Invalid);
-        }
-        if layout::record_crc(rkey, serial, end, &state) != (lencrc >> 32) as u32 {
-            return Err(Miss::Invalid);
-        }
-        return Ok(Found {
+        return Ok(Located {
+            at,
+            gen_word,
+            generation: g1,
+            key,
             serial,
-            end: (end != OPEN).then_some(end),
-            state,
+            end,
+            lencrc,
         });
     }
     Err(Miss::Invalid)
