@@ -94,6 +94,15 @@ impl Located {
     /// validates the copy: the segment was not recycled meanwhile and the
     /// CRC matches. `false`: a miss (`buf` holds garbage).
     pub fn copy_to(&self, words: &[AtomicU64], buf: &mut [u8]) -> bool {
+        self.copy_unchecked(words, buf)
+            && layout::record_crc(self.key, self.serial, self.end, buf) == (self.lencrc >> 32) as u32
+    }
+
+    /// [`Located::copy_to`] without the CRC: the generation protocol alone
+    /// (the seqlock), for the loom model that shows it needs no checksum to
+    /// reject a torn copy. Not for use by readers.
+    #[doc(hidden)]
+    pub fn copy_unchecked(&self, words: &[AtomicU64], buf: &mut [u8]) -> bool {
         let len = self.len();
         if buf.len() != len {
             return false;
@@ -107,10 +116,7 @@ impl Located {
             }
         }
         fence(Ordering::Acquire);
-        if words[self.gen_word].load(Ordering::Relaxed) != self.generation {
-            return false;
-        }
-        layout::record_crc(self.key, self.serial, self.end, buf) == (self.lencrc >> 32) as u32
+        words[self.gen_word].load(Ordering::Relaxed) == self.generation
     }
 }
 
