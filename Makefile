@@ -49,6 +49,7 @@ model-long:
 ## write bench-results/*.json, from which docs/benchmarks.md is built.
 bench: build
 	cargo bench -p tidecache-core --bench snapshot
+	$(PY) bench/eviction.py
 	$(PY) bench/run_bench.py
 
 clean:
