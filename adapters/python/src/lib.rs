@@ -64,6 +64,8 @@ struct PyClient {
     queue: std::sync::Mutex<Option<(u32, StoreQueue)>>,
     /// Hits so far; every [`TOUCH_EVERY`]th is reported to the sidecar.
     hits: std::sync::atomic::AtomicU64,
+    /// The horizon in the last answer that carried one.
+    horizon: std::sync::atomic::AtomicU64,
     /// Hits to report, sent [`TOUCH_BATCH`] at a time.
     touched: std::sync::Mutex<Vec<(u64, u64)>>,
 }
@@ -93,6 +95,7 @@ impl PyClient {
             config,
             queue: std::sync::Mutex::new(None),
             hits: std::sync::atomic::AtomicU64::new(0),
+            horizon: std::sync::atomic::AtomicU64::new(0),
             touched: std::sync::Mutex::new(Vec::with_capacity(TOUCH_BATCH)),
         }
     }
@@ -101,6 +104,15 @@ impl PyClient {
     #[getter]
     fn database(&self) -> &str {
         &self.database
+    }
+
+    /// The sidecar's horizon for this database as the last `attach`,
+    /// `report` or `resync` answered it (a tid as an int; 0 before the log
+    /// starts). An adapter whose storage is past it after attaching fills
+    /// the gap from its storage's transaction iterator.
+    #[getter]
+    fn horizon(&self) -> u64 {
+        self.horizon.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether a connection to the sidecar is open now.
@@ -114,9 +126,10 @@ impl PyClient {
     /// `"behind"` (below the sidecar's horizon: the storage lags or was
     /// restored; nothing changed). Raises `Unavailable`.
     fn attach(&self, py: Python<'_>, last_tid: u64) -> PyResult<&'static str> {
-        let (state, _) = py
+        let (state, horizon) = py
             .allow_threads(|| self.client.attach(&self.database, last_tid))
             .map_err(to_py)?;
+        self.horizon.store(horizon, std::sync::atomic::Ordering::Relaxed);
         Ok(match state {
             AttachState::Started => "started",
             AttachState::Joined => "joined",
@@ -224,16 +237,21 @@ impl PyClient {
     /// `(oid, tid)`. Returns the sidecar's horizon. Raises `GapError` when
     /// `from_tid` is past the horizon, `Unavailable`, `RefusedError`.
     fn report(&self, py: Python<'_>, from_tid: u64, to_tid: u64, changes: Vec<(u64, u64)>) -> PyResult<u64> {
-        py.allow_threads(|| self.client.report(&self.database, from_tid, to_tid, changes))
-            .map_err(to_py)
+        let h = py
+            .allow_threads(|| self.client.report(&self.database, from_tid, to_tid, changes))
+            .map_err(to_py)?;
+        self.horizon.store(h, std::sync::atomic::Ordering::Relaxed);
+        Ok(h)
     }
 
     /// Tells the sidecar invalidations up to `tid` were lost; returns
     /// whether its log restarted. Raises `Unavailable`.
     fn resync(&self, py: Python<'_>, tid: u64) -> PyResult<bool> {
-        py.allow_threads(|| self.client.resync(&self.database, tid))
-            .map(|r| r.0)
-            .map_err(to_py)
+        let (restarted, h) = py
+            .allow_threads(|| self.client.resync(&self.database, tid))
+            .map_err(to_py)?;
+        self.horizon.store(h, std::sync::atomic::Ordering::Relaxed);
+        Ok(restarted)
     }
 
     /// Registers a connection's view at `tid`; returns its id. Never raises:

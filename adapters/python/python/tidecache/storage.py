@@ -48,6 +48,10 @@ logger = logging.getLogger("tidecache")
 #: horizon may take to catch up before it is taken for a restored backup.
 RESTORE_GRACE_SECONDS = 2.0
 
+#: Transactions per report while catching the sidecar up from the storage's
+#: iterator (after a sidecar restart).
+CATCH_UP_CHUNK = 1000
+
 _STAT_KEYS = ("hits", "misses", "stores", "invalidations", "resyncs", "unavailable")
 
 
@@ -113,6 +117,9 @@ class TideCacheStorage(MVCCAdapter):
         self._tc_reported = None
         self._tc_pending = []
         self._tc_resync = False
+        # While the sidecar's horizon is filled in from the storage's
+        # iterator (after a sidecar restart), live reports wait here.
+        self._tc_held = None
         self._tc_direct = {}
         for iface in zope.interface.providedBy(base):
             zope.interface.alsoProvides(self, iface)
@@ -123,12 +130,17 @@ class TideCacheStorage(MVCCAdapter):
         # reported in order below.
         MVCCAdapter.__init__(self, base)
         last = self._tc_attach(base)
+        horizon = self._tc_client.horizon
         with self._tc_lock:
             self._tc_generation = self._tc_connection_generation()
             self._tc_reported = last
+            if 0 < horizon < last:
+                self._tc_held = []
             pending, self._tc_pending = self._tc_pending, None
             for t, oids in pending:
                 self._tc_report_locked(t, oids)
+        if 0 < horizon < last:
+            self._tc_catch_up(base, horizon, last)
 
     def _tc_attach(self, base):
         """Attaches to the sidecar with ``base.lastTransaction()`` and returns
@@ -164,6 +176,60 @@ class TideCacheStorage(MVCCAdapter):
         except TideCacheError as e:
             logger.warning("tidecache: sidecar unavailable, running from the base storage: %s", e)
         return last
+
+    def _tc_catch_up(self, base, horizon, last):
+        """The sidecar's horizon is behind this storage (it restarted and
+        re-attached its arena file, or other processes have not reported
+        yet): reports ``(horizon, last]`` from the storage's transaction
+        iterator, in a background thread and in chunks, so the sidecar's
+        open revisions answer again without waiting; live reports are held
+        meanwhile and sent after. A storage without an iterator, or an
+        iterator that fails, gets a resync instead: the sidecar drops its
+        open revisions (closed ones stay valid)."""
+        iterator = getattr(base, "iterator", None)
+
+        def run():
+            frm, sent, changes, started = horizon, 0, [], time.monotonic()
+            try:
+                if iterator is None:
+                    raise TypeError("%r has no transaction iterator" % (base,))
+                it = iterator(p64(horizon + 1), p64(last))
+                try:
+                    for txn in it:
+                        t = u64(txn.tid)
+                        if t > last:
+                            break
+                        changes.extend((u64(r.oid), t) for r in txn)
+                        sent += 1
+                        if sent % CATCH_UP_CHUNK == 0:
+                            self._tc_client.report(frm, t, changes)
+                            frm, changes = t, []
+                            logger.info("tidecache: %s catching up the sidecar: %d transactions, at %s",
+                                        self._tc_client.database, sent, tid_repr(p64(t)))
+                finally:
+                    close = getattr(it, "close", None)
+                    if close is not None:
+                        close()
+                self._tc_client.report(frm, last, changes)
+                logger.info("tidecache: %s caught the sidecar up from %s to %s: %d transactions in %.2fs",
+                            self._tc_client.database, tid_repr(p64(horizon)), tid_repr(p64(last)), sent,
+                            time.monotonic() - started)
+            except Exception as e:  # an iterator's or the sidecar's error: drop open revisions
+                logger.info("tidecache: %s cannot catch the sidecar up from %s (%s): resyncing",
+                            self._tc_client.database, tid_repr(p64(frm)), e)
+                try:
+                    self._tc_stats.resyncs += 1
+                    self._tc_client.resync(last)
+                except TideCacheError:
+                    with self._tc_lock:
+                        self._tc_resync = True
+            finally:
+                with self._tc_lock:
+                    held, self._tc_held = self._tc_held, None
+                    for t, oids in held or ():
+                        self._tc_report_locked(t, oids)
+
+        threading.Thread(target=run, name="tidecache-catch-up", daemon=True).start()
 
     # -- plain storage: everything else goes to the base --------------------
 
@@ -336,6 +402,8 @@ class TideCacheStorage(MVCCAdapter):
         with self._tc_lock:
             if self._tc_reported is None:
                 self._tc_pending.append((u64(tid), list(oids)))
+            elif self._tc_held is not None:
+                self._tc_held.append((u64(tid), list(oids)))
             else:
                 self._tc_report_locked(u64(tid), oids)
 

@@ -1,0 +1,90 @@
+"""A sidecar killed with ``kill -9`` and restarted on the same arena file:
+the first adapter to attach fills the sidecar's horizon in from its
+storage's transaction iterator, in the background, so current revisions
+answer again and those changed meanwhile never do."""
+
+import logging
+import time
+
+import ZODB
+import ZODB.FileStorage
+from persistent.mapping import PersistentMapping
+from ZODB.utils import u64
+
+from test_storage import make_db, read_fresh
+
+KEYS = "abcdef"
+
+
+def populate_and_cache(tmp_path, sidecar):
+    storage, db = make_db(tmp_path, sidecar.socket)
+    with db.transaction() as c:
+        for k in KEYS:
+            c.root()[k] = PersistentMapping(x=0)
+    for k in KEYS:
+        assert read_fresh(db, k) == 0
+    assert storage.cache_stats()["sidecar"]["entries"] >= len(KEYS)
+    db.close()
+
+
+def commit_behind_the_sidecars_back(tmp_path):
+    plain = ZODB.DB(ZODB.FileStorage.FileStorage(str(tmp_path / "Data.fs")))
+    for k in "bd":
+        with plain.transaction() as c:
+            c.root()[k]["x"] = 1
+    plain.close()
+
+
+def wait_caught_up(storage):
+    last = u64(storage.lastTransaction())
+    deadline = time.time() + 10
+    while True:
+        db = storage._tc_client.stats()["databases"][storage._tc_client.database]
+        if db["horizon"] == last:
+            return
+        assert time.time() < deadline, "the sidecar never caught up: %s" % db
+        time.sleep(0.02)
+
+
+def test_the_first_adapter_catches_a_restarted_sidecar_up(tmp_path, sidecar, caplog):
+    populate_and_cache(tmp_path, sidecar)
+    sidecar.kill()
+    commit_behind_the_sidecars_back(tmp_path)
+    sidecar.start()
+    caplog.set_level(logging.INFO, logger="tidecache")
+    storage, db = make_db(tmp_path, sidecar.socket)
+    wait_caught_up(storage)
+    assert "caught the sidecar up" in caplog.text
+    hits = storage.cache_stats()["hits"]
+    for k in KEYS:
+        assert read_fresh(db, k) == (1 if k in "bd" else 0), k
+    # The root and the four unchanged mappings came from the re-attached
+    # arena; the two changed ones were closed by the catch-up and loaded.
+    assert storage.cache_stats()["hits"] - hits >= 5, storage.cache_stats()
+    assert storage.cache_stats()["resyncs"] == 0
+    # Later commits are reported as usual.
+    with db.transaction() as c:
+        c.root()["a"]["x"] = 2
+    assert read_fresh(db, "a") == 2
+    assert read_fresh(db, "c") == 0
+    db.close()
+
+
+def test_without_an_iterator_the_open_revisions_are_dropped(tmp_path, sidecar, caplog, monkeypatch):
+    populate_and_cache(tmp_path, sidecar)
+    sidecar.kill()
+    commit_behind_the_sidecars_back(tmp_path)
+    sidecar.start()
+
+    def no_iterator(self, start=None, stop=None):
+        raise NotImplementedError("this storage cannot iterate")
+
+    monkeypatch.setattr(ZODB.FileStorage.FileStorage, "iterator", no_iterator)
+    caplog.set_level(logging.INFO, logger="tidecache")
+    storage, db = make_db(tmp_path, sidecar.socket)
+    wait_caught_up(storage)
+    assert "cannot catch the sidecar up" in caplog.text
+    assert storage.cache_stats()["resyncs"] == 1
+    for k in KEYS:
+        assert read_fresh(db, k) == (1 if k in "bd" else 0), k
+    db.close()
