@@ -50,6 +50,8 @@ model-long:
 bench: build
 	cargo bench -p tidecache-core --bench snapshot
 	$(PY) bench/eviction.py
+	$(PY) bench/memory.py
+	$(PY) bench/restart.py
 	$(PY) bench/run_bench.py
 
 clean:

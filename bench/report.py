@@ -96,6 +96,39 @@ def main():
                 "The sidecar only hears of the hits clients report; the Python client reports 1 in",
                 "2, which costs about a point. FIFO is what a shared-memory ring gives without",
                 "reinsertion; an LRU over shared memory would need every reader to write.", ""]
+    mem = load("memory.json")
+    if mem:
+        out += ["## Memory: one copy for every worker", "",
+                "`python bench/memory.py` (part of `make bench`): %d worker processes each read the same"
+                % mem["workers"],
+                "%d states of %d bytes (%.1f MB). Host memory is the change in the sum of the"
+                % (mem["oids"], mem["state_bytes_each"], mem["state_bytes"] / 1e6),
+                "proportional set sizes (`Pss`) of every process involved, sidecar included.", "",
+                "| contender | host memory | ratio to the state bytes |", "|---|---:|---:|"]
+        for key, label in [("tidecache", "tidecache (one arena, mapped by every worker)"),
+                           ("relstorage_localclient", "RelStorage `LocalClient` in each worker")]:
+            out.append("| %s | %.1f MB | %.2fx |" % (label, mem[key]["bytes"] / 1e6, mem[key]["ratio"]))
+        out += ["", "A worker's store queue allocates its ring whole; at 16,384 messages it cost each",
+                "worker 1.6 MB (1.27x above); it holds 2,048 now.", ""]
+    rs = load("restart.json")
+    if rs:
+        out += ["## Restart after `kill -9`", "",
+                "`python bench/restart.py` (part of `make bench`): a %d MiB arena filled with %d revisions"
+                % (rs["memory_mb"], rs["filled"]["entries"]),
+                "of %d bytes, the sidecar killed with SIGKILL and started again on the same file; the"
+                % rs["state_bytes_each"],
+                "time from starting the process to a new client's first hit, beside the same steps on a",
+                "new file (anchor: a cold start, whose answer is a miss).", "",
+                "| | seconds |", "|---|---:|",
+                "| cold start on a new file, first answer (a miss) | %.3f |" % rs["cold_start_first_answer_s"],
+                "| restart on the 1 GiB file, first hit | %.3f |" % rs["warm_restart_first_hit_s"],
+                "| of which re-attaching the file | %.3f |" % rs.get("reattach_s", float("nan"))]
+        if "verification" in rs:
+            out.append("| background verification of %d records (service goes on) | %.2f |"
+                       % (rs["verification"]["records"], rs["verification"]["seconds"]))
+        out += ["", "Re-attaching reads the header, the database table and one word per segment;",
+                "records are verified afterwards, one segment per lock hold, with the lock left",
+                "free as long as it was held.", ""]
     if core:
         out += ["## `SnapshotCache::lookup` in Rust", "",
                 "`cargo bench -p tidecache-core --bench snapshot` (criterion, part of `make bench`):",

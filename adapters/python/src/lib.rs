@@ -70,6 +70,11 @@ struct PyClient {
     touched: std::sync::Mutex<Vec<(u64, u64)>>,
 }
 
+/// Stores (and hint batches) a process may have queued; more are dropped
+/// (a store is optional). The queue's ring is allocated whole, about 100
+/// bytes a message: 16,384 cost each worker 1.6 MB (`bench/memory.py`).
+const STORE_QUEUE_CAPACITY: usize = 2048;
+
 /// Hit hints handed to the store queue at once (measured: one hint per
 /// message cost 2 us each, mostly waking the queue's thread; 128 per
 /// message, about 20 ns per hint).
@@ -311,7 +316,9 @@ impl PyClient {
         let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         let pid = std::process::id();
         if queue.as_ref().is_none_or(|(owner, _)| *owner != pid) {
-            *queue = StoreQueue::start(self.config.clone(), 16 * 1024).ok().map(|q| (pid, q));
+            *queue = StoreQueue::start(self.config.clone(), STORE_QUEUE_CAPACITY)
+                .ok()
+                .map(|q| (pid, q));
         }
         queue
     }

@@ -163,6 +163,9 @@ pub struct ArenaWriter {
     low_water: [u64; 256],
     small_entries: u64,
     main_entries: u64,
+    /// Segments of a reopened file not verified yet: their records are not
+    /// in the counts until [`ArenaWriter::verify_segment`] counts them.
+    unverified: Vec<bool>,
     /// Entries and state bytes per database slot.
     usage: Vec<(u64, u64)>,
     stats: ArenaStats,
@@ -195,11 +198,12 @@ impl ArenaWriter {
 
     /// Re-attaches an arena file a previous sidecar left (a restart, also
     /// after `kill -9`): checks the header, keeps the database slots whose
-    /// CRC matches (a damaged slot is freed, its revisions unreachable),
-    /// rebuilds the rings from the segments' order words and counts the
-    /// records. Record CRCs and links are verified afterwards, segment by
-    /// segment, by [`ArenaWriter::verify_segment`], while the arena serves
-    /// (a reader validates every record it reads anyway).
+    /// CRC matches (a damaged slot is freed, its revisions unreachable) and
+    /// rebuilds the rings from the segments' order words: O(segments), no
+    /// record is read. Records are verified (CRC, database, link) and
+    /// counted afterwards, segment by segment, by
+    /// [`ArenaWriter::verify_segment`], while the arena serves (a reader
+    /// validates every record it reads anyway).
     ///
     /// # Errors
     /// A [`LayoutError`] if the header is not a valid version-1 header for
@@ -252,17 +256,9 @@ impl ArenaWriter {
                 Ring::Small => writer.small.push_back(seg),
                 _ => writer.main.push_back(seg),
             }
-            let mut counted = Vec::new();
-            writer.each_record(seg, |at, h| {
-                if !h.unlinked() {
-                    counted.push((h.key, h.len(), at));
-                }
-            });
-            for (key, len, _) in counted {
-                writer.account(key, len, 1);
-                writer.count_in(ring, 1);
-                report.records += 1;
-            }
+            // Counted when verified: walking every record here would touch
+            // every page of the file before the first answer.
+            writer.unverified[seg as usize] = true;
         }
         report.segments = rings.len() as u64;
         w[header::INCARNATION].store(incarnation, Ordering::Relaxed);
@@ -278,9 +274,11 @@ impl ArenaWriter {
     /// Verifies every record of segment `seg` after a restart: a record
     /// whose CRC fails, whose database slot is no longer in use at its
     /// generation, or that is not linked from its chain (a store cut short)
-    /// is unlinked and forgotten. Returns `(checked, discarded)`.
+    /// is unlinked and forgotten; the others are counted in the stats from
+    /// now on. Returns `(checked, discarded)`; `(0, 0)` for a segment
+    /// verified already (or recycled since the restart).
     pub fn verify_segment(&mut self, seg: u64) -> (u64, u64) {
-        if !self.small.contains(&seg) && !self.main.contains(&seg) {
+        if !self.unverified.get(seg as usize).copied().unwrap_or(false) {
             return (0, 0);
         }
         let mut records = Vec::new();
@@ -295,17 +293,23 @@ impl ArenaWriter {
                 == (h.length >> 32) as u32
                 && self.worth_keeping(&Header { end: OPEN, ..h });
             let linked = self.chain(h.key).iter().any(|&(_, a)| a == at);
-            if !sound && linked {
-                self.remove(at);
+            if sound && linked {
+                // Counted from now on (the segment is still unverified here,
+                // so the accounting below is done by hand).
+                self.unverified[seg as usize] = false;
+                self.account(at, h.key, h.len(), 1);
+                self.unverified[seg as usize] = true;
+            } else if linked {
+                // Unlinked without accounting: it was never counted.
+                self.unlink(at);
+                self.stats.removed += 1;
                 bad += 1;
-            } else if !linked {
+            } else {
                 self.w()[at + record::LENGTH].fetch_or(layout::UNLINKED, Ordering::Relaxed);
-                self.account(h.key, h.len(), -1);
-                let ring = self.ring_of(at);
-                self.count_in(ring, -1);
                 bad += 1;
             }
         }
+        self.unverified[seg as usize] = false;
         (records.len() as u64, bad)
     }
 
@@ -322,6 +326,7 @@ impl ArenaWriter {
             low_water: [0; 256],
             small_entries: 0,
             main_entries: 0,
+            unverified: vec![false; g.segments as usize],
             usage: vec![(0, 0); 256],
             stats: ArenaStats {
                 file_bytes: g.file_bytes,
@@ -573,9 +578,8 @@ impl ArenaWriter {
             w[first + i].store(u64::from_ne_bytes(b), Ordering::Relaxed);
         }
         self.link(key, at);
-        self.count_in(ring, 1);
         self.stats.inserted += 1;
-        self.account(key, state.len(), 1);
+        self.account(at, key, state.len(), 1);
         Ok(())
     }
 
@@ -603,9 +607,7 @@ impl ArenaWriter {
         if let Some((holder, _)) = found {
             self.w()[holder].store(h.next, Ordering::Release);
         }
-        self.account(h.key, h.len(), -1);
-        let ring = self.ring_of(at);
-        self.count_in(ring, -1);
+        self.account(at, h.key, h.len(), -1);
         true
     }
 
@@ -717,6 +719,7 @@ impl ArenaWriter {
     fn open_segment(&mut self, seg: u64, ring: Ring) {
         let base = self.g.segment_word(seg);
         self.order += 1;
+        self.unverified[seg as usize] = false;
         let w = self.w();
         let generation = w[base + segment::GENERATION].load(Ordering::Relaxed);
         w[base + segment::META].store(self.order << 8 | ring as u64, Ordering::Relaxed);
@@ -812,6 +815,12 @@ impl ArenaWriter {
     /// links the copy (the original is unlinked by the caller).
     fn copy_to_main(&mut self, at: usize, freq: u64) {
         let h = self.header_at(at);
+        let seg = (at as u64 - self.g.data_word) / self.g.segment_words;
+        if self.unverified[seg as usize]
+            && layout::record_crc(h.key, h.serial, h.end, &self.state_at(at, h.len())) != (h.length >> 32) as u32
+        {
+            return; // damaged (a reopened file not verified this far): dropped
+        }
         let words = layout::record_words(h.len());
         let Some(to) = self.bump_or_take(words) else {
             return;
@@ -823,12 +832,18 @@ impl ArenaWriter {
         let length = (h.length & !(FREQ_MASK | layout::UNLINKED)) | freq << FREQ_SHIFT;
         w[to + record::LENGTH].store(length, Ordering::Relaxed);
         self.link(h.key, to);
-        self.count_in(Ring::Main, 1);
-        self.account(h.key, h.len(), 1);
+        self.account(to, h.key, h.len(), 1);
     }
 
-    /// Adds (`n` = 1) or subtracts (-1) a record of `len` state bytes.
-    fn account(&mut self, key: u64, len: usize, n: i64) {
+    /// Adds (`n` = 1) or subtracts (-1) the record at `at` (`len` state
+    /// bytes) to the counts, unless its segment is not verified yet.
+    fn account(&mut self, at: usize, key: u64, len: usize, n: i64) {
+        let seg = (at as u64 - self.g.data_word) / self.g.segment_words;
+        if self.unverified[seg as usize] {
+            return;
+        }
+        let ring = self.ring_of(at);
+        self.count_in(ring, n);
         let (len, words) = (len as u64, layout::record_words(len) as u64 * 8);
         let usage = &mut self.usage[layout::key_slot(key) as usize];
         if n > 0 {
@@ -899,8 +914,6 @@ pub struct Recovered {
     pub damaged_databases: u64,
     /// Segments in use.
     pub segments: u64,
-    /// Records counted (not yet verified).
-    pub records: u64,
 }
 
 /// What [`ArenaWriter::remove_where`] shows of a record.
