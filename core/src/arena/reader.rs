@@ -108,12 +108,17 @@ impl Located {
             return false;
         }
         let first = self.at + layout::RECORD_HEADER_WORDS;
-        let mut chunks = buf.chunks_mut(8);
-        for w in &words[first..first + len.div_ceil(8)] {
-            let bytes = w.load(Ordering::Relaxed).to_ne_bytes();
-            if let Some(c) = chunks.next() {
-                c.copy_from_slice(&bytes[..c.len()]);
-            }
+        let state = &words[first..first + len.div_ceil(8)];
+        // Whole words with fixed-size copies (one move each; a copy of a
+        // run-time length per word cost 4 ns a word, measured from Python:
+        // 5.6 us for an 8 KiB hit), then the last partial word.
+        let (body, tail) = buf.split_at_mut(len & !7);
+        for (dst, w) in body.chunks_exact_mut(8).zip(state) {
+            dst.copy_from_slice(&w.load(Ordering::Relaxed).to_ne_bytes());
+        }
+        if !tail.is_empty() {
+            let last = state[state.len() - 1].load(Ordering::Relaxed).to_ne_bytes();
+            tail.copy_from_slice(&last[..tail.len()]);
         }
         fence(Ordering::Acquire);
         words[self.gen_word].load(Ordering::Relaxed) == self.generation
