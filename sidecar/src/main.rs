@@ -27,7 +27,7 @@ enum Command {
         #[arg(long)]
         socket: PathBuf,
         /// Size of the arena, MiB, all databases together: states plus 40
-        /// bytes per revision, the bucket array (about 1/128 of it) and the
+        /// bytes per revision, the bucket array (1/256 of it) and the
         /// database table. Between 1 and 32768.
         #[arg(long, default_value_t = 256)]
         memory_mb: u64,
@@ -46,9 +46,10 @@ enum Command {
         /// its connection is closed.
         #[arg(long, default_value_t = 64)]
         max_frame_mb: usize,
-        /// Most databases served at once.
-        #[arg(long, default_value_t = 64)]
-        max_databases: usize,
+        /// Most databases served at once (each has a slot in the arena; at
+        /// most 255).
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=255))]
+        max_databases: u64,
         /// How often revisions no registered view can see are reclaimed, ms.
         #[arg(long, default_value_t = 1000)]
         reclaim_interval_ms: u64,
@@ -103,7 +104,7 @@ fn main() -> ExitCode {
                 cache_file,
                 group,
                 max_frame: max_frame_mb << 20,
-                max_databases,
+                max_databases: max_databases as usize,
                 reclaim_interval: Duration::from_millis(reclaim_interval_ms.max(1)),
                 max_log_changes,
             });
