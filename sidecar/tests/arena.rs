@@ -164,3 +164,29 @@ fn poke(path: &std::path::Path, at: u64, bytes: &[u8]) {
     f.seek(SeekFrom::Start(at)).unwrap();
     f.write_all(bytes).unwrap();
 }
+
+#[test]
+fn an_unknown_group_or_a_bad_size_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tidecached"))
+            .arg("serve")
+            .arg("--socket")
+            .arg(dir.path().join("s.sock"))
+            .arg("--cache-file")
+            .arg(dir.path().join("cache.arena"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--group", "no-such-group-tidecache"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no group named"),
+        "{out:?}"
+    );
+    let out = run(&["--memory-mb", "0"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("arena"), "{out:?}");
+    assert!(!dir.path().join("s.sock").exists(), "nothing left behind");
+}
