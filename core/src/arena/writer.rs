@@ -294,15 +294,11 @@ impl ArenaWriter {
                 && self.worth_keeping(&Header { end: OPEN, ..h });
             let linked = self.chain(h.key).iter().any(|&(_, a)| a == at);
             if sound && linked {
-                // Counted from now on (the segment is still unverified here,
-                // so the accounting below is done by hand).
-                self.unverified[seg as usize] = false;
-                self.account(at, h.key, h.len(), 1);
-                self.unverified[seg as usize] = true;
+                self.tally(at, h.key, h.len(), 1);
             } else if linked {
-                // Unlinked without accounting: it was never counted.
-                self.unlink(at);
-                self.stats.removed += 1;
+                // Not counted yet (the segment is unverified), so removing
+                // it subtracts nothing.
+                self.remove(at);
                 bad += 1;
             } else {
                 self.w()[at + record::LENGTH].fetch_or(layout::UNLINKED, Ordering::Relaxed);
@@ -839,9 +835,13 @@ impl ArenaWriter {
     /// bytes) to the counts, unless its segment is not verified yet.
     fn account(&mut self, at: usize, key: u64, len: usize, n: i64) {
         let seg = (at as u64 - self.g.data_word) / self.g.segment_words;
-        if self.unverified[seg as usize] {
-            return;
+        if !self.unverified[seg as usize] {
+            self.tally(at, key, len, n);
         }
+    }
+
+    /// [`ArenaWriter::account`] whatever the segment's state.
+    fn tally(&mut self, at: usize, key: u64, len: usize, n: i64) {
         let ring = self.ring_of(at);
         self.count_in(ring, n);
         let (len, words) = (len as u64, layout::record_words(len) as u64 * 8);
