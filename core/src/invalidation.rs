@@ -4,6 +4,7 @@
 
 use crate::error::CoreError;
 use crate::revision::{Oid, Tid};
+use crate::sync::{lock, Mutex, MutexGuard};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 /// A contiguous record of changes in the tid interval `(log_start, horizon]`.
@@ -124,6 +125,86 @@ impl InvalidationLog {
             }
         }
         self.log_start = below;
+    }
+}
+
+/// A cache's invalidation log behind the lock that serialises its writers
+/// (`None` until the log starts). Both caches (`SnapshotCache`, the arena's
+/// `ArenaCache`) hold one, so the order a report is applied in is written
+/// once: see [`LogLock::apply`].
+pub(crate) struct LogLock(Mutex<Option<InvalidationLog>>);
+
+/// A report applied by [`LogLock::apply`]: the log stays locked until this
+/// is dropped.
+pub(crate) struct Applied<'a> {
+    _guard: MutexGuard<'a, Option<InvalidationLog>>,
+    /// The horizon after the report.
+    pub(crate) horizon: Tid,
+    /// The report's changes in `(tid, oid)` order.
+    pub(crate) changes: Vec<(Oid, Tid)>,
+}
+
+impl LogLock {
+    /// A lock holding `log`.
+    pub(crate) fn new(log: Option<InvalidationLog>) -> Self {
+        LogLock(Mutex::new(log))
+    }
+
+    /// The log, locked.
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Option<InvalidationLog>> {
+        lock(&self.0)
+    }
+
+    /// Applies a report (invariant 4) and keeps the log locked: the caller
+    /// closes the revisions each change ends, in the order given, and only
+    /// then publishes the horizon, before dropping the [`Applied`] (so
+    /// reports publish their horizons in order).
+    ///
+    /// # Errors
+    /// [`CoreError::Gap`] (also before the log started),
+    /// [`CoreError::BadReport`].
+    pub(crate) fn apply(&self, from: Tid, to: Tid, changes: &[(Oid, Tid)]) -> Result<Applied<'_>, CoreError> {
+        let mut guard = self.lock();
+        let log = guard.as_mut().ok_or(CoreError::Gap {
+            from,
+            horizon: Tid::ZERO,
+        })?;
+        let horizon = log.apply(from, to, changes)?;
+        let mut changes = changes.to_vec();
+        changes.sort_by_key(|&(oid, tid)| (tid, oid));
+        Ok(Applied {
+            _guard: guard,
+            horizon,
+            changes,
+        })
+    }
+
+    /// Truncates the log below `low_water` (at most the horizon) and keeps
+    /// it locked; returns the low-water mark used, `None` before the log
+    /// started.
+    pub(crate) fn truncate(&self, low_water: Tid) -> (MutexGuard<'_, Option<InvalidationLog>>, Option<Tid>) {
+        let mut guard = self.lock();
+        let low = guard.as_mut().map(|l| {
+            let low = low_water.min(l.horizon());
+            l.truncate(low);
+            low
+        });
+        (guard, low)
+    }
+
+    /// The horizon, `None` before the log started.
+    pub(crate) fn horizon(&self) -> Option<Tid> {
+        self.lock().as_ref().map(InvalidationLog::horizon)
+    }
+
+    /// The log's start, `None` before the log started.
+    pub(crate) fn log_start(&self) -> Option<Tid> {
+        self.lock().as_ref().map(InvalidationLog::log_start)
+    }
+
+    /// Changes held in the log.
+    pub(crate) fn len(&self) -> usize {
+        self.lock().as_ref().map_or(0, InvalidationLog::len)
     }
 }
 

@@ -18,9 +18,9 @@
 use crate::error::CoreError;
 use crate::eviction::{Member, SizeBound};
 use crate::index::{Index, Slot, OPEN};
-use crate::invalidation::InvalidationLog;
+use crate::invalidation::{InvalidationLog, LogLock};
 use crate::revision::{Oid, StateWeight, Tid};
-use crate::sync::{lock, AtomicU64 as SyncU64, Mutex, Ordering};
+use crate::sync::{AtomicU64 as SyncU64, Ordering};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
@@ -125,7 +125,7 @@ pub struct SnapshotCache<S> {
     horizon: SyncU64,
     /// The writer lock and the invalidation log it guards (`None` until
     /// the first `start_log`).
-    log: Mutex<Option<InvalidationLog>>,
+    log: LogLock,
     counters: Arc<Counters>,
 }
 
@@ -156,7 +156,7 @@ impl<S: StateWeight + Send + Sync + 'static> SnapshotCache<S> {
             index,
             bound: bound.join(evict),
             horizon: SyncU64::new(0),
-            log: Mutex::new(None),
+            log: LogLock::new(None),
             counters,
         }
     }
@@ -220,7 +220,7 @@ impl<S: StateWeight + Send + Sync + 'static> SnapshotCache<S> {
         view: Tid,
         state: Arc<S>,
     ) -> Result<StoreOutcome, CoreError> {
-        let log = lock(&self.log);
+        let log = self.log.lock();
         match plan_store(log.as_ref(), oid, serial, end, view, || {
             self.index.has_later(oid.0, serial.0)
         })? {
@@ -265,20 +265,13 @@ impl<S: StateWeight + Send + Sync + 'static> SnapshotCache<S> {
     /// the horizon (invariant 4), [`CoreError::BadReport`] for a malformed
     /// report. A report before the log started is a gap at horizon 0.
     pub fn report(&self, from: Tid, to: Tid, changes: &[(Oid, Tid)]) -> Result<Tid, CoreError> {
-        let mut guard = lock(&self.log);
-        let log = guard.as_mut().ok_or(CoreError::Gap {
-            from,
-            horizon: Tid::ZERO,
-        })?;
-        let horizon = log.apply(from, to, changes)?;
-        let mut sorted = changes.to_vec();
-        sorted.sort_by_key(|&(oid, tid)| (tid, oid));
-        for (oid, tid) in sorted {
+        let applied = self.log.apply(from, to, changes)?;
+        for &(oid, tid) in &applied.changes {
             self.close(oid, tid);
         }
         bump(&self.counters.invalidations, changes.len() as u64);
-        self.horizon.store(horizon.0, Ordering::Release);
-        Ok(horizon)
+        self.horizon.store(applied.horizon.0, Ordering::Release);
+        Ok(applied.horizon)
     }
 
     /// `oid` changed at `tid`: the revision before it ends there.
@@ -316,7 +309,7 @@ impl<S: StateWeight + Send + Sync + 'static> SnapshotCache<S> {
     /// does not change. Used when the first client attaches and when a
     /// client lost invalidations (ZEO's `invalidateCache`, a gap).
     pub fn start_log(&self, at: Tid) {
-        let mut log = lock(&self.log);
+        let mut log = self.log.lock();
         for (oid, serial) in self.index.select(|s| s.end() == OPEN) {
             self.remove(oid, serial);
         }
@@ -327,7 +320,7 @@ impl<S: StateWeight + Send + Sync + 'static> SnapshotCache<S> {
     /// Drops every revision and stops the log: history may have changed
     /// (a restored backup, invariant 7).
     pub fn flush(&self) {
-        let mut log = lock(&self.log);
+        let mut log = self.log.lock();
         *log = None;
         self.horizon.store(0, Ordering::Release);
         for (oid, serial) in self.index.select(|_| true) {
@@ -341,10 +334,9 @@ impl<S: StateWeight + Send + Sync + 'static> SnapshotCache<S> {
     /// are freed when the last `Arc` handed out is dropped; their index
     /// nodes when crossbeam-epoch sees no reader pinned before the removal.
     pub fn reclaim(&self, low_water: Tid) -> usize {
-        let mut log = lock(&self.log);
-        let Some(l) = log.as_mut() else { return 0 };
-        let low_water = low_water.min(l.horizon());
-        l.truncate(low_water);
+        let (_log, Some(low_water)) = self.log.truncate(low_water) else {
+            return 0;
+        };
         let dead = self.index.select(|s| {
             let end = s.end();
             end != OPEN && end <= low_water.0
@@ -358,23 +350,23 @@ impl<S: StateWeight + Send + Sync + 'static> SnapshotCache<S> {
 
     /// Evicts one revision, as the size bound would (tests and tools).
     pub fn evict(&self, oid: Oid, serial: Tid) {
-        let _log = lock(&self.log);
+        let _log = self.log.lock();
         self.remove(oid.0, serial.0);
     }
 
     /// The horizon, or `None` before the log started.
     pub fn horizon(&self) -> Option<Tid> {
-        lock(&self.log).as_ref().map(InvalidationLog::horizon)
+        self.log.horizon()
     }
 
     /// The log's start, or `None` before the log started.
     pub fn log_start(&self) -> Option<Tid> {
-        lock(&self.log).as_ref().map(InvalidationLog::log_start)
+        self.log.log_start()
     }
 
     /// Number of changes the log holds.
     pub fn log_len(&self) -> usize {
-        lock(&self.log).as_ref().map_or(0, InvalidationLog::len)
+        self.log.len()
     }
 
     /// Runs the size bound's pending evictions now (they otherwise run

@@ -11,7 +11,7 @@ use super::reader::{self, Found};
 use super::writer::{ArenaStats, ArenaWriter};
 use super::{Geometry, Memory};
 use crate::error::CoreError;
-use crate::invalidation::InvalidationLog;
+use crate::invalidation::{InvalidationLog, LogLock};
 use crate::revision::{Oid, Tid};
 use crate::snapshot::{closing, plan_store, CacheStats, Closing, Refusal, StoreOutcome, StorePlan};
 use crate::sync::{lock, Mutex, MutexGuard};
@@ -57,7 +57,7 @@ impl SharedArena {
         Some(ArenaCache {
             arena: self.clone(),
             slot,
-            log: Mutex::new((horizon != 0).then(|| InvalidationLog::starting_at(Tid(horizon)))),
+            log: LogLock::new((horizon != 0).then(|| InvalidationLog::starting_at(Tid(horizon)))),
             counters: Counters::default(),
         })
     }
@@ -95,7 +95,7 @@ fn bump(c: &AtomicU64, n: u64) {
 pub struct ArenaCache {
     arena: Arc<SharedArena>,
     slot: u8,
-    log: Mutex<Option<InvalidationLog>>,
+    log: LogLock,
     counters: Counters,
 }
 
@@ -143,7 +143,7 @@ impl ArenaCache {
         view: Tid,
         state: &[u8],
     ) -> Result<StoreOutcome, CoreError> {
-        let log = lock(&self.log);
+        let log = self.log.lock();
         let mut w = self.arena.writer();
         let known = w.revisions(self.slot, oid.0);
         let plan = plan_store(log.as_ref(), oid, serial, end, view, || {
@@ -178,16 +178,9 @@ impl ArenaCache {
     /// # Errors
     /// [`CoreError::Gap`], [`CoreError::BadReport`].
     pub fn report(&self, from: Tid, to: Tid, changes: &[(Oid, Tid)]) -> Result<Tid, CoreError> {
-        let mut guard = lock(&self.log);
-        let log = guard.as_mut().ok_or(CoreError::Gap {
-            from,
-            horizon: Tid::ZERO,
-        })?;
-        let horizon = log.apply(from, to, changes)?;
+        let applied = self.log.apply(from, to, changes)?;
         let mut w = self.arena.writer();
-        let mut sorted = changes.to_vec();
-        sorted.sort_by_key(|&(oid, tid)| (tid, oid));
-        for (oid, tid) in sorted {
+        for &(oid, tid) in &applied.changes {
             let floor = w
                 .revisions(self.slot, oid.0)
                 .into_iter()
@@ -202,14 +195,14 @@ impl ArenaCache {
             }
         }
         bump(&self.counters.invalidations, changes.len() as u64);
-        w.publish_horizon(self.slot, horizon.0);
-        Ok(horizon)
+        w.publish_horizon(self.slot, applied.horizon.0);
+        Ok(applied.horizon)
     }
 
     /// Restarts the log at `at`: open revisions are dropped first (their
     /// validity after the old horizon is unknown), then the horizon moves.
     pub fn start_log(&self, at: Tid) {
-        let mut log = lock(&self.log);
+        let mut log = self.log.lock();
         let mut w = self.arena.writer();
         let slot = self.slot;
         w.remove_where(|r| r.slot == slot && r.end == OPEN);
@@ -219,7 +212,7 @@ impl ArenaCache {
 
     /// Drops everything of this database (a pack, a restored backup).
     pub fn flush(&self) {
-        let mut log = lock(&self.log);
+        let mut log = self.log.lock();
         *log = None;
         self.arena.writer().flush_database(self.slot);
     }
@@ -228,17 +221,16 @@ impl ArenaCache {
     /// revisions that end at or below it (invariant 5). Returns 0: the
     /// arena reclaims lazily, segment by segment.
     pub fn reclaim(&self, low_water: Tid) -> usize {
-        let mut log = lock(&self.log);
-        let Some(l) = log.as_mut() else { return 0 };
-        let low_water = low_water.min(l.horizon());
-        l.truncate(low_water);
+        let (_log, Some(low_water)) = self.log.truncate(low_water) else {
+            return 0;
+        };
         self.arena.writer().set_low_water(self.slot, low_water.0);
         0
     }
 
     /// Evicts one revision, as the arena's eviction would (tests, tools).
     pub fn evict(&self, oid: Oid, serial: Tid) {
-        let _log = lock(&self.log);
+        let _log = self.log.lock();
         let mut w = self.arena.writer();
         if let Some(&(at, _, _)) = w.revisions(self.slot, oid.0).iter().find(|r| r.1 == serial.0) {
             w.remove(at);
@@ -247,23 +239,23 @@ impl ArenaCache {
 
     /// Frees the database's slot (the sidecar dropped the database).
     pub fn release(&self) {
-        let _log = lock(&self.log);
+        let _log = self.log.lock();
         self.arena.writer().release_database(self.slot);
     }
 
     /// The horizon, `None` before the log started.
     pub fn horizon(&self) -> Option<Tid> {
-        lock(&self.log).as_ref().map(InvalidationLog::horizon)
+        self.log.horizon()
     }
 
     /// The log's start, `None` before the log started.
     pub fn log_start(&self) -> Option<Tid> {
-        lock(&self.log).as_ref().map(InvalidationLog::log_start)
+        self.log.log_start()
     }
 
     /// Changes held in the log.
     pub fn log_len(&self) -> usize {
-        lock(&self.log).as_ref().map_or(0, InvalidationLog::len)
+        self.log.len()
     }
 
     /// Counters and sizes (entries and bytes of this database's slot).
