@@ -4,11 +4,10 @@
 
 mod common;
 
-use common::Sidecar;
+use common::{item, Sidecar};
 use std::io::{Seek, SeekFrom, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::time::{Duration, Instant};
-use tidecache_client::protocol::StoreItem;
 use tidecache_client::{Client, ClientConfig, Local};
 
 fn client(socket: &std::path::Path) -> Client {
@@ -16,16 +15,6 @@ fn client(socket: &std::path::Path) -> Client {
     c.retry_after = Duration::from_millis(20);
     c.timeout = Duration::from_secs(2);
     Client::new(c)
-}
-
-fn item(oid: u64, serial: u64, end: Option<u64>, view: u64, state: &[u8]) -> StoreItem {
-    StoreItem {
-        oid,
-        serial,
-        end,
-        view,
-        state: state.to_vec(),
-    }
 }
 
 fn hit(c: &Client, oid: u64, view: u64) -> Option<Vec<u8>> {

@@ -3,14 +3,13 @@
 
 mod common;
 
-use common::Sidecar;
+use common::{item, Sidecar};
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 use tidecache_client::protocol::{
-    encode, read_frame_len, write_frame, ErrorCode, Request, RequestBody, Response, ResponseBody, StoreItem,
-    PROTOCOL_VERSION,
+    encode, read_frame_len, write_frame, ErrorCode, Request, RequestBody, Response, ResponseBody, PROTOCOL_VERSION,
 };
 use tidecache_client::{Client, ClientConfig};
 
@@ -79,16 +78,6 @@ fn client(sc: &Sidecar) -> Client {
     let mut c = ClientConfig::new(&sc.socket);
     c.timeout = Duration::from_secs(2);
     Client::new(c)
-}
-
-fn item(oid: u64, serial: u64, end: Option<u64>, view: u64, state: &[u8]) -> StoreItem {
-    StoreItem {
-        oid,
-        serial,
-        end,
-        view,
-        state: state.to_vec(),
-    }
 }
 
 #[test]

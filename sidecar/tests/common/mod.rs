@@ -72,3 +72,14 @@ impl Drop for Sidecar {
         let _ = self.child.wait();
     }
 }
+
+/// A store of revision `(oid, serial)` loaded at `view`.
+pub fn item(oid: u64, serial: u64, end: Option<u64>, view: u64, state: &[u8]) -> tidecache_client::protocol::StoreItem {
+    tidecache_client::protocol::StoreItem {
+        oid,
+        serial,
+        end,
+        view,
+        state: state.to_vec(),
+    }
+}
