@@ -11,7 +11,7 @@ use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use tidecache_client::protocol::{
     self, encode, ArenaInfo, ArenaStats as WireArenaStats, AttachState, DatabaseStats as WireStats, ErrorCode, Found,
@@ -87,8 +87,6 @@ pub struct Server {
     config: ServerConfig,
     arena: Arc<SharedArena>,
     arena_info: ArenaInfo,
-    /// Segments of a reopened file still to verify, and records discarded.
-    verification: Mutex<(Vec<u64>, u64)>,
     databases: RwLock<HashMap<String, Entry>>,
     clients: AtomicU64,
     started: Instant,
@@ -105,7 +103,7 @@ impl Server {
     /// [`SidecarError::Arena`] if the size is out of range,
     /// [`SidecarError::Io`] if the file cannot be created or mapped.
     pub fn new(config: ServerConfig) -> Result<Arc<Self>, SidecarError> {
-        let (arena, unverified) = open_arena(&config)?;
+        let arena = open_arena(&config)?;
         let incarnation = arena.writer().incarnation();
         Ok(Arc::new(Server {
             arena_info: ArenaInfo {
@@ -113,7 +111,6 @@ impl Server {
                 incarnation,
             },
             arena,
-            verification: Mutex::new((unverified, 0)),
             config,
             databases: RwLock::default(),
             clients: AtomicU64::new(0),
@@ -199,24 +196,18 @@ impl Server {
     /// hold, logging progress: service goes on meanwhile (readers validate
     /// every record anyway; this removes the damaged ones for good).
     pub fn verify(&self) {
-        let total = self.verification.lock().unwrap_or_else(|p| p.into_inner()).0.len();
+        let total = self.arena.stats().unverified_segments;
         if total == 0 {
             return;
         }
         let started = Instant::now();
-        let (mut checked, mut discarded, mut done) = (0u64, 0u64, 0usize);
+        let (mut checked, mut discarded, mut done) = (0u64, 0u64, 0u64);
         let mut last_log = Instant::now();
         loop {
-            let seg = {
-                let mut v = self.verification.lock().unwrap_or_else(|p| p.into_inner());
-                v.1 = discarded;
-                match v.0.pop() {
-                    Some(s) => s,
-                    None => break,
-                }
-            };
             let held = Instant::now();
-            let (c, d) = self.arena.writer().verify_segment(seg);
+            let Some((c, d)) = self.arena.writer().verify_next() else {
+                break;
+            };
             // Off the lock for as long as it was held: std's mutex is not
             // fair, and without a pause this loop would take it back at once
             // and keep Attach and Store waiting until the whole file is
@@ -237,7 +228,6 @@ impl Server {
                 last_log = Instant::now();
             }
         }
-        self.verification.lock().unwrap_or_else(|p| p.into_inner()).1 = discarded;
         tracing::info!(
             segments = total,
             records = checked,
@@ -609,10 +599,6 @@ impl Server {
 
     fn arena_stats(&self) -> WireArenaStats {
         let a = self.arena.stats();
-        let (unverified, discarded) = {
-            let v = self.verification.lock().unwrap_or_else(|p| p.into_inner());
-            (v.0.len() as u64, v.1)
-        };
         WireArenaStats {
             path: self.arena_info.path.clone(),
             file_bytes: a.file_bytes,
@@ -628,16 +614,15 @@ impl Server {
             reinserted: a.reinserted,
             ghost_hits: a.ghost_hits,
             removed: a.removed,
-            unverified_segments: unverified,
-            discarded,
+            unverified_segments: a.unverified_segments,
+            discarded: a.discarded,
         }
     }
 }
 
 /// Opens the arena: re-attaches a sound file of the configured size, else
-/// discards it (logging why) and creates a new one. Returns the arena and
-/// the segments still to verify.
-fn open_arena(config: &ServerConfig) -> Result<(Arc<SharedArena>, Vec<u64>), SidecarError> {
+/// discards it (logging why) and creates a new one.
+fn open_arena(config: &ServerConfig) -> Result<Arc<SharedArena>, SidecarError> {
     let path = &config.cache_file;
     let geometry = Geometry::for_size(config.memory_bytes, config.max_databases as u64).map_err(SidecarError::Arena)?;
     let incarnation = fastrand::u64(1..);
@@ -667,8 +652,7 @@ fn open_arena(config: &ServerConfig) -> Result<(Arc<SharedArena>, Vec<u64>), Sid
                     ms = started.elapsed().as_millis() as u64,
                     "re-attached the arena file left by the previous run; verifying its records in the background"
                 );
-                let unverified = writer.segments_in_use();
-                return Ok((SharedArena::new(writer), unverified));
+                return Ok(SharedArena::new(writer));
             }
             Err(reason) => {
                 tracing::warn!(cache_file = %path.display(), %reason, "discarding the arena file; starting empty");
@@ -679,7 +663,7 @@ fn open_arena(config: &ServerConfig) -> Result<(Arc<SharedArena>, Vec<u64>), Sid
     let memory = Memory::create_file(path, geometry.file_bytes, config.group)
         .map_err(io_err(format!("creating the arena file {}", path.display())))?;
     let writer = ArenaWriter::create(Arc::new(memory), geometry, incarnation);
-    Ok((SharedArena::new(writer), Vec::new()))
+    Ok(SharedArena::new(writer))
 }
 
 /// Clears the LIVE word of a discarded arena file before it is unlinked, so

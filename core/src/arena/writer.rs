@@ -85,6 +85,10 @@ pub struct ArenaStats {
     /// Revisions removed otherwise (invalidation contradictions, resync,
     /// flush, reclaimed history).
     pub removed: u64,
+    /// Segments of a reopened file not verified yet.
+    pub unverified_segments: u64,
+    /// Records the verification of a reopened file discarded.
+    pub discarded: u64,
 }
 
 /// A record's header as the writer reads it.
@@ -266,11 +270,6 @@ impl ArenaWriter {
         Ok((writer, report))
     }
 
-    /// The segments in use, oldest first (what a restart verifies).
-    pub fn segments_in_use(&self) -> Vec<u64> {
-        self.small.iter().chain(self.main.iter()).copied().collect()
-    }
-
     /// Verifies every record of segment `seg` after a restart: a record
     /// whose CRC fails, whose database slot is no longer in use at its
     /// generation, or that is not linked from its chain (a store cut short)
@@ -306,7 +305,15 @@ impl ArenaWriter {
             }
         }
         self.unverified[seg as usize] = false;
+        self.stats.discarded += bad;
         (records.len() as u64, bad)
+    }
+
+    /// Verifies the next segment a restart left unverified (see
+    /// [`ArenaWriter::verify_segment`]); `None` once every one is.
+    pub fn verify_next(&mut self) -> Option<(u64, u64)> {
+        let seg = self.unverified.iter().position(|&u| u)?;
+        Some(self.verify_segment(seg as u64))
     }
 
     fn empty(memory: Arc<Memory>, g: Geometry) -> Self {
@@ -894,6 +901,7 @@ impl ArenaWriter {
             small_segments: self.small.len() as u64,
             main_segments: self.main.len() as u64,
             free_segments: self.free.len() as u64,
+            unverified_segments: self.unverified.iter().filter(|&&u| u).count() as u64,
             ..self.stats
         }
     }
