@@ -2,13 +2,14 @@
 //!
 //! - [`revision`]: [`Oid`], [`Tid`], validity intervals.
 //! - [`invalidation`]: the invalidation log, its horizon and contiguous
-//!   reports (invariants 3 and 4 of DESIGN.md).
+//!   reports (invariants 3 and 4 of docs/invariants.md).
 //! - [`view`]: registered views and the low-water mark (invariant 5).
 //! - [`snapshot`]: [`SnapshotCache`], Arc-shared immutable states with a
 //!   lock-free read path (invariants 1, 2, 3, 5, 6).
 //! - [`eviction`]: [`SizeBound`], the byte budget caches share (moka).
-//! - [`arena`]: a record other processes copy without locks, validated by a
-//!   sequence word and a CRC-32 (a seqlock).
+//! - [`arena`]: the shared-memory arena the sidecar writes and every
+//!   worker process reads without a lock or a system call (validated by
+//!   segment generations, a seqlock, and CRC-32s).
 //! - [`database`]: one named database: cache, views, attach and resync
 //!   (invariant 7).
 //!

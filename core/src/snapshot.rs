@@ -1,5 +1,5 @@
 //! `SnapshotCache<S>`: revisions keyed by `(oid, serial)`, handed out as
-//! Arc-shared immutable states, with the MVCC rules of DESIGN.md enforced
+//! Arc-shared immutable states, with the MVCC rules of docs/invariants.md enforced
 //! at every read and write.
 //!
 //! Readers are lock-free: a lookup loads the horizon, finds the revision of

@@ -7,7 +7,7 @@
 //! loads at random views whose stores arrive late and out of order, view
 //! register / advance / release, reclamation, resyncs and evictions run
 //! through the real `Database` and the model side by side, and every hit
-//! must equal the model's `loadBefore` (invariant 1 of DESIGN.md).
+//! must equal the model's `loadBefore` (invariant 1 of docs/invariants.md).
 //!
 //! `make test` runs 10,000 cases; `TIDECACHE_MODEL_CASES=1000000 cargo test
 //! --release -p tidecache-core --test model` runs a longer search.

@@ -11,19 +11,15 @@
 //!   under the MVCC rules, and [`SharedArena`], the arena they share.
 //! - [`memory`]: [`Memory`], the words: a mapped file (read-write for the
 //!   sidecar, read-only for clients) or, for tests and loom, the heap.
-//! - [`record`]: a standalone seqlock-guarded record (kept as the minimal
-//!   model of the validation protocol).
 
 pub mod cache;
 pub mod layout;
 pub mod memory;
 pub mod reader;
-pub mod record;
 pub mod writer;
 
 pub use cache::{ArenaCache, SharedArena};
 pub use layout::{Geometry, LayoutError};
 pub use memory::Memory;
 pub use reader::{Found, Miss};
-pub use record::{Record, RecordHeader, RecordWords, HEADER_WORDS};
 pub use writer::{ArenaStats, ArenaWriter, NotWritten, Policy, RecordInfo, Recovered};

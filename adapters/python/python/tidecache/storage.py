@@ -19,7 +19,7 @@ ZODB's own ``MVCCAdapter`` (``ZODB/mvccadapter.py``) with four additions:
   rather than guess.
 
 If the sidecar is absent, dead or slow, every lookup is a miss and the
-application runs from its base storage (invariant 8 of DESIGN.md).
+application runs from its base storage (invariant 8 of docs/invariants.md).
 """
 
 import logging
@@ -151,7 +151,7 @@ class TideCacheStorage(MVCCAdapter):
         restored from a backup. It is polled for up to
         ``RESTORE_GRACE_SECONDS``; if it catches up, it joins; if not, the
         database is flushed in the sidecar before anything is served from it
-        (invariant 7 of DESIGN.md)."""
+        (invariant 7 of docs/invariants.md)."""
         client = self._tc_client
         last = u64(base.lastTransaction())
         try:
