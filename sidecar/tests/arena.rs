@@ -44,16 +44,13 @@ fn the_arena_file_is_private_and_lookups_need_no_socket() {
     c.attach("db", 10).unwrap();
     c.store("db", vec![item(1, 5, None, 10, b"one")]).unwrap();
     assert_eq!(hit(&c, 1, 10).as_deref(), Some(&b"one"[..]));
-    // With the sidecar stopped, the arena still answers: no socket, no lock.
+    // With the sidecar stopped, the arena still answers: no socket, no lock
+    // (a lookup that needed the sidecar would miss or fail here).
     let pid = sc.child.id() as i32;
     unsafe { libc::kill(pid, libc::SIGSTOP) };
-    let t = Instant::now();
-    for _ in 0..1000 {
-        assert!(hit(&c, 1, 10).is_some());
-    }
-    let elapsed = t.elapsed();
+    let hits = (0..1000).filter(|_| hit(&c, 1, 10).is_some()).count();
     unsafe { libc::kill(pid, libc::SIGCONT) };
-    assert!(elapsed < Duration::from_millis(500), "1000 lookups took {elapsed:?}");
+    assert_eq!(hits, 1000);
 }
 
 #[test]

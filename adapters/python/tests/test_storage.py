@@ -141,12 +141,11 @@ def test_an_absent_sidecar_costs_misses_only(tmp_path):
     storage, db = make_db(tmp_path, str(tmp_path / "nobody.sock"))
     with db.transaction() as c:
         c.root()["doc"] = PersistentMapping(x=1)
-    t = time.time()
     for _ in range(20):
         assert read_fresh(db) == 1
-    assert time.time() - t < 5
     s = storage.cache_stats()
     assert s["hits"] == 0 and s["sidecar"] is None
+    assert s["misses"] > 0 and s["unavailable"] > 0
     db.close()
 
 
