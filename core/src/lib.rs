@@ -10,6 +10,8 @@
 //! - [`arena`]: the shared-memory arena the sidecar writes and every
 //!   worker process reads without a lock or a system call (validated by
 //!   segment generations, a seqlock, and CRC-32s).
+//! - [`crash`]: named crash points of the arena writer, inert unless a test
+//!   arms one (crash-consistency tests).
 //! - [`database`]: one named database: cache, views, attach and resync
 //!   (invariant 7).
 //!
@@ -19,6 +21,7 @@
 #![warn(missing_docs)]
 
 pub mod arena;
+pub mod crash;
 pub mod database;
 pub mod error;
 pub mod eviction;

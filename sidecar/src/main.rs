@@ -90,6 +90,15 @@ fn main() -> ExitCode {
                 .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
                 .with_writer(std::io::stderr)
                 .init();
+            // Test hook (sidecar/tests/crash_points.rs): kill this process
+            // at a named step of the arena writer. Never set in production.
+            if let Ok(spec) = std::env::var("TIDECACHED_CRASH_AT") {
+                if let Err(e) = tidecache_core::crash::arm(&spec) {
+                    eprintln!("tidecached: TIDECACHED_CRASH_AT: {e}");
+                    return ExitCode::FAILURE;
+                }
+                tracing::warn!(%spec, "crash point armed by TIDECACHED_CRASH_AT: this process kills itself there");
+            }
             let group = match group.as_deref().map(group_id).transpose() {
                 Ok(g) => g,
                 Err(e) => {

@@ -21,7 +21,13 @@ impl Sidecar {
     }
 
     pub fn start_at(dir: tempfile::TempDir, socket: PathBuf, args: &[&str]) -> Sidecar {
+        Self::start_at_with_env(dir, socket, args, &[])
+    }
+
+    /// [`Sidecar::start_at`] with extra environment variables.
+    pub fn start_at_with_env(dir: tempfile::TempDir, socket: PathBuf, args: &[&str], env: &[(&str, &str)]) -> Sidecar {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tidecached"));
+        cmd.envs(env.iter().copied());
         cmd.arg("serve").arg("--socket").arg(&socket).args(args);
         if !args.contains(&"--cache-file") {
             // Beside the socket, not in /dev/shm: removed with the directory.
