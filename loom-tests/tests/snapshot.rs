@@ -1,4 +1,6 @@
-//! The snapshot cache's insert / invalidate / reclaim race.
+//! The in-process snapshot cache's insert / invalidate / reclaim race
+//! (`SnapshotCache`, kept for the shared-state layer; the sidecar's arena
+//! has its own model in `arena_report.rs`).
 //!
 //! Oid 1 has revision 1 (current at view 1) and is changed at tid 2. A
 //! store of revision 1 as current, the report of the change, reclamation,
