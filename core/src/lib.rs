@@ -4,6 +4,8 @@
 //! - [`invalidation`]: the invalidation log, its horizon and contiguous
 //!   reports (invariants 3 and 4 of docs/invariants.md).
 //! - [`view`]: registered views and the low-water mark (invariant 5).
+//! - [`rules`]: the store check against the log and the closing rule,
+//!   applied by both caches (invariants 3 and 4).
 //! - [`snapshot`]: [`SnapshotCache`], Arc-shared immutable states with a
 //!   lock-free read path (invariants 1, 2, 3, 5, 6).
 //! - [`eviction`]: [`SizeBound`], the byte budget caches share (moka).
@@ -28,6 +30,7 @@ pub mod eviction;
 mod index;
 pub mod invalidation;
 pub mod revision;
+pub mod rules;
 pub mod snapshot;
 mod sync;
 pub mod view;
@@ -39,5 +42,6 @@ pub use error::CoreError;
 pub use eviction::SizeBound;
 pub use invalidation::InvalidationLog;
 pub use revision::{Oid, StateWeight, Tid, Validity};
-pub use snapshot::{CacheStats, Hit, Refusal, SnapshotCache, StoreOutcome, ENTRY_OVERHEAD};
+pub use rules::{CacheStats, Refusal, StoreOutcome};
+pub use snapshot::{Hit, SnapshotCache, ENTRY_OVERHEAD};
 pub use view::{ViewId, ViewRegistry};

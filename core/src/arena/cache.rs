@@ -1,6 +1,6 @@
 //! [`ArenaCache`]: one database's revisions in the shared arena, under the
 //! same MVCC rules as [`crate::SnapshotCache`] (the rules themselves live in
-//! `snapshot.rs` and are shared: `plan_store`, `closing`).
+//! [`crate::rules`] and are shared: `plan_store`, `closing`).
 //!
 //! Every database of a sidecar has its own invalidation log and a slot in
 //! the one [`SharedArena`]. Lock order: a database's log, then the arena's
@@ -13,7 +13,7 @@ use super::{Geometry, Memory};
 use crate::error::CoreError;
 use crate::invalidation::{InvalidationLog, LogLock};
 use crate::revision::{Oid, Tid};
-use crate::snapshot::{closing, plan_store, CacheStats, Closing, Refusal, StoreOutcome, StorePlan};
+use crate::rules::{closing, plan_store, CacheStats, Closing, Refusal, StoreOutcome, StorePlan};
 use crate::sync::{lock, Mutex, MutexGuard};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

@@ -1,0 +1,132 @@
+//! The MVCC rules every cache applies, in one place: how a store is
+//! checked against the invalidation log (invariant 3), what a reported
+//! change does to a cached revision, and the outcomes and counters both
+//! caches report. [`crate::SnapshotCache`] (in-process) and
+//! [`crate::arena::ArenaCache`] (the sidecar's shared-memory arena) call
+//! these functions; neither has rules of its own.
+
+use crate::error::CoreError;
+use crate::index::OPEN;
+use crate::invalidation::InvalidationLog;
+use crate::revision::{Oid, Tid};
+
+/// Why a store was not kept. Refusals are normal (a miss is always safe).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// No log yet (no client attached): an open store cannot be checked.
+    LogNotStarted,
+    /// The store was loaded at a view below `log_start` (invariant 3).
+    BeforeLogStart,
+    /// A newer revision of the oid is cached, so "current" is stale.
+    Superseded,
+    /// The cache cannot hold it: a state larger than a segment, an oid over
+    /// 48 bits, or a database without a slot (arena only).
+    NotCacheable,
+}
+
+/// What a store did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreOutcome {
+    /// Kept as the current (open) revision.
+    Open,
+    /// Kept with a known end: given by the caller, or found in the log.
+    Closed(Tid),
+    /// Not kept.
+    Refused(Refusal),
+}
+
+/// Counters and sizes of a cache, for `tidecached stats`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheStats {
+    /// Revisions indexed.
+    pub entries: u64,
+    /// State bytes plus [`ENTRY_OVERHEAD`] per revision.
+    pub bytes: u64,
+    /// Size bound, bytes (shared with the other caches of its budget).
+    pub capacity: u64,
+    /// Lookups answered.
+    pub hits: u64,
+    /// Lookups not answered.
+    pub misses: u64,
+    /// Stores kept (open or closed).
+    pub stores: u64,
+    /// Stores refused.
+    pub refused: u64,
+    /// `(oid, tid)` changes received in applied reports.
+    pub invalidations: u64,
+    /// Revisions reclaimed because no registered view can see them.
+    pub reclaimed: u64,
+    /// Revisions evicted by the size bound.
+    pub evicted: u64,
+}
+
+/// What a store becomes, decided against the log (invariant 3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StorePlan {
+    /// Insert with this end ([`OPEN`] for an open revision).
+    Insert(u64),
+    /// Refuse.
+    Refuse(Refusal),
+}
+
+/// The rule every cache applies to a store of `(oid, serial)` loaded at
+/// `view` with `end` (`None`: current at `view`): a closed store needs no
+/// check; an open one needs a log that covers `view`, no later serial of
+/// the oid cached (`has_later`), and is closed at the log's first change of
+/// the oid after `view`, if any.
+///
+/// # Errors
+/// [`CoreError::BadStore`] for an end not after the serial or a view older
+/// than the serial.
+pub(crate) fn plan_store(
+    log: Option<&InvalidationLog>,
+    oid: Oid,
+    serial: Tid,
+    end: Option<Tid>,
+    view: Tid,
+    has_later: impl FnOnce() -> bool,
+) -> Result<StorePlan, CoreError> {
+    match end {
+        Some(e) if e <= serial => Err(CoreError::BadStore {
+            oid,
+            serial,
+            reason: "end is not after serial",
+        }),
+        Some(e) => Ok(StorePlan::Insert(e.0)),
+        None if view < serial => Err(CoreError::BadStore {
+            oid,
+            serial,
+            reason: "current at a view older than its serial",
+        }),
+        None => Ok(match log {
+            None => StorePlan::Refuse(Refusal::LogNotStarted),
+            Some(l) if view < l.log_start() => StorePlan::Refuse(Refusal::BeforeLogStart),
+            Some(_) if has_later() => StorePlan::Refuse(Refusal::Superseded),
+            Some(l) => StorePlan::Insert(l.first_change_after(oid, view).map_or(OPEN, |t| t.0)),
+        }),
+    }
+}
+
+/// What a reported change at `tid` does to the newest cached revision of
+/// its oid with a serial before `tid`, whose end is `end`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Closing {
+    /// It was open: it ends at `tid`.
+    Close,
+    /// It is known to end after `tid`, which contradicts the report: trust
+    /// neither, drop the revision.
+    Drop,
+    /// It already ends at or before `tid`.
+    Keep,
+}
+
+/// See [`Closing`].
+pub(crate) fn closing(end: u64, tid: Tid) -> Closing {
+    if end == OPEN {
+        Closing::Close
+    } else if end > tid.0 {
+        Closing::Drop
+    } else {
+        Closing::Keep
+    }
+}
