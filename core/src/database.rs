@@ -3,10 +3,16 @@
 //! (invariant 7).
 
 use crate::error::CoreError;
+#[cfg(feature = "snapshot")]
 use crate::eviction::SizeBound;
-use crate::revision::{Oid, StateWeight, Tid};
-use crate::snapshot::{CacheStats, Hit, SnapshotCache, StoreOutcome};
+#[cfg(feature = "snapshot")]
+use crate::revision::StateWeight;
+use crate::revision::{Oid, Tid};
+use crate::rules::{CacheStats, StoreOutcome};
+#[cfg(feature = "snapshot")]
+use crate::snapshot::{Hit, SnapshotCache};
 use crate::view::{ViewId, ViewRegistry};
+#[cfg(feature = "snapshot")]
 use std::sync::Arc;
 
 /// What a [`DatabaseOf`] needs of its cache: the operations of
@@ -53,6 +59,7 @@ pub trait Revisions: Send + Sync {
     fn stats(&self) -> CacheStats;
 }
 
+#[cfg(feature = "snapshot")]
 impl<S: StateWeight + Send + Sync + 'static> Revisions for SnapshotCache<S> {
     type State = Arc<S>;
     type Hit = Hit<S>;
@@ -139,6 +146,7 @@ impl Revisions for crate::arena::ArenaCache {
 }
 
 /// The in-process database: a [`SnapshotCache`] of `Arc<S>` states.
+#[cfg(feature = "snapshot")]
 pub type Database<S> = DatabaseOf<SnapshotCache<S>>;
 
 /// The sidecar's database: its revisions in the shared-memory arena.
@@ -189,6 +197,7 @@ pub struct DatabaseStats {
     pub detached: u64,
 }
 
+#[cfg(feature = "snapshot")]
 impl<S: StateWeight + Send + Sync + 'static> DatabaseOf<SnapshotCache<S>> {
     /// An empty database with a byte budget of its own.
     pub fn new(capacity_bytes: u64) -> Self {
@@ -351,7 +360,7 @@ impl<C: Revisions> DatabaseOf<C> {
     }
 }
 
-#[cfg(all(test, not(loom)))]
+#[cfg(all(test, not(loom), feature = "snapshot"))]
 mod tests {
     use super::*;
 

@@ -10,7 +10,7 @@ use crate::sync::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 /// `end` word of a slot whose revision is open (current).
-pub(crate) const OPEN: u64 = u64::MAX;
+pub(crate) use crate::rules::OPEN;
 
 /// One cached revision: its state and the end of its validity interval.
 pub(crate) struct Slot<S> {

@@ -26,22 +26,29 @@ pub mod arena;
 pub mod crash;
 pub mod database;
 pub mod error;
+#[cfg(feature = "snapshot")]
 pub mod eviction;
+#[cfg(feature = "snapshot")]
 mod index;
 pub mod invalidation;
 pub mod revision;
 pub mod rules;
+#[cfg(feature = "snapshot")]
 pub mod snapshot;
 mod sync;
 pub mod view;
 
+#[cfg(feature = "snapshot")]
+pub use database::Database;
 #[cfg(not(loom))]
 pub use database::SharedDatabase;
-pub use database::{AttachOutcome, Database, DatabaseOf, DatabaseStats, Revisions};
+pub use database::{AttachOutcome, DatabaseOf, DatabaseStats, Revisions};
 pub use error::CoreError;
+#[cfg(feature = "snapshot")]
 pub use eviction::SizeBound;
 pub use invalidation::InvalidationLog;
 pub use revision::{Oid, StateWeight, Tid, Validity};
 pub use rules::{CacheStats, Refusal, StoreOutcome};
+#[cfg(feature = "snapshot")]
 pub use snapshot::{Hit, SnapshotCache, ENTRY_OVERHEAD};
 pub use view::{ViewId, ViewRegistry};

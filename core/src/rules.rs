@@ -6,9 +6,11 @@
 //! these functions; neither has rules of its own.
 
 use crate::error::CoreError;
-use crate::index::OPEN;
 use crate::invalidation::InvalidationLog;
 use crate::revision::{Oid, Tid};
+
+/// `end` of an open (current) revision in both caches' words.
+pub(crate) const OPEN: u64 = u64::MAX;
 
 /// Why a store was not kept. Refusals are normal (a miss is always safe).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
