@@ -1,7 +1,7 @@
 //! tidecache-sidecar: the `tidecached` daemon, one per host, that holds
 //! every revision once for all worker processes.
 //!
-//! [`server`] serves the protocol of `tidecache_client::protocol` on a Unix
+//! [`server`] serves the protocol of `tidecache_protocol` on a Unix
 //! socket; `src/main.rs` is the command line (`serve`, `stats`).
 
 #![warn(missing_docs)]

@@ -13,12 +13,12 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
-use tidecache_client::protocol::{
-    self, encode, ArenaInfo, ArenaStats as WireArenaStats, AttachState, DatabaseStats as WireStats, ErrorCode, Found,
-    Request, RequestBody, Response, ResponseBody, ServerStats, PROTOCOL_VERSION,
-};
 use tidecache_core::arena::{ArenaWriter, Geometry, LayoutError, Memory, SharedArena};
 use tidecache_core::{AttachOutcome, CoreError, Oid, SharedDatabase, StoreOutcome, Tid, ViewId};
+use tidecache_protocol::{
+    self as protocol, encode, ArenaInfo, ArenaStats as WireArenaStats, AttachState, DatabaseStats as WireStats,
+    ErrorCode, Found, Request, RequestBody, Response, ResponseBody, ServerStats, PROTOCOL_VERSION,
+};
 
 /// Errors that stop the sidecar from starting or serving.
 #[derive(Debug, thiserror::Error)]

@@ -19,7 +19,7 @@
 
 #![warn(missing_docs)]
 
-pub mod protocol;
+pub use tidecache_protocol as protocol;
 mod queue;
 
 pub use queue::StoreQueue;

@@ -1,5 +1,8 @@
-//! The tidecached wire protocol, version 1. docs/protocol.md is its
-//! specification; this module is its definition.
+//! tidecache-protocol: the tidecached wire protocol, version
+//! [`PROTOCOL_VERSION`]. docs/protocol.md is its specification; this crate
+//! is its definition, shared by the sidecar (which depends on nothing else
+//! of the client) and by `tidecache-client`, which re-exports it as
+//! `tidecache_client::protocol`.
 //!
 //! Transport: a Unix domain socket. Every message is a *frame*: a 4-byte
 //! big-endian length `n`, then `n` bytes of MessagePack (rmp-serde,
@@ -8,6 +11,8 @@
 //! with one [`Response`] carrying the same `id`, in order.
 //!
 //! The first request on a connection must be [`RequestBody::Hello`].
+
+#![warn(missing_docs)]
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
