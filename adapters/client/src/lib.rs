@@ -60,6 +60,27 @@ pub enum ClientError {
     },
 }
 
+/// Why the sidecar's arena cannot be mapped; lookups then go over the
+/// socket.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MapError {
+    /// The file cannot be opened or mapped (permissions: see `--group`).
+    #[error("cannot map the arena: {0}")]
+    Io(#[from] std::io::Error),
+    /// The file is not a sound arena of this layout version.
+    #[error("not a usable arena: {0}")]
+    Layout(#[from] tidecache_core::arena::LayoutError),
+    /// The file is another run's (the sidecar restarted and replaced it).
+    #[error("incarnation {found:#x}, the sidecar serves {expected:#x}")]
+    Incarnation {
+        /// The incarnation in the file's header.
+        found: u64,
+        /// The one the sidecar's Hello named.
+        expected: u64,
+    },
+}
+
 impl ClientError {
     /// Whether this is a refused report that left a gap (invariant 4).
     pub fn is_gap(&self) -> bool {
@@ -116,14 +137,18 @@ impl MappedArena {
     /// checksum, length) and that it is live with `incarnation`.
     ///
     /// # Errors
-    /// A sentence saying why it cannot be used.
-    pub fn open(path: &std::path::Path, incarnation: u64) -> Result<Self, String> {
+    /// [`MapError`]: the file cannot be mapped, is not a sound arena, or is
+    /// of another incarnation.
+    pub fn open(path: &std::path::Path, incarnation: u64) -> Result<Self, MapError> {
         use tidecache_core::arena::layout::header;
-        let memory = Memory::map_read_only(path).map_err(|e| e.to_string())?;
-        let geometry = Geometry::read(memory.words(), memory.len_bytes()).map_err(|e| e.to_string())?;
+        let memory = Memory::map_read_only(path)?;
+        let geometry = Geometry::read(memory.words(), memory.len_bytes())?;
         let found = memory.words()[header::INCARNATION].load(std::sync::atomic::Ordering::Acquire);
         if found != incarnation {
-            return Err(format!("incarnation {found:#x}, the sidecar serves {incarnation:#x}"));
+            return Err(MapError::Incarnation {
+                found,
+                expected: incarnation,
+            });
         }
         Ok(MappedArena {
             memory,
