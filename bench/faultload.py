@@ -82,8 +82,8 @@ DATABASE = "faultload"
 # The board: one shared file, mapped by the driver and every process.
 # Word 0: stop flag. Then SLOTS slots of SLOT_WORDS words, one per process
 # (worker, replacement or forked child), each written by its process only.
-WORKER_SLOTS = 64  # workers and their replacements
-CHILD_SLOTS_PER_WORKER = 15  # worker w's children: WORKER_SLOTS + 15 w ...
+WORKER_SLOTS = 256  # workers and their replacements in one run
+CHILD_SLOTS_PER_WORKER = 7  # worker w's children: WORKER_SLOTS + 7 w ...
 SLOTS = WORKER_SLOTS * (1 + CHILD_SLOTS_PER_WORKER)
 SLOT_WORDS = 8
 # Slot words:
@@ -101,6 +101,7 @@ class Board:
                 f.write(b"\0" * 8 * (1 + SLOTS * SLOT_WORDS))
         self.f = open(path, "r+b")
         self.m = mmap.mmap(self.f.fileno(), 0)
+        self.words = memoryview(self.m).cast("q")
 
     def _at(self, slot, word):
         return 8 * (1 + slot * SLOT_WORDS + word)
@@ -119,7 +120,7 @@ class Board:
         struct.pack_into("<q", self.m, 0, 1)
 
     def total(self, word):
-        return sum(self.get(s, word) for s in range(SLOTS))
+        return sum(self.words[1 + word::SLOT_WORDS])
 
 
 # -- the worker: a ZODB application ------------------------------------------
@@ -191,6 +192,15 @@ def rebase_after_fork(db, zeo):
     from ZODB.utils import u64
 
     storage = db.storage
+    # The parent's ZEO connection: its socket must not stay open here. Were
+    # the parent killed in the middle of a commit, the server would wait
+    # for it (holding its commit lock, every commit of every process
+    # waiting) as long as this child held a copy of the socket (seen with
+    # --seconds 90 --fault-interval 0.4). The descriptor becomes /dev/null,
+    # so nothing this child does can close or use the shared socket, and
+    # the old storage is kept from the garbage collector.
+    _left_by_the_parent.append(storage._storage)
+    blind_sockets_to(zeo)
     storage._lock = Lock()
     storage._tc_lock = threading.Lock()
     storage._instances = set()
@@ -209,6 +219,36 @@ def rebase_after_fork(db, zeo):
             storage._tc_report_locked(t, oids)
     db.pool = ConnectionPool(db.pool.size, db.pool.timeout)
     db.historical_pool = KeyedConnectionPool(db.historical_pool.size, db.historical_pool.timeout)
+
+
+_left_by_the_parent = []
+
+
+def blind_sockets_to(address):
+    """Points every descriptor of a socket connected to ``address`` at
+    /dev/null (the socket itself, shared with the parent, is left alone)."""
+    import socket
+
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            if fd == null:
+                continue
+            try:
+                s = socket.socket(fileno=fd)
+            except OSError:
+                continue
+            try:
+                peer = s.getpeername()
+            except OSError:
+                peer = None
+            finally:
+                s.detach()
+            if peer == address:
+                os.dup2(null, fd)
+    finally:
+        os.close(null)
 
 
 class Application:
@@ -417,8 +457,11 @@ class Run:
         self.workers = {}  # slot -> Popen
         self.logs = {}
         self.next_slot = 0
+        self.forks_of = {}  # worker slot -> children forked
         self.faults = {"sidecar_kill": 0, "sidecar_stop": 0, "fork": 0, "worker_kill": 0}
         self.failures = []
+        self.fault_log = []  # (seconds into the run, requests so far, fault, target)
+        self.started = time.time()
         self.member_oids = self.populate()
 
     def populate(self):
@@ -461,6 +504,7 @@ class Run:
     # The faults.
 
     def fault(self, kind):
+        target = None
         if kind == "sidecar_kill":
             self.sidecar.kill()
             self.sidecar.start()
@@ -469,11 +513,13 @@ class Run:
             time.sleep(self.rng.uniform(0.2, 1.0))
             self.sidecar.proc.send_signal(signal.SIGCONT)
         elif kind == "fork":
-            live = self.live_workers()
+            live = [s for s in self.live_workers() if self.forks_of.get(s, 0) < CHILD_SLOTS_PER_WORKER]
             if not live:
                 return
             before = self.children()
-            os.kill(self.workers[self.rng.choice(live)].pid, signal.SIGUSR2)
+            target = self.rng.choice(live)
+            self.forks_of[target] = self.forks_of.get(target, 0) + 1
+            os.kill(self.workers[target].pid, signal.SIGUSR2)
             # Until the worker has forked (its child's slot is taken), so a
             # fault that follows cannot kill it first.
             deadline = time.time() + PAUSE_BOUND + 10
@@ -484,14 +530,15 @@ class Run:
                 time.sleep(0.01)
         elif kind == "worker_kill":
             live = self.live_workers()
-            if not live:
+            if not live or self.next_slot >= WORKER_SLOTS:
                 return
-            slot = self.rng.choice(live)
+            slot = target = self.rng.choice(live)
             self.workers[slot].kill()
             self.workers[slot].wait()
             self.board.set(slot, STATE, STATE_DONE)  # its counters stay on the board
             self.start_worker()
         self.faults[kind] += 1
+        self.fault_log.append((round(time.time() - self.started, 2), self.board.total(REQUESTS), kind, target))
 
     def schedule_by_requests(self):
         """``--faults`` of each kind at fixed request counts spread over
@@ -693,6 +740,8 @@ def run_once(opts, chaos, rng):
                 "hits": hits,
                 "misses": misses,
             }
+            if run.failures or counts["torn"] or counts["went_back"] or counts["wrong"]:
+                summary["fault_log"] = run.fault_log
             if counts["torn"] or counts["went_back"] or counts["wrong"]:
                 summary["failures"].append("see the workers' logs above: FAULTLOAD lines")
                 for slot, path in run.logs.items():
@@ -718,6 +767,8 @@ def report(summary):
               summary["observations_checked"], summary["hangs"], summary["hits"], summary["misses"]))
     for f in summary["failures"]:
         print("  FAILURE: " + f)
+    if "fault_log" in summary:
+        print("  faults (seconds, requests, fault, worker slot): %s" % summary["fault_log"])
     sys.stdout.flush()
 
 
