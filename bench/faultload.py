@@ -266,9 +266,9 @@ class Application:
         from ZODB.POSException import ConflictError
         from ZODB.utils import u64
 
+        started = time.perf_counter()
         tm = transaction.TransactionManager()
         conn = self.db.open(tm)
-        started = time.perf_counter()
         try:
             if rng.random() < 0.25:
                 conn.cacheMinimize()
