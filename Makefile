@@ -8,8 +8,9 @@ VENV := $(CURDIR)/.venv
 PY := $(VENV)/bin/python
 DEPS := $(VENV)/.deps-installed
 LOOM_MAX_PREEMPTIONS ?= 2
+SOAK_SECONDS ?= 300
 
-.PHONY: all build demo test test-rust test-loom test-python bench clean model-long
+.PHONY: all build demo test test-rust test-loom test-python bench clean model-long soak
 
 all: build
 
@@ -44,6 +45,13 @@ test-python: build
 ## A longer search of the property tests (one million cases).
 model-long:
 	TIDECACHE_MODEL_CASES=1000000 cargo test --release -p tidecache-core --test model
+
+## Long runs under faults, SOAK_SECONDS each. faultload: 8 processes x 8
+## threads of a ZODB application over ZEO while the sidecar is killed and
+## stopped and workers fork and are killed (a reference run without faults
+## first); prints throughput, p99, faults injected, torn snapshots (0).
+soak: build
+	TIDECACHED=$(CURDIR)/target/release/tidecached $(PY) bench/faultload.py --processes 8 --threads 8 --seconds $(SOAK_SECONDS)
 
 ## Benchmarks: programs that print anchor and tidecache side by side and
 ## write bench-results/*.json, from which docs/benchmarks.md is built.
