@@ -54,7 +54,7 @@
 mod fork;
 pub mod protocol;
 mod queue;
-mod session;
+pub mod session;
 
 pub use queue::StoreQueue;
 pub use session::Session;
