@@ -601,7 +601,7 @@ impl Client {
     /// [`ClientError`]: treat as all misses.
     pub fn lookup(&self, db: &str, view: u64, oids: Vec<u64>) -> Result<Vec<Option<Found>>, ClientError> {
         let local: Vec<Local> = oids.iter().map(|&oid| self.lookup_local(db, oid, view)).collect();
-        if !local.iter().any(|l| *l == Local::Unavailable) {
+        if !local.contains(&Local::Unavailable) {
             return Ok(local
                 .into_iter()
                 .map(|l| match l {

@@ -197,6 +197,7 @@ impl Session {
     /// Counts a hit in the arena; every [`TOUCH_EVERY`]th is batched, and
     /// each [`TOUCH_BATCH`] queued as hints for the sidecar's eviction.
     pub fn note_hit(&self, oid: u64, serial: u64) {
+        #[allow(clippy::manual_is_multiple_of)] // is_multiple_of is newer than rust-version
         if self.hits.fetch_add(1, Ordering::Relaxed) % TOUCH_EVERY != 0 {
             return;
         }

@@ -133,9 +133,7 @@ impl PyClient {
         if let Some(hits) = local {
             return Ok(hits);
         }
-        let r = py
-            .allow_threads(|| self.session.lookup(view, oids))
-            .map_err(to_py)?;
+        let r = py.allow_threads(|| self.session.lookup(view, oids)).map_err(to_py)?;
         Ok(r.into_iter()
             .map(|o| o.map(|f| (f.serial, PyBytes::new(py, &f.state))))
             .collect())
