@@ -62,15 +62,16 @@ def test_parent_and_child_never_read_each_others_answers(sidecar):
 
 
 class _HoldingProxy:
-    """A Unix-socket proxy in front of the sidecar. After ``hold()``, the
-    next request it reads is swallowed, never answered, and ``held`` is
-    set: the caller that sent it is provably inside the call, holding its
-    locks. Every other connection is forwarded both ways."""
+    """A Unix-socket proxy in front of the sidecar. After ``hold(word)``,
+    the next request it reads (that contains ``word``) is swallowed, never
+    answered, and ``held`` is set: the caller that sent it is provably
+    inside the call, holding its locks. Every other connection is forwarded
+    both ways."""
 
     def __init__(self, path, upstream):
         self.path, self.upstream = path, upstream
         self.held = threading.Event()
-        self._hold = False
+        self._hold = None
         self._mutex = threading.Lock()
         self._sockets = []
         self.listener = socketlib.socket(socketlib.AF_UNIX)
@@ -78,9 +79,9 @@ class _HoldingProxy:
         self.listener.listen(16)
         threading.Thread(target=self._accept, daemon=True).start()
 
-    def hold(self):
+    def hold(self, word=b""):
         with self._mutex:
-            self._hold = True
+            self._hold = word
 
     def _accept(self):
         while True:
@@ -105,7 +106,9 @@ class _HoldingProxy:
                 return
             if requests:
                 with self._mutex:
-                    swallow, self._hold = self._hold, False
+                    swallow = self._hold is not None and self._hold in data
+                    if swallow:
+                        self._hold = None
                 if swallow:
                     self.held.set()
                     return  # this connection never answers again
@@ -177,4 +180,48 @@ def test_a_child_forked_while_a_parent_thread_is_mid_report_runs(tmp_path, sidec
     blocked.join(30)
     assert not blocked.is_alive()
     db.close()
+    assert code == 0, "the child %s" % ("hung on a lock of its parent's" if code is None else "failed")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_child_forked_during_a_catch_up_reports_its_commits(tmp_path, sidecar):
+    """The master catches the sidecar up from its storage's iterator (the
+    sidecar's horizon is behind), and its catch-up thread is inside a report
+    when it forks. That thread does not exist in the child: the child's own
+    commits must still reach the sidecar (as a resync), not wait behind the
+    catch-up forever."""
+    path = str(tmp_path / "Data.fs")
+    db = ZODB.DB(TideCacheStorage(ZODB.FileStorage.FileStorage(path), socket=sidecar.socket, timeout_ms=10000))
+    with db.transaction() as conn:
+        conn.root()["n"] = 0
+    db.close()
+    # Commits the sidecar does not hear of: its horizon stays behind.
+    db = ZODB.DB(ZODB.FileStorage.FileStorage(path))
+    for n in range(1, 4):
+        with db.transaction() as conn:
+            conn.root()["n"] = n
+    db.close()
+    proxy = _HoldingProxy(str(tmp_path / "proxy.sock"), sidecar.socket)
+    proxy.hold(b"Report")
+    storage = TideCacheStorage(ZODB.FileStorage.FileStorage(path), socket=proxy.path, timeout_ms=600000)
+    assert proxy.held.wait(30), "no catch-up report reached the sidecar"
+    assert storage._tc_held is not None, "the catch-up is under way"
+    # The parent cannot open the database now: its client is busy with the
+    # catch-up (calls are serialised). The child can.
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            db = ZODB.DB(storage)
+            with db.transaction() as conn:
+                assert conn.root()["n"] == 3
+                conn.root()["n"] = 4
+            last = u64(storage.lastTransaction())
+            code = 0 if storage._tc_client.horizon >= last else 2
+        finally:
+            os._exit(code)
+    code = _wait_bounded(pid, 30)
+    proxy.close()  # the parent's catch-up fails: its thread resyncs and ends
+    storage.close()
+    assert code != 2, "the child's commit never reached the sidecar"
     assert code == 0, "the child %s" % ("hung on a lock of its parent's" if code is None else "failed")
