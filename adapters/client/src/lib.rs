@@ -210,7 +210,6 @@ pub enum Local {
     Unavailable,
 }
 
-#[derive(Clone)]
 struct View {
     db: String,
     tid: u64,
