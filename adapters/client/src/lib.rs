@@ -16,13 +16,48 @@
 //!
 //! [`StoreQueue`] sends stores (and sampled hits, so eviction keeps what is
 //! read) in batches from a background thread, off the caller's path.
+//! [`Session`] binds a client to one database, with its store queue, hit
+//! sampling and hint batching: what an adapter (the PyO3 module) wraps.
+//!
+//! # Fork
+//!
+//! A process may fork while another of its threads is inside a call (a
+//! catch-up or ZEO thread mid-report in a gunicorn `--preload` master): the
+//! child gets that call's lock *locked*, and the thread that would unlock it
+//! does not exist there. The rules:
+//!
+//! - Everything a call locks or sends on lives in per-process state tagged
+//!   with the process that created it: the connection, its lock, the
+//!   published arena and slots (in [`Client`]); the store queue and the hit
+//!   batch (in [`Session`]). Every call first compares the tag with the
+//!   calling process (one atomic load: a `pthread_atfork` child handler
+//!   keeps the process id).
+//! - A child never locks, reads through a lock, sends on, or drops the
+//!   parent's state: it installs a fresh one (new lock, no connection, no
+//!   views, a new store queue) and leaks the parent's, whose locks and
+//!   channel may be mid-use by a thread that is not there. Only the child's
+//!   copy of the parent's socket is closed (its number is kept in an
+//!   atomic), so the sidecar sees the parent's connection close when the
+//!   parent closes it, and no answer ever reaches the wrong process.
+//! - What a child replays is read lock-free from an atomic snapshot the
+//!   parent publishes on every change: the databases attached with the
+//!   newest tid the sidecar had of each (replayed as `Resync` when the child
+//!   connects) and the next local view id (so ids the parent handed out are
+//!   never handed out again). The parent's views are not registered again:
+//!   a view is one connection's, and an id the child does not know is
+//!   ignored.
+//! - The parent's background threads (the store queue's sender) do not
+//!   exist in the child; its queue is never written to there.
 
 #![warn(missing_docs)]
 
+mod fork;
 pub use tidecache_protocol as protocol;
 mod queue;
+pub mod session;
 
 pub use queue::StoreQueue;
+pub use session::Session;
 
 use protocol::{
     encode, read_frame_len, write_frame, AttachState, ErrorCode, Found, Request, RequestBody, Response, ResponseBody,
@@ -32,6 +67,7 @@ use std::collections::HashMap;
 use std::io::Read;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 use tidecache_core::arena::{reader, Geometry, Memory};
@@ -216,35 +252,136 @@ struct State {
     next_view: u64,
     connects: u64,
     closed: bool,
-    /// Process that opened `conn`: after a fork the child must not share it.
-    pid: u32,
     /// The arena mapped at the last Hello.
     mapped: Option<Arc<MappedArena>>,
     /// Slots of the databases attached on this connection.
     slots: HashMap<String, u8>,
 }
 
-/// A connection to `tidecached` that reconnects by itself. Thread-safe:
-/// calls are serialised on the one connection.
-pub struct Client {
-    config: ClientConfig,
+/// What a forked child carries over from its parent, published by the
+/// parent (under its lock) on every change and read lock-free by the child.
+#[derive(Clone, Default)]
+struct Replay {
+    /// Databases attached, and the newest tid the sidecar has from us.
+    attached: HashMap<String, u64>,
+    /// The last local view id handed out.
+    next_view: u64,
+    /// Closed for good.
+    closed: bool,
+}
+
+/// One process's client state: a child installs its own (see the crate's
+/// fork rules).
+struct Proc {
+    /// The process that created it ([`fork::process`]).
+    pid: u32,
     state: Mutex<State>,
     plane: arc_swap::ArcSwap<Plane>,
+    replay: arc_swap::ArcSwap<Replay>,
+    /// The descriptor of `state.conn` while it is open, -1 otherwise: a
+    /// child closes its copy without the lock.
+    conn_fd: AtomicI32,
+}
+
+impl Proc {
+    fn new(pid: u32, replay: Replay) -> Self {
+        let state = State {
+            attached: replay.attached.clone(),
+            next_view: replay.next_view,
+            closed: replay.closed,
+            ..State::default()
+        };
+        Proc {
+            pid,
+            state: Mutex::new(state),
+            plane: arc_swap::ArcSwap::from_pointee(Plane::default()),
+            replay: arc_swap::ArcSwap::from_pointee(replay),
+            conn_fd: AtomicI32::new(-1),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Publishes what a forked child replays; call after changing
+    /// `attached`, `next_view` or `closed`.
+    fn remember(&self, st: &State) {
+        self.replay.store(Arc::new(Replay {
+            attached: st.attached.clone(),
+            next_view: st.next_view,
+            closed: st.closed,
+        }));
+    }
+
+    fn set_conn(&self, st: &mut State, stream: UnixStream) {
+        use std::os::fd::AsRawFd;
+        let fd = stream.as_raw_fd();
+        st.conn = Some(stream);
+        self.conn_fd.store(fd, Ordering::Release);
+    }
+
+    /// Drops the connection; the descriptor is forgotten first, so a child
+    /// forked meanwhile never closes a number that was reused.
+    fn take_conn(&self, st: &mut State) -> Option<UnixStream> {
+        self.conn_fd.store(-1, Ordering::Release);
+        st.conn.take()
+    }
+}
+
+/// A connection to `tidecached` that reconnects by itself. Thread-safe:
+/// calls are serialised on the one connection. Fork-safe: a forked child
+/// gets its own connection and never waits on a lock of its parent's (see
+/// the crate's fork rules).
+pub struct Client {
+    config: ClientConfig,
+    proc: arc_swap::ArcSwap<Proc>,
 }
 
 impl Client {
     /// A client for `config`; connects lazily, on the first call.
     pub fn new(config: ClientConfig) -> Self {
+        fork::register();
         Client {
             config,
-            state: Mutex::new(State::default()),
-            plane: arc_swap::ArcSwap::from_pointee(Plane::default()),
+            proc: arc_swap::ArcSwap::from_pointee(Proc::new(fork::process(), Replay::default())),
         }
+    }
+
+    /// This process's state: in a forked child, the first call installs a
+    /// fresh one from the parent's replay snapshot, without touching the
+    /// parent's lock.
+    fn proc(&self) -> arc_swap::Guard<Arc<Proc>> {
+        let current = self.proc.load();
+        let pid = fork::process();
+        if current.pid == pid {
+            return current;
+        }
+        let fresh = Arc::new(Proc::new(pid, Replay::clone(&current.replay.load())));
+        let previous = self.proc.compare_and_swap(&*current, fresh);
+        if Arc::ptr_eq(&previous, &current) {
+            // Ours won. The child's copy of the parent's socket closes (the
+            // parent's connection stays up); the parent's state is leaked,
+            // never dropped here: its lock may be held by a thread of the
+            // parent's, its data mid-change.
+            let fd = current.conn_fd.swap(-1, Ordering::AcqRel);
+            if fd >= 0 {
+                // SAFETY: `fd` is the inherited copy of the parent's
+                // connection, whose `UnixStream` is leaked with the state
+                // just below, so nothing else closes or uses this number.
+                unsafe { libc::close(fd) };
+            }
+            std::mem::forget(Arc::clone(&current));
+            tracing::debug!(socket = %self.config.socket.display(), "forked: a fresh connection for this process");
+        }
+        drop(previous);
+        drop(current);
+        self.proc.load()
     }
 
     /// Publishes what lookups may use: the arena and slots while connected,
     /// nothing otherwise.
-    fn publish(&self, st: &State) {
+    fn publish(&self, p: &Proc, st: &State) {
         let plane = match (&st.conn, &st.mapped) {
             (Some(_), Some(arena)) => Plane {
                 arena: Some(arena.clone()),
@@ -252,13 +389,14 @@ impl Client {
             },
             _ => Plane::default(),
         };
-        self.plane.store(Arc::new(plane));
+        p.plane.store(Arc::new(plane));
     }
 
     /// Looks up `oid` at `view` in `db` in the mapped arena: no lock, no
     /// system call.
     pub fn lookup_local(&self, db: &str, oid: u64, view: u64) -> Local {
-        let plane = self.plane.load();
+        let p = self.proc();
+        let plane = p.plane.load();
         let (Some(arena), Some(&slot)) = (&plane.arena, plane.slots.get(db)) else {
             return Local::Unavailable;
         };
@@ -275,17 +413,14 @@ impl Client {
     /// Calls `f` with the mapped arena and the slot of `db`, while connected
     /// and attached (for adapters that read it directly); `None` otherwise.
     pub fn with_arena<R>(&self, db: &str, f: impl FnOnce(&MappedArena, u8) -> R) -> Option<R> {
-        let plane = self.plane.load();
+        let p = self.proc();
+        let plane = p.plane.load();
         Some(f(plane.arena.as_ref()?, *plane.slots.get(db)?))
     }
 
     /// The configuration.
     pub fn config(&self) -> &ClientConfig {
         &self.config
-    }
-
-    fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn unavailable(&self, reason: impl Into<String>) -> ClientError {
@@ -297,31 +432,30 @@ impl Client {
 
     /// Whether the client holds a live connection now.
     pub fn is_connected(&self) -> bool {
-        self.state().conn.is_some()
+        self.proc().lock().conn.is_some()
     }
 
     /// Closes the connection for good: the sidecar releases this client's
     /// views and attachments; later calls fail with `Unavailable`.
     pub fn close(&self) {
-        let mut st = self.state();
+        let p = self.proc();
+        let mut st = p.lock();
         st.closed = true;
-        st.conn = None;
+        p.take_conn(&mut st);
         st.views.clear();
         st.slots.clear();
-        self.publish(&st);
+        self.publish(&p, &st);
+        p.remember(&st);
     }
 
     /// Number of connections made so far (1 after the first call; more
     /// after reconnects).
     pub fn connects(&self) -> u64 {
-        self.state().connects
+        self.proc().lock().connects
     }
 
     /// Sends one request on the connection and reads its answer.
-    fn exchange(&self, st: &mut State, body: RequestBody) -> Result<ResponseBody, ClientError> {
-        if st.pid != std::process::id() {
-            self.ensure(st)?;
-        }
+    fn exchange(&self, p: &Proc, st: &mut State, body: RequestBody) -> Result<ResponseBody, ClientError> {
         let conn = st.conn.as_mut().ok_or_else(|| self.unavailable("not connected"))?;
         st.next_id += 1;
         let id = st.next_id;
@@ -347,14 +481,14 @@ impl Client {
             Ok(ResponseBody::Error { code, message, horizon }) => Err(ClientError::Refused { code, message, horizon }),
             Ok(body) => Ok(body),
             Err(reason) => {
-                self.mark_down(st);
+                self.mark_down(p, st);
                 Err(self.unavailable(reason))
             }
         }
     }
 
-    fn mark_down(&self, st: &mut State) {
-        if st.conn.take().is_some() {
+    fn mark_down(&self, p: &Proc, st: &mut State) {
+        if p.take_conn(st).is_some() {
             tracing::warn!(socket = %self.config.socket.display(), "lost the connection to tidecached");
         }
         st.down_until = Some(Instant::now() + self.config.retry_after);
@@ -362,23 +496,12 @@ impl Client {
             v.remote = None;
         }
         st.slots.clear();
-        self.publish(st);
+        self.publish(p, st);
     }
 
     /// Connects if needed: Hello, then `Resync` of every attached database
     /// and re-registration of every view.
-    fn ensure(&self, st: &mut State) -> Result<(), ClientError> {
-        if st.conn.is_some() && st.pid != std::process::id() {
-            // A forked child (gunicorn --preload, uwsgi): the socket and the
-            // request ids are the parent's. Interleaved on one socket, an
-            // answer could reach the wrong process with a matching id. Close
-            // the child's copy (the parent's connection stays up), forget
-            // the parent's views, connect anew.
-            st.conn = None;
-            st.views.clear();
-            st.down_until = None;
-            st.slots.clear();
-        }
+    fn ensure(&self, p: &Proc, st: &mut State) -> Result<(), ClientError> {
         if st.conn.is_some() {
             return Ok(());
         }
@@ -397,14 +520,13 @@ impl Client {
             st.down_until = Some(Instant::now() + self.config.retry_after);
             return Err(self.unavailable(format!("set timeout: {e}")));
         }
-        st.conn = Some(stream);
-        st.pid = std::process::id();
+        p.set_conn(st, stream);
         st.connects += 1;
         let hello = RequestBody::Hello {
             version: PROTOCOL_VERSION,
             client: self.config.name.clone(),
         };
-        match self.exchange(st, hello) {
+        match self.exchange(p, st, hello) {
             Ok(ResponseBody::Hello { version, arena, .. }) if version == PROTOCOL_VERSION => {
                 if st.mapped.as_ref().map(|m| m.incarnation) != Some(arena.incarnation) {
                     st.mapped = match MappedArena::open(std::path::Path::new(&arena.path), arena.incarnation) {
@@ -417,43 +539,47 @@ impl Client {
                 }
             }
             Ok(other) => {
-                self.mark_down(st);
+                self.mark_down(p, st);
                 return Err(self.unavailable(format!("unexpected Hello answer {other:?}")));
             }
             Err(e) => {
-                self.mark_down(st);
+                self.mark_down(p, st);
                 return Err(e);
             }
         }
         let attached: Vec<(String, u64)> = st.attached.iter().map(|(d, t)| (d.clone(), *t)).collect();
         for (db, tid) in attached {
             if let ResponseBody::Resynced { slot, .. } =
-                self.exchange(st, RequestBody::Resync { db: db.clone(), tid })?
+                self.exchange(p, st, RequestBody::Resync { db: db.clone(), tid })?
             {
                 st.slots.insert(db, slot);
             }
         }
         let views: Vec<(u64, String, u64)> = st.views.iter().map(|(k, v)| (*k, v.db.clone(), v.tid)).collect();
         for (local, db, tid) in views {
-            if let ResponseBody::ViewRegistered { view } = self.exchange(st, RequestBody::RegisterView { db, tid })? {
+            if let ResponseBody::ViewRegistered { view } =
+                self.exchange(p, st, RequestBody::RegisterView { db, tid })?
+            {
                 if let Some(v) = st.views.get_mut(&local) {
                     v.remote = Some(view);
                 }
             }
         }
-        self.publish(st);
+        self.publish(p, st);
         tracing::info!(socket = %self.config.socket.display(), "connected to tidecached");
         Ok(())
     }
 
     fn call(&self, body: RequestBody) -> Result<ResponseBody, ClientError> {
-        let mut st = self.state();
-        self.ensure(&mut st)?;
-        self.exchange(&mut st, body)
+        let p = self.proc();
+        let mut st = p.lock();
+        self.ensure(&p, &mut st)?;
+        self.exchange(&p, &mut st, body)
     }
 
     fn unexpected(&self, got: ResponseBody, wanted: &str) -> ClientError {
-        self.mark_down(&mut self.state());
+        let p = self.proc();
+        self.mark_down(&p, &mut p.lock());
         self.unavailable(format!("answered {got:?} where {wanted} was expected"))
     }
 
@@ -464,13 +590,16 @@ impl Client {
     /// [`ClientError::Unavailable`]; the attachment is remembered and
     /// replayed (as `Resync`) on reconnect.
     pub fn attach(&self, db: &str, last_tid: u64) -> Result<(AttachState, u64), ClientError> {
-        let mut st = self.state();
-        let connected = self.ensure(&mut st);
+        let p = self.proc();
+        let mut st = p.lock();
+        let connected = self.ensure(&p, &mut st);
         // Remembered after connecting, so this first attach is not replayed
         // as a Resync; later reconnects replay it.
         st.attached.insert(db.to_owned(), last_tid);
+        p.remember(&st);
         connected?;
         match self.exchange(
+            &p,
             &mut st,
             RequestBody::Attach {
                 db: db.to_owned(),
@@ -479,7 +608,7 @@ impl Client {
         )? {
             ResponseBody::Attached { state, horizon, slot } => {
                 st.slots.insert(db.to_owned(), slot);
-                self.publish(&st);
+                self.publish(&p, &st);
                 Ok((state, horizon))
             }
             other => {
@@ -496,7 +625,7 @@ impl Client {
     /// [`ClientError`]: treat as all misses.
     pub fn lookup(&self, db: &str, view: u64, oids: Vec<u64>) -> Result<Vec<Option<Found>>, ClientError> {
         let local: Vec<Local> = oids.iter().map(|&oid| self.lookup_local(db, oid, view)).collect();
-        if !local.iter().any(|l| *l == Local::Unavailable) {
+        if !local.contains(&Local::Unavailable) {
             return Ok(local
                 .into_iter()
                 .map(|l| match l {
@@ -546,9 +675,11 @@ impl Client {
     /// the horizon (see [`ClientError::is_gap`]): call [`Client::resync`].
     /// [`ClientError::Unavailable`]: the report is lost; resync later.
     pub fn report(&self, db: &str, from: u64, to: u64, changes: Vec<(u64, u64)>) -> Result<u64, ClientError> {
-        let mut st = self.state();
-        self.ensure(&mut st)?;
+        let p = self.proc();
+        let mut st = p.lock();
+        self.ensure(&p, &mut st)?;
         match self.exchange(
+            &p,
             &mut st,
             RequestBody::Report {
                 db: db.to_owned(),
@@ -561,6 +692,7 @@ impl Client {
                 if let Some(t) = st.attached.get_mut(db) {
                     *t = (*t).max(to);
                 }
+                p.remember(&st);
                 Ok(horizon)
             }
             other => {
@@ -576,19 +708,21 @@ impl Client {
     /// # Errors
     /// [`ClientError`].
     pub fn resync(&self, db: &str, tid: u64) -> Result<(bool, u64), ClientError> {
-        let mut st = self.state();
+        let p = self.proc();
+        let mut st = p.lock();
         if let Some(t) = st.attached.get_mut(db) {
             *t = (*t).max(tid);
         }
-        self.ensure(&mut st)?;
-        match self.exchange(&mut st, RequestBody::Resync { db: db.to_owned(), tid })? {
+        p.remember(&st);
+        self.ensure(&p, &mut st)?;
+        match self.exchange(&p, &mut st, RequestBody::Resync { db: db.to_owned(), tid })? {
             ResponseBody::Resynced {
                 restarted,
                 horizon,
                 slot,
             } => {
                 st.slots.insert(db.to_owned(), slot);
-                self.publish(&st);
+                self.publish(&p, &st);
                 Ok((restarted, horizon))
             }
             other => {
@@ -602,9 +736,11 @@ impl Client {
     /// view is remembered even while the sidecar is unavailable and
     /// registered again on every reconnect. Never fails.
     pub fn register_view(&self, db: &str, tid: u64) -> u64 {
-        let mut st = self.state();
+        let p = self.proc();
+        let mut st = p.lock();
         st.next_view += 1;
         let local = st.next_view;
+        p.remember(&st);
         st.views.insert(
             local,
             View {
@@ -613,9 +749,9 @@ impl Client {
                 remote: None,
             },
         );
-        if self.ensure(&mut st).is_ok() {
+        if self.ensure(&p, &mut st).is_ok() {
             if let Ok(ResponseBody::ViewRegistered { view }) =
-                self.exchange(&mut st, RequestBody::RegisterView { db: db.to_owned(), tid })
+                self.exchange(&p, &mut st, RequestBody::RegisterView { db: db.to_owned(), tid })
             {
                 if let Some(v) = st.views.get_mut(&local) {
                     v.remote = Some(view);
@@ -628,13 +764,15 @@ impl Client {
     /// Moves view `local` to `tid`. Never fails: an unknown id is ignored,
     /// an unavailable sidecar learns the new tid on reconnect.
     pub fn advance_view(&self, local: u64, tid: u64) {
-        let mut st = self.state();
+        let p = self.proc();
+        let mut st = p.lock();
         let Some(v) = st.views.get_mut(&local) else { return };
         v.tid = tid;
         let (db, remote) = (v.db.clone(), v.remote);
         match remote {
             Some(view) => {
                 let r = self.exchange(
+                    &p,
                     &mut st,
                     RequestBody::AdvanceView {
                         db: db.clone(),
@@ -650,7 +788,7 @@ impl Client {
                     // Detached by the sidecar (held the log back too long):
                     // register again at the new tid.
                     if let Ok(ResponseBody::ViewRegistered { view }) =
-                        self.exchange(&mut st, RequestBody::RegisterView { db, tid })
+                        self.exchange(&p, &mut st, RequestBody::RegisterView { db, tid })
                     {
                         if let Some(v) = st.views.get_mut(&local) {
                             v.remote = Some(view);
@@ -660,19 +798,20 @@ impl Client {
             }
             None => {
                 // Registers it (with the new tid) if the sidecar is back.
-                let _ = self.ensure(&mut st);
+                let _ = self.ensure(&p, &mut st);
             }
         }
     }
 
     /// Releases view `local`. Never fails.
     pub fn release_view(&self, local: u64) {
-        let mut st = self.state();
+        let p = self.proc();
+        let mut st = p.lock();
         if let Some(View {
             db, remote: Some(view), ..
         }) = st.views.remove(&local)
         {
-            let _ = self.exchange(&mut st, RequestBody::ReleaseView { db, view });
+            let _ = self.exchange(&p, &mut st, RequestBody::ReleaseView { db, view });
         }
     }
 

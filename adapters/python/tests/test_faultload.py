@@ -75,17 +75,14 @@ def _blocked_reading(native_id):
 
 @pytest.mark.skipif(not (hasattr(os, "fork") and sys.platform == "linux" and platform.machine() == "x86_64"),
                     reason="reads x86-64 Linux syscall numbers from /proc")
-@pytest.mark.xfail(reason="known: the client's connection lock, held by another thread at fork, stays held in "
-                          "the child (adapters/client Client::state); being fixed on another branch",
-                   strict=False)
 def test_a_child_forked_while_a_call_is_in_flight_does_not_hang(sidecar):
     """The sidecar is stopped (SIGSTOP); a thread's call waits for its
     answer, holding the client's lock; the process forks right then (seen
     in /proc, not timed). The child's calls must degrade to misses within
     the client's timeout, never wait for a lock no thread of the child will
-    release. The harness above forks only at quiescent points because of
-    this; without a fix the child hangs here (seen: faulthandler's exit
-    after CHILD_BOUND)."""
+    release (the client keeps per-process state: adapters/client fork.rs).
+    Without that the child hung here (seen: faulthandler's exit after
+    CHILD_BOUND)."""
     from tidecache import Client
     from tidecache import TideCacheError
 

@@ -2,10 +2,21 @@
 child must each get their own connection and the right answers."""
 
 import os
+import signal
+import socket as socketlib
+import threading
+import time
 
+import persistent.mapping
 import pytest
+import transaction
+import ZODB
+import ZODB.FileStorage
+from ZODB.utils import p64
+from ZODB.utils import u64
 
 from tidecache import Client
+from tidecache import TideCacheStorage
 
 OIDS = 200
 
@@ -48,3 +59,169 @@ def test_parent_and_child_never_read_each_others_answers(sidecar):
     stats = c.stats()["databases"]["fork"]
     assert stats["views"] == 1, "only the parent's view is registered: %s" % stats
     c.release_view(view)
+
+
+class _HoldingProxy:
+    """A Unix-socket proxy in front of the sidecar. After ``hold(word)``,
+    the next request it reads (that contains ``word``) is swallowed, never
+    answered, and ``held`` is set: the caller that sent it is provably
+    inside the call, holding its locks. Every other connection is forwarded
+    both ways."""
+
+    def __init__(self, path, upstream):
+        self.path, self.upstream = path, upstream
+        self.held = threading.Event()
+        self._hold = None
+        self._mutex = threading.Lock()
+        self._sockets = []
+        self.listener = socketlib.socket(socketlib.AF_UNIX)
+        self.listener.bind(path)
+        self.listener.listen(16)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def hold(self, word=b""):
+        with self._mutex:
+            self._hold = word
+
+    def _accept(self):
+        while True:
+            try:
+                down, _ = self.listener.accept()
+            except OSError:
+                return
+            up = socketlib.socket(socketlib.AF_UNIX)
+            up.connect(self.upstream)
+            with self._mutex:
+                self._sockets += [down, up]
+            threading.Thread(target=self._pump, args=(down, up, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(up, down, False), daemon=True).start()
+
+    def _pump(self, src, dst, requests):
+        while True:
+            try:
+                data = src.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            if requests:
+                with self._mutex:
+                    swallow = self._hold is not None and self._hold in data
+                    if swallow:
+                        self._hold = None
+                if swallow:
+                    self.held.set()
+                    return  # this connection never answers again
+            try:
+                dst.sendall(data)
+            except OSError:
+                return
+
+    def close(self):
+        self.listener.close()
+        with self._mutex:
+            for s in self._sockets:
+                try:
+                    s.shutdown(socketlib.SHUT_RDWR)
+                except OSError:
+                    pass
+                s.close()
+
+
+def _wait_bounded(pid, bound):
+    """The child's exit code, or None if it overran ``bound`` seconds and was
+    killed."""
+    deadline = time.monotonic() + bound
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return None
+        time.sleep(0.01)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_child_forked_while_a_parent_thread_is_mid_report_runs(tmp_path, sidecar):
+    """gunicorn --preload: a ZEO thread of the master is inside a report
+    (the sidecar has not answered) when the master forks. The child must not
+    wait on the locks that thread holds (the adapter's and the client's):
+    it opens a connection, loads, commits and exits."""
+    proxy = _HoldingProxy(str(tmp_path / "proxy.sock"), sidecar.socket)
+    base = ZODB.FileStorage.FileStorage(str(tmp_path / "Data.fs"))
+    storage = TideCacheStorage(base, socket=proxy.path, timeout_ms=600000)
+    db = ZODB.DB(storage)
+    with db.transaction() as conn:
+        for i in range(20):
+            conn.root()[i] = persistent.mapping.PersistentMapping(n=i)
+    # Another process's commit, as ZEO delivers it, blocked mid-report.
+    last = u64(storage.lastTransaction())
+    proxy.hold()
+    blocked = threading.Thread(target=storage.invalidate, args=(p64(last + 1), [p64(0)]))
+    blocked.start()
+    assert proxy.held.wait(30), "the report never reached the sidecar"
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            conn = db.open()
+            root = conn.root()
+            assert [root[i]["n"] for i in range(20)] == list(range(20))
+            root["child"] = os.getpid()
+            transaction.commit()
+            conn.close()
+            code = 0
+        finally:
+            os._exit(code)
+    code = _wait_bounded(pid, 30)
+    proxy.close()  # the parent's report fails: its thread returns
+    blocked.join(30)
+    assert not blocked.is_alive()
+    db.close()
+    assert code == 0, "the child %s" % ("hung on a lock of its parent's" if code is None else "failed")
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_child_forked_during_a_catch_up_reports_its_commits(tmp_path, sidecar):
+    """The master catches the sidecar up from its storage's iterator (the
+    sidecar's horizon is behind), and its catch-up thread is inside a report
+    when it forks. That thread does not exist in the child: the child's own
+    commits must still reach the sidecar (as a resync), not wait behind the
+    catch-up forever."""
+    path = str(tmp_path / "Data.fs")
+    db = ZODB.DB(TideCacheStorage(ZODB.FileStorage.FileStorage(path), socket=sidecar.socket, timeout_ms=10000))
+    with db.transaction() as conn:
+        conn.root()["n"] = 0
+    db.close()
+    # Commits the sidecar does not hear of: its horizon stays behind.
+    db = ZODB.DB(ZODB.FileStorage.FileStorage(path))
+    for n in range(1, 4):
+        with db.transaction() as conn:
+            conn.root()["n"] = n
+    db.close()
+    proxy = _HoldingProxy(str(tmp_path / "proxy.sock"), sidecar.socket)
+    proxy.hold(b"Report")
+    storage = TideCacheStorage(ZODB.FileStorage.FileStorage(path), socket=proxy.path, timeout_ms=600000)
+    assert proxy.held.wait(30), "no catch-up report reached the sidecar"
+    assert storage._tc_held is not None, "the catch-up is under way"
+    # The parent cannot open the database now: its client is busy with the
+    # catch-up (calls are serialised). The child can.
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            db = ZODB.DB(storage)
+            with db.transaction() as conn:
+                assert conn.root()["n"] == 3
+                conn.root()["n"] = 4
+            last = u64(storage.lastTransaction())
+            code = 0 if storage._tc_client.horizon >= last else 2
+        finally:
+            os._exit(code)
+    code = _wait_bounded(pid, 30)
+    proxy.close()  # the parent's catch-up fails: its thread resyncs and ends
+    storage.close()
+    assert code != 2, "the child's commit never reached the sidecar"
+    assert code == 0, "the child %s" % ("hung on a lock of its parent's" if code is None else "failed")

@@ -26,6 +26,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 
 import zope.interface
 from ZODB import POSException
@@ -53,6 +54,23 @@ RESTORE_GRACE_SECONDS = 2.0
 CATCH_UP_CHUNK = 1000
 
 _STAT_KEYS = ("hits", "misses", "stores", "invalidations", "resyncs", "unavailable")
+
+#: Live storages, for the fork hook below.
+_live = weakref.WeakSet()
+
+
+def _after_fork_in_child():
+    """``os.register_at_fork(after_in_child=...)``: a child forked while
+    another thread of the parent held a storage's locks (a ZEO or catch-up
+    thread inside a report) copies them locked, and that thread does not
+    exist here. Each live storage gets new locks; see
+    ``TideCacheStorage._tc_after_fork``."""
+    for storage in list(_live):
+        storage._tc_after_fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def database_key(base):
@@ -121,6 +139,7 @@ class TideCacheStorage(MVCCAdapter):
         # iterator (after a sidecar restart), live reports wait here.
         self._tc_held = None
         self._tc_direct = {}
+        _live.add(self)
         for iface in zope.interface.providedBy(base):
             zope.interface.alsoProvides(self, iface)
         # Calls base.registerDB(self): base's invalidations come here from now
@@ -176,6 +195,25 @@ class TideCacheStorage(MVCCAdapter):
         except TideCacheError as e:
             logger.warning("tidecache: sidecar unavailable, running from the base storage: %s", e)
         return last
+
+    def _tc_after_fork(self):
+        """In a forked child (gunicorn ``--preload``, uwsgi): new locks in
+        place of the parent's, which a thread of the parent's may have held
+        (the native client does the same for its own). If a report was in
+        flight then (the lock was held) or a catch-up was running (its
+        thread is not here, its held reports would wait forever), whether the
+        sidecar got those transactions is unknown: the next report is a
+        resync."""
+        in_flight = self._tc_lock.locked() or self._tc_held is not None
+        self._tc_lock = threading.Lock()
+        # ZODB's MVCCAdapter guards _instances with _lock, and each
+        # instance its invalidations with its own _lock.
+        self._lock = threading.Lock()
+        for instance in list(self._instances):
+            instance._lock = threading.Lock()
+        if in_flight:
+            self._tc_held = None
+            self._tc_resync = True
 
     def _tc_catch_up(self, base, horizon, last):
         """The sidecar's horizon is behind this storage (it restarted and
