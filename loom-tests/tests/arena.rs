@@ -16,14 +16,14 @@
 use loom::thread;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use tidecache_core::arena::{reader, ArenaWriter, Geometry, Memory};
+use tidecache_core::arena::{reader, ArenaWriter, Geometry, Memory, Slot};
 
 const OLD: &[u8; 16] = b"old one!old one!";
 const NEW: &[u8; 16] = b"new one!new one!";
 
 /// Four segments of one 16-byte record each; oid 1 (serial 1) in segment 0,
 /// oids 3 and 4 in segments 1 and 2: the next store recycles segment 0.
-fn arena() -> (Geometry, Arc<Memory>, ArenaWriter, u8) {
+fn arena() -> (Geometry, Arc<Memory>, ArenaWriter, Slot) {
     let g = Geometry::small(4, 4 + 5 + 2);
     let memory = Arc::new(Memory::heap(g.file_bytes));
     let mut w = ArenaWriter::create(memory.clone(), g, 1);

@@ -10,7 +10,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 use std::time::Duration;
 use tidecache_client::protocol::{AttachState, StoreItem};
-use tidecache_client::{Client, ClientConfig, ClientError, MappedArena, StoreQueue};
+use tidecache_client::{Client, ClientConfig, ClientError, MappedArena, Slot, StoreQueue};
 
 create_exception!(
     _native,
@@ -325,7 +325,7 @@ impl PyClient {
 
     /// Reads `oid` at `view` from the arena straight into a new `bytes`
     /// (one copy, validated in place).
-    fn read<'py>(&self, py: Python<'py>, arena: &MappedArena, slot: u8, oid: u64, view: u64) -> PyHit<'py> {
+    fn read<'py>(&self, py: Python<'py>, arena: &MappedArena, slot: Slot, oid: u64, view: u64) -> PyHit<'py> {
         let found = arena.locate(slot, oid, view).ok()?;
         let state = PyBytes::new_with(py, found.len(), |buf| {
             if arena.copy(&found, buf) {

@@ -8,6 +8,7 @@
 
 use super::layout::OPEN;
 use super::reader::{self, Found};
+use super::slots::Slot;
 use super::writer::{ArenaStats, ArenaWriter};
 use super::{Geometry, Memory};
 use crate::error::CoreError;
@@ -47,11 +48,17 @@ impl SharedArena {
 
     /// The cache of database `key`, in the slot that holds it already (a
     /// reopened file: its log restarts at the persisted horizon, so closed
-    /// revisions answer at once and open ones up to that horizon) or a free
-    /// one. `None` when every slot is taken.
+    /// revisions answer at once and open ones up to that horizon), else a
+    /// free one, else one no [`ArenaCache`] holds (see
+    /// [`ArenaWriter::attach_database`]). The cache holds a lease on the
+    /// slot until it is dropped. `None` when every slot is held.
+    ///
+    /// One cache per key at a time: a second one of the same key would
+    /// share the slot with its own log (the sidecar keeps one per key).
     pub fn database(self: &Arc<Self>, key: &str) -> Option<ArenaCache> {
         let mut w = self.writer();
         let slot = w.attach_database(key)?;
+        w.lease(slot);
         let horizon = w.horizon(slot);
         drop(w);
         Some(ArenaCache {
@@ -63,8 +70,9 @@ impl SharedArena {
     }
 
     /// Counts reads of revisions `(oid, serial)` of slot `slot` (hits a
-    /// client reported): eviction keeps what is read.
-    pub fn touch(&self, slot: u8, revisions: &[(u64, u64)]) {
+    /// client reported): eviction keeps what is read. Nothing if the slot
+    /// no longer holds that database.
+    pub fn touch(&self, slot: Slot, revisions: &[(u64, u64)]) {
         let w = self.writer();
         for &(oid, serial) in revisions {
             w.touch(slot, oid, serial);
@@ -92,17 +100,29 @@ fn bump(c: &AtomicU64, n: u64) {
 }
 
 /// One database's cache in a [`SharedArena`].
+///
+/// Once [`ArenaCache::release`]d (or its slot given to another database),
+/// the cache is inert: every write checks, under the arena writer's lock
+/// that release takes too, that the slot still holds this database
+/// (its identity), and does nothing otherwise; lookups miss.
 pub struct ArenaCache {
     arena: Arc<SharedArena>,
-    slot: u8,
+    slot: Slot,
     log: LogLock,
     counters: Counters,
 }
 
 impl ArenaCache {
-    /// The database's slot in the arena (clients look up with it).
-    pub fn slot(&self) -> u8 {
+    /// The database's slot in the arena and its identity (clients look up
+    /// with both).
+    pub fn slot(&self) -> Slot {
         self.slot
+    }
+
+    /// Counts reads of revisions `(oid, serial)` (hits a client
+    /// reported): eviction keeps what is read. Nothing once released.
+    pub fn touch(&self, revisions: &[(u64, u64)]) {
+        self.arena.touch(self.slot, revisions);
     }
 
     /// The arena.
@@ -204,10 +224,8 @@ impl ArenaCache {
     pub fn start_log(&self, at: Tid) {
         let mut log = self.log.lock();
         let mut w = self.arena.writer();
-        let slot = self.slot;
-        w.remove_where(|r| r.slot == slot && r.end == OPEN);
         *log = Some(InvalidationLog::starting_at(at));
-        w.publish_horizon(slot, at.0);
+        w.restart_database(self.slot, at.0);
     }
 
     /// Drops everything of this database (a pack, a restored backup).
@@ -237,7 +255,9 @@ impl ArenaCache {
         }
     }
 
-    /// Frees the database's slot (the sidecar dropped the database).
+    /// Frees the database's slot (the sidecar dropped the database): from
+    /// now on this cache writes nothing into the arena (a request still in
+    /// flight on it is dropped), and the slot may be given to another key.
     pub fn release(&self) {
         let _log = self.log.lock();
         self.arena.writer().release_database(self.slot);
@@ -261,7 +281,14 @@ impl ArenaCache {
     /// Counters and sizes (entries and bytes of this database's slot).
     pub fn stats(&self) -> CacheStats {
         let c = &self.counters;
-        let (entries, bytes) = self.arena.writer().slot_usage(self.slot);
+        let (entries, bytes) = {
+            let w = self.arena.writer();
+            if w.holds(self.slot) {
+                w.slot_usage(self.slot.index)
+            } else {
+                (0, 0)
+            }
+        };
         let read = |a: &AtomicU64| a.load(Ordering::Relaxed);
         CacheStats {
             entries,
@@ -275,6 +302,14 @@ impl ArenaCache {
             reclaimed: read(&c.reclaimed),
             evicted: 0,
         }
+    }
+}
+
+impl Drop for ArenaCache {
+    /// Gives the slot's lease back: a slot no cache holds may be freed for
+    /// another key (its revisions stay until then).
+    fn drop(&mut self) {
+        self.arena.writer().unlease(self.slot);
     }
 }
 
@@ -354,7 +389,7 @@ mod tests {
         db.start_log(Tid(1));
         db.store(Oid(1), Tid(1), None, Tid(1), &state(1)).unwrap();
         let g = *a.geometry();
-        let key = layout::key(db.slot(), 1, 1).unwrap();
+        let key = layout::key(db.slot().index, 1, 1).unwrap();
         let bucket = g.bucket_word_of(key);
         let stale = a.memory.words()[bucket].load(Ordering::Relaxed);
         // Fill the arena with other oids until oid 1's segment is reused.
