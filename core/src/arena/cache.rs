@@ -439,6 +439,179 @@ mod tests {
         assert_eq!(a.stats().entries, 1);
     }
 
+    /// Every write of a stale handle (store, report, resync, reclaim,
+    /// flush, touch, evict), before and after its slot is given to another
+    /// database.
+    fn use_stale(old: &ArenaCache) {
+        let _ = old.store(Oid(2), Tid(5), None, Tid(10), &state(2));
+        let _ = old.report(Tid(10), Tid(50), &[(Oid(3), Tid(50))]);
+        old.touch(&[(3, 15)]);
+        old.reclaim(Tid(40));
+        old.evict(Oid(3), Tid(15));
+        old.start_log(Tid(60));
+        let _ = old.store(Oid(4), Tid(55), None, Tid(60), &state(4));
+        old.flush();
+    }
+
+    #[test]
+    fn a_released_cache_writes_nothing_into_its_old_slot() {
+        let a = arena(8, 4096);
+        let old = a.database("old").unwrap();
+        old.start_log(Tid(10));
+        old.store(Oid(1), Tid(5), None, Tid(10), &state(1)).unwrap();
+        old.release();
+        use_stale(&old);
+        // The slot is free again: the next database gets it.
+        let new = a.database("new").unwrap();
+        assert_eq!(new.slot().index, old.slot().index, "the released slot is reused");
+        assert_ne!(new.slot().identity, old.slot().identity);
+        new.start_log(Tid(20));
+        new.store(Oid(3), Tid(15), None, Tid(20), &state(3)).unwrap();
+        use_stale(&old);
+        // The new database sees nothing of the old one, and all of its own.
+        for oid in [1, 2, 4] {
+            for view in [10, 20, 50, 60] {
+                assert!(new.lookup(Oid(oid), Tid(view)).is_none(), "oid {oid} at {view}");
+            }
+        }
+        let hit = new.lookup(Oid(3), Tid(20)).expect("its own revision");
+        assert_eq!((hit.serial, hit.end), (15, None));
+        assert!(new.lookup(Oid(3), Tid(21)).is_none(), "open only up to its own horizon");
+        let words = a.memory.words();
+        assert_eq!(reader::database(words, &a.geometry, new.slot()).map(|d| d.1), Some(20));
+        assert_eq!(new.stats().entries, 1);
+        assert_eq!(a.stats().entries, 1);
+        assert!(old.lookup(Oid(3), Tid(20)).is_none(), "a released cache reads nothing");
+    }
+
+    #[test]
+    fn a_stale_slot_misses_once_a_restart_gives_it_to_another_database() {
+        let g = Geometry::for_size(layout::MIN_FILE_BYTES, 4).unwrap();
+        let memory = Arc::new(Memory::heap(g.file_bytes));
+        let a = SharedArena::new(ArenaWriter::create(memory.clone(), g, 7));
+        let db = a.database("db").unwrap();
+        db.start_log(Tid(10));
+        db.store(Oid(1), Tid(5), None, Tid(10), &state(1)).unwrap();
+        // What a client was given at Attach.
+        let held = db.slot();
+        assert!(reader::lookup(memory.words(), &g, held, 1, 10).is_ok());
+        // Killed between storing a horizon and resealing the slot.
+        let horizon = g.db_slot_word(held.index) + layout::db_slot::HORIZON;
+        memory.words()[horizon].store(11, Ordering::Relaxed);
+        drop(db);
+        drop(a);
+        let (w, found) = ArenaWriter::recover(memory.clone(), 8).unwrap();
+        assert_eq!(found.damaged_databases, 1);
+        let a = SharedArena::new(w);
+        let other = a.database("other").unwrap();
+        assert_eq!(other.slot().index, held.index, "the freed slot is reused");
+        other.start_log(Tid(10));
+        other.store(Oid(1), Tid(7), None, Tid(10), &state(9)).unwrap();
+        assert_eq!(other.lookup(Oid(1), Tid(10)).unwrap().state, state(9));
+        // The old client reads through the slot number it still holds.
+        assert_eq!(
+            reader::lookup(memory.words(), &g, held, 1, 10),
+            Err(reader::Miss::NoDatabase),
+            "another database's revision through a stale slot"
+        );
+    }
+
+    /// The reader loads the slot's state, its horizon, and its state again;
+    /// the writer flushes (or releases and reassigns) the slot between any
+    /// two of those loads and publishes a horizon of the new state. The
+    /// reader must never pair one generation with another's horizon.
+    #[test]
+    fn a_reader_never_pairs_a_generation_with_another_ones_horizon() {
+        type Move = fn(&Arc<SharedArena>, &ArenaCache, Slot) -> Option<ArenaCache>;
+        let moves: [(&str, Move, u64); 4] = [
+            (
+                "flush, then a lower horizon",
+                |_, db, _| {
+                    db.flush();
+                    db.start_log(Tid(50));
+                    None
+                },
+                50,
+            ),
+            (
+                "flush, then a higher horizon",
+                |_, db, _| {
+                    db.flush();
+                    db.start_log(Tid(200));
+                    None
+                },
+                200,
+            ),
+            (
+                "release, reassign, lower horizon",
+                |a, db, _| {
+                    db.release();
+                    let n = a.database("n").unwrap();
+                    n.start_log(Tid(50));
+                    Some(n)
+                },
+                50,
+            ),
+            (
+                "resync at a higher horizon",
+                |_, db, _| {
+                    db.start_log(Tid(200));
+                    None
+                },
+                200,
+            ),
+        ];
+        for (name, writer_move, new_horizon) in moves {
+            for step in 0..2 {
+                let a = arena(8, 4096);
+                let db = a.database("db").unwrap();
+                db.start_log(Tid(100));
+                let slot = db.slot();
+                let before = reader::database(a.memory.words(), &a.geometry, slot).unwrap();
+                let mut keep = None;
+                let seen = reader::database_stepped(a.memory.words(), &a.geometry, slot, |at| {
+                    if at == step {
+                        keep = writer_move(&a, &db, slot);
+                    }
+                });
+                let after = keep
+                    .as_ref()
+                    .map(|n| n.slot())
+                    .or(Some(slot))
+                    .and_then(|s| reader::database(a.memory.words(), &a.geometry, s));
+                if let Some(seen) = seen {
+                    let consistent = seen == before || Some(seen) == after;
+                    assert!(
+                        consistent,
+                        "{name}, step {step}: read {seen:?}, before {before:?}, after {after:?}"
+                    );
+                }
+                if let Some(after) = after {
+                    assert_eq!(after.1, new_horizon, "{name}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_damaged_length_word_hides_no_open_revision_from_a_resync() {
+        let a = arena(8, 4096);
+        let db = a.database("db").unwrap();
+        db.start_log(Tid(10));
+        db.store(Oid(1), Tid(5), None, Tid(10), &state(1)).unwrap();
+        db.store(Oid(2), Tid(5), None, Tid(10), &state(2)).unwrap();
+        // Oid 1's length word damaged: a walk of the segment stops there.
+        let (at, _, _) = a.writer().revisions(db.slot(), 1)[0];
+        let word = &a.memory.words()[at + layout::record::LENGTH];
+        word.store(word.load(Ordering::Relaxed) | layout::LENGTH_MASK, Ordering::Relaxed);
+        // A resync: open revisions are of unknown validity past 10.
+        db.start_log(Tid(20));
+        assert!(
+            db.lookup(Oid(2), Tid(15)).is_none(),
+            "an open revision survived the resync past the damaged record"
+        );
+    }
+
     /// Real threads: the writer commits, reports and stores into a small
     /// arena that keeps recycling segments while readers look up at views
     /// up to the published horizon; every hit must be the revision visible

@@ -28,6 +28,6 @@ pub use cache::{ArenaCache, SharedArena};
 pub use layout::{Geometry, LayoutError};
 pub use memory::Memory;
 pub use reader::{Found, Miss};
-pub use slots::Slot;
 pub use record::{Record, RecordHeader, RecordWords, HEADER_WORDS};
+pub use slots::Slot;
 pub use writer::{ArenaStats, ArenaWriter, NotWritten, Policy, RecordInfo, Recovered};

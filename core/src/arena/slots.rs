@@ -298,14 +298,19 @@ impl SlotTable {
     /// Recomputes the slot's CRC word (checked when a file is reopened).
     fn seal(&self, w: &[AtomicU64], index: u8) {
         let crc = slot_crc(w, &self.g, index);
-        self.word(w, index, db_slot::CRC).store(u64::from(crc), Ordering::Relaxed);
+        self.word(w, index, db_slot::CRC)
+            .store(u64::from(crc), Ordering::Relaxed);
     }
 
     /// The stored key of slot `index`.
     pub(crate) fn key(&self, w: &[AtomicU64], index: u8) -> Vec<u8> {
         let len = (self.word(w, index, db_slot::KEY_LEN).load(Ordering::Relaxed) as usize).min(layout::MAX_KEY_BYTES);
         let mut key: Vec<u8> = (0..len.div_ceil(8))
-            .flat_map(|i| self.word(w, index, db_slot::KEY + i).load(Ordering::Relaxed).to_le_bytes())
+            .flat_map(|i| {
+                self.word(w, index, db_slot::KEY + i)
+                    .load(Ordering::Relaxed)
+                    .to_le_bytes()
+            })
             .collect();
         key.truncate(len);
         key

@@ -4,7 +4,6 @@
 use super::*;
 
 impl ArenaWriter {
-
     pub(super) fn header_at(&self, at: usize) -> Header {
         let w = self.w();
         Header {
@@ -231,7 +230,6 @@ impl ArenaWriter {
         };
         *c = c.saturating_add_signed(n);
     }
-
 }
 
 pub(super) fn info(h: Header) -> RecordInfo {

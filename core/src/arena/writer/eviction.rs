@@ -227,7 +227,6 @@ impl ArenaWriter {
         }
     }
 
-
     /// Counts a read of revision `(oid, serial)` of `slot` (a hit a client
     /// reported): eviction keeps what is read.
     pub fn touch(&self, slot: Slot, oid: u64, serial: u64) {
@@ -249,5 +248,4 @@ impl ArenaWriter {
         self.open_segment(seg, Ring::Main);
         self.bump(Ring::Main, words)
     }
-
 }

@@ -177,7 +177,6 @@ impl ArenaWriter {
         writer
     }
 
-
     fn empty(memory: Arc<Memory>, g: Geometry, seed: u64) -> Self {
         ArenaWriter {
             memory,
