@@ -140,9 +140,10 @@ fn truncated_damaged_and_foreign_files_are_refused() {
     build(&path);
     let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     f.seek(SeekFrom::Start(layout::header::VERSION as u64 * 8)).unwrap();
-    f.write_all(&2u64.to_ne_bytes()).unwrap();
+    // A file of layout version 1 (no slot identities) is refused.
+    f.write_all(&1u64.to_ne_bytes()).unwrap();
     drop(f);
-    assert!(matches!(reopen(&path), Err(LayoutError::Version { found: 2, .. })));
+    assert!(matches!(reopen(&path), Err(LayoutError::Version { found: 1, .. })));
 
     std::fs::write(&path, vec![0u8; BYTES as usize]).unwrap();
     assert_eq!(reopen(&path).err(), Some(LayoutError::Magic));

@@ -1,35 +1,14 @@
-//! The arena's single writer (the sidecar): databases, records, chains and
-//! eviction.
+//! The arena's single writer (the sidecar): databases, records, chains,
+//! eviction and recovery, one concern per file:
 //!
-//! # Allocation and eviction
-//!
-//! Records are appended to segments (log-structured, never rewritten in
-//! place except to close a revision or relink a chain). Segments form two
-//! FIFO rings, after S3-FIFO (J. Yang et al., "FIFO queues are all you need
-//! for cache eviction", SOSP 2023):
-//!
-//! - **small** (about 10% of the segments) takes new revisions;
-//! - **main** takes revisions read while in small, and revisions whose key
-//!   was evicted from small recently (a **ghost** list of keys, as many as
-//!   main holds).
-//!
-//! When a free segment is needed, the tail segment of small (if small holds
-//! its share) or of main is recycled: its revisions that were read since
-//! they were written (a 2-bit frequency the sidecar learns from sampled hit
-//! reports) are copied to main's head (from main, with the frequency
-//! decremented); the others are dropped, and dropped small keys enter the
-//! ghost list. Revisions no registered view can see (`end` at or below the
-//! database's low-water mark) and revisions of flushed databases are
-//! dropped whatever their frequency. `make bench` measures the policy's hit
-//! ratio against FIFO and RelStorage's segmented LRU.
-//!
-//! # Recycling a segment
-//!
-//! Hot records are copied and linked first; then every record left in the
-//! segment is unlinked, its generation made odd (pointers still held miss)
-//! and the segment goes to the free list. Taking it into use again gives it
-//! a new, even generation (then a Release fence) before any word of it is
-//! overwritten, so every pointer made before is stale.
+//! - this file: [`ArenaWriter`] itself, creating an arena, the database
+//!   operations (which check the slot's identity, see
+//!   [`super::slots`]) and the counters;
+//! - `chains.rs`: records and their bucket chains (read, write, link,
+//!   close, remove);
+//! - `eviction.rs`: segments, the S3-FIFO rings and the ghost list;
+//! - `recovery.rs`: re-attaching a file a previous run left, and verifying
+//!   its records.
 
 use super::layout::{self, header, record, segment, Geometry, LayoutError, Ring, OPEN};
 use super::reader;
