@@ -249,11 +249,14 @@ impl ArenaWriter {
             usage.0 += 1;
             usage.1 += len;
         } else {
-            self.stats.entries -= 1;
-            self.stats.state_bytes -= len;
-            self.stats.record_bytes -= words;
-            usage.0 -= 1;
-            usage.1 -= len;
+            // Saturating: removal walks the chains, so it can reach a record
+            // of a reopened file that verification never counted (one past
+            // a damaged length word, where a walk of its segment stops).
+            self.stats.entries = self.stats.entries.saturating_sub(1);
+            self.stats.state_bytes = self.stats.state_bytes.saturating_sub(len);
+            self.stats.record_bytes = self.stats.record_bytes.saturating_sub(words);
+            usage.0 = usage.0.saturating_sub(1);
+            usage.1 = usage.1.saturating_sub(len);
         }
     }
 
