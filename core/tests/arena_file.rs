@@ -58,7 +58,7 @@ fn a_reopened_arena_answers_at_once_within_its_persisted_horizon() {
     assert_eq!(total, (3, 0));
     assert_eq!(w.stats().unverified_segments, 0);
     assert_eq!(w.stats().entries, 3);
-    assert_eq!(w.slot_usage(db.slot()).0, 3);
+    assert_eq!(w.slot_usage(db.slot().index).0, 3);
 }
 
 /// Verifies every segment a restart left unverified: `(checked, discarded)`.
@@ -86,7 +86,11 @@ fn a_damaged_record_is_discarded_by_verification_and_never_served() {
     let path = dir.path().join("cache.arena");
     build(&path);
     let (arena, _) = reopen(&path).unwrap();
-    let (at, _, _) = arena.writer().revisions(0, 2)[0];
+    let (at, _, _) = {
+        let w = arena.writer();
+        let slot = w.slot(0).unwrap();
+        w.revisions(slot, 2)[0]
+    };
     drop(arena);
     // A bit flipped in oid 2's state, on disk.
     flip(&path, (at + layout::RECORD_HEADER_WORDS) as u64 * 8 + 1);
@@ -136,9 +140,10 @@ fn truncated_damaged_and_foreign_files_are_refused() {
     build(&path);
     let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     f.seek(SeekFrom::Start(layout::header::VERSION as u64 * 8)).unwrap();
-    f.write_all(&2u64.to_ne_bytes()).unwrap();
+    // A file of layout version 1 (no slot identities) is refused.
+    f.write_all(&1u64.to_ne_bytes()).unwrap();
     drop(f);
-    assert!(matches!(reopen(&path), Err(LayoutError::Version { found: 2, .. })));
+    assert!(matches!(reopen(&path), Err(LayoutError::Version { found: 1, .. })));
 
     std::fs::write(&path, vec![0u8; BYTES as usize]).unwrap();
     assert_eq!(reopen(&path).err(), Some(LayoutError::Magic));

@@ -16,14 +16,14 @@
 use loom::thread;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
-use tidecache_core::arena::{reader, ArenaWriter, Geometry, Memory};
+use tidecache_core::arena::{reader, ArenaWriter, Geometry, Memory, Slot};
 
 const OLD: &[u8; 16] = b"old one!old one!";
 const NEW: &[u8; 16] = b"new one!new one!";
 
 /// Four segments of one 16-byte record each; oid 1 (serial 1) in segment 0,
 /// oids 3 and 4 in segments 1 and 2: the next store recycles segment 0.
-fn arena() -> (Geometry, Arc<Memory>, ArenaWriter, u8) {
+fn arena() -> (Geometry, Arc<Memory>, ArenaWriter, Slot) {
     let g = Geometry::small(4, 4 + 5 + 2);
     let memory = Arc::new(Memory::heap(g.file_bytes));
     let mut w = ArenaWriter::create(memory.clone(), g, 1);
@@ -80,5 +80,34 @@ fn a_lookup_never_returns_a_torn_or_reused_record() {
         }
         writer.join().unwrap();
         assert_eq!(reader::lookup(memory.words(), &g, slot, 1, 10).unwrap().state, NEW);
+    });
+}
+
+/// The reader loads the slot's state, its horizon and its state again
+/// while the writer flushes the database (horizon 0, then a new
+/// generation) and publishes a lower horizon for the new generation: the
+/// reader gets a pair that existed, horizon 0 (a miss: the flush clears
+/// the horizon first), or nothing; never the new generation
+/// with the old horizon (which would serve the new generation's open
+/// revisions past its own horizon) nor the old one with the new.
+#[test]
+fn a_reader_never_pairs_a_generation_with_another_ones_horizon() {
+    tidecache_loom_tests::check(|| {
+        let g = Geometry::small(4, 4 + 5 + 2);
+        let memory = Arc::new(Memory::heap(g.file_bytes));
+        let mut w = ArenaWriter::create(memory.clone(), g, 1);
+        let slot = w.attach_database("m").unwrap();
+        w.publish_horizon(slot, 100);
+        let writer = thread::spawn(move || {
+            w.flush_database(slot);
+            w.publish_horizon(slot, 50);
+        });
+        if let Some(seen) = reader::database(memory.words(), &g, slot) {
+            assert!(
+                seen.1 == 0 || seen == (1, 100) || seen == (2, 50),
+                "generation and horizon of different states: {seen:?}"
+            );
+        }
+        writer.join().unwrap();
     });
 }

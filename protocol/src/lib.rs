@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 
 /// Version spoken by this build; the Hello of both sides carries it.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Default largest frame body the sidecar accepts, bytes (64 MiB).
 pub const DEFAULT_MAX_FRAME: usize = 64 << 20;
@@ -239,6 +239,10 @@ pub enum ResponseBody {
         horizon: u64,
         /// The database's slot in the arena.
         slot: u8,
+        /// The slot's identity: lookups in the arena check that the slot
+        /// still holds it (it changes when the slot is given to another
+        /// database).
+        identity: u64,
     },
     /// Answer to `Lookup`: one entry per oid asked, `None` for a miss.
     Found {
@@ -265,6 +269,10 @@ pub enum ResponseBody {
         horizon: u64,
         /// The database's slot in the arena.
         slot: u8,
+        /// The slot's identity: lookups in the arena check that the slot
+        /// still holds it (it changes when the slot is given to another
+        /// database).
+        identity: u64,
     },
     /// Answer to `RegisterView`.
     ViewRegistered {

@@ -262,7 +262,11 @@ impl Server {
     }
 
     /// The database `name`, created on first use. At `--max-databases`,
-    /// databases no connection is attached to are dropped to make room.
+    /// databases no connection is attached to and no request holds are
+    /// dropped to make room (their slots released: a handle a request might
+    /// still hold is inert). A slot the previous run left in the arena file
+    /// that no client claimed is freed for `name` by the arena itself
+    /// ([`SharedArena::database`]) when no slot is free.
     fn database(&self, name: &str) -> Result<Db, ResponseBody> {
         if let Some(e) = self.databases.read().unwrap_or_else(|p| p.into_inner()).get(name) {
             return Ok(e.db.clone());
@@ -274,10 +278,14 @@ impl Server {
         if dbs.len() >= self.config.max_databases {
             let before = dbs.len();
             dbs.retain(|_, e| {
-                if e.attached == 0 {
+                // Handles are cloned only under this map's lock, held here
+                // for writing: the map's is the only one unless a request
+                // is in flight on it.
+                let idle = e.attached == 0 && Arc::strong_count(&e.db) == 1;
+                if idle {
                     e.db.cache().release();
                 }
-                e.attached > 0
+                !idle
             });
             tracing::info!(
                 dropped = before - dbs.len(),
@@ -297,9 +305,9 @@ impl Server {
             ));
         };
         match cache.horizon() {
-            Some(h) => tracing::info!(db = %name, slot = cache.slot(), horizon = %h,
+            Some(h) => tracing::info!(db = %name, slot = cache.slot().index, horizon = %h,
                 "database re-attached from the arena file: closed revisions serve now, open ones up to its horizon"),
-            None => tracing::info!(db = %name, slot = cache.slot(), "new database"),
+            None => tracing::info!(db = %name, slot = cache.slot().index, "new database"),
         }
         let db = Arc::new(SharedDatabase::with_cache(cache));
         dbs.insert(
@@ -452,10 +460,12 @@ impl Server {
                         AttachState::Behind
                     }
                 };
+                let slot = db.cache().slot();
                 ResponseBody::Attached {
                     state,
                     horizon: db.cache().horizon().map_or(0, |t| t.0),
-                    slot: db.cache().slot(),
+                    slot: slot.index,
+                    identity: slot.identity,
                 }
             }
             RequestBody::Lookup { db, view, oids } => {
@@ -513,10 +523,12 @@ impl Server {
                 if restarted {
                     tracing::info!(db = %name, tid = %Tid(tid), "log restarted; open revisions dropped");
                 }
+                let slot = db.cache().slot();
                 ResponseBody::Resynced {
                     restarted,
                     horizon: db.cache().horizon().map_or(0, |t| t.0),
-                    slot: db.cache().slot(),
+                    slot: slot.index,
+                    identity: slot.identity,
                 }
             }
             RequestBody::RegisterView { db: name, tid } => {
@@ -548,7 +560,7 @@ impl Server {
             RequestBody::Stats => ResponseBody::Stats(self.stats()),
             RequestBody::Touch { db, revisions } => {
                 let db = self.database(&db)?;
-                self.arena.touch(db.cache().slot(), &revisions);
+                db.cache().touch(&revisions);
                 ResponseBody::Done
             }
         })

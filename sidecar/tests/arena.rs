@@ -176,3 +176,70 @@ fn an_unknown_group_or_a_bad_size_is_a_clear_error() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("arena"), "{out:?}");
     assert!(!dir.path().join("s.sock").exists(), "nothing left behind");
 }
+
+/// Database keys that include a pid (MappingStorage, DemoStorage) are new
+/// after every restart: the slots the previous run left in the file must
+/// not fill the table for good.
+#[test]
+fn slots_left_by_a_previous_run_are_freed_for_new_keys() {
+    let args = ["--max-databases", "4"];
+    let sc = Sidecar::start(&args);
+    let c = client(&sc.socket);
+    for i in 0..4 {
+        c.attach(&format!("pid 1 db {i}"), 10).unwrap();
+        c.store(&format!("pid 1 db {i}"), vec![item(1, 5, None, 10, b"old")])
+            .unwrap();
+    }
+    drop(c);
+    let (dir, socket) = sc.kill();
+    let sc = Sidecar::start_at(dir, socket, &args);
+    let watcher = client(&sc.socket);
+    for round in 2..4 {
+        let c = client(&sc.socket);
+        for i in 0..4 {
+            let db = format!("pid {round} db {i}");
+            let attached = c.attach(&db, 10);
+            assert!(attached.is_ok(), "{db}: {attached:?}\n{}", sc.log());
+            c.store(&db, vec![item(1, 5, None, 10, b"new")]).unwrap();
+            match c.lookup_local(&db, 1, 10) {
+                Local::Hit(f) => assert_eq!(f.state, b"new"),
+                other => panic!("{db}: {other:?}"),
+            }
+        }
+        // Gone: its attachments end, its slots may be freed for the next.
+        c.close();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while watcher.stats().unwrap().clients > 1 {
+            assert!(Instant::now() < deadline, "the connection never ended");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// A client reads the arena with the slot number Attach gave it until its
+/// next socket call. A restart that frees that slot (its checksum failed:
+/// killed between storing a horizon and resealing the slot) and gives it to
+/// another database must not make that client read the other database.
+#[test]
+fn a_stale_slot_never_reads_another_database_after_a_restart() {
+    let sc = Sidecar::start(&[]);
+    let c = client(&sc.socket);
+    c.attach("db", 10).unwrap();
+    c.store("db", vec![item(1, 5, None, 10, b"mine")]).unwrap();
+    assert!(matches!(c.lookup_local("db", 1, 10), Local::Hit(_)));
+    let (dir, socket) = sc.kill();
+    // Slot 0's horizon word (the table starts at word 512) changed
+    // without its CRC.
+    poke(&dir.path().join("cache.arena"), (512 + 1) * 8, &[0x77]);
+    let sc = Sidecar::start_at(dir, socket, &[]);
+    let other = client(&sc.socket);
+    other.attach("other", 10).unwrap();
+    other.store("other", vec![item(1, 7, None, 10, b"theirs")]).unwrap();
+    assert!(matches!(other.lookup_local("other", 1, 10), Local::Hit(_)));
+    assert!(sc.log().contains("damaged_databases=1"), "{}", sc.log());
+    // `c` has made no socket call since: it still holds slot 0.
+    match c.lookup_local("db", 1, 10) {
+        Local::Hit(f) => panic!("read another database's revision: {:?}", f.state),
+        Local::Miss | Local::Unavailable => {}
+    }
+}

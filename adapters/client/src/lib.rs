@@ -70,6 +70,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
+pub use tidecache_core::arena::Slot;
 use tidecache_core::arena::{reader, Geometry, Memory};
 
 /// Errors of the client. Callers treat every one as a miss.
@@ -193,11 +194,12 @@ impl MappedArena {
         })
     }
 
-    /// The revision of `oid` visible at `view` in database slot `slot`.
+    /// The revision of `oid` visible at `view` in database slot `slot`
+    /// (a miss unless the slot still holds the identity `slot` names).
     ///
     /// # Errors
     /// Why it missed.
-    pub fn lookup(&self, slot: u8, oid: u64, view: u64) -> Result<reader::Found, reader::Miss> {
+    pub fn lookup(&self, slot: Slot, oid: u64, view: u64) -> Result<reader::Found, reader::Miss> {
         reader::lookup(self.memory.words(), &self.geometry, slot, oid, view)
     }
 
@@ -206,7 +208,7 @@ impl MappedArena {
     ///
     /// # Errors
     /// Why it missed.
-    pub fn locate(&self, slot: u8, oid: u64, view: u64) -> Result<reader::Located, reader::Miss> {
+    pub fn locate(&self, slot: Slot, oid: u64, view: u64) -> Result<reader::Located, reader::Miss> {
         reader::locate_visible(self.memory.words(), &self.geometry, slot, oid, view)
     }
 
@@ -217,11 +219,12 @@ impl MappedArena {
 }
 
 /// What lookups read without the connection's lock: the mapped arena and
-/// the slot of each attached database, replaced whole on every change.
+/// the slot (number and identity) of each attached database, replaced
+/// whole on every change.
 #[derive(Default)]
 struct Plane {
     arena: Option<Arc<MappedArena>>,
-    slots: HashMap<String, u8>,
+    slots: HashMap<String, Slot>,
 }
 
 /// The result of [`Client::lookup_local`].
@@ -254,8 +257,9 @@ struct State {
     closed: bool,
     /// The arena mapped at the last Hello.
     mapped: Option<Arc<MappedArena>>,
-    /// Slots of the databases attached on this connection.
-    slots: HashMap<String, u8>,
+    /// Slots (number and identity) of the databases attached on this
+    /// connection.
+    slots: HashMap<String, Slot>,
 }
 
 /// What a forked child carries over from its parent, published by the
@@ -410,9 +414,10 @@ impl Client {
         }
     }
 
-    /// Calls `f` with the mapped arena and the slot of `db`, while connected
-    /// and attached (for adapters that read it directly); `None` otherwise.
-    pub fn with_arena<R>(&self, db: &str, f: impl FnOnce(&MappedArena, u8) -> R) -> Option<R> {
+    /// Calls `f` with the mapped arena and the slot of `db` (number and
+    /// identity: pass it to every lookup), while connected and attached (for
+    /// adapters that read it directly); `None` otherwise.
+    pub fn with_arena<R>(&self, db: &str, f: impl FnOnce(&MappedArena, Slot) -> R) -> Option<R> {
         let p = self.proc();
         let plane = p.plane.load();
         Some(f(plane.arena.as_ref()?, *plane.slots.get(db)?))
@@ -549,10 +554,10 @@ impl Client {
         }
         let attached: Vec<(String, u64)> = st.attached.iter().map(|(d, t)| (d.clone(), *t)).collect();
         for (db, tid) in attached {
-            if let ResponseBody::Resynced { slot, .. } =
+            if let ResponseBody::Resynced { slot, identity, .. } =
                 self.exchange(p, st, RequestBody::Resync { db: db.clone(), tid })?
             {
-                st.slots.insert(db, slot);
+                st.slots.insert(db, Slot { index: slot, identity });
             }
         }
         let views: Vec<(u64, String, u64)> = st.views.iter().map(|(k, v)| (*k, v.db.clone(), v.tid)).collect();
@@ -606,8 +611,13 @@ impl Client {
                 last_tid,
             },
         )? {
-            ResponseBody::Attached { state, horizon, slot } => {
-                st.slots.insert(db.to_owned(), slot);
+            ResponseBody::Attached {
+                state,
+                horizon,
+                slot,
+                identity,
+            } => {
+                st.slots.insert(db.to_owned(), Slot { index: slot, identity });
                 self.publish(&p, &st);
                 Ok((state, horizon))
             }
@@ -720,8 +730,9 @@ impl Client {
                 restarted,
                 horizon,
                 slot,
+                identity,
             } => {
-                st.slots.insert(db.to_owned(), slot);
+                st.slots.insert(db.to_owned(), Slot { index: slot, identity });
                 self.publish(&p, &st);
                 Ok((restarted, horizon))
             }

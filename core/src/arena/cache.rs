@@ -8,6 +8,7 @@
 
 use super::layout::OPEN;
 use super::reader::{self, Found};
+use super::slots::Slot;
 use super::writer::{ArenaStats, ArenaWriter};
 use super::{Geometry, Memory};
 use crate::error::CoreError;
@@ -47,11 +48,17 @@ impl SharedArena {
 
     /// The cache of database `key`, in the slot that holds it already (a
     /// reopened file: its log restarts at the persisted horizon, so closed
-    /// revisions answer at once and open ones up to that horizon) or a free
-    /// one. `None` when every slot is taken.
+    /// revisions answer at once and open ones up to that horizon), else a
+    /// free one, else one no [`ArenaCache`] holds (see
+    /// [`ArenaWriter::attach_database`]). The cache holds a lease on the
+    /// slot until it is dropped. `None` when every slot is held.
+    ///
+    /// One cache per key at a time: a second one of the same key would
+    /// share the slot with its own log (the sidecar keeps one per key).
     pub fn database(self: &Arc<Self>, key: &str) -> Option<ArenaCache> {
         let mut w = self.writer();
         let slot = w.attach_database(key)?;
+        w.lease(slot);
         let horizon = w.horizon(slot);
         drop(w);
         Some(ArenaCache {
@@ -63,8 +70,9 @@ impl SharedArena {
     }
 
     /// Counts reads of revisions `(oid, serial)` of slot `slot` (hits a
-    /// client reported): eviction keeps what is read.
-    pub fn touch(&self, slot: u8, revisions: &[(u64, u64)]) {
+    /// client reported): eviction keeps what is read. Nothing if the slot
+    /// no longer holds that database.
+    pub fn touch(&self, slot: Slot, revisions: &[(u64, u64)]) {
         let w = self.writer();
         for &(oid, serial) in revisions {
             w.touch(slot, oid, serial);
@@ -92,17 +100,29 @@ fn bump(c: &AtomicU64, n: u64) {
 }
 
 /// One database's cache in a [`SharedArena`].
+///
+/// Once [`ArenaCache::release`]d (or its slot given to another database),
+/// the cache is inert: every write checks, under the arena writer's lock
+/// that release takes too, that the slot still holds this database
+/// (its identity), and does nothing otherwise; lookups miss.
 pub struct ArenaCache {
     arena: Arc<SharedArena>,
-    slot: u8,
+    slot: Slot,
     log: LogLock,
     counters: Counters,
 }
 
 impl ArenaCache {
-    /// The database's slot in the arena (clients look up with it).
-    pub fn slot(&self) -> u8 {
+    /// The database's slot in the arena and its identity (clients look up
+    /// with both).
+    pub fn slot(&self) -> Slot {
         self.slot
+    }
+
+    /// Counts reads of revisions `(oid, serial)` (hits a client
+    /// reported): eviction keeps what is read. Nothing once released.
+    pub fn touch(&self, revisions: &[(u64, u64)]) {
+        self.arena.touch(self.slot, revisions);
     }
 
     /// The arena.
@@ -204,10 +224,8 @@ impl ArenaCache {
     pub fn start_log(&self, at: Tid) {
         let mut log = self.log.lock();
         let mut w = self.arena.writer();
-        let slot = self.slot;
-        w.remove_where(|r| r.slot == slot && r.end == OPEN);
         *log = Some(InvalidationLog::starting_at(at));
-        w.publish_horizon(slot, at.0);
+        w.restart_database(self.slot, at.0);
     }
 
     /// Drops everything of this database (a pack, a restored backup).
@@ -237,7 +255,9 @@ impl ArenaCache {
         }
     }
 
-    /// Frees the database's slot (the sidecar dropped the database).
+    /// Frees the database's slot (the sidecar dropped the database): from
+    /// now on this cache writes nothing into the arena (a request still in
+    /// flight on it is dropped), and the slot may be given to another key.
     pub fn release(&self) {
         let _log = self.log.lock();
         self.arena.writer().release_database(self.slot);
@@ -261,7 +281,14 @@ impl ArenaCache {
     /// Counters and sizes (entries and bytes of this database's slot).
     pub fn stats(&self) -> CacheStats {
         let c = &self.counters;
-        let (entries, bytes) = self.arena.writer().slot_usage(self.slot);
+        let (entries, bytes) = {
+            let w = self.arena.writer();
+            if w.holds(self.slot) {
+                w.slot_usage(self.slot.index)
+            } else {
+                (0, 0)
+            }
+        };
         let read = |a: &AtomicU64| a.load(Ordering::Relaxed);
         CacheStats {
             entries,
@@ -275,6 +302,14 @@ impl ArenaCache {
             reclaimed: read(&c.reclaimed),
             evicted: 0,
         }
+    }
+}
+
+impl Drop for ArenaCache {
+    /// Gives the slot's lease back: a slot no cache holds may be freed for
+    /// another key (its revisions stay until then).
+    fn drop(&mut self) {
+        self.arena.writer().unlease(self.slot);
     }
 }
 
@@ -354,7 +389,7 @@ mod tests {
         db.start_log(Tid(1));
         db.store(Oid(1), Tid(1), None, Tid(1), &state(1)).unwrap();
         let g = *a.geometry();
-        let key = layout::key(db.slot(), 1, 1).unwrap();
+        let key = layout::key(db.slot().index, 1, 1).unwrap();
         let bucket = g.bucket_word_of(key);
         let stale = a.memory.words()[bucket].load(Ordering::Relaxed);
         // Fill the arena with other oids until oid 1's segment is reused.
@@ -402,6 +437,179 @@ mod tests {
         assert!(db.lookup(Oid(1), Tid(10)).is_none());
         assert!(db.lookup(Oid(2), Tid(7)).is_some());
         assert_eq!(a.stats().entries, 1);
+    }
+
+    /// Every write of a stale handle (store, report, resync, reclaim,
+    /// flush, touch, evict), before and after its slot is given to another
+    /// database.
+    fn use_stale(old: &ArenaCache) {
+        let _ = old.store(Oid(2), Tid(5), None, Tid(10), &state(2));
+        let _ = old.report(Tid(10), Tid(50), &[(Oid(3), Tid(50))]);
+        old.touch(&[(3, 15)]);
+        old.reclaim(Tid(40));
+        old.evict(Oid(3), Tid(15));
+        old.start_log(Tid(60));
+        let _ = old.store(Oid(4), Tid(55), None, Tid(60), &state(4));
+        old.flush();
+    }
+
+    #[test]
+    fn a_released_cache_writes_nothing_into_its_old_slot() {
+        let a = arena(8, 4096);
+        let old = a.database("old").unwrap();
+        old.start_log(Tid(10));
+        old.store(Oid(1), Tid(5), None, Tid(10), &state(1)).unwrap();
+        old.release();
+        use_stale(&old);
+        // The slot is free again: the next database gets it.
+        let new = a.database("new").unwrap();
+        assert_eq!(new.slot().index, old.slot().index, "the released slot is reused");
+        assert_ne!(new.slot().identity, old.slot().identity);
+        new.start_log(Tid(20));
+        new.store(Oid(3), Tid(15), None, Tid(20), &state(3)).unwrap();
+        use_stale(&old);
+        // The new database sees nothing of the old one, and all of its own.
+        for oid in [1, 2, 4] {
+            for view in [10, 20, 50, 60] {
+                assert!(new.lookup(Oid(oid), Tid(view)).is_none(), "oid {oid} at {view}");
+            }
+        }
+        let hit = new.lookup(Oid(3), Tid(20)).expect("its own revision");
+        assert_eq!((hit.serial, hit.end), (15, None));
+        assert!(new.lookup(Oid(3), Tid(21)).is_none(), "open only up to its own horizon");
+        let words = a.memory.words();
+        assert_eq!(reader::database(words, &a.geometry, new.slot()).map(|d| d.1), Some(20));
+        assert_eq!(new.stats().entries, 1);
+        assert_eq!(a.stats().entries, 1);
+        assert!(old.lookup(Oid(3), Tid(20)).is_none(), "a released cache reads nothing");
+    }
+
+    #[test]
+    fn a_stale_slot_misses_once_a_restart_gives_it_to_another_database() {
+        let g = Geometry::for_size(layout::MIN_FILE_BYTES, 4).unwrap();
+        let memory = Arc::new(Memory::heap(g.file_bytes));
+        let a = SharedArena::new(ArenaWriter::create(memory.clone(), g, 7));
+        let db = a.database("db").unwrap();
+        db.start_log(Tid(10));
+        db.store(Oid(1), Tid(5), None, Tid(10), &state(1)).unwrap();
+        // What a client was given at Attach.
+        let held = db.slot();
+        assert!(reader::lookup(memory.words(), &g, held, 1, 10).is_ok());
+        // Killed between storing a horizon and resealing the slot.
+        let horizon = g.db_slot_word(held.index) + layout::db_slot::HORIZON;
+        memory.words()[horizon].store(11, Ordering::Relaxed);
+        drop(db);
+        drop(a);
+        let (w, found) = ArenaWriter::recover(memory.clone(), 8).unwrap();
+        assert_eq!(found.damaged_databases, 1);
+        let a = SharedArena::new(w);
+        let other = a.database("other").unwrap();
+        assert_eq!(other.slot().index, held.index, "the freed slot is reused");
+        other.start_log(Tid(10));
+        other.store(Oid(1), Tid(7), None, Tid(10), &state(9)).unwrap();
+        assert_eq!(other.lookup(Oid(1), Tid(10)).unwrap().state, state(9));
+        // The old client reads through the slot number it still holds.
+        assert_eq!(
+            reader::lookup(memory.words(), &g, held, 1, 10),
+            Err(reader::Miss::NoDatabase),
+            "another database's revision through a stale slot"
+        );
+    }
+
+    /// The reader loads the slot's state, its horizon, and its state again;
+    /// the writer flushes (or releases and reassigns) the slot between any
+    /// two of those loads and publishes a horizon of the new state. The
+    /// reader must never pair one generation with another's horizon.
+    #[test]
+    fn a_reader_never_pairs_a_generation_with_another_ones_horizon() {
+        type Move = fn(&Arc<SharedArena>, &ArenaCache, Slot) -> Option<ArenaCache>;
+        let moves: [(&str, Move, u64); 4] = [
+            (
+                "flush, then a lower horizon",
+                |_, db, _| {
+                    db.flush();
+                    db.start_log(Tid(50));
+                    None
+                },
+                50,
+            ),
+            (
+                "flush, then a higher horizon",
+                |_, db, _| {
+                    db.flush();
+                    db.start_log(Tid(200));
+                    None
+                },
+                200,
+            ),
+            (
+                "release, reassign, lower horizon",
+                |a, db, _| {
+                    db.release();
+                    let n = a.database("n").unwrap();
+                    n.start_log(Tid(50));
+                    Some(n)
+                },
+                50,
+            ),
+            (
+                "resync at a higher horizon",
+                |_, db, _| {
+                    db.start_log(Tid(200));
+                    None
+                },
+                200,
+            ),
+        ];
+        for (name, writer_move, new_horizon) in moves {
+            for step in 0..2 {
+                let a = arena(8, 4096);
+                let db = a.database("db").unwrap();
+                db.start_log(Tid(100));
+                let slot = db.slot();
+                let before = reader::database(a.memory.words(), &a.geometry, slot).unwrap();
+                let mut keep = None;
+                let seen = reader::database_stepped(a.memory.words(), &a.geometry, slot, |at| {
+                    if at == step {
+                        keep = writer_move(&a, &db, slot);
+                    }
+                });
+                let after = keep
+                    .as_ref()
+                    .map(|n| n.slot())
+                    .or(Some(slot))
+                    .and_then(|s| reader::database(a.memory.words(), &a.geometry, s));
+                if let Some(seen) = seen {
+                    let consistent = seen == before || Some(seen) == after;
+                    assert!(
+                        consistent,
+                        "{name}, step {step}: read {seen:?}, before {before:?}, after {after:?}"
+                    );
+                }
+                if let Some(after) = after {
+                    assert_eq!(after.1, new_horizon, "{name}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_damaged_length_word_hides_no_open_revision_from_a_resync() {
+        let a = arena(8, 4096);
+        let db = a.database("db").unwrap();
+        db.start_log(Tid(10));
+        db.store(Oid(1), Tid(5), None, Tid(10), &state(1)).unwrap();
+        db.store(Oid(2), Tid(5), None, Tid(10), &state(2)).unwrap();
+        // Oid 1's length word damaged: a walk of the segment stops there.
+        let (at, _, _) = a.writer().revisions(db.slot(), 1)[0];
+        let word = &a.memory.words()[at + layout::record::LENGTH];
+        word.store(word.load(Ordering::Relaxed) | layout::LENGTH_MASK, Ordering::Relaxed);
+        // A resync: open revisions are of unknown validity past 10.
+        db.start_log(Tid(20));
+        assert!(
+            db.lookup(Oid(2), Tid(15)).is_none(),
+            "an open revision survived the resync past the damaged record"
+        );
     }
 
     /// Real threads: the writer commits, reports and stores into a small

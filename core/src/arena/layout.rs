@@ -1,4 +1,4 @@
-//! The arena file's layout, version 1: where each word lives, and the pure
+//! The arena file's layout, version 2: where each word lives, and the pure
 //! functions (packing, hashing, checksums, validation) both the writer and
 //! the readers use. docs/architecture.md has the same layout as a table.
 //!
@@ -25,7 +25,7 @@ use crate::sync::{AtomicU64, Ordering};
 pub const MAGIC: u64 = u64::from_le_bytes(*b"TIDECACH");
 
 /// Layout version; a file with another version is discarded.
-pub const LAYOUT_VERSION: u64 = 1;
+pub const LAYOUT_VERSION: u64 = 2;
 
 /// Words in the header (4096 bytes).
 pub const HEADER_WORDS: usize = 512;
@@ -69,14 +69,19 @@ pub const DB_SLOT_WORDS: usize = 32;
 
 /// Database slot word indexes.
 pub mod db_slot {
-    /// `1 << 8 | generation` while in use, 0 when free. The generation (8
-    /// bits) is part of every record key of the database: a flush bumps it.
+    /// `identity << 16 | 1 << 8 | generation` while in use, `generation`
+    /// when free (see [`crate::arena::slots`]). The generation (8 bits) is
+    /// part of every record key of the database: a flush bumps it. The
+    /// identity (48 random bits, not 0) is chosen each time the slot is
+    /// given to a key; readers check it against the one they were given
+    /// (version 2; version 1 had no identity).
     pub const STATE: usize = 0;
     /// The database's horizon (tid), 0 before its log starts.
     pub const HORIZON: usize = 1;
     /// Length in bytes of the database key.
     pub const KEY_LEN: usize = 2;
-    /// CRC-32 of words STATE, HORIZON, KEY_LEN and the key bytes.
+    /// CRC-32 of words STATE (identity included), HORIZON, KEY_LEN and the
+    /// key bytes.
     pub const CRC: usize = 3;
     /// First word of the key (at most [`super::MAX_KEY_BYTES`] bytes).
     pub const KEY: usize = 4;
@@ -463,10 +468,10 @@ mod tests {
             ));
             words[header::SEGMENTS].store(g.segments + 1, Ordering::Relaxed);
             assert_eq!(Geometry::read(&words, g.file_bytes), Err(LayoutError::HeaderChecksum));
-            words[header::VERSION].store(2, Ordering::Relaxed);
+            words[header::VERSION].store(LAYOUT_VERSION + 1, Ordering::Relaxed);
             assert!(matches!(
                 Geometry::read(&words, g.file_bytes),
-                Err(LayoutError::Version { found: 2, .. })
+                Err(LayoutError::Version { found, .. }) if found == LAYOUT_VERSION + 1
             ));
             words[header::MAGIC].store(0, Ordering::Relaxed);
             assert_eq!(Geometry::read(&words, g.file_bytes), Err(LayoutError::Magic));

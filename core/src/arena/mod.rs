@@ -5,8 +5,10 @@
 //! - [`layout`]: the file's layout (version [`layout::LAYOUT_VERSION`]),
 //!   word by word, and the pure functions writer and readers share.
 //! - [`reader`]: the validated, lock-free lookup.
+//! - [`slots`]: the database slots: assignment, identity, generation,
+//!   leases, release and recovery ([`Slot`] is what a holder keeps).
 //! - [`writer`]: [`ArenaWriter`], the single writer: databases, records,
-//!   chains, S3-FIFO eviction.
+//!   chains, S3-FIFO eviction, recovery after a restart.
 //! - [`cache`]: [`ArenaCache`], one database's revisions in the arena
 //!   under the MVCC rules, and [`SharedArena`], the arena they share.
 //! - [`memory`]: [`Memory`], the words: a mapped file (read-write for the
@@ -16,10 +18,12 @@ pub mod cache;
 pub mod layout;
 pub mod memory;
 pub mod reader;
+pub mod slots;
 pub mod writer;
 
 pub use cache::{ArenaCache, SharedArena};
 pub use layout::{Geometry, LayoutError};
 pub use memory::Memory;
 pub use reader::{Found, Miss};
+pub use slots::Slot;
 pub use writer::{ArenaStats, ArenaWriter, NotWritten, Policy, RecordInfo, Recovered};

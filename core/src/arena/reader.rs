@@ -5,9 +5,15 @@
 //! Validation, in order (anything that fails is a miss):
 //!
 //! 1. the header's `LIVE` word is 1;
-//! 2. the database slot is in use; its horizon `H` is loaded (Acquire)
-//!    *before* any record, so every closing the writer made before
-//!    publishing `H` is seen (the same protocol as `SnapshotCache`);
+//! 2. the database slot holds the database the reader attached to: its
+//!    state word (Acquire) is in use with the identity the reader was given
+//!    ([`Slot`]); then its horizon `H` is loaded (Acquire) *before* any
+//!    record, so every closing the writer made before publishing `H` is
+//!    seen (the same protocol as `SnapshotCache`); then the state word
+//!    again, which must be unchanged: `H` belongs to that database and
+//!    generation (the writer clears the horizon before it changes the
+//!    state word, and publishes a horizon only after the state it belongs
+//!    to; see [`super::slots`]);
 //! 3. each pointer followed is in bounds and its segment's generation word
 //!    (Acquire) still holds the pointer's generation;
 //! 4. after copying a record (header, and state when it matches), an
@@ -24,6 +30,7 @@
 //! reader that sees a mix of old and new `end`/CRC fails step 5.
 
 use super::layout::{self, db_slot, header, record, segment, Geometry, OPEN};
+use super::slots::{self, Slot};
 use crate::sync::{fence, AtomicU64, Ordering};
 
 /// A revision found by a lookup.
@@ -42,7 +49,8 @@ pub struct Found {
 pub enum Miss {
     /// The arena is retired or not yet live.
     NotLive,
-    /// The database slot is free or has no horizon yet.
+    /// The database slot is free, holds another database than the one
+    /// attached to, or has no horizon yet.
     NoDatabase,
     /// The oid is over 48 bits.
     OidTooLarge,
@@ -52,13 +60,34 @@ pub enum Miss {
     Invalid,
 }
 
-/// The current state word and horizon of database slot `slot`: `None` if
-/// the slot is free.
-pub fn database(words: &[AtomicU64], g: &Geometry, slot: u8) -> Option<(u8, u64)> {
-    let base = g.db_slot_word(slot);
-    let horizon = words[base + db_slot::HORIZON].load(Ordering::Acquire);
+/// The generation and horizon of database slot `slot`: `None` if the slot
+/// no longer holds the database `slot` names (free, or given to another
+/// key since), or changed while it was read.
+pub fn database(words: &[AtomicU64], g: &Geometry, slot: Slot) -> Option<(u8, u64)> {
+    database_stepped(words, g, slot, |_| {})
+}
+
+/// [`database`] calling `between(step)` after its first (step 0) and
+/// second (step 1) load: tests put the writer's moves there to check every
+/// interleaving. Not for use by readers.
+#[doc(hidden)]
+#[inline(always)]
+pub fn database_stepped(
+    words: &[AtomicU64],
+    g: &Geometry,
+    slot: Slot,
+    mut between: impl FnMut(usize),
+) -> Option<(u8, u64)> {
+    if u64::from(slot.index) >= g.db_slots {
+        return None;
+    }
+    let base = g.db_slot_word(slot.index);
     let state = words[base + db_slot::STATE].load(Ordering::Acquire);
-    (state >> 8 == 1).then_some((state as u8, horizon))
+    between(0);
+    let horizon = words[base + db_slot::HORIZON].load(Ordering::Acquire);
+    between(1);
+    let again = words[base + db_slot::STATE].load(Ordering::Acquire);
+    (state == again && slot.matches(state)).then_some((slots::generation_of(state), horizon))
 }
 
 /// A visible revision found in the index, its state not yet copied.
@@ -126,8 +155,9 @@ impl Located {
 }
 
 /// Looks up the revision of `oid` visible at `view` in database slot
-/// `slot`; `Err` says why it missed.
-pub fn lookup(words: &[AtomicU64], g: &Geometry, slot: u8, oid: u64, view: u64) -> Result<Found, Miss> {
+/// `slot` (which must still hold the database of `slot.identity`); `Err`
+/// says why it missed.
+pub fn lookup(words: &[AtomicU64], g: &Geometry, slot: Slot, oid: u64, view: u64) -> Result<Found, Miss> {
     let found = locate_visible(words, g, slot, oid, view)?;
     let mut state = vec![0u8; found.len()];
     if !found.copy_to(words, &mut state) {
@@ -143,7 +173,7 @@ pub fn lookup(words: &[AtomicU64], g: &Geometry, slot: u8, oid: u64, view: u64) 
 /// Finds the revision of `oid` visible at `view` in slot `slot` (steps 1
 /// to 4 and 6 of the module documentation); [`Located::copy_to`] does the
 /// rest.
-pub fn locate_visible(words: &[AtomicU64], g: &Geometry, slot: u8, oid: u64, view: u64) -> Result<Located, Miss> {
+pub fn locate_visible(words: &[AtomicU64], g: &Geometry, slot: Slot, oid: u64, view: u64) -> Result<Located, Miss> {
     if words[header::LIVE].load(Ordering::Acquire) != 1 {
         return Err(Miss::NotLive);
     }
@@ -151,7 +181,7 @@ pub fn locate_visible(words: &[AtomicU64], g: &Geometry, slot: u8, oid: u64, vie
     if horizon == 0 {
         return Err(Miss::NoDatabase);
     }
-    let key = layout::key(slot, generation, oid).ok_or(Miss::OidTooLarge)?;
+    let key = layout::key(slot.index, generation, oid).ok_or(Miss::OidTooLarge)?;
     let mut p = words[g.bucket_word_of(key)].load(Ordering::Acquire);
     for _ in 0..layout::MAX_CHAIN {
         if p == 0 {
