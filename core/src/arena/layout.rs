@@ -1,4 +1,4 @@
-//! The arena file's layout, version 1: where each word lives, and the pure
+//! The arena file's layout, version 2: where each word lives, and the pure
 //! functions (packing, hashing, checksums, validation) both the writer and
 //! the readers use. docs/architecture.md has the same layout as a table.
 //!
@@ -24,8 +24,9 @@ use crate::sync::{AtomicU64, Ordering};
 /// `b"TIDECACH"` as a little-endian word.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"TIDECACH");
 
-/// Layout version; a file with another version is discarded.
-pub const LAYOUT_VERSION: u64 = 1;
+/// Layout version; a file with another version is discarded. Version 2
+/// added [`header::BOOT_ID`].
+pub const LAYOUT_VERSION: u64 = 2;
 
 /// Words in the header (4096 bytes).
 pub const HEADER_WORDS: usize = 512;
@@ -60,6 +61,12 @@ pub mod header {
     /// 1 while a sidecar serves the file; 0 before it is built and once it
     /// is retired (readers miss).
     pub const LIVE: usize = 12;
+    /// Two words (13 and 14): the boot id ([`crate::arena::boot`]) of the
+    /// host when a sidecar last created or re-attached the file. Another
+    /// boot id on re-attach means the file may have outlived a power loss
+    /// with its pages torn: open revisions and horizons are dropped and
+    /// every closed record is verified before the file serves.
+    pub const BOOT_ID: usize = 13;
     /// Words covered by [`CRC`].
     pub const CHECKED: usize = 10;
 }
@@ -463,10 +470,10 @@ mod tests {
             ));
             words[header::SEGMENTS].store(g.segments + 1, Ordering::Relaxed);
             assert_eq!(Geometry::read(&words, g.file_bytes), Err(LayoutError::HeaderChecksum));
-            words[header::VERSION].store(2, Ordering::Relaxed);
+            words[header::VERSION].store(LAYOUT_VERSION + 5, Ordering::Relaxed);
             assert!(matches!(
                 Geometry::read(&words, g.file_bytes),
-                Err(LayoutError::Version { found: 2, .. })
+                Err(LayoutError::Version { found, .. }) if found == LAYOUT_VERSION + 5
             ));
             words[header::MAGIC].store(0, Ordering::Relaxed);
             assert_eq!(Geometry::read(&words, g.file_bytes), Err(LayoutError::Magic));
