@@ -173,18 +173,19 @@ fn a_small_dev_shm_is_a_clear_error_not_a_sigbus() {
     let sockets = tempfile::tempdir().unwrap();
     let socket = sockets.path().join("s.sock");
     let arena = shm.path().join("cache.arena");
-    let args = [
+    // 1 GiB: its bucket array alone (4 MiB) is more than the mount holds,
+    // so a sparse file died of SIGBUS while it was being laid out.
+    let out = serve_must_fail(&[
         os("--socket"),
         socket.as_os_str(),
         os("--cache-file"),
         arena.as_os_str(),
         os("--memory-mb"),
-        os("16"),
-    ];
-    let out = serve_must_fail(&args);
+        os("1024"),
+    ]);
     let msg = stderr(&out);
     assert!(
-        msg.contains("needs 16 MiB")
+        msg.contains("needs 1024 MiB")
             && msg.contains(&*shm.path().to_string_lossy())
             && msg.contains("lower --memory-mb or enlarge the mount"),
         "{out:?}"
@@ -200,7 +201,14 @@ fn a_small_dev_shm_is_a_clear_error_not_a_sigbus() {
     std::os::unix::fs::FileExt::write_all_at(&f, b"TIDECACH", 0).unwrap();
     drop(f);
     let before = std::fs::read(&arena).unwrap();
-    let out = serve_must_fail(&args);
+    let out = serve_must_fail(&[
+        os("--socket"),
+        socket.as_os_str(),
+        os("--cache-file"),
+        arena.as_os_str(),
+        os("--memory-mb"),
+        os("16"),
+    ]);
     let msg = stderr(&out);
     assert!(
         msg.contains("needs 16 MiB") && msg.contains("enlarge the mount"),
