@@ -17,20 +17,37 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use tidecache_core::arena::layout::MAGIC;
 
-/// The directory `path` lives in must exist.
+/// The directory `path` lives in must exist and be writable (the socket
+/// and the arena file are made there).
 ///
 /// # Errors
-/// [`SidecarError::NoDirectory`], naming the option (`what`).
+/// [`SidecarError::NoDirectory`], naming the option (`what`);
+/// [`SidecarError::Io`] if it is not writable.
 pub fn directory_exists(what: &'static str, path: &Path) -> Result<(), SidecarError> {
     let dir = parent(path);
-    if dir.is_dir() {
-        Ok(())
-    } else {
-        Err(SidecarError::NoDirectory {
+    if !dir.is_dir() {
+        return Err(SidecarError::NoDirectory {
             what,
             dir: dir.to_path_buf(),
-        })
+        });
     }
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).map_err(|_| {
+        io_error(
+            format!("{what}: bad path {}", path.display()),
+            io::ErrorKind::InvalidInput.into(),
+        )
+    })?;
+    // SAFETY: a NUL-terminated path; access only checks permissions.
+    if unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } != 0 {
+        return Err(io_error(
+            format!(
+                "the directory of {what}, {}, is not writable by this process",
+                dir.display()
+            ),
+            io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
 }
 
 fn parent(path: &Path) -> &Path {
