@@ -144,7 +144,49 @@ fn truncated_damaged_and_foreign_files_are_refused() {
     f.write_all(&1u64.to_ne_bytes()).unwrap();
     drop(f);
     assert!(matches!(reopen(&path), Err(LayoutError::Version { found: 1, .. })));
+    let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.seek(SeekFrom::Start(8)).unwrap();
+    let other = layout::LAYOUT_VERSION + 5;
+    f.write_all(&other.to_ne_bytes()).unwrap();
+    drop(f);
+    assert!(matches!(reopen(&path), Err(LayoutError::Version { found, .. }) if found == other));
 
     std::fs::write(&path, vec![0u8; BYTES as usize]).unwrap();
     assert_eq!(reopen(&path).err(), Some(LayoutError::Magic));
+}
+
+#[test]
+fn after_a_reboot_only_verified_closed_revisions_are_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("cache.arena");
+    build(&path);
+    // Within the same boot: the horizon and open revisions stay.
+    let (arena, report) = reopen(&path).unwrap();
+    assert!(!report.rebooted);
+    assert_eq!(arena.database("db").unwrap().horizon(), Some(Tid(20)));
+    drop(arena);
+    // Another boot id in the header: the file may be torn.
+    let mut f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+    f.seek(SeekFrom::Start(layout::header::BOOT_ID as u64 * 8)).unwrap();
+    f.write_all(&[0xa5; 16]).unwrap();
+    drop(f);
+    let (arena, report) = reopen(&path).unwrap();
+    assert!(report.rebooted);
+    assert_eq!(report.discarded, 2, "the two open revisions");
+    assert_eq!(arena.stats().unverified_segments, 0, "verified before serving");
+    assert_eq!(arena.stats().entries, 1);
+    let db = arena.database("db").unwrap();
+    assert_eq!(db.horizon(), None, "the log restarts empty");
+    db.start_log(Tid(30));
+    assert_eq!(db.lookup(Oid(1), Tid(11)).unwrap().state, b"closed");
+    assert!(db.lookup(Oid(2), Tid(30)).is_none());
+    assert!(db.lookup(Oid(3), Tid(30)).is_none());
+    // The boot id is this boot's again: a second re-attach keeps the log.
+    db.report(Tid(30), Tid(40), &[]).unwrap();
+    drop((db, arena));
+    let (arena, report) = reopen(&path).unwrap();
+    assert!(!report.rebooted || tidecache_core::arena::boot::current() == [0, 0]);
+    if !report.rebooted {
+        assert_eq!(arena.database("db").unwrap().horizon(), Some(Tid(40)));
+    }
 }

@@ -22,24 +22,35 @@ struct Cli {
 enum Command {
     /// Serve in the foreground, logging to stderr (RUST_LOG or --log-level).
     Serve {
-        /// Path of the Unix socket to create (mode 0600). A stale socket
-        /// file is replaced; a live one is an error.
+        /// Path of the Unix socket to create (mode 0600), in an existing
+        /// directory. A stale socket file is replaced; a live one (another
+        /// tidecached) or any other kind of file is an error, and nothing is
+        /// changed.
         #[arg(long)]
         socket: PathBuf,
         /// Size of the arena, MiB, all databases together: states plus 40
         /// bytes per revision, the bucket array (1/256 of it) and the
-        /// database table. Between 1 and 32768.
+        /// database table. Between 1 and 32768. Allocated at start: if the
+        /// mount of the arena file (/dev/shm: 64 MiB in a default Docker
+        /// container) has less free, the start fails with an error naming
+        /// both and leaves no file.
         #[arg(long, default_value_t = 256)]
         memory_mb: u64,
         /// Arena file. Default: /dev/shm/tidecache-<uid>-<hash of the socket
         /// path>.arena (memory that outlives the process, not a reboot). A
-        /// file on a real disk also survives a reboot. A sound file of the
-        /// same size is re-attached at start (warm restart); any other is
-        /// discarded and recreated.
+        /// sound arena file of the same size is re-attached at start (warm
+        /// restart); a damaged one, or one of another size or layout
+        /// version, is replaced by a new one; a file that is not an arena
+        /// (no magic word) is refused and never touched. A file on a real
+        /// disk also survives a reboot, but possibly torn by a power loss:
+        /// then only its closed revisions whose checksum verifies are kept.
+        /// <cache-file>.lock is locked while the sidecar runs: a second one
+        /// on the same file exits with an error naming the first.
         #[arg(long)]
         cache_file: Option<PathBuf>,
         /// Group whose members may use the socket (mode 0660) and map the
-        /// arena (0640). Default: the owner only (0600 both).
+        /// arena (0640). Default: the owner only (0600 both). The sidecar
+        /// must be root or a member of it; checked before any file changes.
         #[arg(long)]
         group: Option<String>,
         /// Largest request accepted, MiB; a larger frame gets an error and

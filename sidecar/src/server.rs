@@ -5,6 +5,7 @@
 // refusal and written as the reply: it is the error value itself.
 #![allow(clippy::result_large_err)]
 
+use crate::startup::{self, ArenaLock, Existing};
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -13,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
-use tidecache_core::arena::{ArenaWriter, Geometry, LayoutError, Memory, SharedArena};
+use tidecache_core::arena::{layout, ArenaWriter, Geometry, LayoutError, Memory, SharedArena};
 use tidecache_core::{AttachOutcome, CoreError, Oid, SharedDatabase, StoreOutcome, Tid, ViewId};
 use tidecache_protocol::{
     self as protocol, encode, ArenaInfo, ArenaStats as WireArenaStats, AttachState, DatabaseStats as WireStats,
@@ -42,6 +43,64 @@ pub enum SidecarError {
     /// The arena cannot be laid out (size out of range).
     #[error("arena: {0}")]
     Arena(LayoutError),
+    /// `--cache-file` names a file that is not a tidecache arena.
+    #[error(
+        "{path} is not a tidecache arena file ({reason}); refusing to replace it: \
+         remove it yourself or choose another --cache-file"
+    )]
+    NotAnArena {
+        /// The file.
+        path: PathBuf,
+        /// Why it is not one.
+        reason: String,
+    },
+    /// Another process holds the arena file's lock.
+    #[error(
+        "another tidecached ({holder}) is using the arena file {cache_file} (it holds {lock}); \
+         stop it first, or give this one another --socket and --cache-file"
+    )]
+    Locked {
+        /// The lock file.
+        lock: PathBuf,
+        /// The arena file.
+        cache_file: PathBuf,
+        /// Pid and socket of the holder, as it wrote them in the lock file.
+        holder: String,
+    },
+    /// The file system of the arena file has no room for it.
+    #[error(
+        "the arena file {path} needs {needed_mib} MiB but {mount} has {free_mib} MiB free; \
+         lower --memory-mb or enlarge the mount"
+    )]
+    NoRoom {
+        /// The arena file.
+        path: PathBuf,
+        /// Its size, MiB.
+        needed_mib: u64,
+        /// The mount point it would live on.
+        mount: PathBuf,
+        /// Free there, MiB.
+        free_mib: u64,
+    },
+    /// `--group` names a group this process cannot give files to.
+    #[error(
+        "this process (uid {uid}) is not a member of group {gid} and cannot give the socket and \
+         arena file to it; add the user to the group or drop --group"
+    )]
+    Group {
+        /// The group.
+        gid: u32,
+        /// The process's effective user.
+        uid: u32,
+    },
+    /// The directory a path lives in does not exist.
+    #[error("the directory of {what}, {}, does not exist", dir.display())]
+    NoDirectory {
+        /// The option (`--socket`, `--cache-file`).
+        what: &'static str,
+        /// The directory.
+        dir: PathBuf,
+    },
 }
 
 fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> SidecarError {
@@ -87,23 +146,54 @@ pub struct Server {
     config: ServerConfig,
     arena: Arc<SharedArena>,
     arena_info: ArenaInfo,
+    /// Held for the life of the process: no other sidecar uses the file.
+    _lock: ArenaLock,
     databases: RwLock<HashMap<String, Entry>>,
     clients: AtomicU64,
     started: Instant,
 }
 
 impl Server {
-    /// A server over the arena at `config.cache_file`: the file a previous
-    /// run left is re-attached if it is sound and of the same size (a warm
-    /// restart: its databases serve at once, its records are verified in
-    /// the background by [`Server::serve`]); otherwise it is discarded, with
-    /// the reason in the log, and a new one created.
+    /// A server over the arena at `config.cache_file`. Nothing is changed
+    /// before every check passed, in this order (see [`crate::startup`]):
+    /// the size is valid; the socket's and the file's directories exist;
+    /// `--group` can be applied; the socket path is not a live socket nor
+    /// another kind of file; what lies at `cache_file` is nothing, an empty
+    /// file or an arena (any other file is refused, never overwritten);
+    /// the file system has room for a new arena (unless one of the same
+    /// size is there to re-attach); the arena file's lock
+    /// ([`ArenaLock`]) is free. Then the arena: the file a previous run left
+    /// is re-attached if it is sound and of the same size (a warm restart:
+    /// its databases serve at once, its records are verified in the
+    /// background by [`Server::serve`]; after a reboot only its verified
+    /// closed revisions are kept, see `ArenaWriter::recover`); otherwise it
+    /// is discarded, with the reason in the log, and a new one created with
+    /// its blocks allocated. [`Server::bind`] comes last.
     ///
     /// # Errors
-    /// [`SidecarError::Arena`] if the size is out of range,
-    /// [`SidecarError::Io`] if the file cannot be created or mapped.
+    /// [`SidecarError::Arena`] (size out of range),
+    /// [`SidecarError::NoDirectory`], [`SidecarError::Group`],
+    /// [`SidecarError::NotASocket`], [`SidecarError::AlreadyRunning`],
+    /// [`SidecarError::NotAnArena`], [`SidecarError::NoRoom`],
+    /// [`SidecarError::Locked`], [`SidecarError::Io`] (the file cannot be
+    /// read, created or mapped).
     pub fn new(config: ServerConfig) -> Result<Arc<Self>, SidecarError> {
-        let arena = open_arena(&config)?;
+        let geometry =
+            Geometry::for_size(config.memory_bytes, config.max_databases as u64).map_err(SidecarError::Arena)?;
+        startup::directory_exists("--socket", &config.socket)?;
+        startup::directory_exists("--cache-file", &config.cache_file)?;
+        if let Some(gid) = config.group {
+            startup::group_applicable(gid)?;
+        }
+        startup::socket_free(&config.socket)?;
+        match startup::existing_arena(&config.cache_file)? {
+            Existing::Arena { bytes } if bytes == geometry.file_bytes => {}
+            _ => startup::room_for(&config.cache_file, geometry.file_bytes)?,
+        }
+        let lock = ArenaLock::take(&config.cache_file, &config.socket)?;
+        // Under the lock: what lies there now is what this run works on.
+        let existing = startup::existing_arena(&config.cache_file)?;
+        let arena = open_arena(&config, geometry, existing)?;
         let incarnation = arena.writer().incarnation();
         Ok(Arc::new(Server {
             arena_info: ArenaInfo {
@@ -111,6 +201,7 @@ impl Server {
                 incarnation,
             },
             arena,
+            _lock: lock,
             config,
             databases: RwLock::default(),
             clients: AtomicU64::new(0),
@@ -633,12 +724,14 @@ impl Server {
 }
 
 /// Opens the arena: re-attaches a sound file of the configured size, else
-/// discards it (logging why) and creates a new one.
-fn open_arena(config: &ServerConfig) -> Result<Arc<SharedArena>, SidecarError> {
+/// discards it (logging why) and creates a new one. `existing` is what
+/// [`startup::existing_arena`] found there: anything but an arena or an
+/// empty file was refused before.
+fn open_arena(config: &ServerConfig, geometry: Geometry, existing: Existing) -> Result<Arc<SharedArena>, SidecarError> {
     let path = &config.cache_file;
-    let geometry = Geometry::for_size(config.memory_bytes, config.max_databases as u64).map_err(SidecarError::Arena)?;
     let incarnation = fastrand::u64(1..);
-    if path.exists() {
+    let mut discarded = None;
+    if let Existing::Arena { .. } = existing {
         let started = Instant::now();
         let reopened = Memory::open_file(path, config.group)
             .map_err(|e| e.to_string())
@@ -657,6 +750,18 @@ fn open_arena(config: &ServerConfig) -> Result<Arc<SharedArena>, SidecarError> {
                 }
             });
         match reopened {
+            Ok((writer, found)) if found.rebooted => {
+                tracing::warn!(
+                    cache_file = %path.display(), databases = found.databases,
+                    damaged_databases = found.damaged_databases, segments = found.segments,
+                    kept = writer.stats().entries, dropped = found.discarded,
+                    ms = started.elapsed().as_millis() as u64,
+                    "re-attached an arena file last served before a reboot: its pages may be torn, so \
+                     open revisions and horizons were dropped and only closed revisions whose CRC \
+                     verifies were kept; each database's log restarts when its first client attaches"
+                );
+                return Ok(SharedArena::new(writer));
+            }
             Ok((writer, found)) => {
                 tracing::info!(
                     cache_file = %path.display(), databases = found.databases,
@@ -668,25 +773,43 @@ fn open_arena(config: &ServerConfig) -> Result<Arc<SharedArena>, SidecarError> {
             }
             Err(reason) => {
                 tracing::warn!(cache_file = %path.display(), %reason, "discarding the arena file; starting empty");
-                retire(path);
+                // Opened before the new file replaces it: retired once the
+                // new one exists, so a failed creation leaves it as it was.
+                discarded = std::fs::OpenOptions::new().write(true).open(path).ok();
             }
         }
     }
-    let memory = Memory::create_file(path, geometry.file_bytes, config.group)
-        .map_err(io_err(format!("creating the arena file {}", path.display())))?;
+    let memory = Memory::create_file(path, geometry.file_bytes, config.group).map_err(|e| {
+        if e.kind() == io::ErrorKind::StorageFull {
+            startup::no_room(path, geometry.file_bytes)
+        } else {
+            SidecarError::Io {
+                context: format!("creating the arena file {}", path.display()),
+                source: e,
+            }
+        }
+    })?;
+    if let Some(old) = discarded {
+        retire(&old);
+    }
     let writer = ArenaWriter::create(Arc::new(memory), geometry, incarnation);
+    // The header on the disk before anything else: a power loss right
+    // after this start cannot leave a file without its magic word (which
+    // the next start would refuse to replace).
+    if let Err(e) = writer.memory().persist(layout::HEADER_WORDS * 8) {
+        tracing::warn!(cache_file = %path.display(), error = %e, "cannot write the arena header to the disk");
+    }
     Ok(SharedArena::new(writer))
 }
 
-/// Clears the LIVE word of a discarded arena file before it is unlinked, so
-/// processes that still map it stop reading it (their lookups miss).
-fn retire(path: &std::path::Path) {
+/// Clears the LIVE word of a discarded arena file (replaced by a new one
+/// at its path), so processes that still map it stop reading it (their
+/// lookups miss).
+fn retire(old: &std::fs::File) {
     use std::os::unix::fs::FileExt;
-    let offset = tidecache_core::arena::layout::header::LIVE as u64 * 8;
-    if let Ok(f) = std::fs::OpenOptions::new().write(true).open(path) {
-        if f.metadata().map(|m| m.len() >= offset + 8).unwrap_or(false) {
-            let _ = f.write_all_at(&0u64.to_ne_bytes(), offset);
-        }
+    let offset = layout::header::LIVE as u64 * 8;
+    if old.metadata().map(|m| m.len() >= offset + 8).unwrap_or(false) {
+        let _ = old.write_all_at(&0u64.to_ne_bytes(), offset);
     }
 }
 

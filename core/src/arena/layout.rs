@@ -24,7 +24,9 @@ use crate::sync::{AtomicU64, Ordering};
 /// `b"TIDECACH"` as a little-endian word.
 pub const MAGIC: u64 = u64::from_le_bytes(*b"TIDECACH");
 
-/// Layout version; a file with another version is discarded.
+/// Layout version; a file with another version is discarded. Version 2
+/// added [`header::BOOT_ID`] and the slot identity in
+/// [`db_slot::STATE`].
 pub const LAYOUT_VERSION: u64 = 2;
 
 /// Words in the header (4096 bytes).
@@ -60,6 +62,12 @@ pub mod header {
     /// 1 while a sidecar serves the file; 0 before it is built and once it
     /// is retired (readers miss).
     pub const LIVE: usize = 12;
+    /// Two words (13 and 14): the boot id ([`crate::arena::boot`]) of the
+    /// host when a sidecar last created or re-attached the file. Another
+    /// boot id on re-attach means the file may have outlived a power loss
+    /// with its pages torn: open revisions and horizons are dropped and
+    /// every closed record is verified before the file serves.
+    pub const BOOT_ID: usize = 13;
     /// Words covered by [`CRC`].
     pub const CHECKED: usize = 10;
 }
@@ -468,10 +476,10 @@ mod tests {
             ));
             words[header::SEGMENTS].store(g.segments + 1, Ordering::Relaxed);
             assert_eq!(Geometry::read(&words, g.file_bytes), Err(LayoutError::HeaderChecksum));
-            words[header::VERSION].store(LAYOUT_VERSION + 1, Ordering::Relaxed);
+            words[header::VERSION].store(LAYOUT_VERSION + 5, Ordering::Relaxed);
             assert!(matches!(
                 Geometry::read(&words, g.file_bytes),
-                Err(LayoutError::Version { found, .. }) if found == LAYOUT_VERSION + 1
+                Err(LayoutError::Version { found, .. }) if found == LAYOUT_VERSION + 5
             ));
             words[header::MAGIC].store(0, Ordering::Relaxed);
             assert_eq!(Geometry::read(&words, g.file_bytes), Err(LayoutError::Magic));

@@ -66,18 +66,39 @@ mod file {
 
     impl Memory {
         /// Creates (or replaces) the file at `path` with `bytes` zero bytes,
-        /// mode 0600 (0660 with `group`, owned by that group), and maps it
-        /// shared, read-write. A file already there is unlinked first:
-        /// processes that still map it keep their (retired) copy.
+        /// mode 0600 (0660 with `group`, owned by that group), its blocks
+        /// allocated (`posix_fallocate`), and maps it shared, read-write.
+        ///
+        /// The file is made under a temporary name beside `path`
+        /// (`<path>.new-<pid>`) and renamed over `path` only once its blocks
+        /// are allocated: a file system without room for it (a small
+        /// `/dev/shm`) is an error here, never a SIGBUS when a page is first
+        /// written, and leaves no file behind; a file already at `path` is
+        /// untouched until the rename (processes that still map it keep their
+        /// copy).
         ///
         /// # Errors
-        /// Any I/O error, with the path.
+        /// Any I/O error, with the path; no room is
+        /// [`io::ErrorKind::StorageFull`] (from `ENOSPC`).
         pub fn create_file(path: &Path, bytes: u64, group: Option<u32>) -> io::Result<Self> {
-            match std::fs::remove_file(path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(with_path(e, path)),
+            let mut tmp = path.as_os_str().to_owned();
+            tmp.push(format!(".new-{}", std::process::id()));
+            let tmp = std::path::PathBuf::from(tmp);
+            let made = Self::create_at(&tmp, bytes, group).and_then(|(file, memory)| {
+                std::fs::rename(&tmp, path)
+                    .map(|()| (file, memory))
+                    .map_err(|e| with_path(e, path))
+            });
+            match made {
+                Ok((_file, memory)) => Ok(memory),
+                Err(e) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    Err(e)
+                }
             }
+        }
+
+        fn create_at(path: &Path, bytes: u64, group: Option<u32>) -> io::Result<(File, Self)> {
             let file = OpenOptions::new()
                 .read(true)
                 .write(true)
@@ -86,8 +107,9 @@ mod file {
                 .open(path)
                 .map_err(|e| with_path(e, path))?;
             restrict(&file, path, group)?;
-            file.set_len(bytes).map_err(|e| with_path(e, path))?;
-            Self::map_shared(&file, path)
+            allocate(&file, bytes).map_err(|e| with_path(e, path))?;
+            let memory = Self::map_shared(&file, path)?;
+            Ok((file, memory))
         }
 
         /// Maps an existing file shared, read-write (a restart re-attaching
@@ -115,6 +137,20 @@ mod file {
             })
         }
 
+        /// Writes the first `bytes` bytes of a file mapping to the disk
+        /// (`msync`), e.g. the header of a new arena, so that a power loss
+        /// cannot leave a file whose data pages reached the disk but whose
+        /// header did not. Nothing for other memory.
+        ///
+        /// # Errors
+        /// The I/O error of `msync`.
+        pub fn persist(&self, bytes: usize) -> io::Result<()> {
+            match &self.backing {
+                Backing::Shared(m) => m.flush_range(0, bytes.min(m.len())),
+                _ => Ok(()),
+            }
+        }
+
         /// Maps the file at `path` read-only (a client).
         ///
         /// # Errors
@@ -126,6 +162,22 @@ mod file {
             Ok(Memory {
                 backing: Backing::ReadOnly(map),
             })
+        }
+    }
+
+    /// Sets the file's length to `bytes` with every block allocated, so no
+    /// later write into the mapping can fail for want of room.
+    fn allocate(file: &File, bytes: u64) -> io::Result<()> {
+        use std::os::fd::AsRawFd;
+        let len = libc::off_t::try_from(bytes).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        // SAFETY: a valid open descriptor; posix_fallocate only allocates
+        // blocks and extends the file.
+        match unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len) } {
+            0 => Ok(()),
+            // A file system without fallocate (glibc emulates it, others
+            // may not): a sparse file, as before.
+            libc::EOPNOTSUPP | libc::EINVAL => file.set_len(bytes),
+            errno => Err(io::Error::from_raw_os_error(errno)),
         }
     }
 

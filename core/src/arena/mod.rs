@@ -2,6 +2,8 @@
 //! that the sidecar writes and every worker process reads without a lock
 //! or a system call.
 //!
+//! - [`boot`]: the boot id that tells a re-attach after a reboot (a file
+//!   on a disk whose pages may be torn) from one within the same boot.
 //! - [`layout`]: the file's layout (version [`layout::LAYOUT_VERSION`]),
 //!   word by word, and the pure functions writer and readers share.
 //! - [`reader`]: the validated, lock-free lookup.
@@ -14,6 +16,7 @@
 //! - [`memory`]: [`Memory`], the words: a mapped file (read-write for the
 //!   sidecar, read-only for clients) or, for tests and loom, the heap.
 
+pub mod boot;
 pub mod cache;
 pub mod layout;
 pub mod memory;

@@ -150,6 +150,7 @@ impl ArenaWriter {
             w[i].store(*word, Ordering::Relaxed);
         }
         w[header::INCARNATION].store(incarnation, Ordering::Relaxed);
+        store_boot_id(w);
         w[header::LIVE].store(1, Ordering::Release);
         let mut writer = Self::empty(memory, g, incarnation);
         writer.free = (0..g.segments).rev().collect();
@@ -351,6 +352,19 @@ pub struct Recovered {
     pub damaged_databases: u64,
     /// Segments in use.
     pub segments: u64,
+    /// Whether the file was last served in another boot (see
+    /// [`ArenaWriter::recover`]): horizons and open revisions were dropped.
+    pub rebooted: bool,
+    /// Records dropped at once because of a reboot (open, or failing their
+    /// CRC); 0 otherwise.
+    pub discarded: u64,
+}
+
+/// Writes this boot's id into the header ([`header::BOOT_ID`]).
+fn store_boot_id(w: &[AtomicU64]) {
+    let id = crate::arena::boot::current();
+    w[header::BOOT_ID].store(id[0], Ordering::Relaxed);
+    w[header::BOOT_ID + 1].store(id[1], Ordering::Relaxed);
 }
 
 /// What [`ArenaWriter::remove_where`] shows of a record.

@@ -1,0 +1,269 @@
+//! What `tidecached serve` checks before it touches any file, and the lock
+//! that makes one sidecar the only one using an arena file.
+//!
+//! A start that fails must change nothing: the arena file of a running
+//! sidecar, or the warm file a stopped one left, outlives a mistyped
+//! command line. So [`crate::Server::new`] runs, in order: these checks
+//! (directories exist, `--group` can be applied, the socket is not live and
+//! not something else, the file system has room for a new arena), then
+//! [`ArenaLock::take`], then the arena, then the socket.
+
+use crate::server::SidecarError;
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use tidecache_core::arena::layout::MAGIC;
+
+/// The directory `path` lives in must exist and be writable (the socket
+/// and the arena file are made there).
+///
+/// # Errors
+/// [`SidecarError::NoDirectory`], naming the option (`what`);
+/// [`SidecarError::Io`] if it is not writable.
+pub fn directory_exists(what: &'static str, path: &Path) -> Result<(), SidecarError> {
+    let dir = parent(path);
+    if !dir.is_dir() {
+        return Err(SidecarError::NoDirectory {
+            what,
+            dir: dir.to_path_buf(),
+        });
+    }
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes()).map_err(|_| {
+        io_error(
+            format!("{what}: bad path {}", path.display()),
+            io::ErrorKind::InvalidInput.into(),
+        )
+    })?;
+    // SAFETY: a NUL-terminated path; access only checks permissions.
+    if unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } != 0 {
+        return Err(io_error(
+            format!(
+                "the directory of {what}, {}, is not writable by this process",
+                dir.display()
+            ),
+            io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
+fn parent(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// This process may give files to group `gid` (`chown :gid`): it is root,
+/// or the group is its effective group or one of its supplementary groups.
+///
+/// # Errors
+/// [`SidecarError::Group`].
+pub fn group_applicable(gid: u32) -> Result<(), SidecarError> {
+    // SAFETY: geteuid and getegid cannot fail.
+    let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    if euid == 0 || egid == gid {
+        return Ok(());
+    }
+    // SAFETY: with a size of 0, getgroups only returns the count.
+    let n = unsafe { libc::getgroups(0, std::ptr::null_mut()) };
+    let mut groups = vec![0 as libc::gid_t; n.max(0) as usize];
+    // SAFETY: the buffer holds `n` entries.
+    let n = unsafe { libc::getgroups(n, groups.as_mut_ptr()) };
+    if n >= 0 && groups[..n as usize].contains(&gid) {
+        return Ok(());
+    }
+    Err(SidecarError::Group { gid, uid: euid })
+}
+
+/// The socket path is free for this sidecar: absent, or a socket nobody
+/// answers on (a stale one, which [`crate::Server::bind`] replaces).
+///
+/// # Errors
+/// [`SidecarError::NotASocket`], [`SidecarError::AlreadyRunning`].
+pub fn socket_free(path: &Path) -> Result<(), SidecarError> {
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(SidecarError::NotASocket(path.to_path_buf()));
+        }
+        if UnixStream::connect(path).is_ok() {
+            return Err(SidecarError::AlreadyRunning(path.to_path_buf()));
+        }
+    }
+    Ok(())
+}
+
+/// What lies at the arena file's path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Existing {
+    /// Nothing: a new arena is created.
+    Nothing,
+    /// An empty file (a start cut short between creating and sizing it):
+    /// nothing to lose, replaced.
+    Empty,
+    /// A file that starts with the arena's magic word: re-attached if sound,
+    /// else replaced.
+    Arena {
+        /// Its length, bytes.
+        bytes: u64,
+    },
+}
+
+/// Looks at the file at `path` without changing it.
+///
+/// # Errors
+/// [`SidecarError::NotAnArena`] for anything that is not proved to be an
+/// arena by its first word (a database, a text file, a directory): it is
+/// never replaced. [`SidecarError::Io`] if it cannot be read.
+pub fn existing_arena(path: &Path) -> Result<Existing, SidecarError> {
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Existing::Nothing),
+        Err(e) => return Err(io_error(format!("reading {}", path.display()), e)),
+    };
+    let not_arena = |reason: &str| SidecarError::NotAnArena {
+        path: path.to_path_buf(),
+        reason: reason.to_owned(),
+    };
+    if !meta.is_file() {
+        return Err(not_arena("not a regular file"));
+    }
+    if meta.len() == 0 {
+        return Ok(Existing::Empty);
+    }
+    let mut first = [0u8; 8];
+    File::open(path)
+        .and_then(|mut f| f.read_exact(&mut first))
+        .map_err(|e| match e.kind() {
+            io::ErrorKind::UnexpectedEof => not_arena("shorter than an arena header"),
+            _ => io_error(format!("reading {}", path.display()), e),
+        })?;
+    if u64::from_ne_bytes(first) != MAGIC {
+        return Err(not_arena("it does not start with the arena's magic word"));
+    }
+    Ok(Existing::Arena { bytes: meta.len() })
+}
+
+/// The file system holding `path` has `bytes` bytes free for a new file.
+///
+/// # Errors
+/// [`SidecarError::NoRoom`], naming the mount and what is free.
+pub fn room_for(path: &Path, bytes: u64) -> Result<(), SidecarError> {
+    let dir = parent(path);
+    let free = free_bytes(dir).map_err(|e| io_error(format!("statvfs {}", dir.display()), e))?;
+    if free >= bytes {
+        Ok(())
+    } else {
+        Err(no_room(path, bytes))
+    }
+}
+
+/// [`SidecarError::NoRoom`] for an arena of `bytes` bytes at `path`, with
+/// what its file system has free now.
+pub fn no_room(path: &Path, bytes: u64) -> SidecarError {
+    let dir = parent(path);
+    SidecarError::NoRoom {
+        path: path.to_path_buf(),
+        needed_mib: bytes.div_ceil(1 << 20),
+        mount: mount_of(dir),
+        free_mib: free_bytes(dir).map_or(0, |b| b >> 20),
+    }
+}
+
+fn free_bytes(dir: &Path) -> io::Result<u64> {
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: a zeroed statvfs is a valid value to be filled in.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a NUL-terminated path and a statvfs to fill.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut s) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(s.f_bavail as u64 * s.f_frsize as u64)
+}
+
+/// The mount point of the file system holding `dir`: its topmost ancestor
+/// on the same device.
+fn mount_of(dir: &Path) -> PathBuf {
+    let Ok(dir) = dir.canonicalize() else {
+        return dir.to_path_buf();
+    };
+    let Ok(dev) = std::fs::metadata(&dir).map(|m| m.dev()) else {
+        return dir;
+    };
+    let mut mount = dir.as_path();
+    while let Some(up) = mount.parent() {
+        match std::fs::metadata(up) {
+            Ok(m) if m.dev() == dev => mount = up,
+            _ => break,
+        }
+    }
+    mount.to_path_buf()
+}
+
+/// An exclusive `flock` on `<cache file>.lock`, held for the life of the
+/// process (the kernel drops it when the process ends, `kill -9` too): no
+/// two sidecars ever use one arena file. The file holds the holder's pid
+/// and socket, for the error the next one reports.
+#[derive(Debug)]
+pub struct ArenaLock {
+    _file: File,
+}
+
+impl ArenaLock {
+    /// The lock file's path for an arena file.
+    pub fn path_for(cache_file: &Path) -> PathBuf {
+        let mut p = cache_file.as_os_str().to_owned();
+        p.push(".lock");
+        PathBuf::from(p)
+    }
+
+    /// Takes the lock (`LOCK_EX | LOCK_NB`), creating the lock file (mode
+    /// 0600) if needed, and records this process in it.
+    ///
+    /// # Errors
+    /// [`SidecarError::Locked`] if another process holds it,
+    /// [`SidecarError::Io`] if the lock file cannot be opened.
+    pub fn take(cache_file: &Path, socket: &Path) -> Result<Self, SidecarError> {
+        let path = Self::path_for(cache_file);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|e| io_error(format!("opening the lock file {}", path.display()), e))?;
+        // SAFETY: a valid open descriptor.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(io_error(format!("locking {}", path.display()), e));
+            }
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = holder.trim();
+            return Err(SidecarError::Locked {
+                lock: path.clone(),
+                cache_file: cache_file.to_path_buf(),
+                holder: if holder.is_empty() {
+                    "unknown".to_owned()
+                } else {
+                    holder.to_owned()
+                },
+            });
+        }
+        let me = format!("pid {}, socket {}\n", std::process::id(), socket.display());
+        file.set_len(0)
+            .and_then(|()| std::os::unix::fs::FileExt::write_all_at(&file, me.as_bytes(), 0))
+            .map_err(|e| io_error(format!("writing the lock file {}", path.display()), e))?;
+        Ok(ArenaLock { _file: file })
+    }
+}
+
+fn io_error(context: String, source: io::Error) -> SidecarError {
+    SidecarError::Io { context, source }
+}
