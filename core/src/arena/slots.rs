@@ -30,6 +30,7 @@
 //! fewest revisions first.
 
 use super::layout::{self, db_slot, Geometry};
+use crate::crash;
 use crate::sync::{AtomicU64, Ordering};
 use std::hash::{BuildHasher, Hasher};
 
@@ -185,6 +186,7 @@ impl SlotTable {
             self.word(w, index, db_slot::KEY + i)
                 .store(u64::from_le_bytes(b), Ordering::Relaxed);
         }
+        crash::point(crash::SLOT_ASSIGNED);
         self.word(w, index, db_slot::STATE)
             .store(state_word(identity, generation), Ordering::Release);
         self.low_water[index as usize] = 0;
@@ -231,7 +233,9 @@ impl SlotTable {
         }
         self.word(w, slot.index, db_slot::HORIZON)
             .store(horizon, Ordering::Release);
+        crash::point(crash::HORIZON_STORED);
         self.seal(w, slot.index);
+        crash::point(crash::SLOT_SEALED);
         true
     }
 

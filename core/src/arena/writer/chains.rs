@@ -88,6 +88,7 @@ impl ArenaWriter {
         let crc = layout::record_crc(h.key, h.serial, end, &state);
         let w = self.w();
         w[at + record::END].store(end, Ordering::Relaxed);
+        crash::point(crash::CLOSE_END);
         let length = (h.length & !(0xffff_ffffu64 << 32)) | u64::from(crc) << 32;
         w[at + record::LENGTH].store(length, Ordering::Relaxed);
     }
@@ -130,7 +131,9 @@ impl ArenaWriter {
             b[..chunk.len()].copy_from_slice(chunk);
             w[first + i].store(u64::from_ne_bytes(b), Ordering::Relaxed);
         }
+        crash::point(crash::INSERT_WRITTEN);
         self.link(key, at);
+        crash::point(crash::INSERT_LINKED);
         self.stats.inserted += 1;
         self.account(at, key, state.len(), 1);
         Ok(())

@@ -165,6 +165,7 @@ impl ArenaWriter {
             self.stats.promoted += u64::from(from_small);
             self.stats.reinserted += u64::from(!from_small);
         }
+        crash::point(crash::EVICT_COPIED);
         let base = self.g.segment_word(seg);
         let ghost_cap = self.main_entries as usize;
         let mut records = Vec::new();
@@ -176,6 +177,7 @@ impl ArenaWriter {
         for at in records {
             self.unlink(at);
         }
+        crash::point(crash::EVICT_UNLINKED);
         // Odd once nothing links into it: pointers readers still hold now
         // miss. (Its records stay intact until the segment is reused, and
         // were kept up to date by reports until unlinked, so a reader that

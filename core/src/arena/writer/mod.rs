@@ -14,6 +14,7 @@ use super::layout::{self, header, record, segment, Geometry, LayoutError, Ring, 
 use super::reader;
 use super::slots::{stored_key, Slot, SlotTable};
 use super::Memory;
+use crate::crash;
 use crate::sync::{fence, AtomicU64, Ordering};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -263,6 +264,7 @@ impl ArenaWriter {
         if !self.slots.release(self.memory.words(), slot) {
             return false;
         }
+        crash::point(crash::SLOT_RELEASED);
         self.remove_where(|r| r.slot == slot.index);
         true
     }
@@ -298,6 +300,7 @@ impl ArenaWriter {
             return false;
         }
         self.remove_where(|r| r.slot == slot.index && r.end == OPEN);
+        crash::point(crash::RESYNC_DROPPED);
         self.publish_horizon(slot, horizon)
     }
 
@@ -309,6 +312,7 @@ impl ArenaWriter {
         if !self.slots.flush(self.memory.words(), slot) {
             return false;
         }
+        crash::point(crash::FLUSH_GENERATION);
         self.remove_where(|r| r.slot == slot.index);
         true
     }
