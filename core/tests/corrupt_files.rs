@@ -210,6 +210,7 @@ enum Region {
 
 /// What was done to the file (printed with a failure).
 #[derive(Debug)]
+#[allow(dead_code)] // fields read through Debug, in failure messages
 enum Damage {
     Flips(Region, Vec<usize>),
     Truncate(usize),
