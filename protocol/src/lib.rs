@@ -26,7 +26,8 @@ pub const DEFAULT_MAX_FRAME: usize = 64 << 20;
 
 /// Most oids one `Lookup` may ask for; a longer list is refused with
 /// [`ErrorCode::Limit`] (its answer would hold about 48 bytes per oid, 57
-/// times its frame). [`crate::Client::lookup_remote`] splits longer lists.
+/// times its frame). The client library's `Client::lookup_remote` splits
+/// longer lists.
 pub const MAX_LOOKUP_OIDS: usize = 1 << 16;
 
 /// A request: an id the response echoes, and the message.
