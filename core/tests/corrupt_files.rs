@@ -409,7 +409,7 @@ fn damaged_arena_files_never_crash_and_never_give_a_wrong_hit() {
             .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
     }) {
         let out = replay(seed, case);
-        assert!(matches!(out, Ok(_)), "{out:?}");
+        assert!(out.is_ok(), "{out:?}");
         return;
     }
     let soak: Option<u64> = std::env::var("TIDECACHE_SOAK_SECONDS")
