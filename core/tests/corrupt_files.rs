@@ -139,6 +139,9 @@ fn check_all(cache: &ArenaCache, h: &History, db: usize, rng: &mut fastrand::Rng
 /// bytes, the histories, and the horizon each database reached.
 struct Built {
     bytes: Vec<u8>,
+    /// The file partway through the build: pages a host that lost power
+    /// may not have written back since.
+    earlier: Vec<u8>,
     histories: Vec<History>,
     horizons: Vec<u64>,
 }
@@ -164,6 +167,7 @@ fn build(rng: &mut fastrand::Rng, bytes: u64, slots: u64) -> Built {
     let arena = SharedArena::new(ArenaWriter::create(memory.clone(), g, 7));
     let mut histories = Vec::new();
     let mut horizons = Vec::new();
+    let mut earlier = Vec::new();
     for (db, key) in DATABASES.iter().enumerate() {
         let h = History::new(rng, FIRST + 200);
         let cache = arena.database(key).unwrap();
@@ -178,6 +182,9 @@ fn build(rng: &mut fastrand::Rng, bytes: u64, slots: u64) -> Built {
             let to = horizon + rng.u64(1..6);
             cache.report(Tid(horizon), Tid(to), &h.changes(horizon, to)).unwrap();
             horizon = to;
+            if db == 1 && earlier.is_empty() && horizon > FIRST + 60 {
+                earlier = words_to_bytes(&memory);
+            }
             if rng.u8(..) < 40 {
                 // A hit some client reported: eviction keeps it.
                 let oid = rng.u64(1..=OIDS);
@@ -192,6 +199,7 @@ fn build(rng: &mut fastrand::Rng, bytes: u64, slots: u64) -> Built {
     // Dropped without a word: what kill -9 leaves.
     Built {
         bytes: words_to_bytes(&memory),
+        earlier,
         histories,
         horizons,
     }
@@ -217,7 +225,13 @@ enum Damage {
     Extend(usize),
     RandomBytes,
     MagicText,
-    OtherArena { bytes: u64, slots: u64 },
+    OtherArena {
+        bytes: u64,
+        slots: u64,
+    },
+    /// Pages of an earlier state, in a file last served in another boot
+    /// (what a power loss leaves).
+    StalePages(Vec<usize>),
 }
 
 fn damage(rng: &mut fastrand::Rng, built: &Built) -> (Damage, Vec<u8>) {
@@ -282,6 +296,17 @@ fn damage(rng: &mut fastrand::Rng, built: &Built) -> (Damage, Vec<u8>) {
     } else if roll < 93 {
         rng.fill(&mut bytes);
         Damage::RandomBytes
+    } else if roll < 95 {
+        let pages: Vec<usize> = (0..rng.usize(1..8)).map(|_| rng.usize(..bytes.len() / 4096)).collect();
+        for &p in &pages {
+            bytes[p * 4096..(p + 1) * 4096].copy_from_slice(&built.earlier[p * 4096..(p + 1) * 4096]);
+        }
+        // Another boot id in the header: the file outlived a reboot.
+        for (i, v) in [0x0b00_7000_0000_0001u64, 2].into_iter().enumerate() {
+            let at = (header::BOOT_ID + i) * 8;
+            bytes[at..at + 8].copy_from_slice(&v.to_ne_bytes());
+        }
+        Damage::StalePages(pages)
     } else if roll < 96 {
         let text = b"TIDECACHE is a text file, not an arena.\n".repeat(bytes.len() / 40);
         bytes[..text.len()].copy_from_slice(&text);
