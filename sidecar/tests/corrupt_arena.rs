@@ -180,7 +180,32 @@ fn exercise(bytes: &[u8], histories: &[History], last: u64, rng: &mut fastrand::
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("cache.arena"), bytes).unwrap();
     let socket = dir.path().join("tidecached.sock");
-    let mut sc = Sidecar::start_at(dir, socket, &["--memory-mb", MEMORY_MB]);
+    // A file that is not an arena at all is refused at start (the sidecar
+    // exits with a message, never replacing a file it did not make).
+    let log = dir.path().join("tidecached.log");
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_tidecached"));
+    cmd.arg("serve")
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--memory-mb", MEMORY_MB]);
+    cmd.arg("--cache-file").arg(dir.path().join("cache.arena"));
+    cmd.env("RUST_LOG", "info");
+    let child = cmd.stderr(std::fs::File::create(&log).unwrap()).spawn().unwrap();
+    let mut sc = Sidecar { child, socket, dir };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::os::unix::net::UnixStream::connect(&sc.socket).is_err() {
+        if let Some(status) = sc.child.try_wait().unwrap() {
+            let err = sc.log();
+            if status.code() == Some(1) && !err.contains("panicked") && !err.trim().is_empty() {
+                return Ok(0); // refused to start, with a message
+            }
+            return Err(format!("tidecached crashed at start ({status:?}): {err}"));
+        }
+        if Instant::now() > deadline {
+            return Err("tidecached neither came up nor exited".into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let c = client(&sc.socket);
     let mut hits = 0;
     for (db, h) in histories.iter().enumerate() {

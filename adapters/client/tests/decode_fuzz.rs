@@ -206,6 +206,7 @@ fn valid_body(pick: u8, size: u8) -> Vec<u8> {
             state: AttachState::Joined,
             horizon: 4,
             slot: 2,
+            identity: 0x1d,
         }),
         11 => resp(ResponseBody::Error {
             code: ErrorCode::Gap,
