@@ -24,6 +24,12 @@ pub const PROTOCOL_VERSION: u32 = 3;
 /// Default largest frame body the sidecar accepts, bytes (64 MiB).
 pub const DEFAULT_MAX_FRAME: usize = 64 << 20;
 
+/// Most oids one `Lookup` may ask for; a longer list is refused with
+/// [`ErrorCode::Limit`] (its answer would hold about 48 bytes per oid, 57
+/// times its frame). The client library's `Client::lookup_remote` splits
+/// longer lists.
+pub const MAX_LOOKUP_OIDS: usize = 1 << 16;
+
 /// A request: an id the response echoes, and the message.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Request {
@@ -84,7 +90,8 @@ pub enum RequestBody {
         last_tid: u64,
     },
     /// Look up the revisions of `oids` visible at `view`. Answer: `Found`,
-    /// one entry per oid, in order.
+    /// one entry per oid, in order; error `Limit` for more than
+    /// [`MAX_LOOKUP_OIDS`] oids.
     Lookup {
         /// Database key.
         db: String,
@@ -215,7 +222,8 @@ pub enum ErrorCode {
     BadRequest,
     /// A view id that is not registered. Connection kept.
     UnknownView,
-    /// A limit of the sidecar (number of databases). Connection kept.
+    /// A limit of the sidecar (number of databases, oids in one Lookup).
+    /// Connection kept.
     Limit,
 }
 

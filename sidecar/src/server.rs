@@ -560,6 +560,18 @@ impl Server {
                 }
             }
             RequestBody::Lookup { db, view, oids } => {
+                if oids.len() > protocol::MAX_LOOKUP_OIDS {
+                    // Refused before any answer is built: a miss costs 1
+                    // byte in the request and 48 in the answer.
+                    return Err(error(
+                        ErrorCode::Limit,
+                        format!(
+                            "a Lookup of {} oids: at most {} in one request",
+                            oids.len(),
+                            protocol::MAX_LOOKUP_OIDS
+                        ),
+                    ));
+                }
                 let db = self.database(&db)?;
                 // The answer stays within half a frame: past that, further
                 // oids answer as misses (always safe) rather than let one

@@ -648,19 +648,23 @@ impl Client {
     }
 
     /// Looks up `oids` at `view` in `db` over the socket (the sidecar reads
-    /// its arena).
+    /// its arena), in requests of at most [`protocol::MAX_LOOKUP_OIDS`] oids.
     ///
     /// # Errors
     /// [`ClientError`]: treat as all misses.
     pub fn lookup_remote(&self, db: &str, view: u64, oids: Vec<u64>) -> Result<Vec<Option<Found>>, ClientError> {
-        match self.call(RequestBody::Lookup {
-            db: db.to_owned(),
-            view,
-            oids,
-        })? {
-            ResponseBody::Found { results } => Ok(results),
-            other => Err(self.unexpected(other, "Found")),
+        let mut out = Vec::with_capacity(oids.len());
+        for chunk in oids.chunks(protocol::MAX_LOOKUP_OIDS) {
+            match self.call(RequestBody::Lookup {
+                db: db.to_owned(),
+                view,
+                oids: chunk.to_vec(),
+            })? {
+                ResponseBody::Found { results } if results.len() == chunk.len() => out.extend(results),
+                other => return Err(self.unexpected(other, "Found")),
+            }
         }
+        Ok(out)
     }
 
     /// Stores revisions; returns `(kept, refused)`.

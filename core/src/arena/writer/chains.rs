@@ -31,7 +31,12 @@ impl ArenaWriter {
         let (pgen, offset) = layout::unpoint(p);
         let seg = self.g.locate(offset)?;
         let generation = self.w()[self.g.segment_word(seg) + segment::GENERATION].load(Ordering::Relaxed);
-        (generation & 0xffff_ffff == pgen && generation & 1 == 0).then_some((self.g.data_word + offset) as usize)
+        let at = (self.g.data_word + offset) as usize;
+        // A record whose length runs past its segment is damaged (a
+        // reopened file): never read past the segment, as a reader would not.
+        let fits = offset % self.g.segment_words + layout::record_words(self.header_at(at).len()) as u64
+            <= self.g.segment_words;
+        (generation & 0xffff_ffff == pgen && generation & 1 == 0 && fits).then_some(at)
     }
 
     /// Walks the chain of `key`'s bucket: `(holder word, record word)` of
@@ -81,10 +86,19 @@ impl ArenaWriter {
     }
 
     /// Closes the revision at record word `at` at `end` (end first, then the
-    /// CRC; publish the horizon afterwards).
-    pub fn set_end(&self, at: usize, end: u64) {
+    /// CRC; publish the horizon afterwards). A record of a reopened file not
+    /// verified yet is checked first: a damaged one is removed instead (a
+    /// new CRC over its damaged bytes would make them a hit).
+    pub fn set_end(&mut self, at: usize, end: u64) {
         let h = self.header_at(at);
         let state = self.state_at(at, h.len());
+        let seg = (at as u64 - self.g.data_word) / self.g.segment_words;
+        if self.unverified[seg as usize]
+            && layout::record_crc(h.key, h.serial, h.end, &state) != (h.length >> 32) as u32
+        {
+            self.remove(at);
+            return;
+        }
         let crc = layout::record_crc(h.key, h.serial, end, &state);
         let w = self.w();
         w[at + record::END].store(end, Ordering::Relaxed);
