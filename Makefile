@@ -47,16 +47,17 @@ model-long:
 	TIDECACHE_MODEL_CASES=1000000 cargo test --release -p tidecache-core --test model
 
 ## Long runs under faults: the fault campaign (SOAK_SECONDS in all, a
-## quarter each, fresh seeds): protocol fuzzing of the decoder and of a live
+## share each, fresh seeds): protocol fuzzing of the decoder and of a live
 ## tidecached beside a checked client, and damaged arena files re-attached
-## (in-process and through the binary); `make test` runs the same tests
+## (in-process and through the binary), kill -9 at every crash point of
+## the arena writer then restart and check; `make test` runs the same tests
 ## briefly. It prints one SOAK line per campaign and fails on any wrong hit,
 ## crash or other failure (details, with the seed to replay, in
 ## target/soak.log). Then faultload for SOAK_SECONDS: 8 processes x 8
 ## threads of a ZODB application over ZEO while the sidecar is killed and
 ## stopped and workers fork and are killed (a reference run without faults
 ## first); prints throughput, p99, faults injected, torn snapshots (0).
-SOAK_TESTS := tidecache-client:decode_fuzz tidecache-sidecar:fuzz tidecache-core:corrupt_files tidecache-sidecar:corrupt_arena
+SOAK_TESTS := tidecache-client:decode_fuzz tidecache-sidecar:fuzz tidecache-core:corrupt_files tidecache-sidecar:corrupt_arena tidecache-sidecar:crash_points
 
 soak: build soak-campaign
 	TIDECACHED=$(CURDIR)/target/release/tidecached $(PY) bench/faultload.py --processes 8 --threads 8 --seconds $(SOAK_SECONDS)
@@ -64,8 +65,8 @@ soak: build soak-campaign
 soak-campaign:
 	cargo test --release -p tidecache-client --test decode_fuzz --no-run
 	cargo test --release -p tidecache-core --test corrupt_files --no-run
-	cargo test --release -p tidecache-sidecar --test fuzz --test corrupt_arena --no-run
-	@each=$$(( $(SOAK_SECONDS) / 4 )); [ $$each -gt 0 ] || each=1; status=0; : > target/soak.log; \
+	cargo test --release -p tidecache-sidecar --test fuzz --test corrupt_arena --test crash_points --no-run
+	@each=$$(( $(SOAK_SECONDS) / $(words $(SOAK_TESTS)) )); [ $$each -gt 0 ] || each=1; status=0; : > target/soak.log; \
 	for t in $(SOAK_TESTS); do \
 		echo "soak: $${t#*:} for $$each s"; \
 		TIDECACHE_SOAK_SECONDS=$$each cargo test --release -q -p $${t%%:*} --test $${t#*:} -- --nocapture \

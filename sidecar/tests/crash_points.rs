@@ -7,7 +7,7 @@
 //! exactly what `loadBefore(oid, view + 1)` returns.
 //!
 //! `make test` runs each point with two seeds; `make soak` runs
-//! `TIDECACHE_SOAK_SECONDS` worth of seeds (`crash_points_soak`).
+//! the same test for `TIDECACHE_SOAK_SECONDS` more with fresh seeds.
 
 mod common;
 
@@ -276,6 +276,9 @@ fn run(point: &str, n: u64, seed: u64) -> usize {
     hits
 }
 
+/// Every crash point with two seeds; under `make soak`
+/// (`TIDECACHE_SOAK_SECONDS`) fresh seeds until the time is up, then one
+/// `SOAK` line.
 #[test]
 fn a_kill_at_any_write_step_never_leads_to_a_wrong_hit() {
     let mut hits = 0;
@@ -286,36 +289,27 @@ fn a_kill_at_any_write_step_never_leads_to_a_wrong_hit() {
         }
     }
     assert!(hits > 0, "the checks never hit: they checked nothing");
-}
-
-/// `make soak`: fresh seeds for `TIDECACHE_SOAK_SECONDS` (default: one
-/// round), with a summary line.
-#[test]
-#[ignore = "long: run by make soak"]
-fn crash_points_soak() {
-    let seconds: u64 = std::env::var("TIDECACHE_SOAK_SECONDS")
+    let Some(seconds) = std::env::var("TIDECACHE_SOAK_SECONDS")
         .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
+        .and_then(|s| s.parse::<u64>().ok())
+    else {
+        return;
+    };
     let started = Instant::now();
-    let base = std::time::SystemTime::now()
+    let first = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
-        .map_or(1, |d| d.as_nanos() as u64);
-    let (mut runs, mut hits, mut seed) = (0u64, 0usize, base);
-    loop {
+        .map_or(1, |d| d.as_nanos() as u64 >> 16);
+    let (mut runs, mut seed) = (0u64, first);
+    while started.elapsed() < Duration::from_secs(seconds) {
         for point in crash::ALL {
             seed = seed.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
             let s = seed >> 16;
             hits += run(point, 1 + s % 40, s);
             runs += 1;
         }
-        if started.elapsed() >= Duration::from_secs(seconds) {
-            break;
-        }
     }
     println!(
-        "crash points: {} points, {runs} crashes and restarts, {hits} hits checked, 0 wrong hits (first seed {})",
-        crash::ALL.len(),
-        base >> 16
+        "SOAK crash points: {} points, {runs} kills and restarts, {hits} hits checked, 0 wrong hits (first seed {first})",
+        crash::ALL.len()
     );
 }
