@@ -247,7 +247,7 @@ where
     let mut h = History::default();
     h.commit(1, &[0, 1, 2]);
     // The first client attaches with lastTransaction = 1.
-    db.attach(Tid(h.last));
+    db.attach(Tid(h.last), None);
     let mut reported = 0usize; // transactions delivered in reports
     while reported < h.transactions.len() && h.transactions[reported].0 <= h.last {
         reported += 1;
