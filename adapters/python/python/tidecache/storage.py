@@ -58,8 +58,11 @@ CATCH_UP_CHUNK = 1000
 PROOF_ATTEMPTS = 5
 
 #: Seconds between attach retries (from ``poll_invalidations``) while this
-#: storage is not joined to its database in the sidecar.
+#: storage is not joined to its database in the sidecar; after an attempt
+#: that found the sidecar unavailable (which costs nothing: the client
+#: fails at once while it waits to reconnect), ``RETRY_UNAVAILABLE``.
 REJOIN_INTERVAL = 1.0
+RETRY_UNAVAILABLE = 0.25
 
 _STAT_KEYS = ("hits", "misses", "stores", "invalidations", "resyncs", "unavailable", "proofs", "flushes")
 
@@ -146,6 +149,7 @@ class TideCacheStorage(MVCCAdapter):
         self._tc_joined = False
         self._tc_next_join = 0.0
         self._tc_behind_since = None
+        self._tc_unavailable = False
         # The newest tid reported (or skipped while not joined); None until
         # the first attach.
         self._tc_reported = None
@@ -217,6 +221,8 @@ class TideCacheStorage(MVCCAdapter):
                     return
                 self._tc_held = []
             self._tc_join(wait=False)
+            if self._tc_unavailable:
+                self._tc_next_join = time.monotonic() + RETRY_UNAVAILABLE
         except Exception:  # never let a retry break a connection's poll
             logger.exception("tidecache: attaching %s again failed", self._tc_client.database)
             with self._tc_lock:
@@ -245,6 +251,7 @@ class TideCacheStorage(MVCCAdapter):
         a failed proof flushes the database (a backup restored and
         committed to since, another file at the same path)."""
         client = self._tc_client
+        self._tc_unavailable = False
         try:
             state = client.attach(last)
             deadline = time.monotonic() + RESTORE_GRACE_SECONDS
@@ -293,7 +300,11 @@ class TideCacheStorage(MVCCAdapter):
                             "retrying later", client.database, state)
             return last, state in ("started", "joined")
         except TideCacheError as e:
-            logger.warning("tidecache: sidecar unavailable, running from the base storage: %s", e)
+            # A retry (not waiting) while the sidecar is down says so once,
+            # at the first attach.
+            (logger.warning if wait else logger.debug)(
+                "tidecache: sidecar unavailable, running from the base storage: %s", e)
+            self._tc_unavailable = True
             return last, False
 
     def _tc_after_fork(self):
