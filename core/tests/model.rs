@@ -90,6 +90,15 @@ impl Revisions for InProcess {
     fn log_start(&self) -> Option<Tid> {
         self.0.log_start()
     }
+    fn witness(&self) -> Option<(Tid, Vec<Oid>)> {
+        self.0.witness()
+    }
+    fn revision_at(&self, oid: Oid, view: Tid) -> Option<(Tid, Option<Tid>)> {
+        self.0.lookup(oid, view).map(|h| (h.serial, h.end))
+    }
+    fn open_revisions(&self, limit: usize) -> Vec<(Oid, Tid)> {
+        self.0.open_revisions(limit)
+    }
     fn log_len(&self) -> usize {
         self.0.log_len()
     }
