@@ -441,8 +441,11 @@ def test_a_process_that_could_not_attach_joins_later_with_a_proof(tmp_path, side
     wait_horizon(second)
     assert second.cache_stats()["proofs"] >= 1
     assert second.cache_stats()["flushes"] == 0
-    for _ in range(3):
+    # Served from the sidecar now (a busy machine may time a call out:
+    # bounded polling for the first hit).
+    deadline = time.time() + 10
+    while second.cache_stats()["hits"] == 0:
+        assert time.time() < deadline, "never served: %s" % second.cache_stats()
         assert read_fresh(db2) == 2
-    assert second.cache_stats()["hits"] >= 1
     assert_hits_match_load_before(second)
     db2.close()

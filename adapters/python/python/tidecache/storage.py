@@ -253,7 +253,16 @@ class TideCacheStorage(MVCCAdapter):
         client = self._tc_client
         self._tc_unavailable = False
         try:
-            state = client.attach(last)
+            try:
+                state = client.attach(last)
+            except Unavailable as e:
+                # A sidecar that answers slowly (a busy host) is tried once
+                # more at start, after the client's wait before reconnecting;
+                # an absent one (refused connect) is not waited for.
+                if not wait or "connect:" in str(e):
+                    raise
+                time.sleep(RETRY_UNAVAILABLE + 0.01)
+                state = client.attach(last)
             deadline = time.monotonic() + RESTORE_GRACE_SECONDS
             while state == "behind" and wait and time.monotonic() < deadline:
                 time.sleep(0.02)
