@@ -248,6 +248,9 @@ pub enum ErrorCode {
 }
 
 /// Every answer.
+// `Stats` is far larger than the rest; it is built once per `Stats` call,
+// and boxing it would change the public type for nothing measurable.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ResponseBody {
     /// Answer to `Hello`.

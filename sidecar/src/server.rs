@@ -753,10 +753,10 @@ fn not_in_the_future(what: &str, tid: u64) -> Result<(), ResponseBody> {
     ))
 }
 
-/// The ZODB tid of the UTC second `unix_secs` (`ZODB.TimeStamp`: the high
-/// 32 bits count minutes as `((((year - 1900) * 12 + month - 1) * 31 + day -
-/// 1) * 24 + hour) * 60 + minute`, the low 32 bits the seconds in units of
-/// 60 / 2^32 s).
+/// The ZODB tid of the UTC second `unix_secs` (`ZODB.TimeStamp`): the high
+/// 32 bits count minutes as
+/// `((((year - 1900) * 12 + month - 1) * 31 + day - 1) * 24 + hour) * 60 + minute`,
+/// the low 32 bits the seconds in units of `60 / 2^32` s.
 pub fn tid_at(unix_secs: u64) -> u64 {
     let days = (unix_secs / 86_400) as i64;
     let rem = unix_secs % 86_400;
