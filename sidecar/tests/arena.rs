@@ -187,7 +187,7 @@ fn slots_left_by_a_previous_run_are_freed_for_new_keys() {
     let sc = Sidecar::start(&args);
     let c = client(&sc.socket);
     for i in 0..4 {
-        c.attach(&format!("pid 1 db {i}"), 10).unwrap();
+        c.attach(&format!("pid 1 db {i}"), 10, None).unwrap();
         c.store(&format!("pid 1 db {i}"), vec![item(1, 5, None, 10, b"old")])
             .unwrap();
     }
@@ -199,7 +199,7 @@ fn slots_left_by_a_previous_run_are_freed_for_new_keys() {
         let c = client(&sc.socket);
         for i in 0..4 {
             let db = format!("pid {round} db {i}");
-            let attached = c.attach(&db, 10);
+            let attached = c.attach(&db, 10, None);
             assert!(attached.is_ok(), "{db}: {attached:?}\n{}", sc.log());
             c.store(&db, vec![item(1, 5, None, 10, b"new")]).unwrap();
             match c.lookup_local(&db, 1, 10) {
@@ -225,7 +225,7 @@ fn slots_left_by_a_previous_run_are_freed_for_new_keys() {
 fn a_stale_slot_never_reads_another_database_after_a_restart() {
     let sc = Sidecar::start(&[]);
     let c = client(&sc.socket);
-    c.attach("db", 10).unwrap();
+    c.attach("db", 10, None).unwrap();
     c.store("db", vec![item(1, 5, None, 10, b"mine")]).unwrap();
     assert!(matches!(c.lookup_local("db", 1, 10), Local::Hit(_)));
     let (dir, socket) = sc.kill();
@@ -234,7 +234,7 @@ fn a_stale_slot_never_reads_another_database_after_a_restart() {
     poke(&dir.path().join("cache.arena"), (512 + 1) * 8, &[0x77]);
     let sc = Sidecar::start_at(dir, socket, &[]);
     let other = client(&sc.socket);
-    other.attach("other", 10).unwrap();
+    other.attach("other", 10, None).unwrap();
     other.store("other", vec![item(1, 7, None, 10, b"theirs")]).unwrap();
     assert!(matches!(other.lookup_local("other", 1, 10), Local::Hit(_)));
     assert!(sc.log().contains("damaged_databases=1"), "{}", sc.log());

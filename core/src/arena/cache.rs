@@ -286,7 +286,7 @@ impl ArenaCache {
     /// used, to seed the attach rule's open sample).
     pub fn open_revisions(&self, limit: usize) -> Vec<(Oid, Tid)> {
         let found = std::cell::RefCell::new(std::collections::BTreeSet::new());
-        let slot = self.slot;
+        let slot = self.slot.index;
         self.arena.writer().remove_where(|r| {
             if r.slot == slot && r.end == OPEN {
                 let mut f = found.borrow_mut();

@@ -189,6 +189,14 @@ class TideCacheStorage(MVCCAdapter):
         last = max(u64(base.lastTransaction()), known)
         last, joined = self._tc_attach(base, last, wait)
         horizon = self._tc_client.horizon
+        if joined:
+            # Joined in the sidecar; reports stay held until the catch-up
+            # (if any) is done. A child forked meanwhile (whose catch-up
+            # thread is gone) is joined and resyncs (``_tc_after_fork``).
+            with self._tc_lock:
+                self._tc_joined = True
+                self._tc_reported = max(last, self._tc_reported or 0)
+                self._tc_generation = generation
         if joined and 0 < horizon < last:
             self._tc_catch_up(base, horizon, last, generation)
         else:
@@ -642,6 +650,11 @@ class TideCacheStorage(MVCCAdapter):
         return getattr(self._storage, "_connection_generation", None)
 
     def _tc_report_locked(self, t, oids):
+        if self._tc_reported is None:
+            # Forked during the first attach: not known where the sidecar
+            # stands; this storage attaches again from a poll.
+            self._tc_reported, self._tc_joined = t, False
+            return
         if t <= self._tc_reported:
             return
         frm, self._tc_reported = self._tc_reported, t
