@@ -35,7 +35,8 @@ oids, size = int(sys.argv[3]), int(sys.argv[4])
 if kind == "tidecache":
     from tidecache import Client
     c = Client(socket, database="memory", timeout_ms=2000)
-    c.attach(1)
+    if c.attach(1) == "prove":  # the benchmark's own history: nothing to check
+        c.attach(1, c.proof[0])
     read = lambda oid: c.lookup(oid, 1)
 else:
     from relstorage.cache.local_client import LocalClient

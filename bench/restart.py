@@ -45,7 +45,8 @@ def first_answer(socket, proc, oid, view):
     while True:
         c = Client(socket, database="restart", timeout_ms=2000)
         try:
-            c.attach(view)
+            if c.attach(view) == "prove":  # the benchmark's own history: nothing to check
+                c.attach(view, c.proof[0])
             hit = c.lookup(oid, view)
             return time.perf_counter() - t0, hit is not None
         except Exception:

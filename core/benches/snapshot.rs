@@ -25,7 +25,7 @@ fn main() {
         .configure_from_args()
         .measurement_time(Duration::from_secs(3));
     let db: Database<Vec<u8>> = Database::new(1 << 30);
-    db.attach(Tid(1));
+    db.attach(Tid(1), None);
     let map: Anchor = RwLock::new(HashMap::new());
     let moka: moka::sync::Cache<(u64, u64), Arc<Vec<u8>>> = moka::sync::Cache::new(N * 2);
     for oid in 0..N {

@@ -53,6 +53,15 @@ pub trait Revisions: Send + Sync {
     fn horizon(&self) -> Option<Tid>;
     /// The log's start.
     fn log_start(&self) -> Option<Tid>;
+    /// The horizon and the oids changed at exactly it (at most four; see
+    /// [`crate::InvalidationLog::witness`]), `None` before the log started.
+    fn witness(&self) -> Option<(Tid, Vec<Oid>)>;
+    /// `(serial, end)` of the revision of `oid` visible at `view`, if held.
+    fn revision_at(&self, oid: Oid, view: Tid) -> Option<(Tid, Option<Tid>)>;
+    /// The `limit` open revisions with the highest serials, `(oid,
+    /// serial)`, highest first (may scan everything: called once, by
+    /// [`DatabaseOf::with_cache`] for a cache already holding revisions).
+    fn open_revisions(&self, limit: usize) -> Vec<(Oid, Tid)>;
     /// Changes in the log.
     fn log_len(&self) -> usize;
     /// Counters and sizes.
@@ -93,6 +102,15 @@ impl<S: StateWeight + Send + Sync + 'static> Revisions for SnapshotCache<S> {
     }
     fn log_start(&self) -> Option<Tid> {
         SnapshotCache::log_start(self)
+    }
+    fn witness(&self) -> Option<(Tid, Vec<Oid>)> {
+        SnapshotCache::witness(self)
+    }
+    fn revision_at(&self, oid: Oid, view: Tid) -> Option<(Tid, Option<Tid>)> {
+        SnapshotCache::lookup(self, oid, view).map(|h| (h.serial, h.end))
+    }
+    fn open_revisions(&self, limit: usize) -> Vec<(Oid, Tid)> {
+        SnapshotCache::open_revisions(self, limit)
     }
     fn log_len(&self) -> usize {
         SnapshotCache::log_len(self)
@@ -137,6 +155,15 @@ impl Revisions for crate::arena::ArenaCache {
     fn log_start(&self) -> Option<Tid> {
         crate::arena::ArenaCache::log_start(self)
     }
+    fn witness(&self) -> Option<(Tid, Vec<Oid>)> {
+        crate::arena::ArenaCache::witness(self)
+    }
+    fn revision_at(&self, oid: Oid, view: Tid) -> Option<(Tid, Option<Tid>)> {
+        crate::arena::ArenaCache::revision_at(self, oid, view)
+    }
+    fn open_revisions(&self, limit: usize) -> Vec<(Oid, Tid)> {
+        crate::arena::ArenaCache::open_revisions(self, limit)
+    }
     fn log_len(&self) -> usize {
         crate::arena::ArenaCache::log_len(self)
     }
@@ -154,11 +181,13 @@ pub type Database<S> = DatabaseOf<SnapshotCache<S>>;
 pub type SharedDatabase = DatabaseOf<crate::arena::ArenaCache>;
 
 /// What attaching a client did to the database.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AttachOutcome {
-    /// First client: the log starts at its `lastTransaction`.
+    /// First client (or first after a flush): the log starts at its
+    /// `lastTransaction`.
     Started,
-    /// The client's `lastTransaction` is at or past the horizon: joined as is.
+    /// The client proved its storage holds the horizon transaction (see
+    /// [`Proof`]): joined as is.
     Joined,
     /// The client's `lastTransaction` is below the horizon: either it lags
     /// (another process reported newer commits it has not heard of yet) or
@@ -169,13 +198,50 @@ pub enum AttachOutcome {
         /// The horizon.
         horizon: Tid,
     },
+    /// The client's `lastTransaction` is at or past the horizon, but that
+    /// alone does not say its history is the one the database holds (a
+    /// backup restored and committed to since, another file copied to the
+    /// same path): it must prove its storage holds the horizon transaction,
+    /// then attach again with `proven = Some(horizon)`; if the proof fails,
+    /// it flushes the database and attaches again (invariant 7). Nothing
+    /// changed.
+    Prove(Proof),
 }
+
+/// What a client must prove of its storage before it joins a database
+/// ([`AttachOutcome::Prove`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Proof {
+    /// The horizon `H`: the newest transaction the database knows of.
+    pub horizon: Tid,
+    /// Oids changed at exactly `H` (at most [`crate::invalidation::WITNESS_OIDS`]): for each,
+    /// `loadBefore(oid, H + 1)` must return serial `H`. Empty when unknown:
+    /// the storage must then have a transaction with tid `H` (its
+    /// iterator).
+    pub witness: Vec<Oid>,
+    /// Open revisions held, the highest serials (`<= H`) first, at most
+    /// [`OPEN_SAMPLE`]: for each `(oid, serial)`, `loadBefore(oid, H + 1)`
+    /// must return `serial`.
+    pub open_sample: Vec<(Oid, Tid)>,
+}
+
+/// Most open revisions a [`Proof`] asks about.
+pub const OPEN_SAMPLE: usize = 4;
+
+/// Candidates kept for the open sample: the open revisions stored with the
+/// highest serials (some may have been closed or evicted since; they are
+/// checked at each attach).
+const OPEN_CANDIDATES: usize = 16;
 
 /// A database's cache, views and log.
 pub struct DatabaseOf<C> {
     cache: C,
     views: ViewRegistry,
     detached: std::sync::atomic::AtomicU64,
+    /// `(serial, oid)` of the open revisions stored with the highest
+    /// serials (at most [`OPEN_CANDIDATES`]): where [`Proof::open_sample`]
+    /// comes from. Not part of the modelled protocols: a std lock.
+    open_candidates: std::sync::Mutex<std::collections::BTreeSet<(Tid, Oid)>>,
 }
 
 /// Sizes and counters of one database.
@@ -212,12 +278,22 @@ impl<S: StateWeight + Send + Sync + 'static> DatabaseOf<SnapshotCache<S>> {
 
 impl<C: Revisions> DatabaseOf<C> {
     /// A database over `cache` (which may already hold revisions: a
-    /// reopened arena).
+    /// reopened arena, whose open revisions with the highest serials seed
+    /// the attach rule's open sample).
     pub fn with_cache(cache: C) -> Self {
+        let candidates = match cache.horizon() {
+            Some(_) => cache
+                .open_revisions(OPEN_CANDIDATES)
+                .into_iter()
+                .map(|(oid, serial)| (serial, oid))
+                .collect(),
+            None => Default::default(),
+        };
         DatabaseOf {
             cache,
             views: ViewRegistry::new(),
             detached: Default::default(),
+            open_candidates: std::sync::Mutex::new(candidates),
         }
     }
 
@@ -231,18 +307,65 @@ impl<C: Revisions> DatabaseOf<C> {
         &self.views
     }
 
-    /// A client whose storage's `lastTransaction()` is `last_tid` attaches.
-    /// See [`AttachOutcome`]; only a database without a log changes (its log
-    /// starts at `last_tid`).
-    pub fn attach(&self, last_tid: Tid) -> AttachOutcome {
-        match self.cache.horizon() {
-            None => {
-                self.cache.start_log(last_tid);
-                AttachOutcome::Started
-            }
-            Some(h) if last_tid < h => AttachOutcome::Behind { horizon: h },
-            Some(_) => AttachOutcome::Joined,
+    /// A client whose storage's `lastTransaction()` is `last_tid` attaches;
+    /// `proven` is the horizon it proved its storage holds (after a
+    /// [`AttachOutcome::Prove`]), `None` at first. Invariant 7: a client
+    /// joins only with a proof of the current horizon:
+    ///
+    /// - no log (new or flushed database): the log starts at `last_tid`,
+    ///   [`AttachOutcome::Started`];
+    /// - `last_tid` below the horizon: [`AttachOutcome::Behind`];
+    /// - `proven` is the horizon: [`AttachOutcome::Joined`];
+    /// - otherwise (no proof, or one of an older horizon):
+    ///   [`AttachOutcome::Prove`] with what to prove.
+    ///
+    /// Only a database without a log changes.
+    pub fn attach(&self, last_tid: Tid, proven: Option<Tid>) -> AttachOutcome {
+        let Some((h, witness)) = self.cache.witness() else {
+            self.cache.start_log(last_tid);
+            self.candidates().clear();
+            return AttachOutcome::Started;
+        };
+        if last_tid < h {
+            return AttachOutcome::Behind { horizon: h };
         }
+        if proven == Some(h) {
+            return AttachOutcome::Joined;
+        }
+        AttachOutcome::Prove(Proof {
+            horizon: h,
+            witness,
+            open_sample: self.open_sample(h),
+        })
+    }
+
+    fn candidates(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<(Tid, Oid)>> {
+        self.open_candidates.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Up to [`OPEN_SAMPLE`] open revisions with serial `<= horizon`, the
+    /// highest serials first, each checked to be held and open at `horizon`.
+    fn open_sample(&self, horizon: Tid) -> Vec<(Oid, Tid)> {
+        let candidates: Vec<(Tid, Oid)> = self.candidates().iter().rev().copied().collect();
+        let mut sample = Vec::new();
+        let mut gone = Vec::new();
+        for (serial, oid) in candidates {
+            if sample.len() == OPEN_SAMPLE {
+                break;
+            }
+            if serial > horizon {
+                continue;
+            }
+            match self.cache.revision_at(oid, horizon) {
+                Some((s, None)) if s == serial => sample.push((oid, serial)),
+                _ => gone.push((serial, oid)),
+            }
+        }
+        let mut c = self.candidates();
+        for g in gone {
+            c.remove(&g);
+        }
+        sample
     }
 
     /// A client lost invalidations up to `at` (ZEO's `invalidateCache`, a
@@ -276,7 +399,15 @@ impl<C: Revisions> DatabaseOf<C> {
         view: Tid,
         state: C::State,
     ) -> Result<StoreOutcome, CoreError> {
-        self.cache.store(oid, serial, end, view, state)
+        let out = self.cache.store(oid, serial, end, view, state)?;
+        if out == StoreOutcome::Open {
+            let mut c = self.candidates();
+            c.insert((serial, oid));
+            while c.len() > OPEN_CANDIDATES {
+                c.pop_first();
+            }
+        }
+        Ok(out)
     }
 
     /// See [`SnapshotCache::report`].
@@ -323,6 +454,7 @@ impl<C: Revisions> DatabaseOf<C> {
     /// Drops everything (a pack, an operator's request).
     pub fn flush(&self) {
         self.cache.flush();
+        self.candidates().clear();
     }
 
     /// Registers a view at `at`.
@@ -369,7 +501,7 @@ mod tests {
     #[test]
     fn reclamation_keeps_what_a_registered_view_sees() {
         let db: Database<Vec<u8>> = Database::new(1 << 20);
-        db.attach(Tid(20));
+        db.attach(Tid(20), None);
         let view = db.register_view(Tid(12));
         db.store(Oid(1), Tid(5), Some(Tid(13)), Tid(20), Arc::new(b"seen at 12".to_vec()))
             .unwrap();
@@ -398,7 +530,7 @@ mod tests {
     #[test]
     fn hits_share_one_immutable_state() {
         let db: Database<Vec<u8>> = Database::new(1 << 20);
-        db.attach(Tid(1));
+        db.attach(Tid(1), None);
         db.store(Oid(1), Tid(1), None, Tid(1), Arc::new(b"state".to_vec()))
             .unwrap();
         let (a, b) = (db.lookup(Oid(1), Tid(1)).unwrap(), db.lookup(Oid(1), Tid(1)).unwrap());
@@ -408,7 +540,7 @@ mod tests {
     #[test]
     fn a_view_holding_the_log_back_is_detached() {
         let db: Database<Vec<u8>> = Database::new(1 << 20);
-        db.attach(Tid(10));
+        db.attach(Tid(10), None);
         let old = db.register_view(Tid(10));
         let recent = db.register_view(Tid(30));
         let changes: Vec<(Oid, Tid)> = (11..=30).map(|t| (Oid(t), Tid(t))).collect();
@@ -426,5 +558,65 @@ mod tests {
         assert!(matches!(out, StoreOutcome::Refused(_)), "{out:?}");
         assert_eq!(db.advance_view(old, Tid(31)), Err(CoreError::UnknownView(old)));
         db.release_view(recent).unwrap();
+    }
+
+    /// Invariant 7: a client whose `lastTransaction` is at or past the
+    /// horizon joins only with a proof of the current horizon; the proof
+    /// request names the horizon transaction's oids and the newest open
+    /// revisions.
+    #[test]
+    fn joining_needs_a_proof_of_the_current_horizon() {
+        let db: Database<Vec<u8>> = Database::new(1 << 20);
+        assert_eq!(db.attach(Tid(10), Some(Tid(10))), AttachOutcome::Started);
+        // The log started at a tid no report named: no witness, and no
+        // open revision yet.
+        let empty = Proof {
+            horizon: Tid(10),
+            witness: vec![],
+            open_sample: vec![],
+        };
+        assert_eq!(db.attach(Tid(10), None), AttachOutcome::Prove(empty.clone()));
+        assert_eq!(db.attach(Tid(12), Some(Tid(9))), AttachOutcome::Prove(empty));
+        assert_eq!(db.attach(Tid(12), Some(Tid(10))), AttachOutcome::Joined);
+        db.report(
+            Tid(10),
+            Tid(20),
+            &[(Oid(7), Tid(20)), (Oid(3), Tid(20)), (Oid(1), Tid(15))],
+        )
+        .unwrap();
+        for (oid, serial) in [(1, 15), (3, 20), (4, 8), (5, 9), (6, 6)] {
+            db.store(Oid(oid), Tid(serial), None, Tid(20), Arc::new(vec![]))
+                .unwrap();
+        }
+        // Stored later, but already closed by the log: never sampled.
+        db.store(Oid(7), Tid(2), None, Tid(10), Arc::new(vec![])).unwrap();
+        let proof = Proof {
+            horizon: Tid(20),
+            witness: vec![Oid(3), Oid(7)],
+            open_sample: vec![(Oid(3), Tid(20)), (Oid(1), Tid(15)), (Oid(5), Tid(9)), (Oid(4), Tid(8))],
+        };
+        assert_eq!(db.attach(Tid(20), None), AttachOutcome::Prove(proof.clone()));
+        // A proof of the old horizon is not one of the new.
+        assert_eq!(db.attach(Tid(25), Some(Tid(10))), AttachOutcome::Prove(proof));
+        assert_eq!(
+            db.attach(Tid(19), Some(Tid(20))),
+            AttachOutcome::Behind { horizon: Tid(20) }
+        );
+        assert_eq!(db.attach(Tid(25), Some(Tid(20))), AttachOutcome::Joined);
+        // A revision closed since drops out of the sample.
+        db.report(Tid(20), Tid(21), &[(Oid(3), Tid(21))]).unwrap();
+        match db.attach(Tid(21), None) {
+            AttachOutcome::Prove(p) => {
+                assert_eq!(p.witness, vec![Oid(3)]);
+                assert_eq!(
+                    p.open_sample,
+                    vec![(Oid(1), Tid(15)), (Oid(5), Tid(9)), (Oid(4), Tid(8)), (Oid(6), Tid(6))]
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // After a flush the next client starts the log again.
+        db.flush();
+        assert_eq!(db.attach(Tid(30), None), AttachOutcome::Started);
     }
 }

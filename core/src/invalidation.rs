@@ -7,6 +7,10 @@ use crate::revision::{Oid, Tid};
 use crate::sync::{lock, Mutex, MutexGuard};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+/// Most oids kept as the witness of the horizon transaction (see
+/// [`InvalidationLog::witness`]).
+pub const WITNESS_OIDS: usize = 4;
+
 /// A contiguous record of changes in the tid interval `(log_start, horizon]`.
 ///
 /// Reports are the shape ZEO's `invalidateTransaction`, a commit's
@@ -18,6 +22,7 @@ pub struct InvalidationLog {
     horizon: Tid,
     by_oid: HashMap<Oid, BTreeSet<Tid>>,
     by_tid: BTreeMap<Tid, Vec<Oid>>,
+    witness: Vec<Oid>,
 }
 
 impl InvalidationLog {
@@ -29,7 +34,20 @@ impl InvalidationLog {
             horizon: start,
             by_oid: HashMap::new(),
             by_tid: BTreeMap::new(),
+            witness: Vec::new(),
         }
+    }
+
+    /// Up to [`WITNESS_OIDS`] oids changed at exactly the horizon's tid, the
+    /// smallest first: known when the horizon came from a report whose
+    /// changes include its `to` (an exact report lists every change at
+    /// `to`). Empty when the horizon came from a start (attach, resync, a
+    /// reopened arena) or a report with no change at `to`. A client proves
+    /// its storage holds the horizon transaction with them (invariant 7:
+    /// `loadBefore(oid, horizon + 1)` must return serial `horizon`). Kept
+    /// apart from the changes, so truncation never loses it.
+    pub fn witness(&self) -> &[Oid] {
+        &self.witness
     }
 
     /// The newest tid up to which invalidation information is complete.
@@ -89,6 +107,15 @@ impl InvalidationLog {
             }
             if self.by_oid.entry(oid).or_default().insert(tid) {
                 self.by_tid.entry(tid).or_default().push(oid);
+            }
+        }
+        if to > self.horizon || (to == self.horizon && self.witness.is_empty()) {
+            let mut at_to: Vec<Oid> = changes.iter().filter(|&&(_, t)| t == to).map(|&(o, _)| o).collect();
+            at_to.sort_unstable();
+            at_to.dedup();
+            at_to.truncate(WITNESS_OIDS);
+            if to > self.horizon || !at_to.is_empty() {
+                self.witness = at_to;
             }
         }
         self.horizon = self.horizon.max(to);
@@ -197,6 +224,12 @@ impl LogLock {
         self.lock().as_ref().map(InvalidationLog::horizon)
     }
 
+    /// The horizon and its witness oids (see [`InvalidationLog::witness`]),
+    /// read together; `None` before the log started.
+    pub(crate) fn witness(&self) -> Option<(Tid, Vec<Oid>)> {
+        self.lock().as_ref().map(|l| (l.horizon(), l.witness().to_vec()))
+    }
+
     /// The log's start, `None` before the log started.
     pub(crate) fn log_start(&self) -> Option<Tid> {
         self.lock().as_ref().map(InvalidationLog::log_start)
@@ -266,6 +299,31 @@ mod tests {
             l.apply(Tid(12), Tid(11), &[]),
             Err(CoreError::BadReport { .. })
         ));
+    }
+
+    #[test]
+    fn the_witness_names_oids_changed_at_the_horizon() {
+        let mut l = log();
+        assert!(l.witness().is_empty(), "a started log knows no transaction");
+        let changes: Vec<(Oid, Tid)> = (1..=6)
+            .rev()
+            .map(|o| (Oid(o), Tid(12)))
+            .chain([(Oid(9), Tid(11))])
+            .collect();
+        l.apply(Tid(10), Tid(12), &changes).unwrap();
+        assert_eq!(l.witness(), &[Oid(1), Oid(2), Oid(3), Oid(4)]);
+        l.truncate(Tid(12));
+        assert_eq!(l.witness(), &[Oid(1), Oid(2), Oid(3), Oid(4)], "truncation keeps it");
+        // An old overlapping report leaves it; a report to a new horizon
+        // without a change at its `to` empties it.
+        l.apply(Tid(10), Tid(12), &[(Oid(7), Tid(11))]).unwrap();
+        assert_eq!(l.witness().len(), 4);
+        l.apply(Tid(12), Tid(14), &[(Oid(8), Tid(13))]).unwrap();
+        assert!(l.witness().is_empty());
+        l.apply(Tid(14), Tid(14), &[]).unwrap();
+        assert!(l.witness().is_empty());
+        l.apply(Tid(14), Tid(15), &[(Oid(8), Tid(15))]).unwrap();
+        assert_eq!(l.witness(), &[Oid(8)]);
     }
 
     #[test]

@@ -42,7 +42,7 @@ pub mod view;
 pub use database::Database;
 #[cfg(not(loom))]
 pub use database::SharedDatabase;
-pub use database::{AttachOutcome, DatabaseOf, DatabaseStats, Revisions};
+pub use database::{AttachOutcome, DatabaseOf, DatabaseStats, Proof, Revisions, OPEN_SAMPLE};
 pub use error::CoreError;
 #[cfg(feature = "snapshot")]
 pub use eviction::SizeBound;

@@ -316,6 +316,21 @@ impl<S: StateWeight + Send + Sync + 'static> SnapshotCache<S> {
         self.log.log_start()
     }
 
+    /// The `limit` open revisions with the highest serials, `(oid, serial)`,
+    /// highest first.
+    pub fn open_revisions(&self, limit: usize) -> Vec<(Oid, Tid)> {
+        let mut open = self.index.select(|s| s.end() == OPEN);
+        open.sort_unstable_by_key(|&(oid, serial)| std::cmp::Reverse((serial, oid)));
+        open.truncate(limit);
+        open.into_iter().map(|(o, s)| (Oid(o), Tid(s))).collect()
+    }
+
+    /// The horizon and up to four oids changed at exactly it
+    /// ([`InvalidationLog::witness`]), `None` before the log started.
+    pub fn witness(&self) -> Option<(Tid, Vec<Oid>)> {
+        self.log.witness()
+    }
+
     /// Number of changes the log holds.
     pub fn log_len(&self) -> usize {
         self.log.len()

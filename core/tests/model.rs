@@ -90,6 +90,15 @@ impl Revisions for InProcess {
     fn log_start(&self) -> Option<Tid> {
         self.0.log_start()
     }
+    fn witness(&self) -> Option<(Tid, Vec<Oid>)> {
+        self.0.witness()
+    }
+    fn revision_at(&self, oid: Oid, view: Tid) -> Option<(Tid, Option<Tid>)> {
+        self.0.lookup(oid, view).map(|h| (h.serial, h.end))
+    }
+    fn open_revisions(&self, limit: usize) -> Vec<(Oid, Tid)> {
+        self.0.open_revisions(limit)
+    }
     fn log_len(&self) -> usize {
         self.0.log_len()
     }
@@ -247,7 +256,7 @@ where
     let mut h = History::default();
     h.commit(1, &[0, 1, 2]);
     // The first client attaches with lastTransaction = 1.
-    db.attach(Tid(h.last));
+    db.attach(Tid(h.last), None);
     let mut reported = 0usize; // transactions delivered in reports
     while reported < h.transactions.len() && h.transactions[reported].0 <= h.last {
         reported += 1;

@@ -56,7 +56,7 @@ fn concurrent_commits_stores_lookups_and_reclamation_never_give_a_wrong_hit() {
             h.revisions.insert(oid, vec![1]);
         }
     }
-    db.attach(Tid(1));
+    db.attach(Tid(1), None);
     let stop = Arc::new(AtomicBool::new(false));
     let hits = Arc::new(AtomicU64::new(0));
     let commits = Arc::new(AtomicU64::new(0));

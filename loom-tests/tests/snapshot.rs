@@ -21,7 +21,7 @@ use tidecache_core::{Database, Oid, Tid};
 fn a_closed_revision_is_never_served_past_its_end() {
     tidecache_loom_tests::check(|| {
         let db: Arc<Database<Vec<u8>>> = Arc::new(Database::new(1 << 20));
-        db.attach(Tid(1));
+        db.attach(Tid(1), None);
         let store = {
             let db = db.clone();
             thread::spawn(move || {
@@ -57,7 +57,7 @@ fn a_closed_revision_is_never_served_past_its_end() {
 fn an_open_revision_stored_after_the_report_is_closed_by_the_log() {
     tidecache_loom_tests::check(|| {
         let db: Arc<Database<Vec<u8>>> = Arc::new(Database::new(1 << 20));
-        db.attach(Tid(1));
+        db.attach(Tid(1), None);
         let late_store = {
             let db = db.clone();
             // Loaded at view 1 when revision 1 was current; arrives whenever.

@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 
 /// Version spoken by this build; the Hello of both sides carries it.
-pub const PROTOCOL_VERSION: u32 = 3;
+pub const PROTOCOL_VERSION: u32 = 4;
 
 /// Default largest frame body the sidecar accepts, bytes (64 MiB).
 pub const DEFAULT_MAX_FRAME: usize = 64 << 20;
@@ -82,12 +82,19 @@ pub enum RequestBody {
     /// A client whose storage's `lastTransaction()` is `last_tid` attaches
     /// to `db`. Starts the log of a new database (or of one flushed); answers
     /// `Behind` without changing anything when `last_tid` is below the
-    /// horizon. Answer: `Attached`.
+    /// horizon, `Prove` when the client has not proved (`proven`) that its
+    /// storage holds the current horizon transaction, `Joined` when it has.
+    /// Answer: `Attached`.
     Attach {
         /// Database key.
         db: String,
         /// The storage's `lastTransaction()`.
         last_tid: u64,
+        /// The horizon the client proved its storage holds, after a `Prove`
+        /// answer (see [`AttachState::Prove`]); `None` (nil, or absent) at
+        /// first.
+        #[serde(default)]
+        proven: Option<u64>,
     },
     /// Look up the revisions of `oids` visible at `view`. Answer: `Found`,
     /// one entry per oid, in order; error `Limit` for more than
@@ -189,7 +196,7 @@ pub struct Response {
 }
 
 /// What attaching did to the database.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum AttachState {
     /// First client: the log starts at its `last_tid`.
     Started,
@@ -200,6 +207,22 @@ pub enum AttachState {
     /// horizon and attaches again; if it never does, it sends `Flush` and
     /// attaches again (invariant 7), before using the database.
     Behind,
+    /// `last_tid` is at or past the horizon (`Attached.horizon`, `H`), but
+    /// the client has not proved its storage's history holds the horizon
+    /// transaction (a restored backup committed to since, or another file
+    /// at the same path, would pass the tid comparison). Nothing changed.
+    /// The client checks with its storage, then attaches again with
+    /// `proven: H`: (a) for each `witness` oid, `loadBefore(oid, H + 1)`
+    /// returns serial `H`; with no witness, its transaction iterator has a
+    /// transaction with tid `H`; (b) for each `open_sample` `(oid,
+    /// serial)`, `loadBefore(oid, H + 1)` returns `serial`. If any check
+    /// fails, it sends `Flush` and attaches again (invariant 7).
+    Prove {
+        /// Oids changed at exactly `H` (at most 4; empty when unknown).
+        witness: Vec<u64>,
+        /// Open revisions held, the highest serials (`<= H`) first (at most 4).
+        open_sample: Vec<(u64, u64)>,
+    },
 }
 
 /// Error codes of [`ResponseBody::Error`].
@@ -225,9 +248,17 @@ pub enum ErrorCode {
     /// A limit of the sidecar (number of databases, oids in one Lookup).
     /// Connection kept.
     Limit,
+    /// A tid more than a day past the sidecar's wall clock (a report's
+    /// `to`, a resync's or an attach's tid): ZODB tids are UTC timestamps,
+    /// and such a horizon would be served to every other client of the
+    /// database. Nothing changed. Connection kept.
+    FutureTid,
 }
 
 /// Every answer.
+// `Stats` is far larger than the rest; it is built once per `Stats` call,
+// and boxing it would change the public type for nothing measurable.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum ResponseBody {
     /// Answer to `Hello`.
@@ -465,6 +496,31 @@ mod tests {
         };
         let bytes = encode(&r).unwrap();
         assert_eq!(rmp_serde::from_slice::<Request>(&bytes).unwrap(), r);
+    }
+
+    #[test]
+    fn an_attach_without_proven_still_decodes() {
+        #[derive(Serialize)]
+        enum OldBody {
+            Attach { db: String, last_tid: u64 },
+        }
+        let bytes = encode(&(
+            5u64,
+            OldBody::Attach {
+                db: "db".into(),
+                last_tid: 9,
+            },
+        ))
+        .unwrap();
+        let r: Request = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!(
+            r.body,
+            RequestBody::Attach {
+                db: "db".into(),
+                last_tid: 9,
+                proven: None
+            }
+        );
     }
 
     #[test]

@@ -537,10 +537,15 @@ impl Server {
     fn answer(&self, conn: &mut Conn, body: RequestBody) -> Result<ResponseBody, ResponseBody> {
         Ok(match body {
             RequestBody::Hello { .. } => error(ErrorCode::BadRequest, "Hello was said already".into()),
-            RequestBody::Attach { db: name, last_tid } => {
+            RequestBody::Attach {
+                db: name,
+                last_tid,
+                proven,
+            } => {
+                not_in_the_future("attach", last_tid)?;
                 let db = self.database(&name)?;
                 self.mark_attached(conn, &name);
-                let state = match db.attach(Tid(last_tid)) {
+                let state = match db.attach(Tid(last_tid), proven.map(Tid)) {
                     AttachOutcome::Started => AttachState::Started,
                     AttachOutcome::Joined => AttachState::Joined,
                     AttachOutcome::Behind { horizon } => {
@@ -549,6 +554,16 @@ impl Server {
                             "a client's lastTransaction is below the horizon (lagging, or a restored backup)"
                         );
                         AttachState::Behind
+                    }
+                    AttachOutcome::Prove(p) => {
+                        if proven.is_some() {
+                            tracing::info!(db = %name, proven = ?proven, horizon = %p.horizon,
+                                "the horizon moved while a client proved it; asked again");
+                        }
+                        AttachState::Prove {
+                            witness: p.witness.iter().map(|o| o.0).collect(),
+                            open_sample: p.open_sample.iter().map(|&(o, t)| (o.0, t.0)).collect(),
+                        }
                     }
                 };
                 let slot = db.cache().slot();
@@ -609,6 +624,7 @@ impl Server {
                 to,
                 changes,
             } => {
+                not_in_the_future("report", to)?;
                 let db = self.database(&name)?;
                 let changes: Vec<(Oid, Tid)> = changes.into_iter().map(|(o, t)| (Oid(o), Tid(t))).collect();
                 match db.report(Tid(from), Tid(to), &changes) {
@@ -620,6 +636,7 @@ impl Server {
                 }
             }
             RequestBody::Resync { db: name, tid } => {
+                not_in_the_future("resync", tid)?;
                 let db = self.database(&name)?;
                 self.mark_attached(conn, &name);
                 let restarted = db.resync(Tid(tid));
@@ -845,6 +862,55 @@ impl Conn {
     }
 }
 
+/// How far past the sidecar's wall clock a tid may lie: clocks of hosts
+/// differ by seconds, not days.
+const FUTURE_TID_LIMIT: Duration = Duration::from_secs(24 * 3600);
+
+/// Refuses a tid more than [`FUTURE_TID_LIMIT`] past the wall clock
+/// ([`ErrorCode::FutureTid`]): ZODB tids are UTC timestamps, and a report,
+/// resync or attach at such a tid would raise the horizon of the database
+/// for every other client, whose own commits could then never pass it.
+fn not_in_the_future(what: &str, tid: u64) -> Result<(), ResponseBody> {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let limit = tid_at((now + FUTURE_TID_LIMIT).as_secs());
+    if tid <= limit {
+        return Ok(());
+    }
+    tracing::warn!(what, tid = %Tid(tid), "refused a tid more than a day past this host's clock");
+    Err(error(
+        ErrorCode::FutureTid,
+        format!(
+            "{what} at tid {tid:#018x}, more than a day past this host's clock ({limit:#018x} is the limit): \
+             check the clock of the host that committed it, or the storage's last transaction"
+        ),
+    ))
+}
+
+/// The ZODB tid of the UTC second `unix_secs` (`ZODB.TimeStamp`): the high
+/// 32 bits count minutes as
+/// `((((year - 1900) * 12 + month - 1) * 31 + day - 1) * 24 + hour) * 60 + minute`,
+/// the low 32 bits the seconds in units of `60 / 2^32` s.
+pub fn tid_at(unix_secs: u64) -> u64 {
+    let days = (unix_secs / 86_400) as i64;
+    let rem = unix_secs % 86_400;
+    // Days since 1970-01-01 to a civil date (H. Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let minutes = ((((year - 1900) * 12 + month - 1) * 31 + day - 1) * 24 + (rem / 3600) as i64) * 60
+        + ((rem % 3600) / 60) as i64;
+    let seconds = rem % 60;
+    ((minutes.max(0) as u64) << 32) | ((seconds << 32) / 60)
+}
+
 fn error(code: ErrorCode, message: String) -> ResponseBody {
     ResponseBody::Error {
         code,
@@ -869,4 +935,23 @@ fn reply(stream: &mut &UnixStream, id: u64, body: ResponseBody) -> io::Result<()
     let bytes = encode(&Response { id, body }).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     protocol::write_frame(stream, &bytes)?;
     stream.flush()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Values of `u64(ZODB.TimeStamp.TimeStamp(*time.gmtime(t)[:6]).raw())`.
+    #[test]
+    fn tids_are_zodb_timestamps() {
+        for (t, tid) in [
+            (0, 161_050_965_678_489_600),
+            (951_782_400, 230_437_708_533_596_160),
+            (1_700_000_000, 284_992_955_789_694_293),
+            (1_795_400_000, 291_945_648_848_459_093),
+            (4_102_531_199, 460_151_800_905_579_451),
+        ] {
+            assert_eq!(tid_at(t), tid, "unix time {t}");
+        }
+    }
 }

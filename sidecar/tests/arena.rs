@@ -41,7 +41,7 @@ fn the_arena_file_is_private_and_lookups_need_no_socket() {
     let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
     let c = client(&sc.socket);
-    c.attach("db", 10).unwrap();
+    c.attach("db", 10, None).unwrap();
     c.store("db", vec![item(1, 5, None, 10, b"one")]).unwrap();
     assert_eq!(hit(&c, 1, 10).as_deref(), Some(&b"one"[..]));
     // With the sidecar stopped, the arena still answers: no socket, no lock
@@ -67,7 +67,7 @@ fn group_widens_file_and_socket_to_one_group() {
 fn after_kill_9_a_restart_on_the_same_file_serves_at_once() {
     let sc = Sidecar::start(&[]);
     let c = client(&sc.socket);
-    c.attach("db", 10).unwrap();
+    c.attach("db", 10, None).unwrap();
     c.store(
         "db",
         vec![item(1, 5, Some(8), 10, b"closed"), item(2, 5, None, 10, b"open")],
@@ -125,7 +125,7 @@ fn damaged_truncated_and_foreign_files_are_discarded_with_a_log_line() {
     for (what, damage, says) in damages {
         let sc = Sidecar::start(&[]);
         let c = client(&sc.socket);
-        c.attach("db", 10).unwrap();
+        c.attach("db", 10, None).unwrap();
         c.store("db", vec![item(1, 5, Some(8), 10, b"closed")]).unwrap();
         let (dir, socket) = sc.kill();
         damage(&dir.path().join("cache.arena"));
@@ -138,8 +138,9 @@ fn damaged_truncated_and_foreign_files_are_discarded_with_a_log_line() {
             "{what}: {log}"
         );
         assert!(hit(&c, 1, 7).is_none(), "{what}: served from a discarded file");
-        // The new file works.
-        c.attach("db", 10).unwrap();
+        // The new file works (the reconnect's Resync started its log at
+        // 10: joining proves that horizon).
+        c.attach("db", 10, Some(10)).unwrap();
         c.store("db", vec![item(1, 5, Some(8), 10, b"closed")]).unwrap();
         assert!(hit(&c, 1, 7).is_some(), "{what}");
     }
@@ -186,7 +187,7 @@ fn slots_left_by_a_previous_run_are_freed_for_new_keys() {
     let sc = Sidecar::start(&args);
     let c = client(&sc.socket);
     for i in 0..4 {
-        c.attach(&format!("pid 1 db {i}"), 10).unwrap();
+        c.attach(&format!("pid 1 db {i}"), 10, None).unwrap();
         c.store(&format!("pid 1 db {i}"), vec![item(1, 5, None, 10, b"old")])
             .unwrap();
     }
@@ -198,7 +199,7 @@ fn slots_left_by_a_previous_run_are_freed_for_new_keys() {
         let c = client(&sc.socket);
         for i in 0..4 {
             let db = format!("pid {round} db {i}");
-            let attached = c.attach(&db, 10);
+            let attached = c.attach(&db, 10, None);
             assert!(attached.is_ok(), "{db}: {attached:?}\n{}", sc.log());
             c.store(&db, vec![item(1, 5, None, 10, b"new")]).unwrap();
             match c.lookup_local(&db, 1, 10) {
@@ -224,7 +225,7 @@ fn slots_left_by_a_previous_run_are_freed_for_new_keys() {
 fn a_stale_slot_never_reads_another_database_after_a_restart() {
     let sc = Sidecar::start(&[]);
     let c = client(&sc.socket);
-    c.attach("db", 10).unwrap();
+    c.attach("db", 10, None).unwrap();
     c.store("db", vec![item(1, 5, None, 10, b"mine")]).unwrap();
     assert!(matches!(c.lookup_local("db", 1, 10), Local::Hit(_)));
     let (dir, socket) = sc.kill();
@@ -233,7 +234,7 @@ fn a_stale_slot_never_reads_another_database_after_a_restart() {
     poke(&dir.path().join("cache.arena"), (512 + 1) * 8, &[0x77]);
     let sc = Sidecar::start_at(dir, socket, &[]);
     let other = client(&sc.socket);
-    other.attach("other", 10).unwrap();
+    other.attach("other", 10, None).unwrap();
     other.store("other", vec![item(1, 7, None, 10, b"theirs")]).unwrap();
     assert!(matches!(other.lookup_local("other", 1, 10), Local::Hit(_)));
     assert!(sc.log().contains("damaged_databases=1"), "{}", sc.log());

@@ -17,7 +17,12 @@ fn fast_client(socket: &std::path::Path) -> Client {
 fn absent_sidecar_is_unavailable_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let c = fast_client(&dir.path().join("nobody.sock"));
+    let e = c.attach("db", 1, None).unwrap_err();
+    assert!(matches!(e, ClientError::Unavailable { .. }), "{e}");
+    // Never joined: lookups are refused by the client itself.
     let e = c.lookup("db", 1, vec![1]).unwrap_err();
+    assert!(matches!(e, ClientError::NotAttached { .. }), "{e}");
+    let e = c.lookup_remote("db", 1, vec![1]).unwrap_err();
     assert!(matches!(e, ClientError::Unavailable { .. }), "{e}");
     // A refused connect, not a wait: the error says so.
     assert!(e.to_string().contains("connect"), "{e}");
@@ -31,7 +36,7 @@ fn a_stopped_sidecar_costs_one_timeout_then_nothing() {
     let mut config = ClientConfig::new(&sc.socket);
     config.retry_after = Duration::from_secs(3600);
     let c = Client::new(config);
-    c.attach("db", 1).unwrap();
+    c.attach("db", 1, None).unwrap();
     // SIGSTOP: the socket accepts but nobody answers.
     let pid = sc.child.id() as i32;
     unsafe { libc::kill(pid, libc::SIGSTOP) };
@@ -67,7 +72,7 @@ fn a_stopped_sidecar_costs_one_timeout_then_nothing() {
 fn the_client_reconnects_after_a_restart_and_re_registers_its_views() {
     let sc = Sidecar::start(&[]);
     let c = fast_client(&sc.socket);
-    c.attach("db", 10).unwrap();
+    c.attach("db", 10, None).unwrap();
     c.report("db", 10, 15, vec![(1, 12)]).unwrap();
     let view = c.register_view("db", 15);
     let (dir, socket) = sc.kill();

@@ -66,17 +66,20 @@ fn a_child_forked_while_a_parent_thread_is_inside_a_call_does_not_wait_for_it() 
     drop(fake);
     std::fs::remove_file(&socket).unwrap();
     let sidecar = Sidecar::start_at(dir, socket, &[]);
-    // The session's store queue runs in the parent before the fork.
+    // The session's store queue runs in the parent before the fork (a
+    // session stores only once joined: it starts the database's log at 5).
+    assert!(matches!(session.attach(5, None), Ok(AttachState::Started)));
     assert!(session.store_later(1, 5, None, b"parent".to_vec(), 5));
 
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
     if pid == 0 {
         // The child: only async-signal-safe exits, no test harness.
-        let code = match client.attach("db", 5) {
+        // The horizon is 5, which this history (the parent's) holds.
+        let code = match client.attach("db", 5, Some(5)) {
             Ok((AttachState::Started | AttachState::Joined, _)) => match client.stats() {
                 Ok(s) if s.databases.contains_key("db") => {
-                    let ok = session.attach(5).is_ok()
+                    let ok = session.attach(5, Some(5)).is_ok()
                         && session.store_later(2, 5, None, b"child".to_vec(), 5)
                         && session.wait_for_stores(Duration::from_secs(5))
                         && session.lookup(5, vec![2]).is_ok_and(|r| r[0].is_some());

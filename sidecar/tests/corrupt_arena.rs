@@ -103,7 +103,7 @@ fn build(rng: &mut fastrand::Rng) -> (Vec<u8>, Vec<History>, u64) {
                 }
             }
         }
-        c.attach(key, FIRST + 20).unwrap();
+        c.attach(key, FIRST + 20, None).unwrap();
         let mut horizon = FIRST + 20;
         // Reports stop short of `last`: the restarted clients bring the rest.
         while horizon < last - 30 {
@@ -210,7 +210,14 @@ fn exercise(bytes: &[u8], histories: &[History], last: u64, rng: &mut fastrand::
     let mut hits = 0;
     for (db, h) in histories.iter().enumerate() {
         let key = DATABASES[db];
-        let (attached, horizon) = c.attach(key, last).map_err(|e| e.to_string())?;
+        let (attached, horizon) = common::attach_proving(
+            &c,
+            key,
+            last,
+            |oid, at| h.visible(oid, at).map(|(s, _)| s),
+            |at| h.0.values().any(|s| s.contains(&at)),
+        )
+        .map_err(|e| e.to_string())?;
         if attached == AttachState::Joined && horizon < last {
             // What the first adapter does after a restart: report what
             // its storage committed since the persisted horizon.

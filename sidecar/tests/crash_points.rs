@@ -68,10 +68,17 @@ fn client(socket: &std::path::Path) -> Client {
     Client::new(c)
 }
 
-/// Attaches `db` at `last` and fills the sidecar in with the changes after
-/// its horizon, as the Python adapter does after a restart.
+/// Attaches `db` at `last` as the Python adapter does: proves the
+/// sidecar's horizon with the history when asked (flushes if the proof
+/// fails), then fills in the changes after the horizon.
 fn attach(c: &Client, db: &str, history: &History, last: u64) -> Result<(), ClientError> {
-    let (state, horizon) = c.attach(db, last)?;
+    let (state, horizon) = common::attach_proving(
+        c,
+        db,
+        last,
+        |oid, h| history.load_before(oid, h).map(|(s, _)| s),
+        |h| history.serials.values().any(|s| s.contains(&h)),
+    )?;
     if state == AttachState::Joined && horizon < last {
         let mut changes: Vec<(u64, u64)> = history
             .serials
@@ -151,7 +158,7 @@ fn workload(sc: &mut Sidecar, truth: &mut Truth, rng: &mut Rng, steps: usize) ->
                 transient += 1;
                 let name = format!("transient-{transient}");
                 let t = client(&sc.socket);
-                t.attach(&name, FIRST_TID)
+                t.attach(&name, FIRST_TID, None)
                     .and_then(|_| t.store(&name, vec![item(1, FIRST_TID, None, FIRST_TID, b"transient")]))
                     .map(|_| t.close())
             }

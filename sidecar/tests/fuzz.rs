@@ -73,7 +73,7 @@ fn good_client(socket: &std::path::Path, seed: u64, stop: &AtomicBool, rounds: u
     cfg.timeout = Duration::from_secs(60);
     let c = Client::new(cfg);
     let mut h = History((1..=OIDS).map(|o| (o, vec![FIRST])).collect());
-    c.attach(GOOD, FIRST).map_err(|e| format!("attach: {e}"))?;
+    c.attach(GOOD, FIRST, None).map_err(|e| format!("attach: {e}"))?;
     let view = c.register_view(GOOD, FIRST);
     let mut horizon = FIRST;
     let mut hits = 0;
@@ -201,6 +201,7 @@ fn hostile(rng: &mut fastrand::Rng) -> (RequestBody, bool) {
         6 => RequestBody::Attach {
             db: own,
             last_tid: big(rng),
+            proven: rng.bool().then(|| big(rng)),
         },
         7 => RequestBody::RegisterView { db: own, tid: big(rng) },
         8 => RequestBody::Resync { db: own, tid: big(rng) },

@@ -75,7 +75,7 @@ fn a_lookup_of_millions_of_oids_is_refused_without_building_its_answer() {
 fn the_client_splits_a_long_lookup() {
     let sc = Sidecar::start(&[]);
     let c = Client::new(ClientConfig::new(&sc.socket));
-    c.attach("db", 10).unwrap();
+    c.attach("db", 10, None).unwrap();
     c.store("db", vec![item(7, 5, None, 10, b"seven")]).unwrap();
     let oids: Vec<u64> = (0..MAX_LOOKUP_OIDS as u64 * 2 + 3).collect();
     let found = c.lookup_remote("db", 10, oids).unwrap();

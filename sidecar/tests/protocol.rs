@@ -91,7 +91,7 @@ fn socket_is_created_0600() {
 fn store_lookup_report_follow_the_mvcc_rules() {
     let sc = Sidecar::start(&[]);
     let c = client(&sc);
-    c.attach("db", 10).unwrap();
+    c.attach("db", 10, None).unwrap();
     // Revision (1, serial 10) current at view 10; (2, 5) closed at 8.
     assert_eq!(
         c.store(
@@ -118,7 +118,7 @@ fn store_lookup_report_follow_the_mvcc_rules() {
     c.store("db", vec![item(3, 9, None, 11, b"three")]).unwrap();
     assert!(both(&c, "db", 13, vec![3]).unwrap()[0].is_none());
     // Databases do not share anything (invariant 7).
-    assert!(both(&c, "other", 10, vec![1]).unwrap()[0].is_none());
+    assert!(c.lookup_remote("other", 10, vec![1]).unwrap()[0].is_none());
 
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tidecached"))
         .args(["stats", "--socket"])
@@ -150,26 +150,125 @@ fn store_lookup_report_follow_the_mvcc_rules() {
 fn a_client_below_the_horizon_is_told_and_a_restored_one_flushes() {
     let sc = Sidecar::start(&[]);
     let c = client(&sc);
-    c.attach("db", 10).unwrap();
+    c.attach("db", 10, None).unwrap();
     c.store("db", vec![item(1, 5, Some(9), 10, b"old")]).unwrap();
     c.report("db", 10, 20, vec![]).unwrap();
     use tidecache_client::protocol::AttachState;
     // Below the horizon: nothing changes until the client decides.
-    assert_eq!(c.attach("db", 15).unwrap(), (AttachState::Behind, 20));
-    assert!(c.lookup("db", 6, vec![1]).unwrap()[0].is_some());
-    // A lagging client catches up and joins.
-    assert_eq!(c.attach("db", 20).unwrap(), (AttachState::Joined, 20));
+    assert_eq!(c.attach("db", 15, None).unwrap(), (AttachState::Behind, 20));
+    assert!(c.lookup_remote("db", 6, vec![1]).unwrap()[0].is_some());
+    assert!(c.lookup("db", 6, vec![1]).is_err(), "not joined: not served");
+    // A lagging client catches up, proves the horizon and joins.
+    let nothing_known = AttachState::Prove {
+        witness: vec![],
+        open_sample: vec![],
+    };
+    assert_eq!(c.attach("db", 20, None).unwrap(), (nothing_known, 20));
+    assert_eq!(c.attach("db", 20, Some(20)).unwrap(), (AttachState::Joined, 20));
     // A restored one does not: it flushes, then starts the log anew.
     c.flush("db").unwrap();
-    assert_eq!(c.attach("db", 15).unwrap(), (AttachState::Started, 15));
+    assert_eq!(c.attach("db", 15, None).unwrap(), (AttachState::Started, 15));
     assert!(c.lookup("db", 6, vec![1]).unwrap()[0].is_none());
+}
+
+/// Invariant 7: at or past the horizon, a client joins only once it proved
+/// its storage holds the horizon transaction; until then its lookups are
+/// unavailable, its reports refused by the client, and a reconnect does not
+/// join it by replaying a Resync.
+#[test]
+fn joining_needs_a_proof_and_an_unproven_client_is_never_replayed() {
+    use tidecache_client::protocol::AttachState;
+    use tidecache_client::{ClientError, Local};
+    let sc = Sidecar::start(&[]);
+    let a = client(&sc);
+    assert_eq!(a.attach("db", 10, None).unwrap(), (AttachState::Started, 10));
+    a.report("db", 10, 20, vec![(2, 15), (1, 20), (3, 20)]).unwrap();
+    a.store("db", vec![item(1, 20, None, 20, b"one"), item(4, 5, None, 20, b"four")])
+        .unwrap();
+    let b = client(&sc);
+    let asked = AttachState::Prove {
+        witness: vec![1, 3],
+        open_sample: vec![(1, 20), (4, 5)],
+    };
+    assert_eq!(b.attach("db", 25, None).unwrap(), (asked.clone(), 20));
+    assert_eq!(b.lookup_local("db", 1, 20), Local::Unavailable);
+    let e = b.report("db", 25, 26, vec![]).unwrap_err();
+    assert!(matches!(e, ClientError::NotAttached { .. }), "{e}");
+    assert!(matches!(b.resync("db", 26), Err(ClientError::NotAttached { .. })));
+    // The horizon moves while b proves: b is asked again about the new one.
+    a.report("db", 20, 22, vec![(4, 22)]).unwrap();
+    let again = AttachState::Prove {
+        witness: vec![4],
+        open_sample: vec![(1, 20)],
+    };
+    assert_eq!(b.attach("db", 25, Some(20)).unwrap(), (again, 22));
+    // A restart of the sidecar on the same file: a reconnects and is joined
+    // again (it proved, or started, the log); b is not.
+    let (dir, socket) = sc.kill();
+    let sc = Sidecar::start_at(dir, socket, &[]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while a.stats().is_err() || b.stats().is_err() {
+        assert!(std::time::Instant::now() < deadline, "never reconnected");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(matches!(a.lookup_local("db", 1, 20), Local::Hit(_)));
+    assert_eq!(b.lookup_local("db", 1, 20), Local::Unavailable);
+    assert!(!b.is_attached("db"));
+    // After the restart the witness is gone (memory only): b proves with
+    // its iterator and the open revisions found in the reopened file.
+    let after_restart = AttachState::Prove {
+        witness: vec![],
+        open_sample: vec![(1, 20)],
+    };
+    assert_eq!(b.attach("db", 25, None).unwrap(), (after_restart, 22));
+    assert_eq!(b.attach("db", 25, Some(22)).unwrap(), (AttachState::Joined, 22));
+    assert!(matches!(b.lookup_local("db", 1, 20), Local::Hit(_)));
+    assert_eq!(b.report("db", 22, 25, vec![]).unwrap(), 25);
+    drop(sc);
+}
+
+/// A tid more than a day past the sidecar's clock (tids are UTC
+/// timestamps) would raise the horizon of every other client: refused, with
+/// its own error code, for reports, resyncs and attaches.
+#[test]
+fn a_tid_far_past_the_wall_clock_is_refused() {
+    use tidecache_client::ClientError;
+    use tidecache_sidecar::server::tid_at;
+    let sc = Sidecar::start(&[]);
+    let c = client(&sc);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let (today, in_two_days) = (tid_at(now), tid_at(now + 2 * 86_400));
+    fn future<T>(r: Result<T, ClientError>) -> bool {
+        matches!(
+            r,
+            Err(ClientError::Refused {
+                code: ErrorCode::FutureTid,
+                ..
+            })
+        )
+    }
+    assert!(future(c.attach("db", in_two_days, None)));
+    c.attach("db", today, None).unwrap();
+    assert!(future(c.report("db", today, in_two_days, vec![(1, in_two_days)])));
+    assert!(future(c.report("db", today, u64::MAX, vec![])));
+    assert!(future(c.resync("db", in_two_days)));
+    // Within the day: a clock a few hours ahead is served.
+    let later = tid_at(now + 3600);
+    assert_eq!(c.report("db", today, later, vec![(1, later)]).unwrap(), later);
+    let other = client(&sc);
+    let (state, h) = other.attach("db", later, None).unwrap();
+    assert_eq!(h, later, "{state:?}");
+    assert_eq!(c.connects(), 1, "the connection is kept");
 }
 
 #[test]
 fn a_gap_is_refused_and_the_connection_kept() {
     let sc = Sidecar::start(&[]);
     let c = client(&sc);
-    c.attach("db", 10).unwrap();
+    c.attach("db", 10, None).unwrap();
     let e = c.report("db", 11, 12, vec![(1, 12)]).unwrap_err();
     assert!(e.is_gap(), "{e}");
     assert_eq!(c.report("db", 10, 12, vec![(1, 12)]).unwrap(), 12);
@@ -180,7 +279,7 @@ fn a_gap_is_refused_and_the_connection_kept() {
 fn oversized_frame_gets_an_error_and_only_that_connection_closes() {
     let sc = Sidecar::start(&["--max-frame-mb", "1"]);
     let other = client(&sc);
-    other.attach("db", 1).unwrap();
+    other.attach("db", 1, None).unwrap();
     let mut s = raw(&sc.socket);
     hello(&mut s);
     s.write_all(&(2u32 << 20).to_be_bytes()).unwrap();
@@ -243,7 +342,7 @@ fn requests_before_hello_and_wrong_versions_are_refused() {
 fn bad_requests_are_refused_and_garbage_never_kills_the_sidecar() {
     let mut sc = Sidecar::start(&[]);
     let c = client(&sc);
-    c.attach("db", 10).unwrap();
+    c.attach("db", 10, None).unwrap();
     // A store that ends before it starts; a report with a change outside it.
     assert!(c.store("db", vec![item(1, 9, Some(9), 10, b"x")]).is_err());
     assert!(c.report("db", 10, 12, vec![(1, 13)]).is_err());
@@ -287,7 +386,7 @@ fn a_disconnecting_client_releases_its_views() {
     let watcher = client(&sc);
     {
         let c = client(&sc);
-        c.attach("db", 10).unwrap();
+        c.attach("db", 10, None).unwrap();
         c.register_view("db", 10);
         c.register_view("db", 12);
         let s = watcher.stats().unwrap();
@@ -310,10 +409,10 @@ fn a_disconnecting_client_releases_its_views() {
 fn databases_nobody_is_attached_to_make_room_for_new_ones() {
     let sc = Sidecar::start(&["--max-databases", "2"]);
     let first = client(&sc);
-    first.attach("a", 1).unwrap();
-    first.attach("b", 1).unwrap();
+    first.attach("a", 1, None).unwrap();
+    first.attach("b", 1, None).unwrap();
     let second = client(&sc);
-    let e = second.attach("c", 1).unwrap_err();
+    let e = second.attach("c", 1, None).unwrap_err();
     assert!(
         matches!(
             e,
@@ -326,7 +425,7 @@ fn databases_nobody_is_attached_to_make_room_for_new_ones() {
     );
     first.close();
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while second.attach("c", 1).is_err() {
+    while second.attach("c", 1, None).is_err() {
         assert!(std::time::Instant::now() < deadline, "a and b were never dropped");
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -338,7 +437,7 @@ fn databases_nobody_is_attached_to_make_room_for_new_ones() {
 fn a_view_holding_the_log_back_is_detached_and_registers_again_when_it_moves() {
     let sc = Sidecar::start(&["--max-log-changes", "10", "--reclaim-interval-ms", "20"]);
     let c = client(&sc);
-    c.attach("db", 10).unwrap();
+    c.attach("db", 10, None).unwrap();
     let old = c.register_view("db", 10);
     let changes: Vec<(u64, u64)> = (11..=40).map(|t| (t, t)).collect();
     c.report("db", 10, 40, changes).unwrap();
@@ -366,7 +465,7 @@ fn a_view_holding_the_log_back_is_detached_and_registers_again_when_it_moves() {
 fn a_lookup_answer_stays_within_half_a_frame_extra_oids_miss() {
     let sc = Sidecar::start(&["--max-frame-mb", "1"]);
     let c = client(&sc);
-    c.attach("db", 10).unwrap();
+    c.attach("db", 10, None).unwrap();
     let big = vec![7u8; 100 * 1024];
     c.store("db", vec![item(1, 10, None, 10, &big)]).unwrap();
     // 20 copies of a 100 KiB revision would be 2 MiB: only what fits in
@@ -393,6 +492,6 @@ fn the_client_refuses_an_oversized_answer_as_unavailable() {
         }
     });
     let c = Client::new(ClientConfig::new(&path));
-    let e = c.lookup("db", 1, vec![1]).unwrap_err();
+    let e = c.lookup_remote("db", 1, vec![1]).unwrap_err();
     assert!(e.to_string().contains("over the maximum"), "{e}");
 }

@@ -79,7 +79,7 @@ fn a_second_start_on_a_live_sidecar_changes_nothing() {
     let sc = Sidecar::start(&[]);
     let arena = sc.dir.path().join("cache.arena");
     let c = client(&sc.socket);
-    c.attach("db", 10).unwrap();
+    c.attach("db", 10, None).unwrap();
     c.store("db", vec![item(1, 5, Some(8), 10, b"closed")]).unwrap();
     assert_eq!(hit(&c, 1, 7).unwrap().state, b"closed");
     let before = header_bytes(&arena);
@@ -252,7 +252,7 @@ fn a_cache_file_that_is_not_an_arena_is_never_overwritten() {
 fn a_failing_start_leaves_a_warm_arena_as_it_was() {
     let sc = Sidecar::start(&[]);
     let c = client(&sc.socket);
-    c.attach("db", 10).unwrap();
+    c.attach("db", 10, None).unwrap();
     c.store("db", vec![item(1, 5, Some(8), 10, b"closed")]).unwrap();
     let (dir, socket) = sc.kill();
     let arena = dir.path().join("cache.arena");
@@ -280,7 +280,10 @@ fn a_failing_start_leaves_a_warm_arena_as_it_was() {
     // A normal start still finds it warm.
     let sc = Sidecar::start_at(dir, socket, &[]);
     let c = client(&sc.socket);
-    c.attach("db", 10).unwrap();
+    // The storage: oid 1 written at 5 and 8, the last transaction at 10.
+    let serial_at = |oid: u64, at: u64| (oid == 1).then_some(if at >= 8 { 8 } else { 5 });
+    let (state, _) = common::attach_proving(&c, "db", 10, serial_at, |at| [5, 8, 10].contains(&at)).unwrap();
+    assert_eq!(state, tidecache_client::protocol::AttachState::Joined);
     assert_eq!(hit(&c, 1, 7).unwrap().state, b"closed");
     assert!(sc.log().contains("re-attached the arena file"), "{}", sc.log());
 }
@@ -301,7 +304,7 @@ fn after_a_reboot_a_torn_arena_serves_only_revisions_really_stored() {
     let sc = Sidecar::start(&[]);
     let arena = sc.dir.path().join("cache.arena");
     let c = client(&sc.socket);
-    c.attach("db", 10).unwrap();
+    c.attach("db", 10, None).unwrap();
     let mut history = History::new();
     // Open at 5 (oids 1..=40), closed [3, 8) (oids 100..=120).
     let mut items = Vec::new();
@@ -358,7 +361,7 @@ fn after_a_reboot_a_torn_arena_serves_only_revisions_really_stored() {
         std::fs::write(&arena, &image).unwrap();
         let sc = Sidecar::start_at(dir, socket.clone(), &[]);
         let c = client(&sc.socket);
-        c.attach("db", 30).unwrap();
+        c.attach("db", 30, None).unwrap();
         let mut closed_hits = 0;
         for &oid in history.keys() {
             for view in [2, 3, 4, 7, 8, 9, 12, 14, 15, 16, 20, 25, 30] {

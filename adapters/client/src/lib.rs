@@ -5,8 +5,11 @@
 //! sidecar is absent, dead, restarting, slow or answers garbage, calls fail
 //! fast with [`ClientError::Unavailable`] so the caller falls back to its
 //! storage (invariant 8); the client reconnects by itself on a later call,
-//! re-attaches its databases with `Resync` (never a flush) and re-registers
-//! its views.
+//! re-attaches the databases it joined with `Resync` (never a flush) and
+//! re-registers its views. A database counts as joined only once an
+//! `Attach` was answered `Started` or `Joined` (with a proof, invariant 7):
+//! until then its lookups are unavailable, and reports and resyncs for it
+//! are refused locally ([`ClientError::NotAttached`]).
 //!
 //! Lookups do not use the socket: the sidecar's Hello names its arena file,
 //! which the client maps read-only, and [`Client::lookup_local`] finds the
@@ -84,6 +87,15 @@ pub enum ClientError {
         socket: String,
         /// What went wrong, for logs.
         reason: String,
+    },
+    /// A report or resync for a database this client has not joined (no
+    /// `Attach` answered `Started` or `Joined` yet): sent, it could move the
+    /// horizon of a history the client's storage was never proved to hold
+    /// (invariant 7). Attach (with a proof) first.
+    #[error("not attached to database {db:?}: attach (with a proof) first")]
+    NotAttached {
+        /// The database key.
+        db: String,
     },
     /// The sidecar refused the request with an error reply.
     #[error("tidecached refused the request ({code:?}): {message}")]
@@ -249,7 +261,10 @@ struct State {
     conn: Option<UnixStream>,
     down_until: Option<Instant>,
     next_id: u64,
-    /// Databases attached, and the newest tid the sidecar has from us.
+    /// Databases joined (an `Attach` answered `Started` or `Joined`), and
+    /// the newest tid the sidecar has from us: replayed as `Resync` on
+    /// reconnect. A database whose attach is unanswered, `Behind` or
+    /// `Prove` is not here.
     attached: HashMap<String, u64>,
     views: HashMap<u64, View>,
     next_view: u64,
@@ -589,26 +604,31 @@ impl Client {
     }
 
     /// Attaches to `db` with the storage's `lastTransaction()` (ZODB's
-    /// `registerDB` time). Returns what the sidecar did and its horizon.
+    /// `registerDB` time) and, after an [`AttachState::Prove`] answer, the
+    /// horizon `proven` the caller proved its storage holds. Returns what
+    /// the sidecar did and its horizon. Until an answer `Started` or
+    /// `Joined`, the database is not joined: its lookups are unavailable,
+    /// reports and resyncs for it are refused, and a reconnect does not
+    /// replay it (invariant 7: a replayed `Resync` would join without a
+    /// proof); attach again later.
     ///
     /// # Errors
-    /// [`ClientError::Unavailable`]; the attachment is remembered and
-    /// replayed (as `Resync`) on reconnect.
-    pub fn attach(&self, db: &str, last_tid: u64) -> Result<(AttachState, u64), ClientError> {
+    /// [`ClientError::Unavailable`], [`ClientError::Refused`].
+    pub fn attach(&self, db: &str, last_tid: u64, proven: Option<u64>) -> Result<(AttachState, u64), ClientError> {
         let p = self.proc();
         let mut st = p.lock();
-        let connected = self.ensure(&p, &mut st);
-        // Remembered after connecting, so this first attach is not replayed
-        // as a Resync; later reconnects replay it.
-        st.attached.insert(db.to_owned(), last_tid);
-        p.remember(&st);
-        connected?;
+        if st.attached.remove(db).is_some() | st.slots.remove(db).is_some() {
+            p.remember(&st);
+            self.publish(&p, &st);
+        }
+        self.ensure(&p, &mut st)?;
         match self.exchange(
             &p,
             &mut st,
             RequestBody::Attach {
                 db: db.to_owned(),
                 last_tid,
+                proven,
             },
         )? {
             ResponseBody::Attached {
@@ -617,8 +637,12 @@ impl Client {
                 slot,
                 identity,
             } => {
-                st.slots.insert(db.to_owned(), Slot { index: slot, identity });
-                self.publish(&p, &st);
+                if matches!(state, AttachState::Started | AttachState::Joined) {
+                    st.attached.insert(db.to_owned(), last_tid.max(horizon));
+                    p.remember(&st);
+                    st.slots.insert(db.to_owned(), Slot { index: slot, identity });
+                    self.publish(&p, &st);
+                }
                 Ok((state, horizon))
             }
             other => {
@@ -628,11 +652,19 @@ impl Client {
         }
     }
 
+    /// Whether `db` is joined (see [`Client::attach`]) and the connection
+    /// is up: what lookups in the arena need too. No lock.
+    pub fn is_attached(&self, db: &str) -> bool {
+        self.proc().plane.load().slots.contains_key(db)
+    }
+
     /// Looks up `oids` at `view` in `db`; one result per oid: in the mapped
     /// arena, or over the socket when the arena cannot be mapped.
     ///
     /// # Errors
-    /// [`ClientError`]: treat as all misses.
+    /// [`ClientError`]: treat as all misses; [`ClientError::NotAttached`]
+    /// while `db` is not joined (invariant 7: a storage not proved to hold
+    /// the sidecar's history is not served from it).
     pub fn lookup(&self, db: &str, view: u64, oids: Vec<u64>) -> Result<Vec<Option<Found>>, ClientError> {
         let local: Vec<Local> = oids.iter().map(|&oid| self.lookup_local(db, oid, view)).collect();
         if !local.contains(&Local::Unavailable) {
@@ -644,11 +676,16 @@ impl Client {
                 })
                 .collect());
         }
+        if !self.proc().lock().attached.contains_key(db) {
+            return Err(ClientError::NotAttached { db: db.to_owned() });
+        }
         self.lookup_remote(db, view, oids)
     }
 
     /// Looks up `oids` at `view` in `db` over the socket (the sidecar reads
-    /// its arena), in requests of at most [`protocol::MAX_LOOKUP_OIDS`] oids.
+    /// its arena), joined or not (for tools and tests; adapters use
+    /// [`Client::lookup`]), in requests of at most
+    /// [`protocol::MAX_LOOKUP_OIDS`] oids.
     ///
     /// # Errors
     /// [`ClientError`]: treat as all misses.
@@ -688,9 +725,13 @@ impl Client {
     /// [`ClientError::Refused`] with [`ErrorCode::Gap`] when `from` is past
     /// the horizon (see [`ClientError::is_gap`]): call [`Client::resync`].
     /// [`ClientError::Unavailable`]: the report is lost; resync later.
+    /// [`ClientError::NotAttached`]: `db` is not joined.
     pub fn report(&self, db: &str, from: u64, to: u64, changes: Vec<(u64, u64)>) -> Result<u64, ClientError> {
         let p = self.proc();
         let mut st = p.lock();
+        if !st.attached.contains_key(db) {
+            return Err(ClientError::NotAttached { db: db.to_owned() });
+        }
         self.ensure(&p, &mut st)?;
         match self.exchange(
             &p,
@@ -720,13 +761,14 @@ impl Client {
     /// returns `(restarted, horizon)`.
     ///
     /// # Errors
-    /// [`ClientError`].
+    /// [`ClientError`]; [`ClientError::NotAttached`] when `db` is not joined.
     pub fn resync(&self, db: &str, tid: u64) -> Result<(bool, u64), ClientError> {
         let p = self.proc();
         let mut st = p.lock();
-        if let Some(t) = st.attached.get_mut(db) {
-            *t = (*t).max(tid);
-        }
+        let Some(t) = st.attached.get_mut(db) else {
+            return Err(ClientError::NotAttached { db: db.to_owned() });
+        };
+        *t = (*t).max(tid);
         p.remember(&st);
         self.ensure(&p, &mut st)?;
         match self.exchange(&p, &mut st, RequestBody::Resync { db: db.to_owned(), tid })? {

@@ -153,8 +153,8 @@ impl Session {
     ///
     /// # Errors
     /// [`ClientError`].
-    pub fn attach(&self, last_tid: u64) -> Result<AttachState, ClientError> {
-        let (state, horizon) = self.client.attach(&self.database, last_tid)?;
+    pub fn attach(&self, last_tid: u64, proven: Option<u64>) -> Result<AttachState, ClientError> {
+        let (state, horizon) = self.client.attach(&self.database, last_tid, proven)?;
         self.horizon.store(horizon, Ordering::Relaxed);
         Ok(state)
     }
@@ -227,6 +227,11 @@ impl Session {
     /// if it was current at `view`) for the background sender; returns
     /// `false` if the queue was full (or not running) and the store dropped.
     pub fn store_later(&self, oid: u64, serial: u64, end: Option<u64>, state: Vec<u8>, view: u64) -> bool {
+        // A storage not proved to hold the sidecar's history must not store
+        // into it (invariant 7): nothing before the database is joined.
+        if !self.client.is_attached(&self.database) {
+            return false;
+        }
         let senders = self.senders();
         match self.queue(&senders) {
             Some(q) => q.push(

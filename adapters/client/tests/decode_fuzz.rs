@@ -153,7 +153,11 @@ fn valid_body(pick: u8, size: u8) -> Vec<u8> {
             version: PROTOCOL_VERSION,
             client: "fuzz".into(),
         }),
-        1 => req(RequestBody::Attach { db, last_tid: 1 << 60 }),
+        1 => req(RequestBody::Attach {
+            db,
+            last_tid: 1 << 60,
+            proven: None,
+        }),
         2 => req(RequestBody::Lookup {
             db,
             view: 99,

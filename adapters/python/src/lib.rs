@@ -43,7 +43,7 @@ type PyHit<'py> = Option<(u64, Bound<'py, PyBytes>)>;
 
 fn to_py(e: ClientError) -> PyErr {
     match &e {
-        ClientError::Unavailable { .. } => Unavailable::new_err(e.to_string()),
+        ClientError::Unavailable { .. } | ClientError::NotAttached { .. } => Unavailable::new_err(e.to_string()),
         _ if e.is_gap() => GapError::new_err(e.to_string()),
         _ => RefusedError::new_err(e.to_string()),
     }
@@ -61,7 +61,13 @@ fn to_py(e: ClientError) -> PyErr {
 #[pyclass(name = "Client", module = "tidecache._native", frozen)]
 struct PyClient {
     session: Session,
+    /// What the last `attach` answered `"prove"` asks about.
+    proof: std::sync::Mutex<Option<ProofRequest>>,
 }
+
+/// `(horizon, witness oids, open sample [(oid, serial)])` of a `"prove"`
+/// answer.
+type ProofRequest = (u64, Vec<u64>, Vec<(u64, u64)>);
 
 #[pymethods]
 impl PyClient {
@@ -73,6 +79,7 @@ impl PyClient {
         config.name = format!("python pid {}", std::process::id());
         PyClient {
             session: Session::new(config, database),
+            proof: std::sync::Mutex::new(None),
         }
     }
 
@@ -97,17 +104,53 @@ impl PyClient {
         self.session.is_connected()
     }
 
-    /// Attaches with the storage's `lastTransaction()` as an int; returns
-    /// `"started"` (a new database's log starts there), `"joined"`, or
-    /// `"behind"` (below the sidecar's horizon: the storage lags or was
-    /// restored; nothing changed). Raises `Unavailable`.
-    fn attach(&self, py: Python<'_>, last_tid: u64) -> PyResult<&'static str> {
-        let state = py.allow_threads(|| self.session.attach(last_tid)).map_err(to_py)?;
+    /// Attaches with the storage's `lastTransaction()` as an int and, after
+    /// a `"prove"` answer, `proven`: the horizon this process proved its
+    /// storage holds. Returns `"started"` (a new or flushed database's log
+    /// starts there), `"joined"`, `"behind"` (below the sidecar's horizon:
+    /// the storage lags or was restored; nothing changed), or `"prove"`:
+    /// nothing changed, prove what [`proof`] says and attach again with
+    /// `proven=horizon`, or `flush()` and attach again if the proof fails
+    /// (invariant 7). Until `"started"` or `"joined"`, lookups raise
+    /// `Unavailable`, `report` and `resync` too, and `store_later` drops.
+    /// Raises `Unavailable`, `RefusedError` (a tid a day past the
+    /// sidecar's clock).
+    #[pyo3(signature = (last_tid, proven = None))]
+    fn attach(&self, py: Python<'_>, last_tid: u64, proven: Option<u64>) -> PyResult<&'static str> {
+        let state = py
+            .allow_threads(|| self.session.attach(last_tid, proven))
+            .map_err(to_py)?;
+        let horizon = self.session.horizon();
+        let mut proof = self.proof.lock().unwrap_or_else(|p| p.into_inner());
+        *proof = None;
         Ok(match state {
             AttachState::Started => "started",
             AttachState::Joined => "joined",
             AttachState::Behind => "behind",
+            AttachState::Prove { witness, open_sample } => {
+                *proof = Some((horizon, witness, open_sample));
+                "prove"
+            }
         })
+    }
+
+    /// What the last `attach` answered `"prove"` asks: `(horizon, witness,
+    /// open_sample)`, `witness` a list of oids changed at exactly `horizon`
+    /// (`loadBefore(oid, horizon + 1)` must give serial `horizon`; empty:
+    /// the storage's iterator must have a transaction at `horizon`),
+    /// `open_sample` a list of `(oid, serial)` the sidecar holds open
+    /// (`loadBefore(oid, horizon + 1)` must give `serial`). `None` after any
+    /// other answer.
+    #[getter]
+    fn proof(&self) -> Option<ProofRequest> {
+        self.proof.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Whether this database is joined (an attach answered `"started"` or
+    /// `"joined"`) and the connection is up.
+    #[getter]
+    fn attached(&self) -> bool {
+        self.session.client().is_attached(self.session.database())
     }
 
     /// `(serial, state)` of the revision of `oid` visible at `view`, or
@@ -163,7 +206,9 @@ impl PyClient {
     }
 
     /// Queues a store for the background sender (batched, off the caller's
-    /// path). Returns False if the queue was full and the store dropped.
+    /// path). Returns False if the store was dropped: the queue was full, or
+    /// the database is not joined (a storage not proved to hold the
+    /// sidecar's history must not store into it, invariant 7).
     #[pyo3(signature = (oid, serial, end, state, view))]
     fn store_later(&self, oid: u64, serial: u64, end: Option<u64>, state: Vec<u8>, view: u64) -> bool {
         self.session.store_later(oid, serial, end, state, view)

@@ -11,6 +11,7 @@ import ZODB.config
 import ZODB.FileStorage
 import ZODB.MappingStorage
 from persistent.mapping import PersistentMapping
+from ZODB.utils import p64
 from ZODB.utils import u64
 
 import tidecache
@@ -282,3 +283,169 @@ def test_database_keys(tmp_path):
     assert database_key(m).startswith("MappingStorage:")
     assert str(os.getpid()) in database_key(m)
     assert database_key(m) != database_key(ZODB.MappingStorage.MappingStorage())
+
+
+def history_tids(base):
+    """Every transaction's tid in ``base``, oldest first, and every oid."""
+    tids, oids = [], set()
+    it = base.iterator()
+    try:
+        for txn in it:
+            tids.append(u64(txn.tid))
+            oids.update(u64(r.oid) for r in txn)
+    finally:
+        getattr(it, "close", lambda: None)()
+    return tids, sorted(oids)
+
+
+def assert_hits_match_load_before(storage):
+    """Invariant 1 for every oid of the storage at every view its history
+    can give a connection: a hit is what ``loadBefore(oid, view + 1)``
+    returns."""
+    base = storage._storage
+    tids, oids = history_tids(base)
+    client = storage._tc_client
+    checked = 0
+    for view in tids:
+        for oid in oids:
+            try:
+                hit = client.lookup(oid, view)
+            except tidecache.TideCacheError:
+                hit = None
+            if hit is None:
+                continue
+            r = base.loadBefore(p64(oid), p64(view + 1))
+            assert r is not None, "hit for oid %d at %d where loadBefore has nothing" % (oid, view)
+            assert (hit[0], hit[1]) == (u64(r[1]), r[0]), "oid %d at view %d" % (oid, view)
+            checked += 1
+    return checked
+
+
+def restore_file(tmp_path, backup):
+    import shutil
+
+    shutil.copy(backup, tmp_path / "Data.fs")
+    for suffix in (".index", ".tmp", ".lock"):
+        p = tmp_path / ("Data.fs" + suffix)
+        if p.exists():
+            p.unlink()
+
+
+def commit_without_tidecache(tmp_path, key="other", value=0):
+    plain = ZODB.DB(ZODB.FileStorage.FileStorage(str(tmp_path / "Data.fs")))
+    with plain.transaction() as c:
+        c.root()[key] = PersistentMapping(x=value)
+    plain.close()
+
+
+def test_a_restored_backup_with_a_newer_commit_is_not_served_the_old_history(tmp_path, sidecar):
+    """Invariant 7: a backup restored over Data.fs, then one commit made
+    without tidecache (its tid is past the sidecar's horizon): the adapter
+    must not join the old history, whose "after the backup" state the
+    sidecar holds open."""
+    import shutil
+
+    storage, db = make_db(tmp_path, sidecar.socket)
+    with db.transaction() as c:
+        c.root()["doc"] = PersistentMapping(x="backed up")
+    db.close()
+    shutil.copy(tmp_path / "Data.fs", tmp_path / "backup.fs")
+    storage, db = make_db(tmp_path, sidecar.socket)
+    with db.transaction() as c:
+        c.root()["doc"]["x"] = "after the backup"
+    assert read_fresh(db) == "after the backup"
+    assert read_fresh(db) == "after the backup"
+    assert storage.cache_stats()["hits"] >= 1
+    db.close()
+    restore_file(tmp_path, tmp_path / "backup.fs")
+    commit_without_tidecache(tmp_path)
+    storage, db = make_db(tmp_path, sidecar.socket)
+    wait_horizon(storage)
+    assert read_fresh(db) == "backed up"
+    assert read_fresh(db) == "backed up"
+    assert_hits_match_load_before(storage)
+    assert storage.cache_stats()["flushes"] == 1
+    db.close()
+
+
+def wait_horizon(storage):
+    """Waits (bounded) until the sidecar's horizon for this database is the
+    storage's lastTransaction (a catch-up runs in the background)."""
+    last = u64(storage.lastTransaction())
+    deadline = time.time() + 10
+    while True:
+        s = storage._tc_client.stats()["databases"].get(storage._tc_client.database) or {}
+        if s.get("horizon") == last:
+            return
+        assert time.time() < deadline, "the sidecar's horizon never reached %d: %s" % (last, s)
+        time.sleep(0.02)
+
+
+def test_another_file_copied_to_the_same_path_is_not_served_the_old_history(tmp_path, sidecar):
+    """Invariant 7: a copy of another database (production copied over
+    staging) at the same path, newer than the sidecar's horizon: same key,
+    newer tid, another history. The proof fails and the database is
+    flushed."""
+    (tmp_path / "staging").mkdir()
+    (tmp_path / "production").mkdir()
+    production = ZODB.DB(ZODB.FileStorage.FileStorage(str(tmp_path / "production" / "Data.fs")))
+    with production.transaction() as c:
+        c.root()["doc"] = PersistentMapping(x="production")
+    storage, db = make_db(tmp_path / "staging", sidecar.socket)
+    with db.transaction() as c:
+        c.root()["doc"] = PersistentMapping(x="staging")
+    assert read_fresh(db) == "staging"
+    assert read_fresh(db) == "staging"
+    db.close()
+    # Production commits once more (its last tid is past the sidecar's
+    # horizon), then is copied over staging.
+    with production.transaction() as c:
+        c.root()["other"] = PersistentMapping(x=0)
+    production.close()
+    restore_file(tmp_path / "staging", tmp_path / "production" / "Data.fs")
+    storage, db = make_db(tmp_path / "staging", sidecar.socket)
+    wait_horizon(storage)
+    assert read_fresh(db) == "production"
+    assert read_fresh(db) == "production"
+    assert_hits_match_load_before(storage)
+    assert storage.cache_stats()["flushes"] == 1
+    db.close()
+
+
+def test_a_process_that_could_not_attach_joins_later_with_a_proof(tmp_path, sidecar):
+    """A storage opened while the sidecar is down is not joined: it
+    reports, stores and looks up nothing (a reconnect must not join it
+    without a proof), and attaches again, with a proof, from a connection's
+    poll once the sidecar is back."""
+    import tidecache.storage
+
+    first, db1 = make_db(tmp_path, sidecar.socket)
+    with db1.transaction() as c:
+        c.root()["doc"] = PersistentMapping(x=1)
+    assert read_fresh(db1) == 1
+    assert read_fresh(db1) == 1
+    db1.close()
+    sidecar.kill()
+    second, db2 = make_db(tmp_path, sidecar.socket)
+    assert not second.cache_stats()["joined"]
+    # Restarted on its file: the horizon is the first storage's, which this
+    # storage's history holds; this storage commits past it meanwhile.
+    sidecar.start()
+    with db2.transaction() as c:
+        c.root()["doc"]["x"] = 2
+    deadline = time.time() + 10
+    while not second.cache_stats()["joined"]:
+        assert time.time() < deadline, "never joined: %s" % second.cache_stats()
+        assert read_fresh(db2) == 2
+        tidecache.storage.time.sleep(0.05)
+    wait_horizon(second)
+    assert second.cache_stats()["proofs"] >= 1
+    assert second.cache_stats()["flushes"] == 0
+    # Served from the sidecar now (a busy machine may time a call out:
+    # bounded polling for the first hit).
+    deadline = time.time() + 10
+    while second.cache_stats()["hits"] == 0:
+        assert time.time() < deadline, "never served: %s" % second.cache_stats()
+        assert read_fresh(db2) == 2
+    assert_hits_match_load_before(second)
+    db2.close()

@@ -91,3 +91,46 @@ def test_without_an_iterator_the_open_revisions_are_dropped(tmp_path, sidecar, c
     for k in KEYS:
         assert read_fresh(db, k) == (1 if k in "bd" else 0), k
     db.close()
+
+
+def test_a_catch_up_over_a_range_another_process_packed_resyncs(tmp_path, sidecar, caplog):
+    """FileStorage's iterator after a pack by another process: transactions
+    before the pack time lose their superseded records (those left with none
+    disappear, the others carry status "p"), so the range is no longer
+    every change with its exact tid. The catch-up must resync rather than
+    report it as exact: an open revision changed in a vanished transaction
+    would otherwise be closed too late, and served at views where the
+    storage has nothing."""
+    from ZODB.utils import p64
+
+    storage, db = make_db(tmp_path, sidecar.socket)
+    with db.transaction() as c:
+        c.root()["x"] = PersistentMapping(x=0)
+    with db.transaction() as c:
+        x_oid = c.root()["x"]._p_oid
+        for k in "klmno":
+            c.root()[k] = PersistentMapping(x=0)
+    for k in "xklmno":
+        assert read_fresh(db, k) == 0
+    db.close()
+    # Another process changes x twice, then packs: the first change's
+    # transaction vanishes, the second's is marked packed.
+    plain = ZODB.DB(ZODB.FileStorage.FileStorage(str(tmp_path / "Data.fs")))
+    tids = []
+    for v in (1, 2):
+        with plain.transaction() as c:
+            c.root()["x"]["x"] = v
+        tids.append(u64(plain.storage.lastTransaction()))
+    plain.pack(time.time() + 1)
+    plain.close()
+    caplog.set_level(logging.INFO, logger="tidecache")
+    storage, db = make_db(tmp_path, sidecar.socket)
+    wait_caught_up(storage)
+    assert storage.cache_stats()["flushes"] == 0, "joined by a proof, not flushed"
+    # At the vanished transaction's tid the storage has no revision of x:
+    # neither may the sidecar.
+    assert storage._storage.loadBefore(x_oid, p64(tids[0] + 1)) is None
+    assert storage._tc_client.lookup(u64(x_oid), tids[0]) is None
+    assert "cannot catch the sidecar up" in caplog.text
+    assert read_fresh(db, "x") == 2
+    db.close()

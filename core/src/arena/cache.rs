@@ -273,6 +273,52 @@ impl ArenaCache {
         self.log.log_start()
     }
 
+    /// The horizon and up to four oids changed at exactly it
+    /// ([`InvalidationLog::witness`]; empty after a restart: it lives in
+    /// memory only), `None` before the log started.
+    pub fn witness(&self) -> Option<(Tid, Vec<Oid>)> {
+        self.log.witness()
+    }
+
+    /// The `limit` open revisions of this database with the highest serials,
+    /// `(oid, serial)`, highest first: a scan of every segment under the
+    /// writer's lock (done once, when a reopened file's database is first
+    /// used, to seed the attach rule's open sample).
+    pub fn open_revisions(&self, limit: usize) -> Vec<(Oid, Tid)> {
+        let found = std::cell::RefCell::new(std::collections::BTreeSet::new());
+        let slot = self.slot.index;
+        self.arena.writer().remove_where(|r| {
+            if r.slot == slot && r.end == OPEN {
+                let mut f = found.borrow_mut();
+                f.insert((r.serial, r.oid));
+                if f.len() > limit {
+                    f.pop_first();
+                }
+            }
+            false
+        });
+        found
+            .into_inner()
+            .into_iter()
+            .rev()
+            .map(|(s, o)| (Oid(o), Tid(s)))
+            .collect()
+    }
+
+    /// `(serial, end)` of the revision of `oid` visible at `view`, without
+    /// counting a hit or a read (the attach rule's open sample).
+    pub fn revision_at(&self, oid: Oid, view: Tid) -> Option<(Tid, Option<Tid>)> {
+        reader::lookup(
+            self.arena.memory.words(),
+            &self.arena.geometry,
+            self.slot,
+            oid.0,
+            view.0,
+        )
+        .ok()
+        .map(|f| (Tid(f.serial), f.end.map(Tid)))
+    }
+
     /// Changes held in the log.
     pub fn log_len(&self) -> usize {
         self.log.len()

@@ -89,3 +89,32 @@ pub fn item(oid: u64, serial: u64, end: Option<u64>, view: u64, state: &[u8]) ->
         state: state.to_vec(),
     }
 }
+
+/// Attaches `db` at `last` as the Python adapter does (invariant 7): when
+/// the sidecar asks for a proof of its horizon `H`, `serial_at(oid, H)`
+/// (the storage's `loadBefore(oid, H + 1)` serial) answers it, and
+/// `committed_at(H)` says whether the storage has a transaction at `H`; a
+/// failed proof flushes the database. Returns the final state and horizon.
+pub fn attach_proving(
+    c: &tidecache_client::Client,
+    db: &str,
+    last: u64,
+    serial_at: impl Fn(u64, u64) -> Option<u64>,
+    committed_at: impl Fn(u64) -> bool,
+) -> Result<(tidecache_client::protocol::AttachState, u64), tidecache_client::ClientError> {
+    use tidecache_client::protocol::AttachState;
+    let (state, horizon) = c.attach(db, last, None)?;
+    let AttachState::Prove { witness, open_sample } = &state else {
+        return Ok((state, horizon));
+    };
+    let h = horizon;
+    let proved = witness.iter().all(|&oid| serial_at(oid, h) == Some(h))
+        && (!witness.is_empty() || committed_at(h))
+        && open_sample.iter().all(|&(oid, s)| serial_at(oid, h) == Some(s));
+    if proved {
+        c.attach(db, last, Some(h))
+    } else {
+        c.flush(db)?;
+        c.attach(db, last, None)
+    }
+}

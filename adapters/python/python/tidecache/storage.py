@@ -53,7 +53,18 @@ RESTORE_GRACE_SECONDS = 2.0
 #: iterator (after a sidecar restart).
 CATCH_UP_CHUNK = 1000
 
-_STAT_KEYS = ("hits", "misses", "stores", "invalidations", "resyncs", "unavailable")
+#: Proofs tried in a row while the sidecar's horizon keeps moving (other
+#: processes commit meanwhile); past them the attach is retried later.
+PROOF_ATTEMPTS = 5
+
+#: Seconds between attach retries (from ``poll_invalidations``) while this
+#: storage is not joined to its database in the sidecar; after an attempt
+#: that found the sidecar unavailable (which costs nothing: the client
+#: fails at once while it waits to reconnect), ``RETRY_UNAVAILABLE``.
+REJOIN_INTERVAL = 1.0
+RETRY_UNAVAILABLE = 0.25
+
+_STAT_KEYS = ("hits", "misses", "stores", "invalidations", "resyncs", "unavailable", "proofs", "flushes")
 
 #: Live storages, for the fork hook below.
 _live = weakref.WeakSet()
@@ -131,13 +142,23 @@ class TideCacheStorage(MVCCAdapter):
         self._tc_client = Client(socket, database or database_key(base), timeout_ms)
         self._tc_stats = _Stats()
         self._tc_lock = threading.Lock()
-        # Until lastTransaction is read, invalidations are held back here.
+        # Only one attach (with its proof) at a time; a retry never waits.
+        self._tc_join_lock = threading.Lock()
+        # Whether an attach was answered "started" or "joined": until then
+        # nothing is reported, stored or looked up (invariant 7).
+        self._tc_joined = False
+        self._tc_next_join = 0.0
+        self._tc_behind_since = None
+        self._tc_unavailable = False
+        # The newest tid reported (or skipped while not joined); None until
+        # the first attach.
         self._tc_reported = None
-        self._tc_pending = []
         self._tc_resync = False
-        # While the sidecar's horizon is filled in from the storage's
-        # iterator (after a sidecar restart), live reports wait here.
-        self._tc_held = None
+        self._tc_generation = None
+        # While attaching, and while the sidecar's horizon is filled in from
+        # the storage's iterator (after a sidecar restart), live reports
+        # wait here.
+        self._tc_held = []
         self._tc_direct = {}
         _live.add(self)
         for iface in zope.interface.providedBy(base):
@@ -145,56 +166,163 @@ class TideCacheStorage(MVCCAdapter):
         # Calls base.registerDB(self): base's invalidations come here from now
         # on. lastTransaction is read after that, so no transaction falls
         # between the two (ZODB >= 5.6: lastTransaction moves only after its
-        # invalidations were delivered); those delivered meanwhile are
-        # reported in order below.
+        # invalidations were delivered); those delivered meanwhile are held
+        # and reported in order after the attach.
         MVCCAdapter.__init__(self, base)
-        last = self._tc_attach(base)
-        horizon = self._tc_client.horizon
-        with self._tc_lock:
-            self._tc_generation = self._tc_connection_generation()
-            self._tc_reported = last
-            if 0 < horizon < last:
-                self._tc_held = []
-            pending, self._tc_pending = self._tc_pending, None
-            for t, oids in pending:
-                self._tc_report_locked(t, oids)
-        if 0 < horizon < last:
-            self._tc_catch_up(base, horizon, last)
+        with self._tc_join_lock:
+            self._tc_join(wait=True)
 
-    def _tc_attach(self, base):
-        """Attaches to the sidecar with ``base.lastTransaction()`` and returns
-        the tid attached at.
+    def _tc_join(self, wait):
+        """Attaches to the sidecar (with a proof, :meth:`_tc_attach`) at the
+        newest tid this storage has: its ``lastTransaction``, or a newer tid
+        already delivered. Live reports are held meanwhile; once attached,
+        a sidecar whose horizon is behind is caught up from the storage's
+        iterator (:meth:`_tc_catch_up`), then the held reports are sent.
+        Called with ``_tc_join_lock`` held, and with ``_tc_held`` a list."""
+        base = self._storage
+        with self._tc_lock:
+            generation = self._tc_connection_generation()
+            # Everything up to the tid attached at is covered by the attach
+            # (and the catch-up): the flag of the time before is obsolete.
+            self._tc_resync = False
+            known = self._tc_reported or 0
+        last = max(u64(base.lastTransaction()), known)
+        last, joined = self._tc_attach(base, last, wait)
+        horizon = self._tc_client.horizon
+        if joined:
+            # Joined in the sidecar; reports stay held until the catch-up
+            # (if any) is done. A child forked meanwhile (whose catch-up
+            # thread is gone) is joined and resyncs (``_tc_after_fork``).
+            with self._tc_lock:
+                self._tc_joined = True
+                self._tc_reported = max(last, self._tc_reported or 0)
+                self._tc_generation = generation
+        if joined and 0 < horizon < last:
+            self._tc_catch_up(base, horizon, last, generation)
+        else:
+            self._tc_release(last, generation, joined)
+
+    def _tc_release(self, last, generation, joined, resync=False):
+        """Ends an attach (and its catch-up) at ``last``: reports held
+        meanwhile that are newer are sent."""
+        with self._tc_lock:
+            self._tc_joined = joined
+            self._tc_reported = max(last, self._tc_reported or 0)
+            self._tc_generation = generation
+            self._tc_resync = self._tc_resync or resync
+            held, self._tc_held = self._tc_held, None
+            for t, oids in held or ():
+                self._tc_report_locked(t, oids)
+
+    def _tc_rejoin(self):
+        """Attaches again if the first attach never joined (the sidecar was
+        unavailable, or its horizon kept moving during the proof): at most
+        once per ``REJOIN_INTERVAL``, from a connection's poll, never
+        waiting for another thread's attempt."""
+        now = time.monotonic()
+        if now < self._tc_next_join or not self._tc_join_lock.acquire(blocking=False):
+            return
+        try:
+            self._tc_next_join = now + REJOIN_INTERVAL
+            with self._tc_lock:
+                if self._tc_joined or self._tc_held is not None:
+                    return
+                self._tc_held = []
+            self._tc_join(wait=False)
+            if self._tc_unavailable:
+                self._tc_next_join = time.monotonic() + RETRY_UNAVAILABLE
+        except Exception:  # never let a retry break a connection's poll
+            logger.exception("tidecache: attaching %s again failed", self._tc_client.database)
+            with self._tc_lock:
+                if self._tc_held is not None and not self._tc_joined:
+                    held, self._tc_held = self._tc_held, None
+                    for t, oids in held:
+                        self._tc_report_locked(t, oids)
+        finally:
+            self._tc_join_lock.release()
+
+    def _tc_attach(self, base, last, wait):
+        """Attaches to the sidecar at ``last`` and returns ``(last, joined)``:
+        the tid attached at and whether the database is joined ("started"
+        or "joined").
 
         Below the sidecar's horizon, the storage either lags (a ZEO client
         that has not yet heard of commits another process reported) or was
-        restored from a backup. It is polled for up to
-        ``RESTORE_GRACE_SECONDS``; if it catches up, it joins; if not, the
+        restored from a backup. With ``wait`` it is polled for up to
+        ``RESTORE_GRACE_SECONDS``; if it catches up, it goes on; if not, the
         database is flushed in the sidecar before anything is served from it
-        (invariant 7 of docs/invariants.md)."""
+        (invariant 7 of docs/invariants.md). Without ``wait`` (a retry), it stays not
+        joined until a later retry, the grace counted from the first.
+
+        At or past the horizon, the sidecar asks for a proof that this
+        storage's history holds its horizon transaction (:meth:`_tc_prove`);
+        a failed proof flushes the database (a backup restored and
+        committed to since, another file at the same path)."""
         client = self._tc_client
-        last = u64(base.lastTransaction())
+        self._tc_unavailable = False
         try:
-            state = client.attach(last)
+            try:
+                state = client.attach(last)
+            except Unavailable as e:
+                # A sidecar that answers slowly (a busy host) is tried once
+                # more at start, after the client's wait before reconnecting;
+                # an absent one (refused connect) is not waited for.
+                if not wait or "connect:" in str(e):
+                    raise
+                time.sleep(RETRY_UNAVAILABLE + 0.01)
+                state = client.attach(last)
             deadline = time.monotonic() + RESTORE_GRACE_SECONDS
-            while state == "behind" and time.monotonic() < deadline:
+            while state == "behind" and wait and time.monotonic() < deadline:
                 time.sleep(0.02)
                 sync = getattr(base, "sync", None)
                 if sync is not None:
                     sync()
-                last = u64(base.lastTransaction())
+                last = max(last, u64(base.lastTransaction()))
                 state = client.attach(last)
+            if state == "behind" and not wait:
+                since = self._tc_behind_since or time.monotonic()
+                self._tc_behind_since = since
+                if time.monotonic() - since < RESTORE_GRACE_SECONDS:
+                    return last, False
             if state == "behind":
                 logger.warning(
-                    "tidecache: %s's lastTransaction %s stays below the sidecar's horizon: "
+                    "tidecache: %s's lastTransaction %s stays below the sidecar's horizon %s: "
                     "restored from a backup? Flushing the database in the sidecar.",
-                    client.database, tid_repr(p64(last)))
-                client.flush()
+                    client.database, tid_repr(p64(last)), tid_repr(p64(client.horizon)))
+                self._tc_flush()
                 state = client.attach(last)
+            self._tc_behind_since = None
+            attempts = 0
+            while state == "prove" and attempts < PROOF_ATTEMPTS:
+                attempts += 1
+                horizon, witness, sample = client.proof
+                proved, how = self._tc_prove(base, horizon, witness, sample)
+                self._tc_stats.proofs += 1
+                if proved:
+                    logger.info("tidecache: %s holds the sidecar's horizon %s (proved by %s)",
+                                client.database, tid_repr(p64(horizon)), how)
+                    state = client.attach(last, horizon)
+                else:
+                    logger.warning(
+                        "tidecache: %s does not hold the sidecar's horizon transaction %s (%s): "
+                        "another history (a restored backup committed to since, another file at "
+                        "the same path?). Flushing the database in the sidecar.",
+                        client.database, tid_repr(p64(horizon)), how)
+                    self._tc_flush()
+                    state = client.attach(last)
             logger.info("tidecache: %s attached to %s (%s) at %s", client.database, self._tc_socket,
                         state, tid_repr(p64(last)))
+            if state not in ("started", "joined"):
+                logger.info("tidecache: %s not joined yet (%s); running from the base storage, "
+                            "retrying later", client.database, state)
+            return last, state in ("started", "joined")
         except TideCacheError as e:
-            logger.warning("tidecache: sidecar unavailable, running from the base storage: %s", e)
-        return last
+            # A retry (not waiting) while the sidecar is down says so once,
+            # at the first attach.
+            (logger.warning if wait else logger.debug)(
+                "tidecache: sidecar unavailable, running from the base storage: %s", e)
+            self._tc_unavailable = True
+            return last, False
 
     def _tc_after_fork(self):
         """In a forked child (gunicorn ``--preload``, uwsgi): new locks in
@@ -206,6 +334,7 @@ class TideCacheStorage(MVCCAdapter):
         resync."""
         in_flight = self._tc_lock.locked() or self._tc_held is not None
         self._tc_lock = threading.Lock()
+        self._tc_join_lock = threading.Lock()
         # ZODB's MVCCAdapter guards _instances with _lock, and each
         # instance its invalidations with its own _lock.
         self._lock = threading.Lock()
@@ -215,19 +344,91 @@ class TideCacheStorage(MVCCAdapter):
             self._tc_held = None
             self._tc_resync = True
 
-    def _tc_catch_up(self, base, horizon, last):
+    def _tc_flush(self):
+        self._tc_stats.flushes += 1
+        self._tc_client.flush()
+
+    def _tc_prove(self, base, horizon, witness, sample):
+        """Whether ``base`` provably holds the sidecar's horizon transaction
+        ``horizon`` (invariant 7); returns ``(proved, how)``.
+
+        (a) The storage has a transaction with tid exactly ``horizon``: for
+        each ``witness`` oid (changed at ``horizon``), ``loadBefore(oid,
+        horizon + 1)`` returns serial ``horizon``; with no witness, the
+        storage's iterator yields a transaction with tid ``horizon`` that no
+        pack has rewritten (status ``"p"``). (b) For each ``(oid, serial)`` of
+        ``sample`` (open revisions the sidecar holds), ``loadBefore(oid,
+        horizon + 1)`` returns ``serial``.
+
+        Tids are timestamps, unique to a history: a storage that holds the
+        transaction ``horizon`` holds the history up to it. Where (a) cannot
+        be done (no witness, and no iterator), (b) alone is used, which is
+        weaker: it proves the newest open revisions the sidecar serves are
+        this storage's, which catches a restored backup, but not another
+        file whose history shares those revisions. With nothing to check at
+        all, it is not proved. Any error, ``None`` or mismatch is no proof."""
+
+        def serial_at(oid):
+            r = base.loadBefore(p64(oid), p64(horizon + 1))
+            return None if r is None else u64(r[1])
+
+        try:
+            if witness:
+                how = "the horizon transaction's oids"
+                proved = all(serial_at(o) == horizon for o in witness)
+            else:
+                has = self._tc_has_transaction(base, horizon)
+                if has is None:
+                    if not sample:
+                        return False, "no witness, no iterator, no open revision to check"
+                    how = "the open revisions only (weaker: no witness, no iterator)"
+                    proved = True
+                else:
+                    how = "the transaction iterator"
+                    proved = has
+            if proved and sample:
+                proved = all(serial_at(o) == s for o, s in sample)
+            return proved, how
+        except Exception as e:
+            return False, "the proof failed: %r" % (e,)
+
+    @staticmethod
+    def _tc_has_transaction(base, tid):
+        """Whether ``base``'s iterator has an unpacked transaction with tid
+        exactly ``tid``; ``None`` if the storage cannot iterate."""
+        iterator = getattr(base, "iterator", None)
+        if iterator is None:
+            return None
+        try:
+            it = iterator(p64(tid), p64(tid))
+        except NotImplementedError:
+            return None
+        try:
+            for txn in it:
+                return u64(txn.tid) == tid and getattr(txn, "status", " ") != "p"
+            return False
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+    def _tc_catch_up(self, base, horizon, last, generation):
         """The sidecar's horizon is behind this storage (it restarted and
         re-attached its arena file, or other processes have not reported
         yet): reports ``(horizon, last]`` from the storage's transaction
         iterator, in a background thread and in chunks, so the sidecar's
         open revisions answer again without waiting; live reports are held
-        meanwhile and sent after. A storage without an iterator, or an
-        iterator that fails, gets a resync instead: the sidecar drops its
-        open revisions (closed ones stay valid)."""
+        meanwhile and sent after. A storage without an iterator, an iterator
+        that fails, or one whose range was packed (another process packed
+        the storage: transactions before the pack time lost their superseded
+        records, or disappeared, and those left carry status ``"p"``; their
+        changes are no longer exact) gets a resync instead: the sidecar
+        drops its open revisions (closed ones stay valid)."""
         iterator = getattr(base, "iterator", None)
 
         def run():
             frm, sent, changes, started = horizon, 0, [], time.monotonic()
+            resync = False
             try:
                 if iterator is None:
                     raise TypeError("%r has no transaction iterator" % (base,))
@@ -237,6 +438,9 @@ class TideCacheStorage(MVCCAdapter):
                         t = u64(txn.tid)
                         if t > last:
                             break
+                        if getattr(txn, "status", " ") == "p":
+                            raise ValueError("transaction %s was packed: its changes are incomplete"
+                                             % tid_repr(txn.tid))
                         changes.extend((u64(r.oid), t) for r in txn)
                         sent += 1
                         if sent % CATCH_UP_CHUNK == 0:
@@ -259,13 +463,9 @@ class TideCacheStorage(MVCCAdapter):
                     self._tc_stats.resyncs += 1
                     self._tc_client.resync(last)
                 except TideCacheError:
-                    with self._tc_lock:
-                        self._tc_resync = True
+                    resync = True
             finally:
-                with self._tc_lock:
-                    held, self._tc_held = self._tc_held, None
-                    for t, oids in held or ():
-                        self._tc_report_locked(t, oids)
+                self._tc_release(last, generation, True, resync)
 
         threading.Thread(target=run, name="tidecache-catch-up", daemon=True).start()
 
@@ -438,9 +638,7 @@ class TideCacheStorage(MVCCAdapter):
     def _tc_report(self, tid, oids):
         """Reports the commit ``tid`` of ``oids`` as ``(previous, tid]``."""
         with self._tc_lock:
-            if self._tc_reported is None:
-                self._tc_pending.append((u64(tid), list(oids)))
-            elif self._tc_held is not None:
+            if self._tc_held is not None:
                 self._tc_held.append((u64(tid), list(oids)))
             else:
                 self._tc_report_locked(u64(tid), oids)
@@ -452,9 +650,18 @@ class TideCacheStorage(MVCCAdapter):
         return getattr(self._storage, "_connection_generation", None)
 
     def _tc_report_locked(self, t, oids):
+        if self._tc_reported is None:
+            # Forked during the first attach: not known where the sidecar
+            # stands; this storage attaches again from a poll.
+            self._tc_reported, self._tc_joined = t, False
+            return
         if t <= self._tc_reported:
             return
         frm, self._tc_reported = self._tc_reported, t
+        if not self._tc_joined:
+            # Not attached: nothing may be reported; the next attach covers
+            # this commit (it attaches at the newest tid delivered).
+            return
         self._tc_stats.invalidations += len(oids)
         generation = self._tc_connection_generation()
         if generation != self._tc_generation:
@@ -491,10 +698,15 @@ class TideCacheStorage(MVCCAdapter):
     def cache_stats(self):
         """Counters of this storage: ``hits``, ``misses``, ``stores``,
         ``invalidations`` (changes reported), ``resyncs``, ``unavailable``
-        (calls that found no sidecar), ``database`` (the key), and
+        (calls that found no sidecar, or a database not joined yet),
+        ``proofs`` (proofs of the sidecar's horizon tried), ``flushes``
+        (the database flushed at attach: a restored backup, a failed
+        proof), ``joined`` (whether the database is joined in the sidecar),
+        ``database`` (the key), and
         ``sidecar``: the sidecar's counters for this database, or ``None``
         when it is unavailable."""
         d = self._tc_stats.as_dict()
+        d["joined"] = self._tc_joined
         d["database"] = self._tc_client.database
         try:
             self._tc_client.wait_for_stores(1000)
@@ -515,12 +727,15 @@ class TideCacheInstance(MVCCAdapterInstance):
         MVCCAdapterInstance.__init__(self, base)
         self._tc_client = base._tc_client
         self._tc_stats = base._tc_stats
+        self._tc_base = base
         self._tc_at = None
 
     def poll_invalidations(self):
         """ZODB's poll (new transaction): moves the view to the storage's
         ``lastTransaction`` and registers or advances it with the sidecar."""
         result = MVCCAdapterInstance.poll_invalidations(self)
+        if not self._tc_base._tc_joined:
+            self._tc_base._tc_rejoin()
         view = u64(self._start) - 1
         if self._tc_view is None:
             self._tc_view = self._tc_client.register_view(view)
