@@ -29,7 +29,7 @@ enum Command {
         #[arg(long)]
         socket: PathBuf,
         /// Size of the arena, MiB, all databases together: states plus 40
-        /// bytes per revision, the bucket array (1/256 of it) and the
+        /// bytes per revision, the bucket array (1/256 to 1/128 of it) and the
         /// database table. Between 1 and 32768. Allocated at start: if the
         /// mount of the arena file (/dev/shm: 64 MiB in a default Docker
         /// container) has less free, the start fails with an error naming

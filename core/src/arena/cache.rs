@@ -92,7 +92,6 @@ struct Counters {
     stores: AtomicU64,
     refused: AtomicU64,
     invalidations: AtomicU64,
-    reclaimed: AtomicU64,
 }
 
 fn bump(c: &AtomicU64, n: u64) {
@@ -327,12 +326,12 @@ impl ArenaCache {
     /// Counters and sizes (entries and bytes of this database's slot).
     pub fn stats(&self) -> CacheStats {
         let c = &self.counters;
-        let (entries, bytes) = {
+        let ((entries, bytes), dropped) = {
             let w = self.arena.writer();
             if w.holds(self.slot) {
-                w.slot_usage(self.slot.index)
+                (w.slot_usage(self.slot.index), w.slot_dropped(self.slot.index))
             } else {
-                (0, 0)
+                ((0, 0), Default::default())
             }
         };
         let read = |a: &AtomicU64| a.load(Ordering::Relaxed);
@@ -345,8 +344,8 @@ impl ArenaCache {
             stores: read(&c.stores),
             refused: read(&c.refused),
             invalidations: read(&c.invalidations),
-            reclaimed: read(&c.reclaimed),
-            evicted: 0,
+            reclaimed: dropped.reclaimed,
+            evicted: dropped.evicted,
         }
     }
 }
@@ -420,12 +419,41 @@ mod tests {
             }
         }
         let s = a.stats();
+        // Per database: every drop is counted, as eviction (read nothing
+        // since) here: no low-water mark was set.
+        let d = db.stats();
+        assert_eq!((d.evicted, d.reclaimed), (s.evicted, 0), "{d:?}");
         assert!(s.evicted > 800, "{s:?}");
         assert!(s.promoted > 0 && s.main_segments > 0, "{s:?}");
         assert_eq!(s.small_segments + s.main_segments + s.free_segments, 16);
         // Everything still linked reads back whole.
         let found = (0..1000u64).filter(|&o| db.lookup(Oid(o), Tid(1)).is_some()).count() as u64;
         assert_eq!(found, s.entries);
+    }
+
+    /// Per-database counters tell revisions dropped for room from those
+    /// no view could see any more (invariant 5), and another database's
+    /// counters stay its own.
+    #[test]
+    fn eviction_counts_reclaimed_history_apart_from_evicted_revisions() {
+        let a = arena(16, 4 + 7 * 10);
+        let db = a.database("db").unwrap();
+        let other = a.database("other").unwrap();
+        db.start_log(Tid(10));
+        other.start_log(Tid(1));
+        // The low-water mark is at 9: history that ended at 5 is invisible.
+        db.reclaim(Tid(9));
+        for oid in 0..50u64 {
+            db.store(Oid(oid), Tid(2), Some(Tid(5)), Tid(9), &state(oid)).unwrap();
+        }
+        // Room is needed: the old history goes first.
+        for oid in 0..200u64 {
+            other.store(Oid(oid), Tid(1), None, Tid(1), &state(oid)).unwrap();
+        }
+        let (d, o) = (db.stats(), other.stats());
+        assert!(d.reclaimed > 0 && d.evicted == 0, "{d:?}");
+        assert!(o.evicted > 0 && o.reclaimed == 0, "{o:?}");
+        assert_eq!(d.reclaimed + o.evicted, a.stats().evicted);
     }
 
     #[test]

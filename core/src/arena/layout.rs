@@ -311,7 +311,8 @@ impl Geometry {
         let words = file_bytes / 8;
         let db_word = HEADER_WORDS as u64;
         let bucket_word = db_word + db_slots * DB_SLOT_WORDS as u64;
-        // About one bucket per KiB of data: 8 bytes per 1 KiB revision.
+        // One bucket per 1 to 2 KiB of file (its KiB rounded up to a power
+        // of two, halved): 1/256 to 1/128 of the file.
         let buckets = (file_bytes / 1024).next_power_of_two().max(1024) / 2;
         let data_word = bucket_word + buckets;
         let segment_bytes = (file_bytes / 64).clamp(MIN_SEGMENT_BYTES, MAX_SEGMENT_BYTES);

@@ -29,4 +29,4 @@ pub use layout::{Geometry, LayoutError};
 pub use memory::Memory;
 pub use reader::{Found, Miss};
 pub use slots::Slot;
-pub use writer::{ArenaStats, ArenaWriter, NotWritten, Policy, RecordInfo, Recovered};
+pub use writer::{ArenaStats, ArenaWriter, Dropped, NotWritten, Policy, RecordInfo, Recovered};

@@ -149,12 +149,15 @@ impl ArenaWriter {
         let policy = self.policy;
         let mut keep = Vec::new();
         let mut drop = Vec::new();
+        let mut reclaimed = Vec::new();
         self.each_record(seg, |at, h| {
             if !h.unlinked() {
-                if policy == Policy::S3Fifo && self.worth_keeping(&h) && h.freq() > 0 {
+                let worth = self.worth_keeping(&h);
+                if policy == Policy::S3Fifo && worth && h.freq() > 0 {
                     keep.push(at);
                 } else {
                     drop.push((at, h.key));
+                    reclaimed.push(!worth && h.end != OPEN);
                 }
             }
         });
@@ -190,6 +193,14 @@ impl ArenaWriter {
             }
         }
         self.stats.evicted += drop.len() as u64;
+        for ((_, key), invisible) in drop.iter().zip(reclaimed) {
+            let d = &mut self.dropped[layout::key_slot(*key) as usize];
+            if invisible {
+                d.reclaimed += 1;
+            } else {
+                d.evicted += 1;
+            }
+        }
         self.w()[base + segment::META].store(0, Ordering::Relaxed);
         self.free.push(seg);
         true

@@ -129,6 +129,10 @@ pub struct ArenaWriter {
     unverified: Vec<bool>,
     /// Entries and state bytes per database slot.
     usage: Vec<(u64, u64)>,
+    /// Per database slot: revisions eviction dropped for room, and those
+    /// it dropped because no registered view could see them (`end` at or
+    /// below the low-water mark). Reset when the slot gets a new key.
+    dropped: Vec<Dropped>,
     stats: ArenaStats,
 }
 
@@ -173,6 +177,7 @@ impl ArenaWriter {
             main_entries: 0,
             unverified: vec![false; g.segments as usize],
             usage: vec![(0, 0); 256],
+            dropped: vec![Dropped::default(); 256],
             stats: ArenaStats {
                 file_bytes: g.file_bytes,
                 segment_bytes: g.segment_words * 8,
@@ -230,6 +235,7 @@ impl ArenaWriter {
                 victim.index
             }
         };
+        self.dropped[index as usize] = Dropped::default();
         Some(self.slots.assign(self.memory.words(), index, &stored))
     }
 
@@ -329,6 +335,12 @@ impl ArenaWriter {
         self.usage[index as usize]
     }
 
+    /// What eviction dropped of database slot `index` since the slot got
+    /// its key.
+    pub fn slot_dropped(&self, index: u8) -> Dropped {
+        self.dropped[index as usize]
+    }
+
     /// Counters and sizes.
     pub fn stats(&self) -> ArenaStats {
         ArenaStats {
@@ -345,6 +357,17 @@ impl ArenaWriter {
     pub fn lookup(&self, slot: Slot, oid: u64, view: u64) -> Result<reader::Found, reader::Miss> {
         reader::lookup(self.w(), &self.g, slot, oid, view)
     }
+}
+
+/// Revisions of one database that eviction dropped (see
+/// [`ArenaWriter::slot_dropped`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Dropped {
+    /// Dropped to make room (not read since their last pass).
+    pub evicted: u64,
+    /// Dropped because no registered view could see them any more
+    /// (invariant 5: `end` at or below the low-water mark).
+    pub reclaimed: u64,
 }
 
 /// What [`ArenaWriter::recover`] found.
