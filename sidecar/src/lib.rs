@@ -7,6 +7,7 @@
 
 #![warn(missing_docs)]
 
+pub mod refusal;
 pub mod server;
 pub mod startup;
 

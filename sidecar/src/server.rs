@@ -1,10 +1,7 @@
 //! The sidecar's server: a Unix socket, a thread per client connection,
 //! one [`Database`] per database key, all sharing one byte budget.
 
-// A refused request is answered with a `ResponseBody::Error`, built once per
-// refusal and written as the reply: it is the error value itself.
-#![allow(clippy::result_large_err)]
-
+use crate::refusal::Refusal;
 use crate::startup::{self, ArenaLock, Existing};
 use std::collections::HashMap;
 use std::io::{self, Read, Write};
@@ -15,10 +12,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use tidecache_core::arena::{layout, ArenaWriter, Geometry, LayoutError, Memory, SharedArena};
-use tidecache_core::{AttachOutcome, CoreError, Oid, SharedDatabase, StoreOutcome, Tid, ViewId};
+use tidecache_core::{AttachOutcome, Oid, SharedDatabase, StoreOutcome, Tid, ViewId};
 use tidecache_protocol::{
-    self as protocol, encode, ArenaInfo, ArenaStats as WireArenaStats, AttachState, DatabaseStats as WireStats,
-    ErrorCode, Found, Request, RequestBody, Response, ResponseBody, ServerStats, PROTOCOL_VERSION,
+    self as protocol, encode, ArenaInfo, ArenaStats as WireArenaStats, AttachState, DatabaseStats as WireStats, Found,
+    Request, RequestBody, Response, ResponseBody, ServerStats, PROTOCOL_VERSION,
 };
 
 /// Errors that stop the sidecar from starting or serving.
@@ -358,7 +355,7 @@ impl Server {
     /// still hold is inert). A slot the previous run left in the arena file
     /// that no client claimed is freed for `name` by the arena itself
     /// ([`SharedArena::database`]) when no slot is free.
-    fn database(&self, name: &str) -> Result<Db, ResponseBody> {
+    fn database(&self, name: &str) -> Result<Db, Refusal> {
         if let Some(e) = self.databases.read().unwrap_or_else(|p| p.into_inner()).get(name) {
             return Ok(e.db.clone());
         }
@@ -384,16 +381,10 @@ impl Server {
             );
         }
         if dbs.len() >= self.config.max_databases {
-            return Err(error(
-                ErrorCode::Limit,
-                format!("already serving {} attached databases (--max-databases)", dbs.len()),
-            ));
+            return Err(Refusal::TooManyDatabases(dbs.len()));
         }
         let Some(cache) = self.arena.database(name) else {
-            return Err(error(
-                ErrorCode::Limit,
-                "every database slot of the arena is taken (--max-databases)".into(),
-            ));
+            return Err(Refusal::NoSlot);
         };
         match cache.horizon() {
             Some(h) => tracing::info!(db = %name, slot = cache.slot().index, horizon = %h,
@@ -468,11 +459,11 @@ impl Server {
                     max = self.config.max_frame,
                     "frame over the maximum; closing the connection"
                 );
-                let msg = format!(
-                    "frame of {n} bytes is over the maximum of {} bytes",
-                    self.config.max_frame
-                );
-                return reply(&mut stream, 0, error(ErrorCode::FrameTooLarge, msg));
+                let refusal = Refusal::FrameTooLarge {
+                    bytes: n,
+                    max: self.config.max_frame,
+                };
+                return reply(&mut stream, 0, refusal.into_response());
             }
             let mut body = vec![0u8; n];
             stream.read_exact(&mut body)?;
@@ -483,19 +474,11 @@ impl Server {
                         // Valid MessagePack: a message this version does not know.
                         let id = rmp_serde::from_slice::<(u64, serde::de::IgnoredAny)>(&body).map_or(0, |r| r.0);
                         tracing::warn!(error = %e, "unknown message");
-                        reply(
-                            &mut stream,
-                            id,
-                            error(ErrorCode::UnknownMessage, format!("unknown message: {e}")),
-                        )?;
+                        reply(&mut stream, id, Refusal::UnknownMessage(e.to_string()).into_response())?;
                         continue;
                     }
                     tracing::warn!(error = %e, "undecodable frame; closing the connection");
-                    return reply(
-                        &mut stream,
-                        0,
-                        error(ErrorCode::Malformed, format!("body is not MessagePack: {e}")),
-                    );
+                    return reply(&mut stream, 0, Refusal::Malformed(e.to_string()).into_response());
                 }
             };
             if conn.hello.is_none() {
@@ -516,12 +499,14 @@ impl Server {
                         continue;
                     }
                     RequestBody::Hello { version, .. } => {
-                        let msg = format!("protocol version {version} is not {PROTOCOL_VERSION}");
-                        return reply(&mut stream, req.id, error(ErrorCode::VersionMismatch, msg));
+                        let refusal = Refusal::VersionMismatch {
+                            client: version,
+                            server: PROTOCOL_VERSION,
+                        };
+                        return reply(&mut stream, req.id, refusal.into_response());
                     }
                     _ => {
-                        let msg = "the first request must be Hello".to_owned();
-                        return reply(&mut stream, req.id, error(ErrorCode::NoHello, msg));
+                        return reply(&mut stream, req.id, Refusal::NoHello.into_response());
                     }
                 }
             }
@@ -531,12 +516,12 @@ impl Server {
     }
 
     fn dispatch(&self, conn: &mut Conn, body: RequestBody) -> ResponseBody {
-        self.answer(conn, body).unwrap_or_else(|e| e)
+        self.answer(conn, body).unwrap_or_else(Refusal::into_response)
     }
 
-    fn answer(&self, conn: &mut Conn, body: RequestBody) -> Result<ResponseBody, ResponseBody> {
+    fn answer(&self, conn: &mut Conn, body: RequestBody) -> Result<ResponseBody, Refusal> {
         Ok(match body {
-            RequestBody::Hello { .. } => error(ErrorCode::BadRequest, "Hello was said already".into()),
+            RequestBody::Hello { .. } => return Err(Refusal::HelloAgain),
             RequestBody::Attach {
                 db: name,
                 last_tid,
@@ -578,14 +563,10 @@ impl Server {
                 if oids.len() > protocol::MAX_LOOKUP_OIDS {
                     // Refused before any answer is built: a miss costs 1
                     // byte in the request and 48 in the answer.
-                    return Err(error(
-                        ErrorCode::Limit,
-                        format!(
-                            "a Lookup of {} oids: at most {} in one request",
-                            oids.len(),
-                            protocol::MAX_LOOKUP_OIDS
-                        ),
-                    ));
+                    return Err(Refusal::TooManyOids {
+                        asked: oids.len(),
+                        max: protocol::MAX_LOOKUP_OIDS,
+                    });
                 }
                 let db = self.database(&db)?;
                 // The answer stays within half a frame: past that, further
@@ -611,7 +592,7 @@ impl Server {
                 let (mut kept, mut refused) = (0, 0);
                 for r in revisions {
                     let out = db.store(Oid(r.oid), Tid(r.serial), r.end.map(Tid), Tid(r.view), r.state);
-                    match out.map_err(core_error)? {
+                    match out? {
                         StoreOutcome::Refused(_) => refused += 1,
                         _ => kept += 1,
                     }
@@ -631,7 +612,7 @@ impl Server {
                     Ok(h) => ResponseBody::Reported { horizon: h.0 },
                     Err(e) => {
                         tracing::info!(db = %name, error = %e, "report refused");
-                        return Err(core_error(e));
+                        return Err(e.into());
                     }
                 }
             }
@@ -662,14 +643,14 @@ impl Server {
                 if let Err(e) = self.database(&name)?.advance_view(ViewId(view), Tid(tid)) {
                     // Detached by the log limit: no longer this connection's.
                     conn.views.retain(|(d, v)| !(d == &name && v.0 == view));
-                    return Err(core_error(e));
+                    return Err(e.into());
                 }
                 ResponseBody::Done
             }
             RequestBody::ReleaseView { db: name, view } => {
                 conn.owns(&name, view)?;
                 conn.views.retain(|(d, v)| !(d == &name && v.0 == view));
-                self.database(&name)?.release_view(ViewId(view)).map_err(core_error)?;
+                self.database(&name)?.release_view(ViewId(view))?;
                 ResponseBody::Done
             }
             RequestBody::Flush { db: name } => {
@@ -850,14 +831,14 @@ struct Conn {
 }
 
 impl Conn {
-    fn owns(&self, db: &str, view: u64) -> Result<(), ResponseBody> {
+    fn owns(&self, db: &str, view: u64) -> Result<(), Refusal> {
         if self.views.iter().any(|(d, v)| d == db && v.0 == view) {
             Ok(())
         } else {
-            Err(error(
-                ErrorCode::UnknownView,
-                format!("view {view} of {db:?} is not registered by this connection"),
-            ))
+            Err(Refusal::NotYourView {
+                db: db.to_owned(),
+                view,
+            })
         }
     }
 }
@@ -870,7 +851,7 @@ const FUTURE_TID_LIMIT: Duration = Duration::from_secs(24 * 3600);
 /// ([`ErrorCode::FutureTid`]): ZODB tids are UTC timestamps, and a report,
 /// resync or attach at such a tid would raise the horizon of the database
 /// for every other client, whose own commits could then never pass it.
-fn not_in_the_future(what: &str, tid: u64) -> Result<(), ResponseBody> {
+fn not_in_the_future(what: &'static str, tid: u64) -> Result<(), Refusal> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
@@ -879,13 +860,7 @@ fn not_in_the_future(what: &str, tid: u64) -> Result<(), ResponseBody> {
         return Ok(());
     }
     tracing::warn!(what, tid = %Tid(tid), "refused a tid more than a day past this host's clock");
-    Err(error(
-        ErrorCode::FutureTid,
-        format!(
-            "{what} at tid {tid:#018x}, more than a day past this host's clock ({limit:#018x} is the limit): \
-             check the clock of the host that committed it, or the storage's last transaction"
-        ),
-    ))
+    Err(Refusal::FutureTid { what, tid, limit })
 }
 
 /// The ZODB tid of the UTC second `unix_secs` (`ZODB.TimeStamp`): the high
@@ -909,26 +884,6 @@ pub fn tid_at(unix_secs: u64) -> u64 {
         + ((rem % 3600) / 60) as i64;
     let seconds = rem % 60;
     ((minutes.max(0) as u64) << 32) | ((seconds << 32) / 60)
-}
-
-fn error(code: ErrorCode, message: String) -> ResponseBody {
-    ResponseBody::Error {
-        code,
-        message,
-        horizon: None,
-    }
-}
-
-fn core_error(e: CoreError) -> ResponseBody {
-    match e {
-        CoreError::Gap { horizon, .. } => ResponseBody::Error {
-            code: ErrorCode::Gap,
-            message: e.to_string(),
-            horizon: Some(horizon.0),
-        },
-        CoreError::UnknownView(_) => error(ErrorCode::UnknownView, e.to_string()),
-        _ => error(ErrorCode::BadRequest, e.to_string()),
-    }
 }
 
 fn reply(stream: &mut &UnixStream, id: u64, body: ResponseBody) -> io::Result<()> {
