@@ -75,9 +75,20 @@ def _after_fork_in_child():
     another thread of the parent held a storage's locks (a ZEO or catch-up
     thread inside a report) copies them locked, and that thread does not
     exist here. Each live storage gets new locks; see
-    ``TideCacheStorage._tc_after_fork``."""
+    ``TideCacheStorage._tc_after_fork``.
+
+    Every storage is renewed whatever happens to another: Python stops this
+    hook at its first exception (and only prints it), so one storage that
+    cannot be renewed would leave the others, in an order nobody chooses
+    (the set's), with their parent's held locks, and the child would hang
+    on the first of them it uses."""
     for storage in list(_live):
-        storage._tc_after_fork()
+        try:
+            storage._tc_after_fork()
+        except Exception:
+            logger.exception("tidecache: cannot renew the locks of %s in a forked child; "
+                             "its next call may wait forever: report this as a bug",
+                             object.__repr__(storage))
 
 
 if hasattr(os, "register_at_fork"):
@@ -336,9 +347,13 @@ class TideCacheStorage(MVCCAdapter):
         self._tc_lock = threading.Lock()
         self._tc_join_lock = threading.Lock()
         # ZODB's MVCCAdapter guards _instances with _lock, and each
-        # instance its invalidations with its own _lock.
+        # instance its invalidations with its own _lock. A storage that
+        # another thread of the parent was closing at the fork
+        # (MVCCAdapter.close deletes _instances and _storage), or was still
+        # constructing, has no _instances, and ``self._instances`` would go
+        # to __getattr__, which raises: read the instance dictionary.
         self._lock = threading.Lock()
-        for instance in list(self._instances):
+        for instance in list(self.__dict__.get("_instances", ())):
             instance._lock = threading.Lock()
         if in_flight:
             self._tc_held = None
@@ -689,9 +704,15 @@ class TideCacheStorage(MVCCAdapter):
     def close(self):
         """Closes the client (the sidecar releases this process's views) and
         the base storage."""
-        if not self.closed:
-            self._tc_client.close()
-        MVCCAdapter.close(self)
+        try:
+            if not self.closed:
+                self._tc_client.close()
+            MVCCAdapter.close(self)
+        finally:
+            # A closed storage has no locks a child could use: the fork
+            # hook leaves it alone (it may stay alive for a while, in a
+            # reference cycle until the garbage collector runs).
+            _live.discard(self)
 
     # -- statistics ------------------------------------------------------------
 
