@@ -27,25 +27,73 @@ create_exception!(
 );
 create_exception!(
     _native,
-    GapError,
+    RefusedError,
     TideCacheError,
+    "The sidecar refused the request; the subclass says why (one per kind)."
+);
+create_exception!(
+    _native,
+    GapError,
+    RefusedError,
     "An invalidation report started after the sidecar's horizon and was refused; resync."
 );
 create_exception!(
     _native,
+    LimitError,
     RefusedError,
-    TideCacheError,
-    "The sidecar refused the request as malformed."
+    "A limit of the sidecar: --max-databases databases attached, or a Lookup of too many oids."
+);
+create_exception!(
+    _native,
+    UnknownViewError,
+    RefusedError,
+    "A view this connection did not register, or one the sidecar detached (--max-log-changes)."
+);
+create_exception!(
+    _native,
+    FutureTidError,
+    RefusedError,
+    "A tid more than a day past the sidecar's clock (check the clocks, or the storage)."
+);
+create_exception!(
+    _native,
+    BadRequestError,
+    RefusedError,
+    "A request that breaks a rule: a change outside its report's interval, a store ending before it starts."
+);
+create_exception!(
+    _native,
+    ProtocolError,
+    RefusedError,
+    "The sidecar could not read the request (frame too large, not MessagePack, unknown message, no Hello, other protocol version)."
 );
 
 /// `(serial, state)` of a hit, or `None`.
 type PyHit<'py> = Option<(u64, Bound<'py, PyBytes>)>;
 
+/// One Python exception per kind of error: `Unavailable` (treat as a
+/// miss), and a subclass of `RefusedError` per refusal code.
 fn to_py(e: ClientError) -> PyErr {
+    use tidecache_client::protocol::ErrorCode;
+    let msg = e.to_string();
     match &e {
-        ClientError::Unavailable { .. } | ClientError::NotAttached { .. } => Unavailable::new_err(e.to_string()),
-        _ if e.is_gap() => GapError::new_err(e.to_string()),
-        _ => RefusedError::new_err(e.to_string()),
+        ClientError::Unavailable { .. } | ClientError::NotAttached { .. } => Unavailable::new_err(msg),
+        ClientError::Refused { code, .. } => match code {
+            ErrorCode::Gap => GapError::new_err(msg),
+            ErrorCode::Limit => LimitError::new_err(msg),
+            ErrorCode::UnknownView => UnknownViewError::new_err(msg),
+            ErrorCode::FutureTid => FutureTidError::new_err(msg),
+            ErrorCode::BadRequest => BadRequestError::new_err(msg),
+            ErrorCode::FrameTooLarge
+            | ErrorCode::Malformed
+            | ErrorCode::UnknownMessage
+            | ErrorCode::NoHello
+            | ErrorCode::VersionMismatch => ProtocolError::new_err(msg),
+            #[allow(unreachable_patterns)]
+            _ => RefusedError::new_err(msg),
+        },
+        #[allow(unreachable_patterns)]
+        _ => RefusedError::new_err(msg),
     }
 }
 
@@ -315,6 +363,11 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("Unavailable", py.get_type::<Unavailable>())?;
     m.add("GapError", py.get_type::<GapError>())?;
     m.add("RefusedError", py.get_type::<RefusedError>())?;
+    m.add("LimitError", py.get_type::<LimitError>())?;
+    m.add("UnknownViewError", py.get_type::<UnknownViewError>())?;
+    m.add("FutureTidError", py.get_type::<FutureTidError>())?;
+    m.add("BadRequestError", py.get_type::<BadRequestError>())?;
+    m.add("ProtocolError", py.get_type::<ProtocolError>())?;
     m.add("PROTOCOL_VERSION", tidecache_client::protocol::PROTOCOL_VERSION)?;
     Ok(())
 }

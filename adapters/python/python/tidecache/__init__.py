@@ -23,20 +23,30 @@ or in ZConfig::
 benchmarks.
 """
 
+from tidecache._native import BadRequestError
 from tidecache._native import Client
+from tidecache._native import FutureTidError
 from tidecache._native import GapError
+from tidecache._native import LimitError
+from tidecache._native import ProtocolError
 from tidecache._native import RefusedError
 from tidecache._native import TideCacheError
 from tidecache._native import Unavailable
+from tidecache._native import UnknownViewError
 from tidecache.storage import TideCacheStorage
 from tidecache.storage import database_key
 
 __all__ = [
+    "BadRequestError",
     "Client",
+    "FutureTidError",
     "GapError",
+    "LimitError",
+    "ProtocolError",
     "RefusedError",
     "TideCacheError",
     "TideCacheStorage",
     "Unavailable",
+    "UnknownViewError",
     "database_key",
 ]

@@ -1,0 +1,61 @@
+"""The raw client raises one exception per kind of refusal (all
+``RefusedError``, itself a ``TideCacheError``), and ``Unavailable``
+where there is nothing to ask."""
+
+import time
+
+import pytest
+from ZODB.TimeStamp import TimeStamp
+from ZODB.utils import u64
+
+import tidecache
+
+
+def now_tid(offset_seconds=0.0):
+    t = time.gmtime(time.time() + offset_seconds)
+    return u64(TimeStamp(*t[:5] + (t[5],)).raw())
+
+
+def test_each_refusal_has_its_exception(sidecar):
+    c = tidecache.Client(sidecar.socket, database="errors", timeout_ms=5000)
+    start = now_tid()
+    assert c.attach(start) == "started"
+    # A report past the horizon: a gap, which the adapter answers by a resync.
+    with pytest.raises(tidecache.GapError):
+        c.report(start + 10, start + 20, [])
+    # A change outside its report's interval breaks a rule.
+    with pytest.raises(tidecache.BadRequestError):
+        c.report(start, start + 5, [(1, start + 6)])
+    # A tid days past this host's clock would raise the horizon for all.
+    far = now_tid(3 * 86400)
+    with pytest.raises(tidecache.FutureTidError):
+        c.report(start, far, [])
+    for kind in (tidecache.GapError, tidecache.BadRequestError, tidecache.FutureTidError,
+                 tidecache.LimitError, tidecache.UnknownViewError, tidecache.ProtocolError):
+        assert issubclass(kind, tidecache.RefusedError)
+        assert issubclass(kind, tidecache.TideCacheError)
+    # The connection is still served after refusals.
+    assert c.report(start, start + 1, [(1, start + 1)]) == start + 1
+    c.close()
+
+
+def test_too_many_databases_is_a_limit(tmp_path):
+    from conftest import Sidecar
+
+    sc = Sidecar(str(tmp_path), extra=["--max-databases", "1"])
+    try:
+        first = tidecache.Client(sc.socket, database="one", timeout_ms=5000)
+        assert first.attach(now_tid()) == "started"
+        second = tidecache.Client(sc.socket, database="two", timeout_ms=5000)
+        with pytest.raises(tidecache.LimitError):
+            second.attach(now_tid())
+    finally:
+        sc.stop()
+
+
+def test_nothing_to_ask_is_unavailable(tmp_path):
+    c = tidecache.Client(str(tmp_path / "nobody.sock"), database="x", timeout_ms=50)
+    with pytest.raises(tidecache.Unavailable):
+        c.attach(now_tid())
+    with pytest.raises(tidecache.Unavailable):
+        c.lookup(1, now_tid())
