@@ -203,17 +203,28 @@ fn default_cache_file(socket: &std::path::Path) -> PathBuf {
     shm.join(format!("tidecache-{uid}-{hash:08x}.arena"))
 }
 
+/// Why `--group` names no group.
+#[derive(Debug, thiserror::Error)]
+enum GroupError {
+    /// The name holds a NUL byte.
+    #[error("bad group name {0:?}")]
+    BadName(String),
+    /// No group of that name in the group database.
+    #[error("no group named {0:?}")]
+    Unknown(String),
+}
+
 /// The id of group `name` (or a number).
-fn group_id(name: &str) -> Result<u32, String> {
+fn group_id(name: &str) -> Result<u32, GroupError> {
     if let Ok(gid) = name.parse() {
         return Ok(gid);
     }
-    let c = std::ffi::CString::new(name).map_err(|_| format!("bad group name {name:?}"))?;
+    let c = std::ffi::CString::new(name).map_err(|_| GroupError::BadName(name.to_owned()))?;
     // SAFETY: getgrnam reads a NUL-terminated string and returns a pointer
     // to static storage or null; it is read at once, on this thread only.
     let entry = unsafe { libc::getgrnam(c.as_ptr()) };
     if entry.is_null() {
-        return Err(format!("no group named {name:?}"));
+        return Err(GroupError::Unknown(name.to_owned()));
     }
     // SAFETY: non-null, as checked.
     Ok(unsafe { (*entry).gr_gid })

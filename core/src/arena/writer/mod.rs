@@ -11,7 +11,6 @@
 //!   its records.
 
 use super::layout::{self, header, record, segment, Geometry, LayoutError, Ring, OPEN};
-use super::reader;
 use super::slots::{stored_key, Slot, SlotTable};
 use super::Memory;
 use crate::crash;
@@ -350,12 +349,6 @@ impl ArenaWriter {
             unverified_segments: self.unverified.iter().filter(|&&u| u).count() as u64,
             ..self.stats
         }
-    }
-
-    /// Looks up as a reader would (for the sidecar's own `Lookup` answers and
-    /// tests).
-    pub fn lookup(&self, slot: Slot, oid: u64, view: u64) -> Result<reader::Found, reader::Miss> {
-        reader::lookup(self.w(), &self.g, slot, oid, view)
     }
 }
 
