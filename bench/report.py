@@ -135,21 +135,25 @@ def main():
                 "records are verified afterwards, one segment per lock hold, with the lock left",
                 "free as long as it was held.", ""]
     if core:
-        out += ["## `SnapshotCache::lookup` in Rust", "",
+        out += ["## Lookups and writes in Rust", "",
                 "`cargo bench -p tidecache-core --bench snapshot` (criterion, part of `make bench`):",
-                "100,000 revisions of 1 KiB; median ns per lookup. `hit`: keys visited in a stride",
-                "over all of them (every lookup a cache-cold walk); `hot64`: 64 hot revisions read",
-                "over and over, as in a skewed workload. Ratios are to the `RwLock<HashMap>` anchor",
-                "of the same group.", "",
+                "100,000 revisions of 1 KiB; median ns per operation. `tidecache_arena_*` is the",
+                "production read path, the validated copy out of the shared arena every worker",
+                "process runs (`arena::reader::lookup`); `tidecache_snapshot_*` the in-process",
+                "`SnapshotCache` (feature `snapshot`, for the shared-state layer). `hit`: keys",
+                "visited in a stride over all of them (every lookup a cache-cold walk); `hot64`:",
+                "64 hot revisions read over and over. `write_1KiB`: the sidecar's report of one",
+                "change plus the store of its new revision into the arena. Ratios are to the",
+                "`RwLock<HashMap>` anchor of the lookup groups.", "",
                 "| group | contender | ns | ratio to RwLock<HashMap> |", "|---|---|---:|---:|"]
         for k, v in core.items():
             group, name = k[:-3].split(".", 1)
             base = core.get(group + ".anchor_rwlock_hashmap_ns")
             out.append("| %s | %s | %.1f | %s |" % (group, name, v, "%.2fx" % (v / base) if base else "-"))
-        out += ["", "A hit pays for the horizon check, the skiplist's floor search (crossbeam-skiplist:",
-                "a reference-counted node per step, slow when cold) and, sampled, moka's frequency",
-                "bookkeeping. A miss past the last oid is the cheapest path. The index is most of",
-                "the cost of a cold hit.", ""]
+        out += ["", "An arena hit copies the 1 KiB state word by word and checks a CRC-32 over it;",
+                "a miss walks one bucket. The in-process cache pays for the skiplist's floor",
+                "search (crossbeam-skiplist: a reference-counted node per step, slow when cold)",
+                "and, sampled, moka's frequency bookkeeping.", ""]
     if demo:
         p, t = demo["plain"], demo["tidecache"]
         out += ["## The demo (`make demo`)", "",
