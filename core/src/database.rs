@@ -58,10 +58,10 @@ pub trait Revisions: Send + Sync {
     fn witness(&self) -> Option<(Tid, Vec<Oid>)>;
     /// `(serial, end)` of the revision of `oid` visible at `view`, if held.
     fn revision_at(&self, oid: Oid, view: Tid) -> Option<(Tid, Option<Tid>)>;
-    /// The `limit` open revisions with the highest serials, `(oid,
-    /// serial)`, highest first (may scan everything: called once, by
-    /// [`DatabaseOf::with_cache`] for a cache already holding revisions).
-    fn open_revisions(&self, limit: usize) -> Vec<(Oid, Tid)>;
+    /// The `limit` open revisions the cache held before this run, `(oid,
+    /// serial)`, highest serials first; `None` while that is not known yet
+    /// (a reopened arena still being verified).
+    fn open_revisions(&self, limit: usize) -> Option<Vec<(Oid, Tid)>>;
     /// Changes in the log.
     fn log_len(&self) -> usize;
     /// Counters and sizes.
@@ -109,7 +109,7 @@ impl<S: StateWeight + Send + Sync + 'static> Revisions for SnapshotCache<S> {
     fn revision_at(&self, oid: Oid, view: Tid) -> Option<(Tid, Option<Tid>)> {
         SnapshotCache::lookup(self, oid, view).map(|h| (h.serial, h.end))
     }
-    fn open_revisions(&self, limit: usize) -> Vec<(Oid, Tid)> {
+    fn open_revisions(&self, limit: usize) -> Option<Vec<(Oid, Tid)>> {
         SnapshotCache::open_revisions(self, limit)
     }
     fn log_len(&self) -> usize {
@@ -161,7 +161,7 @@ impl Revisions for crate::arena::ArenaCache {
     fn revision_at(&self, oid: Oid, view: Tid) -> Option<(Tid, Option<Tid>)> {
         crate::arena::ArenaCache::revision_at(self, oid, view)
     }
-    fn open_revisions(&self, limit: usize) -> Vec<(Oid, Tid)> {
+    fn open_revisions(&self, limit: usize) -> Option<Vec<(Oid, Tid)>> {
         crate::arena::ArenaCache::open_revisions(self, limit)
     }
     fn log_len(&self) -> usize {
@@ -242,6 +242,9 @@ pub struct DatabaseOf<C> {
     /// serials (at most [`OPEN_CANDIDATES`]): where [`Proof::open_sample`]
     /// comes from. Not part of the modelled protocols: a std lock.
     open_candidates: std::sync::Mutex<std::collections::BTreeSet<(Tid, Oid)>>,
+    /// Whether the cache held revisions before this run (a reopened arena)
+    /// whose open ones have not joined the candidates yet.
+    unseeded: std::sync::atomic::AtomicBool,
 }
 
 /// Sizes and counters of one database.
@@ -278,22 +281,17 @@ impl<S: StateWeight + Send + Sync + 'static> DatabaseOf<SnapshotCache<S>> {
 
 impl<C: Revisions> DatabaseOf<C> {
     /// A database over `cache` (which may already hold revisions: a
-    /// reopened arena, whose open revisions with the highest serials seed
-    /// the attach rule's open sample).
+    /// reopened arena, whose open revisions with the highest serials join
+    /// the attach rule's open sample once the cache knows them, see
+    /// [`Revisions::open_revisions`]; until then the sample is empty).
     pub fn with_cache(cache: C) -> Self {
-        let candidates = match cache.horizon() {
-            Some(_) => cache
-                .open_revisions(OPEN_CANDIDATES)
-                .into_iter()
-                .map(|(oid, serial)| (serial, oid))
-                .collect(),
-            None => Default::default(),
-        };
+        let unseeded = cache.horizon().is_some();
         DatabaseOf {
             cache,
             views: ViewRegistry::new(),
             detached: Default::default(),
-            open_candidates: std::sync::Mutex::new(candidates),
+            open_candidates: Default::default(),
+            unseeded: std::sync::atomic::AtomicBool::new(unseeded),
         }
     }
 
@@ -346,6 +344,23 @@ impl<C: Revisions> DatabaseOf<C> {
     /// Up to [`OPEN_SAMPLE`] open revisions with serial `<= horizon`, the
     /// highest serials first, each checked to be held and open at `horizon`.
     fn open_sample(&self, horizon: Tid) -> Vec<(Oid, Tid)> {
+        if self.unseeded.load(std::sync::atomic::Ordering::Acquire) {
+            // A reopened arena: its open revisions are known once verified.
+            // Until then the sample would be partial, and a partial sample
+            // could miss exactly the newest revisions a restored backup
+            // lacks: send none (the client proves with the witness or its
+            // iterator, or cannot prove and flushes).
+            let Some(found) = self.cache.open_revisions(OPEN_CANDIDATES) else {
+                return Vec::new();
+            };
+            let mut c = self.candidates();
+            c.extend(found.into_iter().map(|(oid, serial)| (serial, oid)));
+            while c.len() > OPEN_CANDIDATES {
+                c.pop_first();
+            }
+            drop(c);
+            self.unseeded.store(false, std::sync::atomic::Ordering::Release);
+        }
         let candidates: Vec<(Tid, Oid)> = self.candidates().iter().rev().copied().collect();
         let mut sample = Vec::new();
         let mut gone = Vec::new();

@@ -317,12 +317,12 @@ impl<S: StateWeight + Send + Sync + 'static> SnapshotCache<S> {
     }
 
     /// The `limit` open revisions with the highest serials, `(oid, serial)`,
-    /// highest first.
-    pub fn open_revisions(&self, limit: usize) -> Vec<(Oid, Tid)> {
+    /// highest first (a scan of the index; always known).
+    pub fn open_revisions(&self, limit: usize) -> Option<Vec<(Oid, Tid)>> {
         let mut open = self.index.select(|s| s.end() == OPEN);
         open.sort_unstable_by_key(|&(oid, serial)| std::cmp::Reverse((serial, oid)));
         open.truncate(limit);
-        open.into_iter().map(|(o, s)| (Oid(o), Tid(s))).collect()
+        Some(open.into_iter().map(|(o, s)| (Oid(o), Tid(s))).collect())
     }
 
     /// The horizon and up to four oids changed at exactly it

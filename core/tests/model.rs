@@ -96,7 +96,7 @@ impl Revisions for InProcess {
     fn revision_at(&self, oid: Oid, view: Tid) -> Option<(Tid, Option<Tid>)> {
         self.0.lookup(oid, view).map(|h| (h.serial, h.end))
     }
-    fn open_revisions(&self, limit: usize) -> Vec<(Oid, Tid)> {
+    fn open_revisions(&self, limit: usize) -> Option<Vec<(Oid, Tid)>> {
         self.0.open_revisions(limit)
     }
     fn log_len(&self) -> usize {

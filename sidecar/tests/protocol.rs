@@ -215,7 +215,14 @@ fn joining_needs_a_proof_and_an_unproven_client_is_never_replayed() {
     assert_eq!(b.lookup_local("db", 1, 20), Local::Unavailable);
     assert!(!b.is_attached("db"));
     // After the restart the witness is gone (memory only): b proves with
-    // its iterator and the open revisions found in the reopened file.
+    // its iterator and the open revisions found in the reopened file, which
+    // are known once the background verification is done (before, the
+    // sample is empty: a partial one could miss the newest revisions).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !sc.log().contains("reopened arena verified") {
+        assert!(std::time::Instant::now() < deadline, "never verified: {}", sc.log());
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let after_restart = AttachState::Prove {
         witness: vec![],
         open_sample: vec![(1, 20)],

@@ -279,29 +279,14 @@ impl ArenaCache {
         self.log.witness()
     }
 
-    /// The `limit` open revisions of this database with the highest serials,
-    /// `(oid, serial)`, highest first: a scan of every segment under the
-    /// writer's lock (done once, when a reopened file's database is first
-    /// used, to seed the attach rule's open sample).
-    pub fn open_revisions(&self, limit: usize) -> Vec<(Oid, Tid)> {
-        let found = std::cell::RefCell::new(std::collections::BTreeSet::new());
-        let slot = self.slot.index;
-        self.arena.writer().remove_where(|r| {
-            if r.slot == slot && r.end == OPEN {
-                let mut f = found.borrow_mut();
-                f.insert((r.serial, r.oid));
-                if f.len() > limit {
-                    f.pop_first();
-                }
-            }
-            false
-        });
-        found
-            .into_inner()
-            .into_iter()
-            .rev()
-            .map(|(s, o)| (Oid(o), Tid(s)))
-            .collect()
+    /// The `limit` open revisions of a reopened file's database with the
+    /// highest serials, `(oid, serial)`, highest first, as the background
+    /// verification found them; `None` until it has verified every segment
+    /// (no scan on the first attach: the first hit after a restart waits for
+    /// nothing). Empty for a database of a file this run created.
+    pub fn open_revisions(&self, limit: usize) -> Option<Vec<(Oid, Tid)>> {
+        let found = self.arena.writer().recovered_open(self.slot)?;
+        Some(found.into_iter().take(limit).map(|(s, o)| (Oid(o), Tid(s))).collect())
     }
 
     /// `(serial, end)` of the revision of `oid` visible at `view`, without
@@ -556,6 +541,39 @@ mod tests {
         assert_eq!(new.stats().entries, 1);
         assert_eq!(a.stats().entries, 1);
         assert!(old.lookup(Oid(3), Tid(20)).is_none(), "a released cache reads nothing");
+    }
+
+    /// After a restart the open revisions of the reopened file are known
+    /// only once verification has read every segment: before, `None` (the
+    /// attach rule then sends no open sample rather than a partial one).
+    #[test]
+    fn a_reopened_files_open_revisions_are_known_once_verified() {
+        let g = Geometry::for_size(layout::MIN_FILE_BYTES, 4).unwrap();
+        let memory = Arc::new(Memory::heap(g.file_bytes));
+        let a = SharedArena::new(ArenaWriter::create(memory.clone(), g, 7));
+        let db = a.database("db").unwrap();
+        assert_eq!(db.open_revisions(4), Some(vec![]), "a new file has nothing to find");
+        db.start_log(Tid(30));
+        for oid in 1..=6u64 {
+            db.store(Oid(oid), Tid(oid * 4), None, Tid(30), &state(oid)).unwrap();
+        }
+        db.store(Oid(9), Tid(2), Some(Tid(3)), Tid(30), &state(9)).unwrap();
+        drop(db);
+        drop(a);
+        let (w, _) = ArenaWriter::recover(memory.clone(), 8).unwrap();
+        let a = SharedArena::new(w);
+        let db = a.database("db").unwrap();
+        assert_eq!(db.open_revisions(4), None, "not verified yet");
+        while a.writer().verify_next().is_some() {}
+        assert_eq!(
+            db.open_revisions(4),
+            Some(vec![
+                (Oid(6), Tid(24)),
+                (Oid(5), Tid(20)),
+                (Oid(4), Tid(16)),
+                (Oid(3), Tid(12))
+            ])
+        );
     }
 
     #[test]

@@ -132,6 +132,10 @@ pub struct ArenaWriter {
     /// it dropped because no registered view could see them (`end` at or
     /// below the low-water mark). Reset when the slot gets a new key.
     dropped: Vec<Dropped>,
+    /// Per database slot: the open revisions with the highest serials that
+    /// the verification of a reopened file found, `(serial, oid)`, at most
+    /// [`RECOVERED_OPEN`] (the attach rule's open sample after a restart).
+    recovered_open: Vec<std::collections::BTreeSet<(u64, u64)>>,
     stats: ArenaStats,
 }
 
@@ -177,6 +181,7 @@ impl ArenaWriter {
             unverified: vec![false; g.segments as usize],
             usage: vec![(0, 0); 256],
             dropped: vec![Dropped::default(); 256],
+            recovered_open: vec![Default::default(); 256],
             stats: ArenaStats {
                 file_bytes: g.file_bytes,
                 segment_bytes: g.segment_words * 8,
@@ -235,6 +240,7 @@ impl ArenaWriter {
             }
         };
         self.dropped[index as usize] = Dropped::default();
+        self.recovered_open[index as usize].clear();
         Some(self.slots.assign(self.memory.words(), index, &stored))
     }
 
@@ -334,6 +340,17 @@ impl ArenaWriter {
         self.usage[index as usize]
     }
 
+    /// The open revisions of `slot` with the highest serials that the
+    /// verification of a reopened file found, `(serial, oid)`, highest
+    /// first; `None` while segments are left to verify (the list is not
+    /// complete yet). Empty for a file created by this run.
+    pub fn recovered_open(&self, slot: Slot) -> Option<Vec<(u64, u64)>> {
+        if !self.holds(slot) || self.unverified.iter().any(|&u| u) {
+            return None;
+        }
+        Some(self.recovered_open[slot.index as usize].iter().rev().copied().collect())
+    }
+
     /// What eviction dropped of database slot `index` since the slot got
     /// its key.
     pub fn slot_dropped(&self, index: u8) -> Dropped {
@@ -351,6 +368,10 @@ impl ArenaWriter {
         }
     }
 }
+
+/// Open revisions per database that the verification of a reopened file
+/// remembers (see [`ArenaWriter::recovered_open`]).
+pub const RECOVERED_OPEN: usize = 16;
 
 /// Revisions of one database that eviction dropped (see
 /// [`ArenaWriter::slot_dropped`]).

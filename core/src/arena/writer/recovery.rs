@@ -169,6 +169,13 @@ impl ArenaWriter {
             let linked = self.chain(h.key).iter().any(|&(_, a)| a == at);
             if sound && linked {
                 self.tally(at, h.key, h.len(), 1);
+                if h.end == OPEN {
+                    let top = &mut self.recovered_open[layout::key_slot(h.key) as usize];
+                    top.insert((h.serial, layout::key_oid(h.key)));
+                    if top.len() > RECOVERED_OPEN {
+                        top.pop_first();
+                    }
+                }
             } else if linked {
                 // Not counted yet (the segment is unverified), so removing
                 // it subtracts nothing.
