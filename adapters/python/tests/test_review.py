@@ -13,6 +13,7 @@ import ZODB.FileStorage
 from persistent.mapping import PersistentMapping
 
 import tidecache.storage
+from tidecache import Client
 from tidecache import TideCacheStorage
 
 
@@ -73,3 +74,30 @@ def test_a_flush_does_not_cut_off_a_process_still_on_the_old_file(tmp_path, side
     assert read_fresh(db_a) == "A1"
     db_a.close()
     db_b.close()
+
+
+def test_an_open_store_past_the_horizon_survives_a_proof_of_the_horizon(sidecar):
+    """The adapter of process A commits 20 (changing oid 1) and its report
+    is lost (the sidecar answered too slowly: ``Unavailable``, the next
+    report would be a resync); A's connection at view 20 loads oid 1 and
+    the store queue stores ``(1, 20)`` open, which the sidecar keeps: the
+    log has no change of oid 1 in ``(20, horizon]``, an empty range. A
+    stops; a backup holding the history up to the horizon 10 is restored
+    and committed to (30, oid 2 only). Its proof of the horizon holds (its
+    iterator has 10; the open sample only asks about serials <= 10), it
+    joins, catches up ``(10, 30]``, and is served oid 1 at serial 20, a
+    transaction its history does not have."""
+    a = Client(sidecar.socket, database="db")
+    assert a.attach(10) == "started"
+    # Refused (PastHorizon): no report told of 20 yet.
+    assert not a.store(1, 20, None, b"A's history", 20)
+    assert not a.store(1, 20, 25, b"A's history", 30)
+    a.close()
+    b = Client(sidecar.socket, database="db")
+    assert b.attach(30) == "prove"
+    assert b.proof == (10, [], [])  # B's iterator has 10: proved
+    assert b.attach(30, 10) == "joined"
+    assert b.report(10, 30, [(2, 30)]) == 30
+    hit = b.lookup(1, 30)
+    assert hit is None or hit[0] <= 10, hit
+    b.close()
