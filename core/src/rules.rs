@@ -24,6 +24,12 @@ pub enum Refusal {
     /// The cache cannot hold it: a state larger than a segment, an oid over
     /// 48 bits, or a database without a slot (arena only).
     NotCacheable,
+    /// Its serial is past the horizon: a transaction no report has told of
+    /// yet (a lost report, a catch-up under way), so
+    /// nothing says it belongs to the history the database holds; a
+    /// history restored later that holds the horizon would be served it
+    /// (invariant 7). It can be stored again once reported.
+    PastHorizon,
 }
 
 /// What a store did.
@@ -72,10 +78,14 @@ pub(crate) enum StorePlan {
 }
 
 /// The rule every cache applies to a store of `(oid, serial)` loaded at
-/// `view` with `end` (`None`: current at `view`): a closed store needs no
-/// check; an open one needs a log that covers `view`, no later serial of
-/// the oid cached (`has_later`), and is closed at the log's first change of
-/// the oid after `view`, if any.
+/// `view` with `end` (`None`: current at `view`): a closed store needs its
+/// serial at or below the log's horizon (if there is a log); an open one
+/// needs a log that covers `view`, its serial at or below the horizon, no
+/// later serial of the oid cached (`has_later`), and is closed at the
+/// log's first change of the oid after `view`, if any. A serial past the
+/// horizon is a transaction no report told of: a history that holds the
+/// horizon but not that transaction (a backup restored) could be served
+/// it, and its own reports would not correct it.
 ///
 /// # Errors
 /// [`CoreError::BadStore`] for an end not after the serial or a view older
@@ -94,7 +104,10 @@ pub(crate) fn plan_store(
             serial,
             reason: "end is not after serial",
         }),
-        Some(e) => Ok(StorePlan::Insert(e.0)),
+        Some(e) => Ok(match log {
+            Some(l) if serial > l.horizon() => StorePlan::Refuse(Refusal::PastHorizon),
+            _ => StorePlan::Insert(e.0),
+        }),
         None if view < serial => Err(CoreError::BadStore {
             oid,
             serial,
@@ -103,6 +116,7 @@ pub(crate) fn plan_store(
         None => Ok(match log {
             None => StorePlan::Refuse(Refusal::LogNotStarted),
             Some(l) if view < l.log_start() => StorePlan::Refuse(Refusal::BeforeLogStart),
+            Some(l) if serial > l.horizon() => StorePlan::Refuse(Refusal::PastHorizon),
             Some(_) if has_later() => StorePlan::Refuse(Refusal::Superseded),
             Some(l) => StorePlan::Insert(l.first_change_after(oid, view).map_or(OPEN, |t| t.0)),
         }),
@@ -130,5 +144,29 @@ pub(crate) fn closing(end: u64, tid: Tid) -> Closing {
         Closing::Drop
     } else {
         Closing::Keep
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A revision whose serial is past the horizon is a transaction no
+    /// report told of: it may be another history's (a lost report, then a
+    /// backup restored that holds the horizon), so it is never kept, open
+    /// or closed; at or below the horizon both are kept as before.
+    #[test]
+    fn a_store_past_the_horizon_is_refused() {
+        let log = InvalidationLog::starting_at(Tid(10));
+        let plan = |serial, end: Option<u64>, view| {
+            plan_store(Some(&log), Oid(1), Tid(serial), end.map(Tid), Tid(view), || false).unwrap()
+        };
+        assert_eq!(plan(20, None, 20), StorePlan::Refuse(Refusal::PastHorizon));
+        assert_eq!(plan(20, Some(25), 30), StorePlan::Refuse(Refusal::PastHorizon));
+        assert_eq!(plan(10, None, 20), StorePlan::Insert(OPEN));
+        assert_eq!(plan(5, Some(12), 20), StorePlan::Insert(12));
+        // Without a log, closed stores are kept as before.
+        let closed = plan_store(None, Oid(1), Tid(20), Some(Tid(25)), Tid(30), || false).unwrap();
+        assert_eq!(closed, StorePlan::Insert(25));
     }
 }

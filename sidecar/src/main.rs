@@ -44,8 +44,9 @@ enum Command {
         /// (no magic word) is refused and never touched. A file on a real
         /// disk also survives a reboot, but possibly torn by a power loss:
         /// then only its closed revisions whose checksum verifies are kept.
-        /// <cache-file>.lock is locked while the sidecar runs: a second one
-        /// on the same file exits with an error naming the first.
+        /// <cache-file>.lock (of the file's real path) and the file itself
+        /// are locked while the sidecar runs: a second one on the same file,
+        /// under any name, exits with an error naming the first.
         #[arg(long)]
         cache_file: Option<PathBuf>,
         /// Group whose members may use the socket (mode 0660) and map the

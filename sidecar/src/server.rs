@@ -187,10 +187,11 @@ impl Server {
             Existing::Arena { bytes } if bytes == geometry.file_bytes => {}
             _ => startup::room_for(&config.cache_file, geometry.file_bytes)?,
         }
-        let lock = ArenaLock::take(&config.cache_file, &config.socket)?;
+        let mut lock = ArenaLock::take(&config.cache_file, &config.socket)?;
         // Under the lock: what lies there now is what this run works on.
         let existing = startup::existing_arena(&config.cache_file)?;
         let arena = open_arena(&config, geometry, existing)?;
+        lock.hold_arena(&config.cache_file)?;
         let incarnation = arena.writer().incarnation();
         Ok(Arc::new(Server {
             arena_info: ArenaInfo {

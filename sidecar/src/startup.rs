@@ -207,10 +207,49 @@ fn mount_of(dir: &Path) -> PathBuf {
 /// An exclusive `flock` on `<cache file>.lock`, held for the life of the
 /// process (the kernel drops it when the process ends, `kill -9` too): no
 /// two sidecars ever use one arena file. The file holds the holder's pid
-/// and socket, for the error the next one reports.
+/// and socket, for the error the next one reports. The lock file is named
+/// after the arena file's real path (symlinks resolved: a symlink to the
+/// file or to a directory on its path names the same lock), and the arena
+/// file itself is `flock`ed too ([`ArenaLock::hold_arena`]), so a hard link
+/// to it is refused as well.
 #[derive(Debug)]
 pub struct ArenaLock {
     _file: File,
+    arena: Option<File>,
+}
+
+/// `path` with its symlinks resolved: the file's real path if it exists,
+/// else its directory's real path joined with its name; `path` itself if
+/// neither resolves (the checks before report that).
+fn real_path(path: &Path) -> PathBuf {
+    if let Ok(p) = std::fs::canonicalize(path) {
+        return p;
+    }
+    match (std::fs::canonicalize(parent(path)), path.file_name()) {
+        (Ok(dir), Some(name)) => dir.join(name),
+        _ => path.to_path_buf(),
+    }
+}
+
+/// An exclusive non-blocking `flock` on the regular file at `path`, if
+/// there is one: `Ok(None)` if there is none, `Ok(Some(None))` if another
+/// process holds it.
+fn flock_file(path: &Path) -> Result<Option<Option<File>>, SidecarError> {
+    let file = match std::fs::File::open(path) {
+        Ok(f) if f.metadata().map(|m| m.is_file()).unwrap_or(false) => f,
+        Ok(_) => return Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_error(format!("opening {}", path.display()), e)),
+    };
+    // SAFETY: a valid open descriptor.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(io_error(format!("locking {}", path.display()), e));
+        }
+        return Ok(Some(None));
+    }
+    Ok(Some(Some(file)))
 }
 
 impl ArenaLock {
@@ -228,7 +267,7 @@ impl ArenaLock {
     /// [`SidecarError::Locked`] if another process holds it,
     /// [`SidecarError::Io`] if the lock file cannot be opened.
     pub fn take(cache_file: &Path, socket: &Path) -> Result<Self, SidecarError> {
-        let path = Self::path_for(cache_file);
+        let path = Self::path_for(&real_path(cache_file));
         let mut file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -256,11 +295,55 @@ impl ArenaLock {
                 },
             });
         }
+        // The arena file itself: another name of it (a hard link) has
+        // another lock file, not another inode.
+        let arena = match flock_file(cache_file)? {
+            Some(None) => {
+                return Err(SidecarError::Locked {
+                    lock: cache_file.to_path_buf(),
+                    cache_file: cache_file.to_path_buf(),
+                    holder: "a sidecar using this file under another name (a hard link)".to_owned(),
+                })
+            }
+            Some(Some(f)) => Some(f),
+            None => None,
+        };
         let me = format!("pid {}, socket {}\n", std::process::id(), socket.display());
         file.set_len(0)
             .and_then(|()| std::os::unix::fs::FileExt::write_all_at(&file, me.as_bytes(), 0))
             .map_err(|e| io_error(format!("writing the lock file {}", path.display()), e))?;
-        Ok(ArenaLock { _file: file })
+        Ok(ArenaLock { _file: file, arena })
+    }
+
+    /// Holds a `flock` on the arena file now at `cache_file` (a new one
+    /// created under the lock, whose inode the lock taken at start did not
+    /// cover): a later start on a hard link to it is refused.
+    ///
+    /// # Errors
+    /// [`SidecarError::Locked`] if another process holds it (a file this
+    /// run just made: not expected), [`SidecarError::Io`].
+    pub fn hold_arena(&mut self, cache_file: &Path) -> Result<(), SidecarError> {
+        if let (Some(held), Ok(now)) = (&self.arena, std::fs::metadata(cache_file)) {
+            if held
+                .metadata()
+                .is_ok_and(|m| (m.dev(), m.ino()) == (now.dev(), now.ino()))
+            {
+                // Re-attached: the file locked at start.
+                return Ok(());
+            }
+        }
+        match flock_file(cache_file)? {
+            Some(None) => Err(SidecarError::Locked {
+                lock: cache_file.to_path_buf(),
+                cache_file: cache_file.to_path_buf(),
+                holder: "a sidecar using this file under another name (a hard link)".to_owned(),
+            }),
+            Some(Some(f)) => {
+                self.arena = Some(f);
+                Ok(())
+            }
+            None => Ok(()),
+        }
     }
 }
 

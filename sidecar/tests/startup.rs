@@ -122,6 +122,44 @@ fn a_second_start_on_a_live_sidecar_changes_nothing() {
     assert!(c.stats().is_ok());
 }
 
+/// The arena file under another name (a symlink to it, a hard link, a
+/// symlinked directory) is the same file: a second sidecar on it must be
+/// refused as on the same path. Found by the review: the lock was
+/// `<name given>.lock`, so a second sidecar re-attached the live arena
+/// through a symlink and both wrote it (the first one's clients were
+/// served the second one's states, 2999 of 2999 lookups).
+#[test]
+fn a_second_start_on_the_arena_under_another_name_changes_nothing() {
+    let sc = Sidecar::start(&[]);
+    let arena = sc.dir.path().join("cache.arena");
+    let c = client(&sc.socket);
+    c.attach("db", 10, None).unwrap();
+    c.store("db", vec![item(1, 5, Some(8), 10, b"closed")]).unwrap();
+    let before = header_bytes(&arena);
+    let symlink = sc.dir.path().join("symlink.arena");
+    std::os::unix::fs::symlink(&arena, &symlink).unwrap();
+    let hard = sc.dir.path().join("hard.arena");
+    std::fs::hard_link(&arena, &hard).unwrap();
+    let linked_dir = sc.dir.path().join("linked-dir");
+    std::os::unix::fs::symlink(sc.dir.path(), &linked_dir).unwrap();
+    let through_dir = linked_dir.join("cache.arena");
+    for (i, name) in [&symlink, &hard, &through_dir].into_iter().enumerate() {
+        let other = sc.dir.path().join(format!("other-{i}.sock"));
+        let out = serve_must_fail(&[
+            os("--socket"),
+            other.as_os_str(),
+            os("--cache-file"),
+            name.as_os_str(),
+            os("--memory-mb"),
+            os("16"),
+        ]);
+        assert!(stderr(&out).contains("another tidecached"), "{name:?}: {out:?}");
+        assert!(!other.exists(), "the second start bound its socket");
+        assert_eq!(header_bytes(&arena), before, "the arena header changed ({name:?})");
+    }
+    assert_eq!(hit(&c, 1, 7).unwrap().state, b"closed");
+}
+
 /// A tmpfs of `size` mounted at a new temporary directory, unmounted when
 /// dropped; `None` (with the reason printed) where mounting is not
 /// permitted.
