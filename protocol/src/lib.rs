@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 
 /// Version spoken by this build; the Hello of both sides carries it.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 
 /// Default largest frame body the sidecar accepts, bytes (64 MiB).
 pub const DEFAULT_MAX_FRAME: usize = 64 << 20;
@@ -113,6 +113,12 @@ pub enum RequestBody {
         db: String,
         /// The revisions.
         revisions: Vec<StoreItem>,
+        /// The slot identity the client attached to (`Attached.identity`):
+        /// the sidecar refuses the request with `Stale` if the database
+        /// was flushed since (its slot has a new identity). Nil: no check
+        /// (tools).
+        #[serde(default)]
+        identity: Option<u64>,
     },
     /// An invalidation report: every change in `(from, to]`. Answer:
     /// `Reported`, or error `Gap` if `from` is past the horizon.
@@ -125,6 +131,12 @@ pub enum RequestBody {
         to: u64,
         /// `(oid, tid)` of every change in the interval.
         changes: Vec<(u64, u64)>,
+        /// The slot identity the client attached to (`Attached.identity`):
+        /// the sidecar refuses the request with `Stale` if the database
+        /// was flushed since (its slot has a new identity). Nil: no check
+        /// (tools).
+        #[serde(default)]
+        identity: Option<u64>,
     },
     /// The client lost invalidations up to `tid` (ZEO's `invalidateCache`, a
     /// refused gap): drop open revisions and restart the log at `tid` unless
@@ -134,6 +146,12 @@ pub enum RequestBody {
         db: String,
         /// The client's `lastTransaction()`.
         tid: u64,
+        /// The slot identity the client attached to (`Attached.identity`):
+        /// the sidecar refuses the request with `Stale` if the database
+        /// was flushed since (its slot has a new identity). Nil: no check
+        /// (tools).
+        #[serde(default)]
+        identity: Option<u64>,
     },
     /// Register a connection's view at `tid`. Answer: `ViewRegistered`.
     /// Views are released when the connection that registered them closes.
@@ -173,6 +191,12 @@ pub enum RequestBody {
         db: String,
         /// `(oid, serial)` of each revision read.
         revisions: Vec<(u64, u64)>,
+        /// The slot identity the client attached to (`Attached.identity`):
+        /// the sidecar refuses the request with `Stale` if the database
+        /// was flushed since (its slot has a new identity). Nil: no check
+        /// (tools).
+        #[serde(default)]
+        identity: Option<u64>,
     },
 }
 
@@ -253,6 +277,12 @@ pub enum ErrorCode {
     /// and such a horizon would be served to every other client of the
     /// database. Nothing changed. Connection kept.
     FutureTid,
+    /// A store, report, resync or touch carrying the identity of a slot
+    /// that was flushed since (another process found a restored backup or
+    /// another file under the key): this client's storage is not proved to
+    /// hold the new history. Nothing changed; the client attaches again,
+    /// with a proof. Connection kept.
+    Stale,
 }
 
 /// Every answer.
@@ -492,6 +522,7 @@ mod tests {
                     view: 3,
                     state: b"pickle".to_vec(),
                 }],
+                identity: Some(42),
             },
         };
         let bytes = encode(&r).unwrap();

@@ -74,6 +74,10 @@ pub enum Refusal {
         /// The latest tid accepted now.
         limit: u64,
     },
+    /// The request carries the identity of a slot flushed since: the
+    /// client attaches again, with a proof of the new history.
+    #[error("the database was flushed since this client attached (a restored backup or another file under its key?): attach again")]
+    Stale,
     /// The MVCC rules refused it: a gap (invariant 4), a bad store or
     /// report, a view the database no longer has.
     #[error(transparent)]
@@ -92,6 +96,7 @@ impl Refusal {
             Refusal::TooManyDatabases(_) | Refusal::NoSlot | Refusal::TooManyOids { .. } => ErrorCode::Limit,
             Refusal::NotYourView { .. } => ErrorCode::UnknownView,
             Refusal::FutureTid { .. } => ErrorCode::FutureTid,
+            Refusal::Stale => ErrorCode::Stale,
             Refusal::Core(CoreError::Gap { .. }) => ErrorCode::Gap,
             Refusal::Core(CoreError::UnknownView(_)) => ErrorCode::UnknownView,
             Refusal::HelloAgain | Refusal::Core(_) => ErrorCode::BadRequest,

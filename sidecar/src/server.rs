@@ -146,6 +146,9 @@ pub struct Server {
     /// Held for the life of the process: no other sidecar uses the file.
     _lock: ArenaLock,
     databases: RwLock<HashMap<String, Entry>>,
+    /// Taken for writing by a flush, for reading by the requests that
+    /// check their slot identity ([`Server::unflushed`]).
+    flush_gate: RwLock<()>,
     clients: AtomicU64,
     started: Instant,
 }
@@ -202,6 +205,7 @@ impl Server {
             _lock: lock,
             config,
             databases: RwLock::default(),
+            flush_gate: RwLock::default(),
             clients: AtomicU64::new(0),
             started: Instant::now(),
         }))
@@ -588,8 +592,13 @@ impl Server {
                     .collect();
                 ResponseBody::Found { results }
             }
-            RequestBody::Store { db, revisions } => {
+            RequestBody::Store {
+                db,
+                revisions,
+                identity,
+            } => {
                 let db = self.database(&db)?;
+                let _gate = self.unflushed(&db, identity)?;
                 let (mut kept, mut refused) = (0, 0);
                 for r in revisions {
                     let out = db.store(Oid(r.oid), Tid(r.serial), r.end.map(Tid), Tid(r.view), r.state);
@@ -605,9 +614,11 @@ impl Server {
                 from,
                 to,
                 changes,
+                identity,
             } => {
                 not_in_the_future("report", to)?;
                 let db = self.database(&name)?;
+                let _gate = self.unflushed(&db, identity)?;
                 let changes: Vec<(Oid, Tid)> = changes.into_iter().map(|(o, t)| (Oid(o), Tid(t))).collect();
                 match db.report(Tid(from), Tid(to), &changes) {
                     Ok(h) => ResponseBody::Reported { horizon: h.0 },
@@ -617,9 +628,14 @@ impl Server {
                     }
                 }
             }
-            RequestBody::Resync { db: name, tid } => {
+            RequestBody::Resync {
+                db: name,
+                tid,
+                identity,
+            } => {
                 not_in_the_future("resync", tid)?;
                 let db = self.database(&name)?;
+                let _gate = self.unflushed(&db, identity)?;
                 self.mark_attached(conn, &name);
                 let restarted = db.resync(Tid(tid));
                 if restarted {
@@ -655,17 +671,42 @@ impl Server {
                 ResponseBody::Done
             }
             RequestBody::Flush { db: name } => {
-                self.database(&name)?.flush();
+                let db = self.database(&name)?;
+                let _gate = self.flush_gate.write().unwrap_or_else(|p| p.into_inner());
+                db.flush();
                 tracing::info!(db = %name, "database flushed on request");
                 ResponseBody::Done
             }
             RequestBody::Stats => ResponseBody::Stats(self.stats()),
-            RequestBody::Touch { db, revisions } => {
+            RequestBody::Touch {
+                db,
+                revisions,
+                identity,
+            } => {
                 let db = self.database(&db)?;
+                let _gate = self.unflushed(&db, identity)?;
                 db.cache().touch(&revisions);
                 ResponseBody::Done
             }
         })
+    }
+
+    /// Checks that a request carrying `identity` (the slot identity its
+    /// client attached to) is for the database's current history: a flush
+    /// gives the slot a new identity, and the processes still on the
+    /// flushed one (a restored backup's other workers) must prove the new
+    /// history before they store, report, resync or touch (invariant 7).
+    /// The returned guard keeps a flush from coming between this check and
+    /// the request's write.
+    ///
+    /// # Errors
+    /// [`Refusal::Stale`].
+    fn unflushed(&self, db: &Db, identity: Option<u64>) -> Result<std::sync::RwLockReadGuard<'_, ()>, Refusal> {
+        let gate = self.flush_gate.read().unwrap_or_else(|p| p.into_inner());
+        match identity {
+            Some(id) if id != db.cache().slot().identity => Err(Refusal::Stale),
+            _ => Ok(gate),
+        }
     }
 
     /// Counters of the sidecar and every database.

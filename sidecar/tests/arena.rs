@@ -137,10 +137,15 @@ fn damaged_truncated_and_foreign_files_are_discarded_with_a_log_line() {
             log.contains("discarding the arena file") && log.contains(says),
             "{what}: {log}"
         );
-        assert!(hit(&c, 1, 7).is_none(), "{what}: served from a discarded file");
-        // The new file works (the reconnect's Resync started its log at
-        // 10: joining proves that horizon).
-        c.attach("db", 10, Some(10)).unwrap();
+        assert!(
+            !matches!(c.lookup_local("db", 1, 7), Local::Hit(_)),
+            "{what}: served from a discarded file"
+        );
+        // The new file's slot has another identity: the reconnect's Resync
+        // was refused as stale and the client attaches again (its log
+        // starts at 10).
+        assert!(!c.is_attached("db"), "{what}: joined a new file without attaching");
+        c.attach("db", 10, None).unwrap();
         c.store("db", vec![item(1, 5, Some(8), 10, b"closed")]).unwrap();
         assert!(hit(&c, 1, 7).is_some(), "{what}");
     }

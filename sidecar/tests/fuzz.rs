@@ -156,6 +156,7 @@ fn hostile(rng: &mut fastrand::Rng) -> (RequestBody, bool) {
             oids: (0..rng.usize(1..200_000)).map(|_| big(rng)).collect(),
         },
         1 => RequestBody::Store {
+            identity: rng.bool().then(|| rng.u64(..)),
             db: own,
             revisions: (0..rng.usize(1..20))
                 .map(|_| StoreItem {
@@ -168,6 +169,7 @@ fn hostile(rng: &mut fastrand::Rng) -> (RequestBody, bool) {
                 .collect(),
         },
         2 => RequestBody::Report {
+            identity: rng.bool().then(|| rng.u64(..)),
             db: own,
             from: big(rng),
             to: big(rng),
@@ -193,6 +195,7 @@ fn hostile(rng: &mut fastrand::Rng) -> (RequestBody, bool) {
             )
         }
         5 => RequestBody::Touch {
+            identity: rng.bool().then(|| rng.u64(..)),
             db: GOOD.into(),
             revisions: (0..rng.usize(1..200_000))
                 .map(|_| (rng.u64(0..OIDS + 2), big(rng)))
@@ -204,7 +207,11 @@ fn hostile(rng: &mut fastrand::Rng) -> (RequestBody, bool) {
             proven: rng.bool().then(|| big(rng)),
         },
         7 => RequestBody::RegisterView { db: own, tid: big(rng) },
-        8 => RequestBody::Resync { db: own, tid: big(rng) },
+        8 => RequestBody::Resync {
+            db: own,
+            tid: big(rng),
+            identity: rng.bool().then(|| rng.u64(..)),
+        },
         9 => RequestBody::Flush { db: own },
         _ => RequestBody::Hello {
             version: rng.u32(..),
@@ -273,19 +280,36 @@ fn bad_frame(rng: &mut fastrand::Rng) -> Vec<u8> {
                     view,
                     oids: oids.into_iter().take(20).collect(),
                 },
-                RequestBody::Touch { db, revisions } => RequestBody::Touch {
+                RequestBody::Touch {
+                    db,
+                    revisions,
+                    identity,
+                } => RequestBody::Touch {
                     db,
                     revisions: revisions.into_iter().take(20).collect(),
+                    identity,
                 },
-                RequestBody::Report { db, from, to, changes } => RequestBody::Report {
+                RequestBody::Report {
+                    db,
+                    from,
+                    to,
+                    changes,
+                    identity,
+                } => RequestBody::Report {
                     db,
                     from,
                     to,
                     changes: changes.into_iter().take(20).collect(),
+                    identity,
                 },
-                RequestBody::Store { db, revisions } => RequestBody::Store {
+                RequestBody::Store {
+                    db,
+                    revisions,
+                    identity,
+                } => RequestBody::Store {
                     db,
                     revisions: revisions.into_iter().filter(|r| r.state.len() < 1000).collect(),
+                    identity,
                 },
                 b => b,
             };

@@ -502,3 +502,41 @@ fn the_client_refuses_an_oversized_answer_as_unavailable() {
     let e = c.lookup_remote("db", 1, vec![1]).unwrap_err();
     assert!(e.to_string().contains("over the maximum"), "{e}");
 }
+
+/// Invariant 7 after a flush: a process that finds a restored backup
+/// flushes the database; every other process, joined on the old history,
+/// is cut off at once (its slot identity is gone: lookups miss, stores,
+/// reports, resyncs and touches are refused `Stale`) until it proves the
+/// new history. Without the check, the old process's stores land in the
+/// new history (seen: its state served to the new one's views).
+#[test]
+fn a_flush_cuts_off_the_processes_still_on_the_old_history() {
+    use tidecache_client::protocol::AttachState;
+    use tidecache_client::{ClientError, Local};
+    let sc = Sidecar::start(&[]);
+    let (old, new) = (client(&sc), client(&sc));
+    assert_eq!(old.attach("db", 10, None).unwrap().0, AttachState::Started);
+    old.store("db", vec![item(1, 5, None, 10, b"old history")]).unwrap();
+    assert!(matches!(old.lookup_local("db", 1, 10), Local::Hit(_)));
+    // The restored backup: behind the horizon, so it flushes and starts.
+    assert_eq!(new.attach("db", 8, None).unwrap().0, AttachState::Behind);
+    new.flush("db").unwrap();
+    assert_eq!(new.attach("db", 8, None).unwrap().0, AttachState::Started);
+    // The old process misses in the arena...
+    assert!(!matches!(old.lookup_local("db", 1, 10), Local::Hit(_)));
+    // ...and its writes are refused, which makes it unjoined.
+    let stale = old.store("db", vec![item(1, 5, None, 10, b"old history")]).unwrap_err();
+    assert!(stale.is_stale(), "{stale}");
+    assert!(!old.is_attached("db"));
+    assert!(matches!(
+        old.report("db", 10, 11, vec![(2, 11)]),
+        Err(ClientError::NotAttached { .. })
+    ));
+    // Nothing of the old history reached the new one.
+    new.store("db", vec![item(3, 7, None, 8, b"new history")]).unwrap();
+    assert!(!matches!(new.lookup_local("db", 1, 8), Local::Hit(_)));
+    assert!(matches!(new.lookup_local("db", 3, 8), Local::Hit(_)));
+    // Nothing the old process sent moved the new history's horizon.
+    let stats = old.stats().unwrap();
+    assert_eq!(stats.databases["db"].horizon, Some(8));
+}

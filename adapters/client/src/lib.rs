@@ -131,6 +131,18 @@ pub enum MapError {
 }
 
 impl ClientError {
+    /// Whether the database was flushed by another process since this
+    /// client joined it ([`ErrorCode::Stale`]): attach again, with a proof.
+    pub fn is_stale(&self) -> bool {
+        matches!(
+            self,
+            ClientError::Refused {
+                code: ErrorCode::Stale,
+                ..
+            }
+        )
+    }
+
     /// Whether this is a refused report that left a gap (invariant 4).
     pub fn is_gap(&self) -> bool {
         matches!(
@@ -266,6 +278,11 @@ struct State {
     /// reconnect. A database whose attach is unanswered, `Behind` or
     /// `Prove` is not here.
     attached: HashMap<String, u64>,
+    /// The slot identity each joined database had when this client joined
+    /// it: sent with every store, report, resync and touch, so that a
+    /// flush by another process (a restored backup) cuts this client off
+    /// until it proves the new history (`ErrorCode::Stale`).
+    identities: HashMap<String, u64>,
     views: HashMap<u64, View>,
     next_view: u64,
     connects: u64,
@@ -283,6 +300,8 @@ struct State {
 struct Replay {
     /// Databases attached, and the newest tid the sidecar has from us.
     attached: HashMap<String, u64>,
+    /// Their slot identities (see `State::identities`).
+    identities: HashMap<String, u64>,
     /// The last local view id handed out.
     next_view: u64,
     /// Closed for good.
@@ -306,6 +325,7 @@ impl Proc {
     fn new(pid: u32, replay: Replay) -> Self {
         let state = State {
             attached: replay.attached.clone(),
+            identities: replay.identities.clone(),
             next_view: replay.next_view,
             closed: replay.closed,
             ..State::default()
@@ -328,6 +348,7 @@ impl Proc {
     fn remember(&self, st: &State) {
         self.replay.store(Arc::new(Replay {
             attached: st.attached.clone(),
+            identities: st.identities.clone(),
             next_view: st.next_view,
             closed: st.closed,
         }));
@@ -569,10 +590,22 @@ impl Client {
         }
         let attached: Vec<(String, u64)> = st.attached.iter().map(|(d, t)| (d.clone(), *t)).collect();
         for (db, tid) in attached {
-            if let ResponseBody::Resynced { slot, identity, .. } =
-                self.exchange(p, st, RequestBody::Resync { db: db.clone(), tid })?
-            {
-                st.slots.insert(db, Slot { index: slot, identity });
+            let known = st.identities.get(&db).copied();
+            match self.exchange(
+                p,
+                st,
+                RequestBody::Resync {
+                    db: db.clone(),
+                    tid,
+                    identity: known,
+                },
+            ) {
+                Ok(ResponseBody::Resynced { slot, identity, .. }) => {
+                    st.slots.insert(db, Slot { index: slot, identity });
+                }
+                Err(e) if e.is_stale() => self.forget(p, st, &db),
+                Err(e) => return Err(e),
+                Ok(_) => {}
             }
         }
         let views: Vec<(u64, String, u64)> = st.views.iter().map(|(k, v)| (*k, v.db.clone(), v.tid)).collect();
@@ -588,6 +621,36 @@ impl Client {
         self.publish(p, st);
         tracing::info!(socket = %self.config.socket.display(), "connected to tidecached");
         Ok(())
+    }
+
+    /// The slot identity `db` had when this client joined it.
+    fn identity_of(&self, db: &str) -> Option<u64> {
+        self.proc().lock().identities.get(db).copied()
+    }
+
+    /// `db` was flushed by another process since this client joined it
+    /// (`Stale`): it is not joined any more (lookups unavailable, not
+    /// replayed) until an attach proves the new history.
+    fn forget(&self, p: &Proc, st: &mut State, db: &str) {
+        st.attached.remove(db);
+        st.identities.remove(db);
+        st.slots.remove(db);
+        p.remember(st);
+        self.publish(p, st);
+        tracing::warn!(
+            db,
+            "the database was flushed by another process (a restored backup?): attach again, with a proof"
+        );
+    }
+
+    /// [`Client::forget`] `db` if `e` says it went stale; returns `e`.
+    fn forget_if_stale(&self, db: &str, e: ClientError) -> ClientError {
+        if e.is_stale() {
+            let p = self.proc();
+            let mut st = p.lock();
+            self.forget(&p, &mut st, db);
+        }
+        e
     }
 
     fn call(&self, body: RequestBody) -> Result<ResponseBody, ClientError> {
@@ -618,6 +681,7 @@ impl Client {
         let p = self.proc();
         let mut st = p.lock();
         if st.attached.remove(db).is_some() | st.slots.remove(db).is_some() {
+            st.identities.remove(db);
             p.remember(&st);
             self.publish(&p, &st);
         }
@@ -639,6 +703,7 @@ impl Client {
             } => {
                 if matches!(state, AttachState::Started | AttachState::Joined) {
                     st.attached.insert(db.to_owned(), last_tid.max(horizon));
+                    st.identities.insert(db.to_owned(), identity);
                     p.remember(&st);
                     st.slots.insert(db.to_owned(), Slot { index: slot, identity });
                     self.publish(&p, &st);
@@ -709,10 +774,13 @@ impl Client {
     /// # Errors
     /// [`ClientError`]: the revisions are simply not cached.
     pub fn store(&self, db: &str, revisions: Vec<StoreItem>) -> Result<(u32, u32), ClientError> {
-        match self.call(RequestBody::Store {
+        let identity = self.identity_of(db);
+        let answer = self.call(RequestBody::Store {
             db: db.to_owned(),
             revisions,
-        })? {
+            identity,
+        });
+        match answer.map_err(|e| self.forget_if_stale(db, e))? {
             ResponseBody::Stored { kept, refused } => Ok((kept, refused)),
             other => Err(self.unexpected(other, "Stored")),
         }
@@ -733,6 +801,7 @@ impl Client {
             return Err(ClientError::NotAttached { db: db.to_owned() });
         }
         self.ensure(&p, &mut st)?;
+        let identity = st.identities.get(db).copied();
         match self.exchange(
             &p,
             &mut st,
@@ -741,19 +810,27 @@ impl Client {
                 from,
                 to,
                 changes,
+                identity,
             },
-        )? {
-            ResponseBody::Reported { horizon } => {
-                if let Some(t) = st.attached.get_mut(db) {
-                    *t = (*t).max(to);
+        ) {
+            Err(e) if e.is_stale() => {
+                self.forget(&p, &mut st, db);
+                Err(e)
+            }
+            Err(e) => Err(e),
+            Ok(answer) => match answer {
+                ResponseBody::Reported { horizon } => {
+                    if let Some(t) = st.attached.get_mut(db) {
+                        *t = (*t).max(to);
+                    }
+                    p.remember(&st);
+                    Ok(horizon)
                 }
-                p.remember(&st);
-                Ok(horizon)
-            }
-            other => {
-                drop(st);
-                Err(self.unexpected(other, "Reported"))
-            }
+                other => {
+                    drop(st);
+                    Err(self.unexpected(other, "Reported"))
+                }
+            },
         }
     }
 
@@ -771,7 +848,22 @@ impl Client {
         *t = (*t).max(tid);
         p.remember(&st);
         self.ensure(&p, &mut st)?;
-        match self.exchange(&p, &mut st, RequestBody::Resync { db: db.to_owned(), tid })? {
+        let identity = st.identities.get(db).copied();
+        let answer = self.exchange(
+            &p,
+            &mut st,
+            RequestBody::Resync {
+                db: db.to_owned(),
+                tid,
+                identity,
+            },
+        );
+        if let Err(e) = &answer {
+            if e.is_stale() {
+                self.forget(&p, &mut st, db);
+            }
+        }
+        match answer? {
             ResponseBody::Resynced {
                 restarted,
                 horizon,
@@ -889,10 +981,13 @@ impl Client {
     /// # Errors
     /// [`ClientError`]: the hints are lost, which only costs hit ratio.
     pub fn touch(&self, db: &str, revisions: Vec<(u64, u64)>) -> Result<(), ClientError> {
-        match self.call(RequestBody::Touch {
+        let identity = self.identity_of(db);
+        let answer = self.call(RequestBody::Touch {
             db: db.to_owned(),
             revisions,
-        })? {
+            identity,
+        });
+        match answer.map_err(|e| self.forget_if_stale(db, e))? {
             ResponseBody::Done => Ok(()),
             other => Err(self.unexpected(other, "Done")),
         }

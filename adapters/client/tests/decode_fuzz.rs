@@ -164,6 +164,7 @@ fn valid_body(pick: u8, size: u8) -> Vec<u8> {
             oids: (0..n as u64).collect(),
         }),
         3 => req(RequestBody::Store {
+            identity: Some(u64::MAX),
             db,
             revisions: (0..n.min(8) as u64)
                 .map(|i| StoreItem {
@@ -176,12 +177,14 @@ fn valid_body(pick: u8, size: u8) -> Vec<u8> {
                 .collect(),
         }),
         4 => req(RequestBody::Report {
+            identity: Some(u64::MAX),
             db,
             from: 1,
             to: 2,
             changes: (0..n as u64).map(|i| (i, 2)).collect(),
         }),
         5 => req(RequestBody::Touch {
+            identity: Some(u64::MAX),
             db,
             revisions: (0..n as u64).map(|i| (i, i)).collect(),
         }),
@@ -225,7 +228,11 @@ fn valid_body(pick: u8, size: u8) -> Vec<u8> {
             resp(ResponseBody::Stats(s))
         }
         13 => resp(ResponseBody::Stored { kept: 1, refused: 2 }),
-        14 => req(RequestBody::Resync { db, tid: 8 }),
+        14 => req(RequestBody::Resync {
+            db,
+            tid: 8,
+            identity: None,
+        }),
         _ => req(RequestBody::Flush { db }),
     }
 }

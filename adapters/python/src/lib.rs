@@ -63,6 +63,12 @@ create_exception!(
 );
 create_exception!(
     _native,
+    StaleError,
+    RefusedError,
+    "The database was flushed by another process since this client joined it (a restored backup?): attach again, with a proof."
+);
+create_exception!(
+    _native,
     ProtocolError,
     RefusedError,
     "The sidecar could not read the request (frame too large, not MessagePack, unknown message, no Hello, other protocol version)."
@@ -84,6 +90,7 @@ fn to_py(e: ClientError) -> PyErr {
             ErrorCode::UnknownView => UnknownViewError::new_err(msg),
             ErrorCode::FutureTid => FutureTidError::new_err(msg),
             ErrorCode::BadRequest => BadRequestError::new_err(msg),
+            ErrorCode::Stale => StaleError::new_err(msg),
             ErrorCode::FrameTooLarge
             | ErrorCode::Malformed
             | ErrorCode::UnknownMessage
@@ -368,6 +375,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("FutureTidError", py.get_type::<FutureTidError>())?;
     m.add("BadRequestError", py.get_type::<BadRequestError>())?;
     m.add("ProtocolError", py.get_type::<ProtocolError>())?;
+    m.add("StaleError", py.get_type::<StaleError>())?;
     m.add("PROTOCOL_VERSION", tidecache_client::protocol::PROTOCOL_VERSION)?;
     Ok(())
 }

@@ -2,7 +2,9 @@
 tidecache ZEO client A; B (fresh) commits on the restored server, A reconnects
 (quick verification keeps its stale ZEO cache) and stores its old-history state;
 B is then served it. Run: .venv/bin/python adapters/python/tests/review_zeo_restore.py /tmp/somedir
-Prints B reads (must be 'base') old history: a wrong hit."""
+Printed "B reads (must be 'base') old history" (a wrong hit) before a flush cut off
+the processes still joined on the old history (protocol 5: Stale); now B reads 'base'.
+A itself still reads its stale ZEO cache: ZEO's own quick verification, not tidecache."""
 import os, sys, time, shutil, logging
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import ZODB, ZEO, ZEO.ClientStorage, transaction

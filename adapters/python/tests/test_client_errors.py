@@ -31,7 +31,8 @@ def test_each_refusal_has_its_exception(sidecar):
     with pytest.raises(tidecache.FutureTidError):
         c.report(start, far, [])
     for kind in (tidecache.GapError, tidecache.BadRequestError, tidecache.FutureTidError,
-                 tidecache.LimitError, tidecache.UnknownViewError, tidecache.ProtocolError):
+                 tidecache.LimitError, tidecache.UnknownViewError, tidecache.ProtocolError,
+                 tidecache.StaleError):
         assert issubclass(kind, tidecache.RefusedError)
         assert issubclass(kind, tidecache.TideCacheError)
     # The connection is still served after refusals.

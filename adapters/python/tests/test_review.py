@@ -1,6 +1,6 @@
 """Hostile-review findings: each test is a minimal repro of a defect found
-by the review of the attach proof, flush and key rules (marked xfail with
-the exact failure until fixed)."""
+by the review of the attach proof, flush and key rules, kept as a
+regression test now that each is fixed."""
 
 import os
 import shutil
@@ -37,7 +37,7 @@ def read_fresh(db):
         db.storage._tc_client.wait_for_stores()
 
 
-@pytest.mark.xfail(strict=True, reason="wrong hit: A reads 'base' at its view, where its history has 'A1'")
+
 def test_a_flush_does_not_cut_off_a_process_still_on_the_old_file(tmp_path, sidecar, monkeypatch):
     """A backup restored at the path (Data.fs and its .lock/.index moved
     away, the backup copied in) while a process of the old file still runs

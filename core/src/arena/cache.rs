@@ -63,7 +63,8 @@ impl SharedArena {
         drop(w);
         Some(ArenaCache {
             arena: self.clone(),
-            slot,
+            index: slot.index,
+            identity: AtomicU64::new(slot.identity),
             log: LogLock::new((horizon != 0).then(|| InvalidationLog::starting_at(Tid(horizon)))),
             counters: Counters::default(),
         })
@@ -106,7 +107,9 @@ fn bump(c: &AtomicU64, n: u64) {
 /// (its identity), and does nothing otherwise; lookups miss.
 pub struct ArenaCache {
     arena: Arc<SharedArena>,
-    slot: Slot,
+    index: u8,
+    /// The slot's identity: new after a flush (stored under the log lock).
+    identity: AtomicU64,
     log: LogLock,
     counters: Counters,
 }
@@ -115,13 +118,16 @@ impl ArenaCache {
     /// The database's slot in the arena and its identity (clients look up
     /// with both).
     pub fn slot(&self) -> Slot {
-        self.slot
+        Slot {
+            index: self.index,
+            identity: self.identity.load(Ordering::Acquire),
+        }
     }
 
     /// Counts reads of revisions `(oid, serial)` (hits a client
     /// reported): eviction keeps what is read. Nothing once released.
     pub fn touch(&self, revisions: &[(u64, u64)]) {
-        self.arena.touch(self.slot, revisions);
+        self.arena.touch(self.slot(), revisions);
     }
 
     /// The arena.
@@ -134,7 +140,7 @@ impl ArenaCache {
         let found = reader::lookup(
             self.arena.memory.words(),
             &self.arena.geometry,
-            self.slot,
+            self.slot(),
             oid.0,
             view.0,
         )
@@ -142,7 +148,7 @@ impl ArenaCache {
         match &found {
             Some(f) => {
                 bump(&self.counters.hits, 1);
-                self.arena.touch(self.slot, &[(oid.0, f.serial)]);
+                self.arena.touch(self.slot(), &[(oid.0, f.serial)]);
             }
             None => bump(&self.counters.misses, 1),
         }
@@ -164,7 +170,7 @@ impl ArenaCache {
     ) -> Result<StoreOutcome, CoreError> {
         let log = self.log.lock();
         let mut w = self.arena.writer();
-        let known = w.revisions(self.slot, oid.0);
+        let known = w.revisions(self.slot(), oid.0);
         let plan = plan_store(log.as_ref(), oid, serial, end, view, || {
             known.iter().any(|&(_, s, _)| s > serial.0)
         })?;
@@ -179,7 +185,7 @@ impl ArenaCache {
             if end != OPEN && known_end == OPEN {
                 w.set_end(at, end);
             }
-        } else if w.insert(self.slot, oid.0, serial.0, end, state).is_err() {
+        } else if w.insert(self.slot(), oid.0, serial.0, end, state).is_err() {
             bump(&self.counters.refused, 1);
             return Ok(StoreOutcome::Refused(Refusal::NotCacheable));
         }
@@ -201,7 +207,7 @@ impl ArenaCache {
         let mut w = self.arena.writer();
         for &(oid, tid) in &applied.changes {
             let floor = w
-                .revisions(self.slot, oid.0)
+                .revisions(self.slot(), oid.0)
                 .into_iter()
                 .filter(|&(_, s, _)| s < tid.0)
                 .max_by_key(|&(_, s, _)| s);
@@ -214,7 +220,7 @@ impl ArenaCache {
             }
         }
         bump(&self.counters.invalidations, changes.len() as u64);
-        w.publish_horizon(self.slot, applied.horizon.0);
+        w.publish_horizon(self.slot(), applied.horizon.0);
         Ok(applied.horizon)
     }
 
@@ -224,14 +230,18 @@ impl ArenaCache {
         let mut log = self.log.lock();
         let mut w = self.arena.writer();
         *log = Some(InvalidationLog::starting_at(at));
-        w.restart_database(self.slot, at.0);
+        w.restart_database(self.slot(), at.0);
     }
 
     /// Drops everything of this database (a pack, a restored backup).
     pub fn flush(&self) {
         let mut log = self.log.lock();
         *log = None;
-        self.arena.writer().flush_database(self.slot);
+        if let Some(new) = self.arena.writer().flush_database(self.slot()) {
+            // Under the log lock, which every write of this cache takes
+            // first: no write starts with the old identity after this.
+            self.identity.store(new.identity, Ordering::Release);
+        }
     }
 
     /// Truncates the log below `low_water` and lets eviction drop closed
@@ -241,7 +251,7 @@ impl ArenaCache {
         let (_log, Some(low_water)) = self.log.truncate(low_water) else {
             return 0;
         };
-        self.arena.writer().set_low_water(self.slot, low_water.0);
+        self.arena.writer().set_low_water(self.slot(), low_water.0);
         0
     }
 
@@ -249,7 +259,7 @@ impl ArenaCache {
     pub fn evict(&self, oid: Oid, serial: Tid) {
         let _log = self.log.lock();
         let mut w = self.arena.writer();
-        if let Some(&(at, _, _)) = w.revisions(self.slot, oid.0).iter().find(|r| r.1 == serial.0) {
+        if let Some(&(at, _, _)) = w.revisions(self.slot(), oid.0).iter().find(|r| r.1 == serial.0) {
             w.remove(at);
         }
     }
@@ -259,7 +269,7 @@ impl ArenaCache {
     /// flight on it is dropped), and the slot may be given to another key.
     pub fn release(&self) {
         let _log = self.log.lock();
-        self.arena.writer().release_database(self.slot);
+        self.arena.writer().release_database(self.slot());
     }
 
     /// The horizon, `None` before the log started.
@@ -285,7 +295,7 @@ impl ArenaCache {
     /// (no scan on the first attach: the first hit after a restart waits for
     /// nothing). Empty for a database of a file this run created.
     pub fn open_revisions(&self, limit: usize) -> Option<Vec<(Oid, Tid)>> {
-        let found = self.arena.writer().recovered_open(self.slot)?;
+        let found = self.arena.writer().recovered_open(self.slot())?;
         Some(found.into_iter().take(limit).map(|(s, o)| (Oid(o), Tid(s))).collect())
     }
 
@@ -295,7 +305,7 @@ impl ArenaCache {
         reader::lookup(
             self.arena.memory.words(),
             &self.arena.geometry,
-            self.slot,
+            self.slot(),
             oid.0,
             view.0,
         )
@@ -313,8 +323,8 @@ impl ArenaCache {
         let c = &self.counters;
         let ((entries, bytes), dropped) = {
             let w = self.arena.writer();
-            if w.holds(self.slot) {
-                (w.slot_usage(self.slot.index), w.slot_dropped(self.slot.index))
+            if w.holds(self.slot()) {
+                (w.slot_usage(self.slot().index), w.slot_dropped(self.slot().index))
             } else {
                 ((0, 0), Default::default())
             }
@@ -339,7 +349,7 @@ impl Drop for ArenaCache {
     /// Gives the slot's lease back: a slot no cache holds may be freed for
     /// another key (its revisions stay until then).
     fn drop(&mut self) {
-        self.arena.writer().unlease(self.slot);
+        self.arena.writer().unlease(self.slot());
     }
 }
 

@@ -211,18 +211,27 @@ impl SlotTable {
         true
     }
 
-    /// Bumps the generation of `slot` (horizon 0 first): no record written
-    /// before matches any more. `false` if it no longer holds that database.
-    pub(crate) fn flush(&mut self, w: &[AtomicU64], slot: Slot) -> bool {
+    /// Bumps the generation of `slot` and gives it a new identity (horizon 0
+    /// first): no record written before matches any more, and no handle of
+    /// the flushed history holds the slot. The new handle; `None` if `slot`
+    /// no longer holds that database.
+    pub(crate) fn flush(&mut self, w: &[AtomicU64], slot: Slot) -> Option<Slot> {
         if !self.holds(w, slot) {
-            return false;
+            return None;
         }
         let generation = self.generation(w, slot.index).wrapping_add(1);
+        // A new identity too: clients that joined the flushed history (a
+        // restored backup's other processes) miss in the arena and are
+        // refused on the socket until they prove the new one (invariant 7).
+        let identity = self.draw();
         self.word(w, slot.index, db_slot::HORIZON).store(0, Ordering::Release);
         self.word(w, slot.index, db_slot::STATE)
-            .store(state_word(slot.identity, generation), Ordering::Release);
+            .store(state_word(identity, generation), Ordering::Release);
         self.seal(w, slot.index);
-        true
+        Some(Slot {
+            index: slot.index,
+            identity,
+        })
     }
 
     /// Publishes `horizon` (Release) in `slot`. `false` (nothing written)
@@ -383,19 +392,22 @@ mod tests {
         assert_ne!(b.identity, a.identity);
         assert_eq!(t.generation(&w, 0), 2, "the generation moves on");
         assert!(!t.publish_horizon(&w, a, 99), "the old handle writes nothing");
-        assert!(!t.flush(&w, a));
+        assert!(t.flush(&w, a).is_none());
         assert!(!t.set_low_water(&w, a, 5));
         assert_eq!(t.horizon(&w, 0), 0);
         assert!(t.holds(&w, b));
     }
 
     #[test]
-    fn a_flush_bumps_the_generation_and_keeps_the_identity() {
+    fn a_flush_bumps_the_generation_and_gives_a_new_identity() {
         let (w, mut t) = table();
         let a = t.assign(&w, 2, b"a");
         t.publish_horizon(&w, a, 42);
-        assert!(t.flush(&w, a));
-        assert!(t.holds(&w, a));
+        let b = t.flush(&w, a).unwrap();
+        // Handles of the flushed history no longer hold the slot.
+        assert!(!t.holds(&w, a) && t.holds(&w, b));
+        assert_eq!(b.index, a.index);
+        assert_ne!(b.identity, a.identity);
         assert_eq!((t.generation(&w, 2), t.horizon(&w, 2)), (2, 0));
     }
 

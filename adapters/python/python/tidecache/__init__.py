@@ -30,6 +30,7 @@ from tidecache._native import GapError
 from tidecache._native import LimitError
 from tidecache._native import ProtocolError
 from tidecache._native import RefusedError
+from tidecache._native import StaleError
 from tidecache._native import TideCacheError
 from tidecache._native import Unavailable
 from tidecache._native import UnknownViewError
@@ -44,6 +45,7 @@ __all__ = [
     "LimitError",
     "ProtocolError",
     "RefusedError",
+    "StaleError",
     "TideCacheError",
     "TideCacheStorage",
     "Unavailable",

@@ -317,15 +317,14 @@ impl ArenaWriter {
 
     /// Drops every revision of a database at once: its generation is bumped
     /// (readers stop matching old keys), its horizon cleared, and its
-    /// records unlinked. `false` (nothing done) if the slot no longer holds
-    /// that database.
-    pub fn flush_database(&mut self, slot: Slot) -> bool {
-        if !self.slots.flush(self.memory.words(), slot) {
-            return false;
-        }
+    /// records unlinked; the slot gets a new identity (see
+    /// [`super::slots`]), returned as its new handle. `None` (nothing done)
+    /// if the slot no longer holds that database.
+    pub fn flush_database(&mut self, slot: Slot) -> Option<Slot> {
+        let new = self.slots.flush(self.memory.words(), slot)?;
         crash::point(crash::FLUSH_GENERATION);
         self.remove_where(|r| r.slot == slot.index);
-        true
+        Some(new)
     }
 
     /// Closed revisions of `slot` ending at or below `low_water` are
