@@ -54,10 +54,10 @@ enum Command {
         /// must be root or a member of it; checked before any file changes.
         #[arg(long)]
         group: Option<String>,
-        /// Largest request accepted, MiB; a larger frame gets an error and
-        /// its connection is closed.
-        #[arg(long, default_value_t = 64)]
-        max_frame_mb: usize,
+        /// Largest request accepted, MiB (1 to 4096); a larger frame gets an
+        /// error and its connection is closed.
+        #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=4096))]
+        max_frame_mb: u64,
         /// Most databases served at once (each has a slot in the arena; at
         /// most 255).
         #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..=255))]
@@ -124,7 +124,7 @@ fn main() -> ExitCode {
                 memory_bytes: memory_mb << 20,
                 cache_file,
                 group,
-                max_frame: max_frame_mb << 20,
+                max_frame: (max_frame_mb << 20) as usize,
                 max_databases: max_databases as usize,
                 reclaim_interval: Duration::from_millis(reclaim_interval_ms.max(1)),
                 max_log_changes,

@@ -35,6 +35,9 @@ fn a_stopped_sidecar_costs_one_timeout_then_nothing() {
     // down, so what follows does not depend on how fast the machine is.
     let mut config = ClientConfig::new(&sc.socket);
     config.retry_after = Duration::from_secs(3600);
+    // A bound no busy machine reaches for the calls that must be answered
+    // (the default 50 ms was, once, for the attach).
+    config.timeout = Duration::from_secs(2);
     let c = Client::new(config);
     c.attach("db", 1, None).unwrap();
     // SIGSTOP: the socket accepts but nobody answers.

@@ -166,11 +166,7 @@ fn workload(sc: &mut Sidecar, truth: &mut Truth, rng: &mut Rng, steps: usize) ->
         match result {
             // A flush or a lost report left the log behind: resync, as the
             // adapter does.
-            Err(e) if e.is_gap() => {
-                if c.resync(db, truth.last[db]).is_err() && died(sc) {
-                    return true;
-                }
-            }
+            Err(e) if e.is_gap() && c.resync(db, truth.last[db]).is_err() && died(sc) => return true,
             Err(ClientError::Unavailable { .. }) if died(sc) => return true,
             _ => {}
         }
