@@ -99,10 +99,13 @@ fn after_kill_9_a_restart_on_the_same_file_serves_at_once() {
     assert_eq!(c.stats().unwrap().arena.unverified_segments, 0);
 }
 
+/// Something done to an arena file on disk.
+type Damage = Box<dyn Fn(&std::path::Path)>;
+
 #[test]
 fn damaged_truncated_and_foreign_files_are_discarded_with_a_log_line() {
     // (offset, bytes written, what the log says)
-    let damages: [(&str, Box<dyn Fn(&std::path::Path)>, &str); 3] = [
+    let damages: [(&str, Damage, &str); 3] = [
         (
             "a flipped header byte",
             Box::new(|p| poke(p, 5 * 8, &[0x5a])),
