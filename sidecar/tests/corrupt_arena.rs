@@ -13,8 +13,7 @@
 
 mod common;
 
-use common::Sidecar;
-use std::collections::BTreeMap;
+use common::{History, Sidecar};
 use std::path::Path;
 use std::time::{Duration, Instant};
 use tidecache_client::protocol::{AttachState, StoreItem};
@@ -25,25 +24,6 @@ const DATABASES: [&str; 3] = ["zeo:/a.sock:1", "file:/var/Data.fs", "pg:tidecach
 const OIDS: u64 = 40;
 const FIRST: u64 = 100;
 const MEMORY_MB: &str = "2";
-
-struct History(BTreeMap<u64, Vec<u64>>);
-
-impl History {
-    fn visible(&self, oid: u64, view: u64) -> Option<(u64, Option<u64>)> {
-        let s = self.0.get(&oid)?;
-        let i = s.partition_point(|&x| x <= view).checked_sub(1)?;
-        Some((s[i], s.get(i + 1).copied()))
-    }
-    fn changes(&self, from: u64, to: u64) -> Vec<(u64, u64)> {
-        let mut out: Vec<(u64, u64)> = self
-            .0
-            .iter()
-            .flat_map(|(&o, s)| s.iter().filter(|&&t| t > from && t <= to).map(move |&t| (o, t)))
-            .collect();
-        out.sort_by_key(|&(o, t)| (t, o));
-        out
-    }
-}
 
 fn state(db: usize, oid: u64, serial: u64) -> Vec<u8> {
     let mut s = format!("{db}:{oid}@{serial}:").into_bytes();

@@ -16,8 +16,7 @@
 
 mod common;
 
-use common::Sidecar;
-use std::collections::BTreeMap;
+use common::{History, Sidecar};
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -46,17 +45,6 @@ fn seed() -> u64 {
 }
 
 // ----- the well-behaved client -----------------------------------------
-
-/// The good client's database: every oid's serials.
-struct History(BTreeMap<u64, Vec<u64>>);
-
-impl History {
-    fn visible(&self, oid: u64, view: u64) -> Option<(u64, Option<u64>)> {
-        let s = self.0.get(&oid)?;
-        let i = s.partition_point(|&x| x <= view).checked_sub(1)?;
-        Some((s[i], s.get(i + 1).copied()))
-    }
-}
 
 fn state(oid: u64, serial: u64) -> Vec<u8> {
     let mut s = format!("{oid}@{serial}:").into_bytes();

@@ -118,3 +118,28 @@ pub fn attach_proving(
         c.attach(db, last, None)
     }
 }
+
+/// A storage's history, as tests keep it: every oid's serials, ascending.
+pub struct History(pub std::collections::BTreeMap<u64, Vec<u64>>);
+
+impl History {
+    /// `loadBefore(oid, view + 1)`: the revision visible at `view`,
+    /// `(serial, end)`.
+    pub fn visible(&self, oid: u64, view: u64) -> Option<(u64, Option<u64>)> {
+        let s = self.0.get(&oid)?;
+        let i = s.partition_point(|&x| x <= view).checked_sub(1)?;
+        Some((s[i], s.get(i + 1).copied()))
+    }
+
+    /// Every change in `(from, to]`, `(oid, tid)`, in tid order: an exact
+    /// invalidation report.
+    pub fn changes(&self, from: u64, to: u64) -> Vec<(u64, u64)> {
+        let mut out: Vec<(u64, u64)> = self
+            .0
+            .iter()
+            .flat_map(|(&o, s)| s.iter().filter(|&&t| t > from && t <= to).map(move |&t| (o, t)))
+            .collect();
+        out.sort_by_key(|&(o, t)| (t, o));
+        out
+    }
+}
