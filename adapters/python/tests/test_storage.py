@@ -150,22 +150,32 @@ def test_an_absent_sidecar_costs_misses_only(tmp_path):
     db.close()
 
 
+def history_past_a_backup(tmp_path, socket):
+    """Data.fs with "backed up", copied to backup.fs, then changed to "after
+    the backup" through tidecache (which now caches that state): returns the
+    open ``(storage, db)``."""
+    import shutil
+
+    storage, db = make_db(tmp_path, socket)
+    with db.transaction() as c:
+        c.root()["doc"] = PersistentMapping(x="backed up")
+    db.close()
+    shutil.copy(tmp_path / "Data.fs", tmp_path / "backup.fs")
+    storage, db = make_db(tmp_path, socket)
+    with db.transaction() as c:
+        c.root()["doc"]["x"] = "after the backup"
+    assert read_fresh(db) == "after the backup"
+    assert read_fresh(db) == "after the backup"
+    return storage, db
+
+
 def test_a_restored_backup_flushes_the_database_and_a_lagging_client_joins(tmp_path, sidecar, monkeypatch):
     import shutil
 
     import tidecache.storage
 
     monkeypatch.setattr(tidecache.storage, "RESTORE_GRACE_SECONDS", 0.2)
-    storage, db = make_db(tmp_path, sidecar.socket)
-    with db.transaction() as c:
-        c.root()["doc"] = PersistentMapping(x="backed up")
-    db.close()
-    shutil.copy(tmp_path / "Data.fs", tmp_path / "backup.fs")
-    storage, db = make_db(tmp_path, sidecar.socket)
-    with db.transaction() as c:
-        c.root()["doc"]["x"] = "after the backup"
-    assert read_fresh(db) == "after the backup"
-    assert read_fresh(db) == "after the backup"
+    storage, db = history_past_a_backup(tmp_path, sidecar.socket)
     assert storage.cache_stats()["sidecar"]["entries"] > 0
     db.close()
     # Restore the backup over Data.fs: its lastTransaction is older than
@@ -343,18 +353,7 @@ def test_a_restored_backup_with_a_newer_commit_is_not_served_the_old_history(tmp
     without tidecache (its tid is past the sidecar's horizon): the adapter
     must not join the old history, whose "after the backup" state the
     sidecar holds open."""
-    import shutil
-
-    storage, db = make_db(tmp_path, sidecar.socket)
-    with db.transaction() as c:
-        c.root()["doc"] = PersistentMapping(x="backed up")
-    db.close()
-    shutil.copy(tmp_path / "Data.fs", tmp_path / "backup.fs")
-    storage, db = make_db(tmp_path, sidecar.socket)
-    with db.transaction() as c:
-        c.root()["doc"]["x"] = "after the backup"
-    assert read_fresh(db) == "after the backup"
-    assert read_fresh(db) == "after the backup"
+    storage, db = history_past_a_backup(tmp_path, sidecar.socket)
     assert storage.cache_stats()["hits"] >= 1
     db.close()
     restore_file(tmp_path, tmp_path / "backup.fs")
