@@ -75,6 +75,9 @@ impl Revisions for InProcess {
     fn report(&self, from: Tid, to: Tid, changes: &[(Oid, Tid)]) -> Result<Tid, CoreError> {
         self.0.report(from, to, changes)
     }
+    fn report_collapsed(&self, from: Tid, to: Tid, changes: &[(Oid, Tid)]) -> Result<Tid, CoreError> {
+        self.0.report_collapsed(from, to, changes)
+    }
     fn start_log(&self, at: Tid) {
         self.0.start_log(at);
     }
