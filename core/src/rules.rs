@@ -34,6 +34,10 @@ pub enum Refusal {
     /// bounded, in `(a, T]`, and the store was loaded at a view in `[a, T)`:
     /// the revision may have ended right after its view (invariant 3).
     Uncertain,
+    /// A closed revision whose end is at or below the database's low-water
+    /// mark: no registered view can see it (invariant 5), and keeping it
+    /// would only lengthen its oid's chain (arena only).
+    Invisible,
 }
 
 /// What a store did.
