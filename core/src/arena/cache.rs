@@ -266,8 +266,13 @@ impl ArenaCache {
         let (_log, applied) = self.log.apply_collapsed(from, to, changes)?;
         let mut w = self.arena.writer();
         let close_at = applied.prior.0.saturating_add(1);
+        let low_water = w.low_water(self.slot());
         for &(oid, newest) in &applied.uncertain {
             for (at, serial, end) in w.revisions(self.slot(), oid.0) {
+                if end != OPEN && end <= low_water {
+                    w.reclaim_record(at); // invisible: keeps the chain short
+                    continue;
+                }
                 match collapsing(serial, end, applied.prior, newest) {
                     Closing::Close => w.set_end(at, close_at),
                     Closing::Drop => w.remove(at),
