@@ -181,7 +181,7 @@ pub(crate) fn closing(end: u64, tid: Tid) -> Closing {
 pub(crate) fn collapsing(serial: u64, end: u64, prior: Tid, newest: Tid) -> Closing {
     if end <= prior.0 {
         Closing::Keep
-    } else if serial > prior.0 || end > newest.0 && end != OPEN || prior.0.saturating_add(1) == OPEN {
+    } else if serial > prior.0 || (end != OPEN && end > newest.0) || prior.0.saturating_add(1) == OPEN {
         Closing::Drop
     } else if end == OPEN {
         Closing::Close
