@@ -12,14 +12,16 @@ from ZODB.utils import u64
 
 def history(storage):
     """``[(tid, [oid, ...]), ...]`` of every transaction of ``storage`` (a
-    FileStorage, read directly)."""
+    FileStorage, or a ZEO ClientStorage), from its iterator."""
     out = []
     it = storage.iterator()
     try:
         for txn in it:
             out.append((u64(txn.tid), [u64(r.oid) for r in txn]))
     finally:
-        it.close()
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
     return out
 
 

@@ -14,9 +14,14 @@ ZODB's own ``MVCCAdapter`` (``ZODB/mvccadapter.py``) with four additions:
   connection, an undo or the storage API) and other processes' (ZEO's
   ``invalidateTransaction``) -- is reported with its exact tid as the
   invalidation report ``(previous tid, tid, [(oid, tid), ...])``;
-- ``invalidateCache`` (ZEO lost invalidations) and a refused or lost report
-  make the next report a ``resync``: the sidecar drops its open revisions
-  rather than guess.
+- a ZEO reconnect's quick verification (the oids changed while
+  disconnected, at the server's tid) is sent as a collapsed report;
+  ``invalidateCache`` when ZEO really lost invalidations (cache too old),
+  and a refused or lost report, make the next report a ``resync``: the
+  sidecar drops its open revisions rather than guess;
+- a sidecar whose horizon is behind the storage at attach is told what
+  changed meanwhile, bounded (``_tc_recover``: exact, collapsed or a
+  resync).
 
 If the sidecar is absent, dead or slow, every lookup is a miss and the
 application runs from its base storage (invariant 8 of docs/invariants.md).
