@@ -6,7 +6,7 @@
 //! these functions; neither has rules of its own.
 
 use crate::error::CoreError;
-use crate::invalidation::InvalidationLog;
+use crate::invalidation::{AfterView, InvalidationLog};
 use crate::revision::{Oid, Tid};
 
 /// `end` of an open (current) revision in both caches' words.
@@ -30,6 +30,10 @@ pub enum Refusal {
     /// history restored later that holds the horizon would be served it
     /// (invariant 7). It can be stored again once reported.
     PastHorizon,
+    /// A collapsed report left the oid's first change after some `a` only
+    /// bounded, in `(a, T]`, and the store was loaded at a view in `[a, T)`:
+    /// the revision may have ended right after its view (invariant 3).
+    Uncertain,
 }
 
 /// What a store did.
@@ -82,7 +86,10 @@ pub(crate) enum StorePlan {
 /// serial at or below the log's horizon (if there is a log); an open one
 /// needs a log that covers `view`, its serial at or below the horizon, no
 /// later serial of the oid cached (`has_later`), and is closed at the
-/// log's first change of the oid after `view`, if any. A serial past the
+/// log's first change of the oid after `view`, if any: the first change the
+/// log can prove, an uncertain interval `(a, T]` of a collapsed report
+/// with `view < a` closing it at `a + 1`, one with `a <= view < T` refusing
+/// it ([`Refusal::Uncertain`]; see [`InvalidationLog::after_view`]). A serial past the
 /// horizon is a transaction no report told of: a history that holds the
 /// horizon but not that transaction (a backup restored) could be served
 /// it, and its own reports would not correct it.
@@ -118,7 +125,11 @@ pub(crate) fn plan_store(
             Some(l) if view < l.log_start() => StorePlan::Refuse(Refusal::BeforeLogStart),
             Some(l) if serial > l.horizon() => StorePlan::Refuse(Refusal::PastHorizon),
             Some(_) if has_later() => StorePlan::Refuse(Refusal::Superseded),
-            Some(l) => StorePlan::Insert(l.first_change_after(oid, view).map_or(OPEN, |t| t.0)),
+            Some(l) => match l.after_view(oid, view) {
+                AfterView::Unchanged => StorePlan::Insert(OPEN),
+                AfterView::ValidUntil(t) => StorePlan::Insert(t.0),
+                AfterView::Uncertain => StorePlan::Refuse(Refusal::Uncertain),
+            },
         }),
     }
 }
@@ -142,6 +153,34 @@ pub(crate) fn closing(end: u64, tid: Tid) -> Closing {
         Closing::Close
     } else if end > tid.0 {
         Closing::Drop
+    } else {
+        Closing::Keep
+    }
+}
+
+/// What a collapsed report that left `oid`'s first change after `prior`
+/// (the horizon before it) somewhere in `(prior, newest]` does to a cached
+/// revision `[serial, end)` of `oid` (`end` [`OPEN`] while open).
+///
+/// - `end <= prior`: history before the uncertain part: [`Closing::Keep`].
+/// - `serial > prior`: a revision past the horizon it was stored under
+///   (stores past the horizon are refused): [`Closing::Drop`].
+/// - open (`serial <= prior`): valid up to `prior`, since the log was exact
+///   there: [`Closing::Close`] at `prior + 1` (it then answers views
+///   `<= prior` only, which is true).
+/// - closed with `prior < end <= newest`: its end may be the change the
+///   report summarises: [`Closing::Keep`].
+/// - closed with `end > newest`: it claims no change in `(prior, newest]`,
+///   which an exact `newest` contradicts, and the cache cannot tell an
+///   exact `newest` from an upper bound: trust neither, [`Closing::Drop`]
+///   (as [`closing`] does for an exact report).
+pub(crate) fn collapsing(serial: u64, end: u64, prior: Tid, newest: Tid) -> Closing {
+    if end <= prior.0 {
+        Closing::Keep
+    } else if serial > prior.0 || end > newest.0 && end != OPEN || prior.0.saturating_add(1) == OPEN {
+        Closing::Drop
+    } else if end == OPEN {
+        Closing::Close
     } else {
         Closing::Keep
     }

@@ -269,6 +269,18 @@ impl Session {
         Ok(horizon)
     }
 
+    /// Sends the collapsed invalidation report `(from, to, changes)`: every
+    /// oid changed in `(from, to]` with its newest change or an upper bound
+    /// of it; see [`Client::report_collapsed`]. Keeps the horizon answered.
+    ///
+    /// # Errors
+    /// [`ClientError`]; a gap is [`ClientError::is_gap`].
+    pub fn report_collapsed(&self, from: u64, to: u64, changes: Vec<(u64, u64)>) -> Result<u64, ClientError> {
+        let horizon = self.client.report_collapsed(&self.database, from, to, changes)?;
+        self.horizon.store(horizon, Ordering::Relaxed);
+        Ok(horizon)
+    }
+
     /// Invalidations up to `tid` were lost; see [`Client::resync`]. Returns
     /// whether the sidecar's log restarted; keeps the horizon answered.
     ///

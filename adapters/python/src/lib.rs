@@ -284,6 +284,17 @@ impl PyClient {
             .map_err(to_py)
     }
 
+    /// Reports a collapsed invalidation list for `(frm, to]`: `changes` is a
+    /// list of `(oid, tid)`, every oid changed in the interval once or more,
+    /// each `tid` its newest change there or an upper bound of it (`to` for
+    /// ZEO's reconnect, the exact newest for RelStorage's poll). Applied
+    /// conservatively. Returns the sidecar's horizon. Raises `GapError`
+    /// when `frm` is past the horizon, `Unavailable`, `RefusedError`.
+    fn report_collapsed(&self, py: Python<'_>, frm: u64, to: u64, changes: Vec<(u64, u64)>) -> PyResult<u64> {
+        py.allow_threads(|| self.session.report_collapsed(frm, to, changes))
+            .map_err(to_py)
+    }
+
     /// Tells the sidecar invalidations up to `tid` were lost; returns
     /// whether its log restarted. Raises `Unavailable`.
     fn resync(&self, py: Python<'_>, tid: u64) -> PyResult<bool> {

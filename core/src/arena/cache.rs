@@ -14,7 +14,7 @@ use super::{Geometry, Memory};
 use crate::error::CoreError;
 use crate::invalidation::{InvalidationLog, LogLock};
 use crate::revision::{Oid, Tid};
-use crate::rules::{closing, plan_store, CacheStats, Closing, Refusal, StoreOutcome, StorePlan};
+use crate::rules::{closing, collapsing, plan_store, CacheStats, Closing, Refusal, StoreOutcome, StorePlan};
 use crate::sync::{lock, Mutex, MutexGuard};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -214,6 +214,33 @@ impl ArenaCache {
             if let Some((at, _, end)) = floor {
                 match closing(end, tid) {
                     Closing::Close => w.set_end(at, tid.0),
+                    Closing::Drop => w.remove(at),
+                    Closing::Keep => {}
+                }
+            }
+        }
+        bump(&self.counters.invalidations, changes.len() as u64);
+        w.publish_horizon(self.slot(), applied.horizon.0);
+        Ok(applied.horizon)
+    }
+
+    /// Applies a collapsed report (invariants 3 and 4, see
+    /// [`InvalidationLog::apply_collapsed`]): for each listed oid whose
+    /// newest change `T` is past the prior horizon `H0`, its open revision
+    /// is closed at `H0 + 1` and a closed one that claims validity past `T`
+    /// is dropped ([`crate::rules::collapsing`]); then the new horizon is
+    /// published in the arena (the order of [`ArenaCache::report`]).
+    ///
+    /// # Errors
+    /// [`CoreError::Gap`], [`CoreError::BadReport`].
+    pub fn report_collapsed(&self, from: Tid, to: Tid, changes: &[(Oid, Tid)]) -> Result<Tid, CoreError> {
+        let (_log, applied) = self.log.apply_collapsed(from, to, changes)?;
+        let mut w = self.arena.writer();
+        let close_at = applied.prior.0.saturating_add(1);
+        for &(oid, newest) in &applied.uncertain {
+            for (at, serial, end) in w.revisions(self.slot(), oid.0) {
+                match collapsing(serial, end, applied.prior, newest) {
+                    Closing::Close => w.set_end(at, close_at),
                     Closing::Drop => w.remove(at),
                     Closing::Keep => {}
                 }
