@@ -26,7 +26,9 @@ KEYS = "abcdef"
 
 
 def open_db(zeo, sidecar):
-    storage = TideCacheStorage(ClientStorage(zeo.address, wait_timeout=30), socket=sidecar.socket)
+    # A generous bound on each sidecar call (a loaded machine).
+    storage = TideCacheStorage(ClientStorage(zeo.address, wait_timeout=30), socket=sidecar.socket,
+                               timeout_ms=2000)
     return storage, ZODB.DB(storage, cache_size=0)
 
 

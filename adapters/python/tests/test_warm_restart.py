@@ -27,9 +27,14 @@ from test_storage import make_db, read_fresh
 
 KEYS = "abcdef"
 
+#: A generous bound on each sidecar call: on a loaded machine the default
+#: 50 ms makes an attach fail now and then (the test would then check a
+#: storage that runs from its base, not a recovery).
+TIMEOUT_MS = 2000
+
 
 def populate_and_cache(tmp_path, sidecar):
-    storage, db = make_db(tmp_path, sidecar.socket)
+    storage, db = make_db(tmp_path, sidecar.socket, timeout_ms=TIMEOUT_MS)
     with db.transaction() as c:
         for k in KEYS:
             c.root()[k] = PersistentMapping(x=0)
@@ -68,7 +73,7 @@ def test_the_first_adapter_catches_a_restarted_sidecar_up(tmp_path, sidecar, cap
     commit_behind_the_sidecars_back(tmp_path)
     sidecar.start()
     caplog.set_level(logging.INFO, logger="tidecache")
-    storage, db = make_db(tmp_path, sidecar.socket)
+    storage, db = make_db(tmp_path, sidecar.socket, timeout_ms=TIMEOUT_MS)
     wait_caught_up(storage)
     assert "by exact" in caplog.text
     assert recoveries(storage) == {"exact": 1, "collapsed": 0, "resync": 0}
@@ -99,7 +104,7 @@ def test_without_an_iterator_the_open_revisions_are_dropped(tmp_path, sidecar, c
 
     monkeypatch.setattr(ZODB.FileStorage.FileStorage, "iterator", no_iterator)
     caplog.set_level(logging.INFO, logger="tidecache")
-    storage, db = make_db(tmp_path, sidecar.socket)
+    storage, db = make_db(tmp_path, sidecar.socket, timeout_ms=TIMEOUT_MS)
     wait_caught_up(storage)
     assert "cannot iterate" in caplog.text and "resyncing" in caplog.text
     assert storage.cache_stats()["resyncs"] == 1
@@ -119,7 +124,7 @@ def test_a_catch_up_over_a_range_another_process_packed_resyncs(tmp_path, sideca
     storage has nothing."""
     from ZODB.utils import p64
 
-    storage, db = make_db(tmp_path, sidecar.socket)
+    storage, db = make_db(tmp_path, sidecar.socket, timeout_ms=TIMEOUT_MS)
     with db.transaction() as c:
         c.root()["x"] = PersistentMapping(x=0)
     with db.transaction() as c:
@@ -140,7 +145,7 @@ def test_a_catch_up_over_a_range_another_process_packed_resyncs(tmp_path, sideca
     plain.pack(time.time() + 1)
     plain.close()
     caplog.set_level(logging.INFO, logger="tidecache")
-    storage, db = make_db(tmp_path, sidecar.socket)
+    storage, db = make_db(tmp_path, sidecar.socket, timeout_ms=TIMEOUT_MS)
     wait_caught_up(storage)
     assert storage.cache_stats()["flushes"] == 0, "joined by a proof, not flushed"
     # At the vanished transaction's tid the storage has no revision of x:
@@ -214,7 +219,7 @@ def test_a_small_backlog_is_reported_exactly(tmp_path, sidecar, caplog):
     populate_and_cache(tmp_path, sidecar)
     commit_many_behind(tmp_path, 5)
     caplog.set_level(logging.INFO, logger="tidecache")
-    storage, db = make_db(tmp_path, sidecar.socket)
+    storage, db = make_db(tmp_path, sidecar.socket, timeout_ms=TIMEOUT_MS)
     wait_recovered(storage)
     assert recoveries(storage) == {"exact": 1, "collapsed": 0, "resync": 0}
     assert "by exact (5 transactions)" in caplog.text
@@ -234,7 +239,7 @@ def test_a_large_backlog_is_reported_exactly_then_collapsed(tmp_path, sidecar, c
     monkeypatch.setattr(tidecache.storage, "RECOVERY_SECONDS", 1000.0)
     monkeypatch.setattr(tidecache.storage, "RECOVERY_CHUNK_RECORDS", 3)
     caplog.set_level(logging.INFO, logger="tidecache")
-    storage, db = make_db(tmp_path, sidecar.socket)
+    storage, db = make_db(tmp_path, sidecar.socket, timeout_ms=TIMEOUT_MS)
     wait_recovered(storage)
     assert recoveries(storage) == {"exact": 0, "collapsed": 1, "resync": 0}, caplog.text
     assert "120 transactions, " in caplog.text and " exact, 2 oids changed in the rest" in caplog.text
@@ -255,7 +260,7 @@ def test_a_backlog_past_the_bound_resyncs_and_warns(tmp_path, sidecar, caplog, m
     monkeypatch.setattr(tidecache.storage, "RECOVERY_EXACT_SECONDS", -1.0)
     monkeypatch.setattr(tidecache.storage, "RECOVERY_SECONDS", -1.0)
     caplog.set_level(logging.INFO, logger="tidecache")
-    storage, db = make_db(tmp_path, sidecar.socket)
+    storage, db = make_db(tmp_path, sidecar.socket, timeout_ms=TIMEOUT_MS)
     wait_recovered(storage)
     assert recoveries(storage) == {"exact": 0, "collapsed": 0, "resync": 1}
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -300,10 +305,10 @@ def check_after_close(tmp_path, sidecar):
     from tidecache import TideCacheStorage
 
     fs = ZODB.FileStorage.FileStorage(str(tmp_path / "Data.fs"), read_only=True)
-    storage = TideCacheStorage(fs, socket=sidecar.socket)
+    storage = TideCacheStorage(fs, socket=sidecar.socket, timeout_ms=TIMEOUT_MS)
     try:
         assert storage._tc_joined
-        assert sum(recoveries(storage).values()) == 0, "the sidecar was left behind"
+        assert storage._tc_client.horizon == u64(fs.lastTransaction()), "the sidecar was left behind"
         assert_no_wrong_hit(storage._tc_client, fs.loadBefore, history(fs))
     finally:
         storage.close()
@@ -317,18 +322,23 @@ def test_a_storage_closed_during_its_recovery_resyncs_and_leaves_no_thread(tmp_p
     left, and the sidecar got the resync (its horizon is the storage's)."""
     populate_and_cache(tmp_path, sidecar)
     commit_many_behind(tmp_path, 200)
-    made, holder = threading.Event(), []
+    made, holder, closed, outlived = threading.Event(), [], threading.Event(), []
 
     def pause():
         assert made.wait(20)
         assert holder[0]._tc_closing.wait(20)
+        # close() must wait for this thread: if it returned, ``closed`` is
+        # set at once; if it waits, this bound passes with ``closed`` unset.
+        outlived.append(closed.wait(1.0))
 
     blocking_iterator(monkeypatch, pause)
     caplog.set_level(logging.INFO, logger="tidecache")
-    storage, db = make_db(tmp_path, sidecar.socket)
+    storage, db = make_db(tmp_path, sidecar.socket, timeout_ms=TIMEOUT_MS)
     holder.append(storage)
     made.set()
     db.close()
+    closed.set()
+    assert outlived == [False], "close returned before the recovery ended"
     assert tidecache_threads() == []
     assert storage._tc_held is None
     assert recoveries(storage) == {"exact": 0, "collapsed": 0, "resync": 1}, caplog.text
@@ -343,11 +353,11 @@ def test_a_storage_closed_right_after_open_hands_the_recovery_over(tmp_path, sid
     resync, never neither), and no wrong hit."""
     populate_and_cache(tmp_path, sidecar)
     commit_many_behind(tmp_path, 300)
-    storage, db = make_db(tmp_path, sidecar.socket)
+    storage, db = make_db(tmp_path, sidecar.socket, timeout_ms=TIMEOUT_MS)
     db.close()
     assert tidecache_threads() == []
-    assert sum(recoveries(storage).values()) == 1
     check_after_close(tmp_path, sidecar)
+    assert sum(recoveries(storage).values()) == 1
 
 
 def test_a_sidecar_killed_during_the_recovery_costs_only_misses(tmp_path, sidecar, monkeypatch):
@@ -358,7 +368,7 @@ def test_a_sidecar_killed_during_the_recovery_costs_only_misses(tmp_path, sideca
     commit_many_behind(tmp_path, 50)
     monkeypatch.setattr(tidecache.storage, "RECOVERY_CHUNK_RECORDS", 2)
     blocking_iterator(monkeypatch, sidecar.kill)
-    storage, db = make_db(tmp_path, sidecar.socket)
+    storage, db = make_db(tmp_path, sidecar.socket, timeout_ms=TIMEOUT_MS)
     wait_recovered(storage)
     assert sidecar.proc.poll() is not None, "the sidecar was killed"
     want = expected(tmp_path)
