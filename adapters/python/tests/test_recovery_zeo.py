@@ -9,7 +9,6 @@ checks every hit against ZEO's ``loadBefore``."""
 
 import logging
 
-import pytest
 import ZODB
 from persistent.mapping import PersistentMapping
 from ZEO.ClientStorage import ClientStorage

@@ -11,7 +11,6 @@ import logging
 import threading
 import time
 
-import pytest
 import ZODB
 import ZODB.FileStorage
 from persistent.mapping import PersistentMapping
