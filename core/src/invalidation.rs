@@ -516,4 +516,86 @@ mod tests {
         assert_eq!(l.log_start(), Tid(20), "never past the horizon");
         assert!(l.is_empty());
     }
+
+    /// A collapsed report: only `(H0, to]` is uncertain; a listed oid with
+    /// `T > H0` gets `(H0, T]`, one with `T <= H0` nothing; stores check it.
+    #[test]
+    fn a_collapsed_report_keeps_uncertain_intervals_past_the_prior_horizon() {
+        let mut l = log();
+        l.apply(Tid(10), Tid(12), &[(Oid(1), Tid(12))]).unwrap();
+        let applied = l
+            .apply_collapsed(
+                Tid(11),
+                Tid(20),
+                &[(Oid(1), Tid(12)), (Oid(2), Tid(20)), (Oid(2), Tid(15))],
+            )
+            .unwrap();
+        assert_eq!(
+            applied,
+            CollapsedApplied {
+                prior: Tid(12),
+                horizon: Tid(20),
+                uncertain: vec![(Oid(2), Tid(20))],
+            }
+        );
+        // Oid 1's newest change is 12, known exactly: nothing after 12.
+        assert_eq!(l.after_view(Oid(1), Tid(12)), AfterView::Unchanged);
+        assert_eq!(l.after_view(Oid(1), Tid(11)), AfterView::ValidUntil(Tid(12)));
+        // Oid 2 changed in (12, 20]: before 12 it is valid up to 13, in
+        // [12, 20) it is uncertain, from 20 on unchanged.
+        assert_eq!(l.after_view(Oid(2), Tid(11)), AfterView::ValidUntil(Tid(13)));
+        assert_eq!(l.after_view(Oid(2), Tid(12)), AfterView::Uncertain);
+        assert_eq!(l.after_view(Oid(2), Tid(19)), AfterView::Uncertain);
+        assert_eq!(l.after_view(Oid(2), Tid(20)), AfterView::Unchanged);
+        assert_eq!(l.after_view(Oid(3), Tid(11)), AfterView::Unchanged);
+        assert_eq!(l.len(), 2);
+        // An exact change earlier than the interval's start wins.
+        l.apply(Tid(20), Tid(25), &[(Oid(2), Tid(22))]).unwrap();
+        l.apply_collapsed(Tid(25), Tid(30), &[(Oid(2), Tid(28))]).unwrap();
+        assert_eq!(l.after_view(Oid(2), Tid(21)), AfterView::ValidUntil(Tid(22)));
+        assert_eq!(l.after_view(Oid(2), Tid(23)), AfterView::ValidUntil(Tid(26)));
+        assert_eq!(l.after_view(Oid(2), Tid(27)), AfterView::Uncertain);
+        // Refusals as for exact reports, changing nothing.
+        assert_eq!(
+            l.apply_collapsed(Tid(31), Tid(40), &[]),
+            Err(CoreError::Gap {
+                from: Tid(31),
+                horizon: Tid(30)
+            })
+        );
+        assert!(matches!(
+            l.apply_collapsed(Tid(30), Tid(35), &[(Oid(1), Tid(36))]),
+            Err(CoreError::BadReport { .. })
+        ));
+        assert_eq!(l.horizon(), Tid(30));
+    }
+
+    /// Truncation drops intervals `(a, T]` with `T <= below` only.
+    #[test]
+    fn truncation_drops_uncertain_intervals_that_end_below_it() {
+        let mut l = log();
+        l.apply_collapsed(Tid(10), Tid(20), &[(Oid(1), Tid(15)), (Oid(2), Tid(20))])
+            .unwrap();
+        l.truncate(Tid(15));
+        assert_eq!(l.len(), 1);
+        assert_eq!(l.after_view(Oid(1), Tid(15)), AfterView::Unchanged);
+        assert_eq!(l.after_view(Oid(2), Tid(15)), AfterView::Uncertain);
+        l.truncate(Tid(20));
+        assert!(l.is_empty());
+        assert_eq!(l.after_view(Oid(2), Tid(20)), AfterView::Unchanged);
+    }
+
+    /// A collapsed report's tids may be upper bounds: one that moves the
+    /// horizon leaves no witness (a false one would fail the next proof);
+    /// one that does not leaves the witness as it was.
+    #[test]
+    fn a_collapsed_report_leaves_no_witness() {
+        let mut l = log();
+        l.apply(Tid(10), Tid(12), &[(Oid(1), Tid(12))]).unwrap();
+        assert_eq!(l.witness(), &[Oid(1)]);
+        l.apply_collapsed(Tid(10), Tid(12), &[(Oid(1), Tid(12))]).unwrap();
+        assert_eq!(l.witness(), &[Oid(1)], "the horizon did not move");
+        l.apply_collapsed(Tid(12), Tid(14), &[(Oid(2), Tid(14))]).unwrap();
+        assert!(l.witness().is_empty());
+    }
 }

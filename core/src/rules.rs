@@ -208,4 +208,35 @@ mod tests {
         let closed = plan_store(None, Oid(1), Tid(20), Some(Tid(25)), Tid(30), || false).unwrap();
         assert_eq!(closed, StorePlan::Insert(25));
     }
+
+    /// What a collapsed report whose oid changed in `(20, 30]` does to
+    /// each kind of cached revision (prior horizon 20, newest 30).
+    #[test]
+    fn a_collapsed_report_closes_the_open_revision_at_the_prior_horizon() {
+        let c = |serial, end| collapsing(serial, end, Tid(20), Tid(30));
+        assert_eq!(c(5, OPEN), Closing::Close, "answers views <= 20 only");
+        assert_eq!(c(5, 15), Closing::Keep, "history before the uncertain part");
+        assert_eq!(c(5, 20), Closing::Keep);
+        assert_eq!(c(5, 25), Closing::Keep, "its end may be the change summarised");
+        assert_eq!(c(5, 30), Closing::Keep);
+        assert_eq!(c(5, 31), Closing::Drop, "claims no change in (20, 30]");
+        assert_eq!(c(22, OPEN), Closing::Drop, "past the prior horizon");
+    }
+
+    /// An open store loaded inside an uncertain interval is refused; one
+    /// loaded before it is closed at its start + 1; one after it is open.
+    #[test]
+    fn an_open_store_in_an_uncertain_interval_is_refused() {
+        let mut log = InvalidationLog::starting_at(Tid(6));
+        log.apply(Tid(6), Tid(10), &[]).unwrap();
+        log.apply_collapsed(Tid(10), Tid(20), &[(Oid(1), Tid(18))]).unwrap();
+        let plan = |view| plan_store(Some(&log), Oid(1), Tid(5), None, Tid(view), || false).unwrap();
+        assert_eq!(plan(9), StorePlan::Insert(11));
+        assert_eq!(plan(10), StorePlan::Refuse(Refusal::Uncertain));
+        assert_eq!(plan(12), StorePlan::Refuse(Refusal::Uncertain));
+        assert_eq!(plan(18), StorePlan::Insert(OPEN));
+        // A closed store is history: kept as is.
+        let closed = plan_store(Some(&log), Oid(1), Tid(5), Some(Tid(15)), Tid(12), || false).unwrap();
+        assert_eq!(closed, StorePlan::Insert(15));
+    }
 }
