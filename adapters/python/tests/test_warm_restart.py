@@ -274,10 +274,10 @@ def test_a_backlog_past_the_bound_resyncs_and_warns(tmp_path, sidecar, caplog, m
     db.close()
 
 
-def blocking_iterator(monkeypatch, pause):
-    """FileStorage's iterator, which calls ``pause()`` after the first
-    transaction of a recovery's range (an iterator over everything, as the
-    checks use, never pauses)."""
+def blocking_iterator(monkeypatch, pause, at=1):
+    """FileStorage's iterator, which calls ``pause()`` before it yields the
+    transaction ``at`` (0: the first) of a recovery's range (an iterator
+    over everything, as the checks use, never pauses)."""
     original = ZODB.FileStorage.FileStorage.iterator
 
     def iterator(self, start=None, stop=None):
@@ -286,7 +286,7 @@ def blocking_iterator(monkeypatch, pause):
         def gen():
             try:
                 for i, txn in enumerate(it):
-                    if i == 1 and start is not None:
+                    if i == at and start is not None:
                         pause()
                     yield txn
             finally:
@@ -330,7 +330,9 @@ def test_a_storage_closed_during_its_recovery_resyncs_and_leaves_no_thread(tmp_p
         # set at once; if it waits, this bound passes with ``closed`` unset.
         outlived.append(closed.wait(1.0))
 
-    blocking_iterator(monkeypatch, pause)
+    # Before the first transaction: the recovery thread is there before
+    # close begins, whenever it is scheduled.
+    blocking_iterator(monkeypatch, pause, at=0)
     caplog.set_level(logging.INFO, logger="tidecache")
     storage, db = make_db(tmp_path, sidecar.socket, timeout_ms=TIMEOUT_MS)
     holder.append(storage)
