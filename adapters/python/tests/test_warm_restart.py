@@ -98,7 +98,14 @@ def test_without_an_iterator_the_open_revisions_are_dropped(tmp_path, sidecar, c
     commit_behind_the_sidecars_back(tmp_path)
     sidecar.start()
 
+    original = ZODB.FileStorage.FileStorage.iterator
+
     def no_iterator(self, start=None, stop=None):
+        # The proof's one step (start == stop) still works: without it the
+        # proof would rest on the sidecar's open sample, empty until its
+        # background verification is done, and flush now and then.
+        if start is not None and start == stop:
+            return original(self, start, stop)
         raise NotImplementedError("this storage cannot iterate")
 
     monkeypatch.setattr(ZODB.FileStorage.FileStorage, "iterator", no_iterator)
