@@ -114,17 +114,28 @@ def shared_sidecar():
 
 
 class ZEOServer:
-    """A real ZEO server (``runzeo``) over a FileStorage, on a Unix socket."""
+    """A real ZEO server (``runzeo``) over a FileStorage, on a Unix socket.
+    ``options``: more keys of the configuration's ``<zeo>`` section, e.g.
+    ``{"invalidation-queue-size": 2, "invalidation-age": 3600}``."""
 
-    def __init__(self, directory):
+    def __init__(self, directory, options=None):
         self.address = os.path.join(directory, "zeo.sock")
         self.path = os.path.join(directory, "Data.fs")
         self.log = open(os.path.join(directory, "zeo.log"), "ab")
+        self.config = None
+        if options:
+            self.config = os.path.join(directory, "zeo.conf")
+            with open(self.config, "w") as f:
+                f.write("<zeo>\n  address %s\n" % self.address)
+                for k, v in options.items():
+                    f.write("  %s %s\n" % (k, v))
+                f.write("</zeo>\n<filestorage>\n  path %s\n</filestorage>\n" % self.path)
         self.start()
 
     def start(self):
+        args = ["-C", self.config] if self.config else ["-a", self.address, "-f", self.path]
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "ZEO.runzeo", "-a", self.address, "-f", self.path],
+            [sys.executable, "-m", "ZEO.runzeo"] + args,
             stdout=self.log, stderr=subprocess.STDOUT,
         )
         wait_for_socket(self.address, self.proc, "ZEO server")
@@ -145,3 +156,23 @@ def zeo_server():
             yield z
         finally:
             z.close()
+
+
+@pytest.fixture
+def zeo_servers():
+    """Starts ZEO servers with options: ``zeo_servers({...})``; each is
+    stopped afterwards."""
+    with tempfile.TemporaryDirectory(prefix="zeo-") as d:
+        servers = []
+
+        def start(options=None):
+            sub = os.path.join(d, str(len(servers)))
+            os.mkdir(sub)
+            servers.append(ZEOServer(sub, options))
+            return servers[-1]
+
+        try:
+            yield start
+        finally:
+            for z in servers:
+                z.close()

@@ -448,3 +448,59 @@ def test_a_process_that_could_not_attach_joins_later_with_a_proof(tmp_path, side
         assert read_fresh(db2) == 2
     assert_hits_match_load_before(second)
     db2.close()
+
+
+def test_the_attach_retry_runs_off_the_application_thread(tmp_path, sidecar, monkeypatch):
+    """A storage that could not join attaches again from a connection's
+    poll: the attach (socket calls, the proof's loads) runs in a daemon
+    thread, one at a time, and the poll returns at once (here: the
+    attach is held until the connection has read from the base storage;
+    on the application thread the poll would wait for it). ``close``
+    joins the thread."""
+    import threading
+
+    import tidecache.storage
+
+    monkeypatch.setattr(tidecache.storage, "REJOIN_INTERVAL", 0.0)
+    monkeypatch.setattr(tidecache.storage, "RETRY_UNAVAILABLE", 0.0)
+    first, db1 = make_db(tmp_path, sidecar.socket)
+    with db1.transaction() as c:
+        c.root()["doc"] = PersistentMapping(x=1)
+    db1.close()
+    sidecar.kill()
+    storage, db = make_db(tmp_path, sidecar.socket, timeout_ms=2000)
+    assert not storage.cache_stats()["joined"]
+    # ZODB.DB's own first connection started a retry (the sidecar was
+    # down): let it end.
+    if getattr(storage, "_tc_worker", None) is not None:
+        storage._tc_worker.join(20)
+    sidecar.start()
+    entered, release, names = threading.Event(), threading.Event(), []
+    original = TideCacheStorage._tc_attach
+
+    def attach(self, *args):
+        names.append(threading.current_thread().name)
+        entered.set()
+        assert release.wait(20), "the attach was never released"
+        return original(self, *args)
+
+    monkeypatch.setattr(TideCacheStorage, "_tc_attach", attach)
+    conn = db.open()  # poll_invalidations starts the retry
+    assert entered.wait(20)
+    conn.cacheMinimize()
+    assert conn.root()["doc"]["x"] == 1  # from the base storage meanwhile
+    conn.close()
+    other = db.open()  # no second retry while one runs
+    other.close()
+    assert names == ["tidecache-rejoin"], names
+    release.set()
+    # The held attempt may find the client still waiting to reconnect:
+    # polls retry (bounded).
+    deadline = time.time() + 20
+    while not storage.cache_stats()["joined"]:
+        assert time.time() < deadline, storage.cache_stats()
+        time.sleep(0.02)
+        db.open().close()
+    assert set(names) == {"tidecache-rejoin"}, names
+    db.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("tidecache-") and t.is_alive()]

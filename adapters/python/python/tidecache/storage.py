@@ -14,9 +14,14 @@ ZODB's own ``MVCCAdapter`` (``ZODB/mvccadapter.py``) with four additions:
   connection, an undo or the storage API) and other processes' (ZEO's
   ``invalidateTransaction``) -- is reported with its exact tid as the
   invalidation report ``(previous tid, tid, [(oid, tid), ...])``;
-- ``invalidateCache`` (ZEO lost invalidations) and a refused or lost report
-  make the next report a ``resync``: the sidecar drops its open revisions
-  rather than guess.
+- a ZEO reconnect's quick verification (the oids changed while
+  disconnected, at the server's tid) is sent as a collapsed report;
+  ``invalidateCache`` when ZEO really lost invalidations (cache too old),
+  and a refused or lost report, make the next report a ``resync``: the
+  sidecar drops its open revisions rather than guess;
+- a sidecar whose horizon is behind the storage at attach is told what
+  changed meanwhile, bounded (``_tc_recover``: exact, collapsed or a
+  resync).
 
 If the sidecar is absent, dead or slow, every lookup is a miss and the
 application runs from its base storage (invariant 8 of docs/invariants.md).
@@ -49,9 +54,27 @@ logger = logging.getLogger("tidecache")
 #: horizon may take to catch up before it is taken for a restored backup.
 RESTORE_GRACE_SECONDS = 2.0
 
-#: Transactions per report while catching the sidecar up from the storage's
-#: iterator (after a sidecar restart).
-CATCH_UP_CHUNK = 1000
+#: Recovery (``TideCacheStorage._tc_recover``: the sidecar's horizon is
+#: behind the storage at attach): seconds of exact reports from a local
+#: storage's iterator; past them the rest of the backlog is summarised as
+#: one collapsed report.
+RECOVERY_EXACT_SECONDS = 0.1
+
+#: Records per exact report while recovering from the iterator.
+RECOVERY_CHUNK_RECORDS = 2000
+
+#: Bound on a whole recovery from a local iterator, seconds: past it (a
+#: backlog too large to read), the sidecar is resynced. Live reports are
+#: held no longer than this.
+RECOVERY_SECONDS = 1.0
+
+#: Bound on ZEO's ``getInvalidations`` call (seconds to wait for the
+#: connection; the call itself is one round trip).
+RECOVERY_SERVER_TIMEOUT = 5.0
+
+#: Bound on how long ``close`` waits for a recovery or an attach retry to
+#: end (each is bounded by the bounds above and the client's timeouts).
+CLOSE_JOIN_SECONDS = 30.0
 
 #: Proofs tried in a row while the sidecar's horizon keeps moving (other
 #: processes commit meanwhile); past them the attach is retried later.
@@ -64,7 +87,8 @@ PROOF_ATTEMPTS = 5
 REJOIN_INTERVAL = 1.0
 RETRY_UNAVAILABLE = 0.25
 
-_STAT_KEYS = ("hits", "misses", "stores", "invalidations", "resyncs", "unavailable", "proofs", "flushes")
+_STAT_KEYS = ("hits", "misses", "stores", "invalidations", "resyncs", "unavailable", "proofs", "flushes",
+              "recoveries_exact", "recoveries_collapsed", "recoveries_resync", "reconnects_collapsed")
 
 #: Live storages, for the fork hook below.
 _live = weakref.WeakSet()
@@ -72,7 +96,7 @@ _live = weakref.WeakSet()
 
 def _after_fork_in_child():
     """``os.register_at_fork(after_in_child=...)``: a child forked while
-    another thread of the parent held a storage's locks (a ZEO or catch-up
+    another thread of the parent held a storage's locks (a ZEO or recovery
     thread inside a report) copies them locked, and that thread does not
     exist here. Each live storage gets new locks; see
     ``TideCacheStorage._tc_after_fork``.
@@ -171,6 +195,12 @@ class TideCacheStorage(MVCCAdapter):
         # wait here.
         self._tc_held = []
         self._tc_direct = {}
+        # The thread attaching again or recovering (at most one: it runs
+        # with _tc_join_lock held, or was started under it); close() sets
+        # _tc_closing (a recovery then resyncs at once) and joins it.
+        self._tc_worker = None
+        self._tc_closing = threading.Event()
+        self._tc_warned_resync = False
         _live.add(self)
         for iface in zope.interface.providedBy(base):
             zope.interface.alsoProvides(self, iface)
@@ -181,40 +211,48 @@ class TideCacheStorage(MVCCAdapter):
         # and reported in order after the attach.
         MVCCAdapter.__init__(self, base)
         with self._tc_join_lock:
-            self._tc_join(wait=True)
+            self._tc_join(wait=True, background=True)
 
-    def _tc_join(self, wait):
+    def _tc_join(self, wait, background):
         """Attaches to the sidecar (with a proof, :meth:`_tc_attach`) at the
         newest tid this storage has: its ``lastTransaction``, or a newer tid
         already delivered. Live reports are held meanwhile; once attached,
-        a sidecar whose horizon is behind is caught up from the storage's
-        iterator (:meth:`_tc_catch_up`), then the held reports are sent.
+        a sidecar whose horizon is behind is told what changed since
+        (:meth:`_tc_recover`, bounded), then the held reports are sent.
+        With ``background`` the recovery runs in a thread of its own
+        (``_tc_worker``, joined by :meth:`close`), else in the caller's.
         Called with ``_tc_join_lock`` held, and with ``_tc_held`` a list."""
         base = self._storage
         with self._tc_lock:
             generation = self._tc_connection_generation()
             # Everything up to the tid attached at is covered by the attach
-            # (and the catch-up): the flag of the time before is obsolete.
+            # (and the recovery): the flag of the time before is obsolete.
             self._tc_resync = False
             known = self._tc_reported or 0
         last = max(u64(base.lastTransaction()), known)
         last, joined = self._tc_attach(base, last, wait)
         horizon = self._tc_client.horizon
         if joined:
-            # Joined in the sidecar; reports stay held until the catch-up
-            # (if any) is done. A child forked meanwhile (whose catch-up
+            # Joined in the sidecar; reports stay held until the recovery
+            # (if any) is done. A child forked meanwhile (whose recovery
             # thread is gone) is joined and resyncs (``_tc_after_fork``).
             with self._tc_lock:
                 self._tc_joined = True
                 self._tc_reported = max(last, self._tc_reported or 0)
                 self._tc_generation = generation
         if joined and 0 < horizon < last:
-            self._tc_catch_up(base, horizon, last, generation)
+            if background:
+                worker = threading.Thread(target=self._tc_recover, args=(base, horizon, last, generation),
+                                          name="tidecache-recovery", daemon=True)
+                self._tc_worker = worker
+                worker.start()
+            else:
+                self._tc_recover(base, horizon, last, generation)
         else:
             self._tc_release(last, generation, joined)
 
     def _tc_release(self, last, generation, joined, resync=False):
-        """Ends an attach (and its catch-up) at ``last``: reports held
+        """Ends an attach (and its recovery) at ``last``: reports held
         meanwhile that are newer are sent."""
         with self._tc_lock:
             self._tc_joined = joined
@@ -229,28 +267,58 @@ class TideCacheStorage(MVCCAdapter):
         """Attaches again if the first attach never joined (the sidecar was
         unavailable, or its horizon kept moving during the proof): at most
         once per ``REJOIN_INTERVAL``, from a connection's poll, never
-        waiting for another thread's attempt."""
+        waiting for another thread's attempt. The attach (socket calls, a
+        proof that loads from the base storage, a recovery) runs in a
+        short-lived daemon thread, one at a time (it holds
+        ``_tc_join_lock``), which :meth:`close` joins: the connection's
+        poll returns at once and runs from the base storage meanwhile."""
         now = time.monotonic()
-        if now < self._tc_next_join or not self._tc_join_lock.acquire(blocking=False):
+        if now < self._tc_next_join or self._tc_closing.is_set():
             return
+        if not self._tc_join_lock.acquire(blocking=False):
+            return
+        started = False
         try:
             self._tc_next_join = now + REJOIN_INTERVAL
             with self._tc_lock:
                 if self._tc_joined or self._tc_held is not None:
                     return
                 self._tc_held = []
-            self._tc_join(wait=False)
-            if self._tc_unavailable:
-                self._tc_next_join = time.monotonic() + RETRY_UNAVAILABLE
+            worker = threading.Thread(target=self._tc_rejoin_run, name="tidecache-rejoin", daemon=True)
+            self._tc_worker = worker
+            worker.start()
+            started = True
         except Exception:  # never let a retry break a connection's poll
             logger.exception("tidecache: attaching %s again failed", self._tc_client.database)
-            with self._tc_lock:
-                if self._tc_held is not None and not self._tc_joined:
-                    held, self._tc_held = self._tc_held, None
-                    for t, oids in held:
-                        self._tc_report_locked(t, oids)
+            self._tc_release_held_unjoined()
+        finally:
+            if not started:
+                self._tc_join_lock.release()
+
+    def _tc_rejoin_run(self):
+        """The rejoin thread: attaches (and recovers) in this thread, then
+        releases ``_tc_join_lock``, which :meth:`_tc_rejoin` took for it."""
+        try:
+            if self._tc_closing.is_set():
+                self._tc_release_held_unjoined()
+                return
+            self._tc_join(wait=False, background=False)
+            if self._tc_unavailable:
+                self._tc_next_join = time.monotonic() + RETRY_UNAVAILABLE
+        except Exception:
+            logger.exception("tidecache: attaching %s again failed", self._tc_client.database)
+            self._tc_release_held_unjoined()
         finally:
             self._tc_join_lock.release()
+
+    def _tc_release_held_unjoined(self):
+        """An attach that failed: the reports it held are passed on (not
+        joined, they only move ``_tc_reported``)."""
+        with self._tc_lock:
+            if self._tc_held is not None and not self._tc_joined:
+                held, self._tc_held = self._tc_held, None
+                for t, oids in held:
+                    self._tc_report_locked(t, oids)
 
     def _tc_attach(self, base, last, wait):
         """Attaches to the sidecar at ``last`` and returns ``(last, joined)``:
@@ -339,13 +407,18 @@ class TideCacheStorage(MVCCAdapter):
         """In a forked child (gunicorn ``--preload``, uwsgi): new locks in
         place of the parent's, which a thread of the parent's may have held
         (the native client does the same for its own). If a report was in
-        flight then (the lock was held) or a catch-up was running (its
+        flight then (the lock was held) or a recovery was running (its
         thread is not here, its held reports would wait forever), whether the
         sidecar got those transactions is unknown: the next report is a
         resync."""
         in_flight = self._tc_lock.locked() or self._tc_held is not None
         self._tc_lock = threading.Lock()
         self._tc_join_lock = threading.Lock()
+        # The parent's recovery or rejoin thread is not in this process.
+        self._tc_worker = None
+        closing, self._tc_closing = self._tc_closing, threading.Event()
+        if closing.is_set():
+            self._tc_closing.set()
         # ZODB's MVCCAdapter guards _instances with _lock, and each
         # instance its invalidations with its own _lock. A storage that
         # another thread of the parent was closing at the fork
@@ -427,62 +500,183 @@ class TideCacheStorage(MVCCAdapter):
             if close is not None:
                 close()
 
-    def _tc_catch_up(self, base, horizon, last, generation):
+    def _tc_recover(self, base, horizon, last, generation):
         """The sidecar's horizon is behind this storage (it restarted and
-        re-attached its arena file, or other processes have not reported
-        yet): reports ``(horizon, last]`` from the storage's transaction
-        iterator, in a background thread and in chunks, so the sidecar's
-        open revisions answer again without waiting; live reports are held
-        meanwhile and sent after. A storage without an iterator, an iterator
-        that fails, or one whose range was packed (another process packed
-        the storage: transactions before the pack time lost their superseded
-        records, or disappeared, and those left carry status ``"p"``; their
-        changes are no longer exact) gets a resync instead: the sidecar
-        drops its open revisions (closed ones stay valid)."""
-        iterator = getattr(base, "iterator", None)
+        re-attached its arena file, or commits were made while no tidecache
+        client was connected): tells it what changed in ``(horizon, last]``
+        so that its open revisions answer again, each unchanged one kept
+        warm, within a bounded time; live reports are held meanwhile and
+        sent after (:meth:`_tc_release`). Runs in its own thread (or the
+        rejoin's), which :meth:`close` joins; ``close`` cuts it short.
 
-        def run():
-            frm, sent, changes, started = horizon, 0, [], time.monotonic()
-            resync = False
+        The choice, in order:
+
+        - ``exact``: a local storage (not a ZEO ``ClientStorage``, whose
+          iterator costs a round trip per transaction and per record) is
+          iterated for up to ``RECOVERY_EXACT_SECONDS``, its changes
+          reported with their tids, ``RECOVERY_CHUNK_RECORDS`` records a
+          report;
+        - ``collapsed``: past that bound the rest of the local iterator is
+          summarised as one collapsed report (each oid with its newest tid,
+          up to ``RECOVERY_SECONDS`` in all); for ZEO, the server's own
+          record of recent invalidations (``getInvalidations``: its
+          invalidation queue, or with ``invalidation-age`` its storage's
+          iterator, server-side), one round trip whatever the backlog;
+        - ``resync`` when nothing can say what changed (no iterator, a
+          packed range, ZEO answering ``None``, the bounds exceeded, the
+          storage closing, an error): the sidecar drops its open
+          revisions (closed ones stay valid). Logged at WARNING (once per
+          storage) with what the operator can do.
+
+        The choice is logged at INFO (which, backlog, time taken) and
+        counted (``recoveries_exact``, ``recoveries_collapsed``,
+        ``recoveries_resync`` in :meth:`cache_stats`)."""
+        started = time.monotonic()
+        reached, resync = last, False
+        database = self._tc_client.database
+        try:
             try:
-                if iterator is None:
-                    raise TypeError("%r has no transaction iterator" % (base,))
-                it = iterator(p64(horizon + 1), p64(last))
-                try:
-                    for txn in it:
-                        t = u64(txn.tid)
-                        if t > last:
-                            break
-                        if getattr(txn, "status", " ") == "p":
-                            raise ValueError("transaction %s was packed: its changes are incomplete"
-                                             % tid_repr(txn.tid))
-                        changes.extend((u64(r.oid), t) for r in txn)
-                        sent += 1
-                        if sent % CATCH_UP_CHUNK == 0:
-                            self._tc_client.report(frm, t, changes)
-                            frm, changes = t, []
-                            logger.info("tidecache: %s catching up the sidecar: %d transactions, at %s",
-                                        self._tc_client.database, sent, tid_repr(p64(t)))
-                finally:
-                    close = getattr(it, "close", None)
-                    if close is not None:
-                        close()
-                self._tc_client.report(frm, last, changes)
-                logger.info("tidecache: %s caught the sidecar up from %s to %s: %d transactions in %.2fs",
-                            self._tc_client.database, tid_repr(p64(horizon)), tid_repr(p64(last)), sent,
-                            time.monotonic() - started)
-            except Exception as e:  # an iterator's or the sidecar's error: drop open revisions
-                logger.info("tidecache: %s cannot catch the sidecar up from %s (%s): resyncing",
-                            self._tc_client.database, tid_repr(p64(frm)), e)
+                if self._tc_is_zeo(base):
+                    kind, detail, reached = self._tc_recover_from_server(base, horizon, last)
+                else:
+                    kind, detail = self._tc_recover_from_iterator(base, horizon, last, started)
+            except Exception as e:  # an iterator's, the server's or the sidecar's error
+                kind, detail = None, "%s: %s" % (type(e).__name__, e)
+            if kind is None:
+                self._tc_stats.recoveries_resync += 1
+                self._tc_warn_resync(horizon, last, detail)
                 try:
                     self._tc_stats.resyncs += 1
                     self._tc_client.resync(last)
                 except TideCacheError:
                     resync = True
-            finally:
-                self._tc_release(last, generation, True, resync)
+                kind = "resync"
+            else:
+                setattr(self._tc_stats, "recoveries_" + kind, getattr(self._tc_stats, "recoveries_" + kind) + 1)
+            logger.info("tidecache: %s recovered the sidecar's horizon %s -> %s by %s (%s) in %.3fs",
+                        database, tid_repr(p64(horizon)), tid_repr(p64(reached)), kind, detail,
+                        time.monotonic() - started)
+        finally:
+            self._tc_release(reached, generation, True, resync)
 
-        threading.Thread(target=run, name="tidecache-catch-up", daemon=True).start()
+    def _tc_warn_resync(self, horizon, last, why):
+        """The WARNING of a recovery that resyncs, once per storage."""
+        if self._tc_warned_resync:
+            logger.info("tidecache: %s resyncs the sidecar (horizon %s, storage at %s): %s",
+                        self._tc_client.database, tid_repr(p64(horizon)), tid_repr(p64(last)), why)
+            return
+        self._tc_warned_resync = True
+        if self._tc_is_zeo(self._storage):
+            advice = ("set invalidation-age on the ZEO server (e.g. 86400 seconds, <zeo> section) so "
+                      "that it can say which objects changed over a longer gap")
+        else:
+            advice = ("the storage cannot say what changed quickly enough; attach a tidecache client "
+                      "before committing (admin scripts through TideCacheStorage) to avoid it")
+        logger.warning("tidecache: %s: the sidecar's horizon %s is behind the storage (%s) and %s: "
+                       "resyncing, its cached current revisions are dropped (misses until they are "
+                       "loaded again). To keep them: %s.",
+                       self._tc_client.database, tid_repr(p64(horizon)), tid_repr(p64(last)), why, advice)
+
+    @staticmethod
+    def _tc_is_zeo(base):
+        """Whether ``base`` is a ZEO ``ClientStorage`` (its iterator is a
+        round trip per transaction; its server keeps invalidations)."""
+        return hasattr(base, "_connection_generation") and hasattr(base, "_call")
+
+    def _tc_report_collapsed(self, frm, to, changes):
+        """Sends a collapsed report; ``False`` if this client has none."""
+        report_collapsed = getattr(self._tc_client, "report_collapsed", None)
+        if report_collapsed is None:
+            return False
+        report_collapsed(frm, to, changes)
+        return True
+
+    def _tc_recover_from_iterator(self, base, horizon, last, started):
+        """Exact reports from ``base``'s iterator, then one collapsed report
+        past ``RECOVERY_EXACT_SECONDS``; returns ``(kind, detail)``, kind
+        ``None`` for a resync."""
+        iterator = getattr(base, "iterator", None)
+        if iterator is None:
+            return None, "%s has no transaction iterator" % type(base).__name__
+        try:
+            it = iterator(p64(horizon + 1), p64(last))
+        except NotImplementedError:
+            return None, "%s cannot iterate" % type(base).__name__
+        exact_until = started + RECOVERY_EXACT_SECONDS
+        give_up = started + RECOVERY_SECONDS
+        frm, previous, changes, newest = horizon, horizon, [], None
+        transactions = exact_transactions = 0
+        try:
+            for txn in it:
+                t = u64(txn.tid)
+                if t > last:
+                    break
+                if getattr(txn, "status", " ") == "p":
+                    return None, ("transaction %s was packed: the changes of (%s, %s] are incomplete"
+                                  % (tid_repr(txn.tid), tid_repr(p64(horizon)), tid_repr(p64(last))))
+                now = time.monotonic()
+                if self._tc_closing.is_set():
+                    return None, "the storage is closing (%d transactions read)" % transactions
+                if now > give_up:
+                    return None, ("more than %.1fs to read the backlog (%d transactions read)"
+                                  % (RECOVERY_SECONDS, transactions))
+                if newest is None and now > exact_until:
+                    # Past the exact bound: what was read goes out exact,
+                    # the rest as one collapsed report.
+                    if changes:
+                        self._tc_client.report(frm, previous, changes)
+                        frm, changes = previous, []
+                    newest = {}
+                if newest is None:
+                    changes.extend((u64(r.oid), t) for r in txn)
+                    exact_transactions += 1
+                    if len(changes) >= RECOVERY_CHUNK_RECORDS:
+                        self._tc_client.report(frm, t, changes)
+                        frm, changes = t, []
+                else:
+                    for r in txn:
+                        newest[u64(r.oid)] = t
+                previous = t
+                transactions += 1
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+        if newest is None:
+            self._tc_client.report(frm, last, changes)
+            return "exact", "%d transactions" % transactions
+        if not self._tc_report_collapsed(frm, last, sorted(newest.items())):
+            return None, "this tidecache client cannot send collapsed reports"
+        return "collapsed", ("%d transactions, %d exact, %d oids changed in the rest"
+                             % (transactions, exact_transactions, len(newest)))
+
+    def _tc_recover_from_server(self, base, horizon, last):
+        """One collapsed report from ZEO's ``getInvalidations(horizon)``;
+        returns ``(kind, detail, reached)``, kind ``None`` for a resync.
+
+        The server answers ``(latest_tid, oids)``: every oid changed in
+        ``(horizon, latest_tid]`` (from its invalidation queue, or by
+        iterating its storage when ``invalidation-age`` covers
+        ``horizon``), or ``None`` when it cannot. ``latest_tid`` may be
+        past this client's ``lastTransaction`` (commits whose invalidations
+        are on their way): the report covers them, ``_tc_reported`` moves
+        to ``latest_tid`` and the live reports at or below it are skipped
+        (their oids are in the report), so reports stay contiguous and in
+        order."""
+        if self._tc_closing.is_set():
+            return None, "the storage is closing", last
+        r = base._call("getInvalidations", p64(horizon), timeout=RECOVERY_SERVER_TIMEOUT)
+        if r is None:
+            return None, ("the ZEO server keeps no invalidations back to %s (beyond its "
+                          "invalidation-queue-size, no invalidation-age)" % tid_repr(p64(horizon))), last
+        latest, oids = r
+        latest = u64(latest)
+        if latest < last:
+            return None, ("the ZEO server's invalidations end at %s, before this client's %s"
+                          % (tid_repr(p64(latest)), tid_repr(p64(last)))), last
+        if not self._tc_report_collapsed(horizon, latest, [(u64(o), latest) for o in oids]):
+            return None, "this tidecache client cannot send collapsed reports", last
+        return "collapsed", "the ZEO server's invalidations: %d oids" % len(oids), latest
 
     # -- plain storage: everything else goes to the base --------------------
 
@@ -635,7 +829,7 @@ class TideCacheStorage(MVCCAdapter):
     def invalidate(self, transaction_id, oids):
         """Another process committed ``transaction_id`` (ZEO's
         ``invalidateTransaction``)."""
-        self._tc_report(transaction_id, oids)
+        self._tc_report(transaction_id, oids, self._tc_server_previous())
         MVCCAdapter.invalidate(self, transaction_id, oids)
 
     def _invalidate_finish(self, tid, oids, committing_instance):
@@ -644,19 +838,47 @@ class TideCacheStorage(MVCCAdapter):
         MVCCAdapter._invalidate_finish(self, tid, oids, committing_instance)
 
     def invalidateCache(self):
-        """The base storage lost invalidations (ZEO reconnect): the next
-        report is a resync."""
+        """The base storage lost invalidations: the next report is a
+        resync, unless nothing was lost since the last report.
+
+        ZEO calls it at every reconnect (``ClientStorage.notify_connected``,
+        after its verification, with ``lastTransaction`` already the
+        server's tid), and during the verification when its cache is too
+        old for the server's invalidations ("cache too old": then
+        ``lastTransaction`` moves to the server's tid before the reconnect's
+        call). If ``lastTransaction`` is at or below the newest tid
+        reported, every transaction up to it was reported (the quick
+        verification's collapsed report, or nothing was missed): nothing
+        to drop. Otherwise (cache too old, an empty ZEO cache that ZEO does
+        not verify at all) transactions were missed and the next report
+        is a resync. Other storages: always a resync."""
+        last = self._tc_server_previous()  # before _tc_lock: ZEO's cache lock comes first
         with self._tc_lock:
-            self._tc_resync = True
+            if last is None or self._tc_reported is None or last > self._tc_reported:
+                self._tc_resync = True
         MVCCAdapter.invalidateCache(self)
 
-    def _tc_report(self, tid, oids):
-        """Reports the commit ``tid`` of ``oids`` as ``(previous, tid]``."""
+    def _tc_server_previous(self):
+        """For a ZEO ``ClientStorage``: its ``lastTransaction`` (its
+        cache's tid) as an integer; ``None`` for other storages. Read in
+        ZEO's IO thread as it delivers an invalidation, it is the tid the
+        invalidation follows (ZEO moves it after the delivery)."""
+        if not self._tc_is_zeo(self._storage):
+            return None
+        try:
+            return u64(self._storage.lastTransaction() or b"\0" * 8)
+        except Exception:
+            return None
+
+    def _tc_report(self, tid, oids, previous=None):
+        """Reports the commit ``tid`` of ``oids`` as ``(previous report,
+        tid]``; ``previous`` is the base's tid before it (ZEO only; see
+        :meth:`_tc_report_locked`)."""
         with self._tc_lock:
             if self._tc_held is not None:
                 self._tc_held.append((u64(tid), list(oids)))
             else:
-                self._tc_report_locked(u64(tid), oids)
+                self._tc_report_locked(u64(tid), oids, previous)
 
     def _tc_connection_generation(self):
         """ZEO's ``ClientStorage._connection_generation``: it moves when the
@@ -664,7 +886,7 @@ class TideCacheStorage(MVCCAdapter):
         storages without a server connection."""
         return getattr(self._storage, "_connection_generation", None)
 
-    def _tc_report_locked(self, t, oids):
+    def _tc_report_locked(self, t, oids, previous=None):
         if self._tc_reported is None:
             # Forked during the first attach: not known where the sidecar
             # stands; this storage attaches again from a poll.
@@ -679,13 +901,43 @@ class TideCacheStorage(MVCCAdapter):
             return
         self._tc_stats.invalidations += len(oids)
         generation = self._tc_connection_generation()
+        collapsed = False
         if generation != self._tc_generation:
-            # The connection to the server broke since the last report. ZEO's
-            # reconnect delivers the missed transactions' oids as one
-            # invalidation at the newest tid (ZEO/asyncio/client.py, verify)
-            # *before* it calls invalidateCache: those tids are not exact.
+            # The connection to the server broke since the last report.
+            # ZEO's reconnect (ZEO/asyncio/client.py, verify: "quick
+            # verification") asks its server for the oids changed since its
+            # cache's tid and delivers them as ONE invalidation at the
+            # server's tid: not exact tids, but every oid changed in
+            # (cache tid, server tid] -- a collapsed report. Its ``from``
+            # is our last reported tid ``frm``, which is right when the
+            # ZEO cache's tid (``previous``: ZEO calls us before it moves
+            # its cache's tid to ``t``) is at or below it: (frm, t] lies
+            # within (cache tid, t], so every oid changed in (frm, t] is
+            # listed. The cache tid is never behind the last tid this
+            # storage heard of in practice (both move with every delivered
+            # invalidation and commit), and when it is ahead (an empty ZEO
+            # cache is not verified at all, a "cache too old" one is
+            # cleared and set to the server's tid, and later invalidations
+            # follow it), what lies between is unknown: a resync. A report
+            # lost since (``_tc_resync``) resyncs too, whatever ZEO says.
             self._tc_generation = generation
-            self._tc_resync = True
+            if not self._tc_resync and previous is not None and previous <= frm:
+                collapsed = True
+            else:
+                self._tc_resync = True
+        if collapsed:
+            try:
+                if self._tc_report_collapsed(frm, t, [(u64(o), t) for o in oids]):
+                    self._tc_stats.reconnects_collapsed += 1
+                    return
+                self._tc_resync = True
+            except GapError:
+                self._tc_resync = True
+            except TideCacheError as e:
+                self._tc_stats.unavailable += 1
+                self._tc_resync = True
+                logger.debug("tidecache: collapsed report of %s lost: %s", tid_repr(p64(t)), e)
+                return
         try:
             if not self._tc_resync:
                 try:
@@ -702,9 +954,13 @@ class TideCacheStorage(MVCCAdapter):
             logger.debug("tidecache: report of %s lost: %s", tid_repr(p64(t)), e)
 
     def close(self):
-        """Closes the client (the sidecar releases this process's views) and
-        the base storage."""
+        """Ends a recovery or an attach retry still running (it resyncs at
+        once rather than read on, and is joined: no thread of this storage
+        nor call of it is left running), then closes the client (the
+        sidecar releases this process's views) and the base storage."""
         try:
+            self._tc_closing.set()
+            self._tc_join_worker()
             if not self.closed:
                 self._tc_client.close()
             MVCCAdapter.close(self)
@@ -714,6 +970,25 @@ class TideCacheStorage(MVCCAdapter):
             # reference cycle until the garbage collector runs).
             _live.discard(self)
 
+    def _tc_join_worker(self):
+        """Waits for the recovery or rejoin thread (bounded: each ends
+        within its bounds once ``_tc_closing`` is set). A rejoin thread
+        holds ``_tc_join_lock`` to its end, and one starting now sees
+        ``_tc_closing``: taking the lock waits for it."""
+        deadline = time.monotonic() + CLOSE_JOIN_SECONDS
+        worker = self._tc_worker
+        if worker is not None and worker is not threading.current_thread():
+            worker.join(max(0.0, deadline - time.monotonic()))
+        if self._tc_join_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            self._tc_join_lock.release()
+        worker = self._tc_worker
+        if worker is not None and worker is not threading.current_thread():
+            worker.join(max(0.0, deadline - time.monotonic()))
+            if worker.is_alive():
+                logger.warning("tidecache: %s closed while its %s thread still runs (more than %.0fs: "
+                               "the sidecar or the storage does not answer)",
+                               self._tc_client.database, worker.name, CLOSE_JOIN_SECONDS)
+
     # -- statistics ------------------------------------------------------------
 
     def cache_stats(self):
@@ -722,7 +997,11 @@ class TideCacheStorage(MVCCAdapter):
         (calls that found no sidecar, or a database not joined yet),
         ``proofs`` (proofs of the sidecar's horizon tried), ``flushes``
         (the database flushed at attach: a restored backup, a failed
-        proof), ``joined`` (whether the database is joined in the sidecar),
+        proof), ``recoveries_exact``, ``recoveries_collapsed``,
+        ``recoveries_resync`` (how the sidecar's horizon, found behind the
+        storage at attach, was brought up: see ``_tc_recover``),
+        ``reconnects_collapsed`` (ZEO reconnects reported as a collapsed
+        report rather than a resync), ``joined`` (whether the database is joined in the sidecar),
         ``database`` (the key), and
         ``sidecar``: the sidecar's counters for this database, or ``None``
         when it is unavailable."""
