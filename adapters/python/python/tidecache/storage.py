@@ -14,9 +14,15 @@ ZODB's own ``MVCCAdapter`` (``ZODB/mvccadapter.py``) with four additions:
   connection, an undo or the storage API) and other processes' (ZEO's
   ``invalidateTransaction``) -- is reported with its exact tid as the
   invalidation report ``(previous tid, tid, [(oid, tid), ...])``;
-- ``invalidateCache`` (ZEO lost invalidations) and a refused or lost report
-  make the next report a ``resync``: the sidecar drops its open revisions
-  rather than guess.
+- ``invalidateCache`` (ZEO lost invalidations) makes the next report a
+  ``resync`` (the client itself resyncs after a refused or lost report):
+  the sidecar drops its open revisions rather than guess;
+- a commit writes its states through: after ``tpc_finish`` queued the
+  report of its tid, each state the transaction stored (not blobs, not
+  conflict-resolved ones) is queued as an open revision at that tid.
+
+Reports, resyncs, views and stores only queue: the client's background
+thread sends them, in order, so no application thread waits on the socket.
 
 If the sidecar is absent, dead or slow, every lookup is a miss and the
 application runs from its base storage (invariant 8 of docs/invariants.md).
@@ -39,7 +45,6 @@ from ZODB.utils import tid_repr
 from ZODB.utils import u64
 
 from tidecache._native import Client
-from tidecache._native import GapError
 from tidecache._native import TideCacheError
 from tidecache._native import Unavailable
 
@@ -686,20 +691,15 @@ class TideCacheStorage(MVCCAdapter):
             # *before* it calls invalidateCache: those tids are not exact.
             self._tc_generation = generation
             self._tc_resync = True
-        try:
-            if not self._tc_resync:
-                try:
-                    self._tc_client.report(frm, t, [(u64(o), t) for o in oids])
-                    return
-                except GapError:
-                    pass
+        # Both only queue (microseconds, no socket): the client's background
+        # thread sends them in order, and itself sends a resync in place of
+        # a report answered with a gap or lost to an unavailable sidecar.
+        if self._tc_resync:
             self._tc_stats.resyncs += 1
             self._tc_client.resync(t)
             self._tc_resync = False
-        except TideCacheError as e:
-            self._tc_stats.unavailable += 1
-            self._tc_resync = True
-            logger.debug("tidecache: report of %s lost: %s", tid_repr(p64(t)), e)
+        else:
+            self._tc_client.report(frm, t, [(u64(o), t) for o in oids])
 
     def close(self):
         """Closes the client (the sidecar releases this process's views) and
@@ -727,6 +727,9 @@ class TideCacheStorage(MVCCAdapter):
         ``sidecar``: the sidecar's counters for this database, or ``None``
         when it is unavailable."""
         d = self._tc_stats.as_dict()
+        resyncs, lost = self._tc_client.outbox_counts
+        d["resyncs"] += resyncs
+        d["unavailable"] += lost
         d["joined"] = self._tc_joined
         d["database"] = self._tc_client.database
         try:
@@ -744,12 +747,68 @@ class TideCacheInstance(MVCCAdapterInstance):
 
     _tc_view = None
 
+    #: ``{oid: data}`` stored in the transaction being committed, written
+    #: through at ``tpc_finish``; ``None`` outside a commit.
+    _tc_written = None
+
     def __init__(self, base):
         MVCCAdapterInstance.__init__(self, base)
         self._tc_client = base._tc_client
         self._tc_stats = base._tc_stats
         self._tc_base = base
         self._tc_at = None
+
+    # Write-through: a committing process stores the states it just
+    # committed (ZEO's and RelStorage's caches do), so a read after a write
+    # hits, in this process and in others.
+
+    def tpc_begin(self, transaction):
+        """Begins the commit; the states stored in it are collected."""
+        MVCCAdapterInstance.tpc_begin(self, transaction)
+        self._tc_written = {}
+
+    def store(self, oid, serial, data, version, transaction):
+        """Stores on the base; ``data`` is kept for the write-through."""
+        MVCCAdapterInstance.store(self, oid, serial, data, version, transaction)
+        if self._tc_written is not None and data is not None:
+            self._tc_written[oid] = data
+
+    def storeBlob(self, oid, serial, data, blobfilename, version, transaction):
+        """Stores a blob on the base; its record is not written through."""
+        MVCCAdapterInstance.storeBlob(self, oid, serial, data, blobfilename, version, transaction)
+        if self._tc_written is not None:
+            self._tc_written.pop(oid, None)
+
+    def tpc_vote(self, transaction):
+        """Votes on the base; oids it resolved conflicts of are not written
+        through (what was committed is not what was stored)."""
+        r = self._storage.tpc_vote(transaction)
+        if r and self._tc_written:
+            for oid in r:
+                self._tc_written.pop(oid, None)
+        return r
+
+    def tpc_abort(self, transaction):
+        """Aborts on the base; nothing is written through."""
+        self._tc_written = None
+        return self._storage.tpc_abort(transaction)
+
+    def tpc_finish(self, transaction, func=lambda tid: None):
+        """Finishes the commit; in its callback, after the report of the
+        tid was queued (``_invalidate_finish``), each state stored is
+        queued as the open revision ``(oid, tid)`` seen at ``tid``."""
+        written, self._tc_written = self._tc_written, None
+
+        def finish(tid):
+            func(tid)
+            if written:
+                t = u64(tid)
+                store_later = self._tc_client.store_later
+                for oid, data in written.items():
+                    if store_later(u64(oid), t, None, data, t):
+                        self._tc_stats.stores += 1
+
+        return MVCCAdapterInstance.tpc_finish(self, transaction, finish)
 
     def poll_invalidations(self):
         """ZODB's poll (new transaction): moves the view to the storage's
