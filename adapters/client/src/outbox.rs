@@ -234,10 +234,10 @@ impl Worker {
                 }
             }
             self.send_pending();
-            self.publish_views();
             if close {
                 break;
             }
+            self.idle();
         }
         tracing::debug!(db = %self.db, "outbox worker ended");
     }
@@ -275,9 +275,11 @@ impl Worker {
         false
     }
 
-    /// Nothing queued for a tick: publish a minimum that went up, and
-    /// reconnect if the connection is down (lookups read the arena only
-    /// while connected; the client re-attaches and re-registers the view).
+    /// After each batch, and when nothing was queued for a tick: reconnect
+    /// if the connection is down (lookups read the arena only while
+    /// connected; the client re-attaches and re-registers the view; while
+    /// the sidecar stays down this fails at once), and publish the oldest
+    /// view (a minimum that went up is published here).
     fn idle(&mut self) {
         if !self.client.is_connected() && self.client.is_joined(&self.db) && self.client.reconnect().is_ok() {
             tracing::debug!(db = %self.db, "reconnected from the outbox");

@@ -372,6 +372,19 @@ impl Session {
         self.senders().views.release(id);
     }
 
+    /// Asks the outbox to reconnect if the connection is down and the
+    /// database joined (what a lookup that found no arena calls: the
+    /// caller misses now, and reads the arena again once connected). No
+    /// system call when connected.
+    pub fn reconnect_later(&self) {
+        if !self.client.is_connected() && self.client.is_joined(&self.database) {
+            let senders = self.senders();
+            if let Some(q) = self.queue(&senders) {
+                q.wake_views();
+            }
+        }
+    }
+
     fn wake_if(&self, senders: &Senders, change: Change) {
         if change == Change::Wake {
             if let Some(q) = self.queue(senders) {

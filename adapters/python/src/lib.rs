@@ -375,6 +375,7 @@ impl PyClient {
         if self.session.client().serves_over_socket(self.session.database()) {
             Ok(())
         } else {
+            self.session.reconnect_later();
             Err(Unavailable::new_err(
                 "no arena to read: not connected to tidecached, or the database is not joined",
             ))

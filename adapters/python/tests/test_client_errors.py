@@ -22,21 +22,21 @@ def test_each_refusal_has_its_exception(sidecar):
     assert c.attach(start) == "started"
     # A report past the horizon: a gap, which the adapter answers by a resync.
     with pytest.raises(tidecache.GapError):
-        c.report(start + 10, start + 20, [])
+        c.report_now(start + 10, start + 20, [])
     # A change outside its report's interval breaks a rule.
     with pytest.raises(tidecache.BadRequestError):
-        c.report(start, start + 5, [(1, start + 6)])
+        c.report_now(start, start + 5, [(1, start + 6)])
     # A tid days past this host's clock would raise the horizon for all.
     far = now_tid(3 * 86400)
     with pytest.raises(tidecache.FutureTidError):
-        c.report(start, far, [])
+        c.report_now(start, far, [])
     for kind in (tidecache.GapError, tidecache.BadRequestError, tidecache.FutureTidError,
                  tidecache.LimitError, tidecache.UnknownViewError, tidecache.ProtocolError,
                  tidecache.StaleError):
         assert issubclass(kind, tidecache.RefusedError)
         assert issubclass(kind, tidecache.TideCacheError)
     # The connection is still served after refusals.
-    assert c.report(start, start + 1, [(1, start + 1)]) == start + 1
+    assert c.report_now(start, start + 1, [(1, start + 1)]) == start + 1
     c.close()
 
 
