@@ -35,13 +35,13 @@
 //!
 //! - Everything a call locks or sends on lives in per-process state tagged
 //!   with the process that created it: the connection, its lock, the
-//!   published arena and slots (in [`Client`]); the store queue and the hit
+//!   published arena and slots (in [`Client`]); the outbox, the views and the hit
 //!   batch (in [`Session`]). Every call first compares the tag with the
 //!   calling process (one atomic load: a `pthread_atfork` child handler
 //!   keeps the process id).
 //! - A child never locks, reads through a lock, sends on, or drops the
 //!   parent's state: it installs a fresh one (new lock, no connection, no
-//!   views, a new store queue) and leaks the parent's, whose locks and
+//!   views, a new outbox) and leaks the parent's, whose locks and
 //!   channel may be mid-use by a thread that is not there. Only the child's
 //!   copy of the parent's socket is closed (its number is kept in an
 //!   atomic), so the sidecar sees the parent's connection close when the
@@ -53,7 +53,7 @@
 //!   never handed out again). The parent's views are not registered again:
 //!   a view is one connection's, and an id the child does not know is
 //!   ignored.
-//! - The parent's background threads (the store queue's sender) do not
+//! - The parent's background threads (the outbox's sender) do not
 //!   exist in the child; its queue is never written to there.
 
 #![warn(missing_docs)]

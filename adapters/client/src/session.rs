@@ -25,7 +25,7 @@ pub const STORE_QUEUE_CAPACITY: usize = 2048;
 /// drops what is left.
 pub const CLOSE_DRAIN: Duration = Duration::from_secs(1);
 
-/// Hit hints handed to the store queue at once (measured: one hint per
+/// Hit hints handed to the outbox at once (measured: one hint per
 /// message cost 2 us each, mostly waking the queue's thread; 128 per
 /// message, about 20 ns per hint).
 pub const TOUCH_BATCH: usize = 128;
@@ -84,7 +84,7 @@ impl Senders {
     }
 }
 
-/// A [`Client`] bound to one database, with a background store queue, hit
+/// A [`Client`] bound to one database, with its outbox (one background thread), hit
 /// sampling and hint batching. Thread-safe and fork-safe: a forked child
 /// gets its own connection, queue and hit batch and never waits on a lock
 /// of its parent's (the crate's fork rules).

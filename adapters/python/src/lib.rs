@@ -115,7 +115,7 @@ fn to_py(e: ClientError) -> PyErr {
 /// storage adapter derives it from the base storage), `timeout_ms` the bound
 /// on each call in milliseconds. Connects lazily and reconnects by itself.
 /// A thin binding of [`Session`]: fork-safe as it is (a forked child gets
-/// its own connection and store queue and never waits on a lock of its
+/// its own connection and outbox and never waits on a lock of its
 /// parent's).
 #[pyclass(name = "Client", module = "tidecache._native", frozen)]
 struct PyClient {
