@@ -89,6 +89,18 @@ def test_a_stopped_sidecar_stalls_no_application_thread(sidecar):
     assert finished and not errors, errors
 
 
+def _outbox_threads():
+    """How many outbox threads this process runs (by their name)."""
+    n = 0
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open("/proc/self/task/%s/comm" % task) as f:
+                n += f.read().strip() == "tidecache-outbo"  # 15 characters
+        except OSError:
+            pass
+    return n
+
+
 def test_close_ends_the_outbox_of_a_stopped_sidecar(sidecar):
     """close() drains for at most a second, then ends the outbox's thread
     (shutting the hung call's connection down): nothing left running."""
@@ -96,14 +108,16 @@ def test_close_ends_the_outbox_of_a_stopped_sidecar(sidecar):
     assert raw.attach(10) == "started"
     sidecar.proc.send_signal(signal.SIGSTOP)
     try:
-        raw.report(10, 11, [(1, 11)])
+        before = _outbox_threads()
+        raw.report(10, 11, [(1, 11)])  # starts the client's outbox thread
         raw.store_later(1, 11, None, b"state", 11)
-        threads = {t for t in os.listdir("/proc/self/task")}
+        assert _outbox_threads() == before + 1
         started = time.monotonic()
         finished, errors = _within(BOUND, raw.close)
         assert finished and not errors, errors
         assert time.monotonic() - started < 5
-        assert set(os.listdir("/proc/self/task")) < threads, "the outbox's thread is still running"
+        # close() joined it (pthread_join: the thread is gone).
+        assert _outbox_threads() == before, "the outbox's thread is still running"
     finally:
         sidecar.proc.send_signal(signal.SIGCONT)
 
