@@ -43,6 +43,13 @@ pub trait Revisions: Send + Sync {
     /// # Errors
     /// [`CoreError::Gap`], [`CoreError::BadReport`].
     fn report(&self, from: Tid, to: Tid, changes: &[(Oid, Tid)]) -> Result<Tid, CoreError>;
+    /// Applies a collapsed report: every oid changed in `(from, to]` with its
+    /// newest change or an upper bound of it (invariants 3 and 4, see
+    /// [`crate::InvalidationLog::apply_collapsed`]).
+    ///
+    /// # Errors
+    /// [`CoreError::Gap`], [`CoreError::BadReport`].
+    fn report_collapsed(&self, from: Tid, to: Tid, changes: &[(Oid, Tid)]) -> Result<Tid, CoreError>;
     /// Drops open revisions and restarts the log at `at`.
     fn start_log(&self, at: Tid);
     /// Drops everything.
@@ -87,6 +94,9 @@ impl<S: StateWeight + Send + Sync + 'static> Revisions for SnapshotCache<S> {
     }
     fn report(&self, from: Tid, to: Tid, changes: &[(Oid, Tid)]) -> Result<Tid, CoreError> {
         SnapshotCache::report(self, from, to, changes)
+    }
+    fn report_collapsed(&self, from: Tid, to: Tid, changes: &[(Oid, Tid)]) -> Result<Tid, CoreError> {
+        SnapshotCache::report_collapsed(self, from, to, changes)
     }
     fn start_log(&self, at: Tid) {
         SnapshotCache::start_log(self, at);
@@ -139,6 +149,9 @@ impl Revisions for crate::arena::ArenaCache {
     }
     fn report(&self, from: Tid, to: Tid, changes: &[(Oid, Tid)]) -> Result<Tid, CoreError> {
         crate::arena::ArenaCache::report(self, from, to, changes)
+    }
+    fn report_collapsed(&self, from: Tid, to: Tid, changes: &[(Oid, Tid)]) -> Result<Tid, CoreError> {
+        crate::arena::ArenaCache::report_collapsed(self, from, to, changes)
     }
     fn start_log(&self, at: Tid) {
         crate::arena::ArenaCache::start_log(self, at);
@@ -431,6 +444,16 @@ impl<C: Revisions> DatabaseOf<C> {
     /// As [`SnapshotCache::report`].
     pub fn report(&self, from: Tid, to: Tid, changes: &[(Oid, Tid)]) -> Result<Tid, CoreError> {
         self.cache.report(from, to, changes)
+    }
+
+    /// Applies a collapsed report (ZEO's reconnect and `getInvalidations`,
+    /// RelStorage's poll, a summarised catch-up): see
+    /// [`SnapshotCache::report_collapsed`].
+    ///
+    /// # Errors
+    /// As [`SnapshotCache::report_collapsed`].
+    pub fn report_collapsed(&self, from: Tid, to: Tid, changes: &[(Oid, Tid)]) -> Result<Tid, CoreError> {
+        self.cache.report_collapsed(from, to, changes)
     }
 
     /// Reclaims what no registered view can see: the low-water mark is the

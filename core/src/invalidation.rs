@@ -13,16 +13,55 @@ pub const WITNESS_OIDS: usize = 4;
 
 /// A contiguous record of changes in the tid interval `(log_start, horizon]`.
 ///
-/// Reports are the shape ZEO's `invalidateTransaction`, a commit's
-/// `tpc_finish` and RelStorage's poll all give: `(from, to, [(oid, tid)])`,
-/// every change in `(from, to]` with its exact tid.
+/// Exact reports are the shape ZEO's `invalidateTransaction` and a commit's
+/// `tpc_finish` give: `(from, to, [(oid, tid)])`, every change in
+/// `(from, to]` with its exact tid ([`InvalidationLog::apply`]). Collapsed
+/// reports (ZEO's reconnect and `getInvalidations`, RelStorage's poll, a
+/// summarised catch-up) list every oid changed in `(from, to]` with its
+/// newest change or an upper bound of it
+/// ([`InvalidationLog::apply_collapsed`]): the log then holds, per oid,
+/// *uncertain intervals* `(a, T]` (the oid's first change after `a` lies in
+/// `(a, T]`, or nowhere) beside the exact tids.
 #[derive(Debug, Clone)]
 pub struct InvalidationLog {
     log_start: Tid,
     horizon: Tid,
     by_oid: HashMap<Oid, BTreeSet<Tid>>,
     by_tid: BTreeMap<Tid, Vec<Oid>>,
+    /// Uncertain intervals `(a, T]` per oid, as `a -> T` (the widest `T`
+    /// for one `a`).
+    uncertain: HashMap<Oid, BTreeMap<Tid, Tid>>,
+    /// The same intervals by their `T`, for truncation: `T -> [(oid, a)]`.
+    uncertain_by_end: BTreeMap<Tid, Vec<(Oid, Tid)>>,
     witness: Vec<Oid>,
+}
+
+/// What the log says of an oid after a view `V` (an open store's check,
+/// invariant 3): see [`InvalidationLog::after_view`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterView {
+    /// No change of the oid in `(V, horizon]`.
+    Unchanged,
+    /// The revision current at `V` is provably valid up to (excluding)
+    /// this tid, and nothing is known after it: an exact change, or the
+    /// start `a + 1` of an uncertain interval `(a, T]` with `V < a`.
+    ValidUntil(Tid),
+    /// An uncertain interval `(a, T]` with `a <= V < T`: the oid may have
+    /// changed right after `V`.
+    Uncertain,
+}
+
+/// A collapsed report applied to an [`InvalidationLog`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CollapsedApplied {
+    /// The horizon before the report (`H0`): the log was exact up to it.
+    pub prior: Tid,
+    /// The horizon after the report.
+    pub horizon: Tid,
+    /// The report's oids whose newest change `T` lies past `prior`, with
+    /// `T` (one entry per oid, the largest `T`), in oid order: only these
+    /// close or drop cached revisions.
+    pub uncertain: Vec<(Oid, Tid)>,
 }
 
 impl InvalidationLog {
@@ -34,6 +73,8 @@ impl InvalidationLog {
             horizon: start,
             by_oid: HashMap::new(),
             by_tid: BTreeMap::new(),
+            uncertain: HashMap::new(),
+            uncertain_by_end: BTreeMap::new(),
             witness: Vec::new(),
         }
     }
@@ -61,14 +102,14 @@ impl InvalidationLog {
         self.log_start
     }
 
-    /// Number of `(oid, tid)` changes held.
+    /// Number of `(oid, tid)` changes plus uncertain intervals held.
     pub fn len(&self) -> usize {
-        self.by_tid.values().map(Vec::len).sum()
+        self.by_tid.values().map(Vec::len).sum::<usize>() + self.uncertain_by_end.values().map(Vec::len).sum::<usize>()
     }
 
-    /// Whether the log holds no change.
+    /// Whether the log holds no change and no uncertain interval.
     pub fn is_empty(&self) -> bool {
-        self.by_tid.is_empty()
+        self.by_tid.is_empty() && self.uncertain_by_end.is_empty()
     }
 
     /// Applies the report `(from, to, changes)` and returns the new horizon.
@@ -81,20 +122,7 @@ impl InvalidationLog {
     /// not guess); [`CoreError::BadReport`] when `to < from` or a change's
     /// tid lies outside `(from, to]`.
     pub fn apply(&mut self, from: Tid, to: Tid, changes: &[(Oid, Tid)]) -> Result<Tid, CoreError> {
-        if to < from {
-            return Err(CoreError::BadReport {
-                from,
-                to,
-                reason: "the interval ends before it starts",
-            });
-        }
-        if changes.iter().any(|&(_, t)| t <= from || t > to) {
-            return Err(CoreError::BadReport {
-                from,
-                to,
-                reason: "a change's tid lies outside (from, to]",
-            });
-        }
+        Self::check(from, to, changes)?;
         if from > self.horizon {
             return Err(CoreError::Gap {
                 from,
@@ -122,6 +150,114 @@ impl InvalidationLog {
         Ok(self.horizon)
     }
 
+    /// Applies the collapsed report `(from, to, changes)`: every oid changed
+    /// in `(from, to]` is listed once or more, with a tid `T` (`from < T <=
+    /// to`) at or after its newest change in the interval (the exact newest,
+    /// or an upper bound such as `to`). Returns what the caches must close.
+    ///
+    /// Contiguity as [`InvalidationLog::apply`]: applied only when `from <=
+    /// horizon`, then `horizon = max(horizon, to)`. With `H0` the horizon
+    /// before, the log is exact on `(log_start, H0]`, so only `(H0, to]` is
+    /// uncertain: a listed oid with `T > H0` gets the uncertain interval
+    /// `(H0, T]` (its first change after `H0` is in there, or nowhere); one
+    /// with `T <= H0`, or an unlisted oid, did not change in `(H0, to]`.
+    /// A report that moves the horizon leaves no witness: its tids may be
+    /// upper bounds, and a false witness would fail the next attach's
+    /// proof (invariant 7).
+    ///
+    /// # Errors
+    /// [`CoreError::Gap`] when `from > horizon`; [`CoreError::BadReport`]
+    /// when `to < from` or a tid lies outside `(from, to]`.
+    pub fn apply_collapsed(
+        &mut self,
+        from: Tid,
+        to: Tid,
+        changes: &[(Oid, Tid)],
+    ) -> Result<CollapsedApplied, CoreError> {
+        Self::check(from, to, changes)?;
+        if from > self.horizon {
+            return Err(CoreError::Gap {
+                from,
+                horizon: self.horizon,
+            });
+        }
+        let prior = self.horizon;
+        let mut newest: BTreeMap<Oid, Tid> = BTreeMap::new();
+        for &(oid, t) in changes {
+            if t > prior {
+                let n = newest.entry(oid).or_insert(t);
+                *n = (*n).max(t);
+            }
+        }
+        for (&oid, &t) in &newest {
+            let by_start = self.uncertain.entry(oid).or_default();
+            match by_start.insert(prior, t) {
+                Some(w) if w >= t => {
+                    by_start.insert(prior, w);
+                    continue;
+                }
+                Some(w) => {
+                    if let Some(v) = self.uncertain_by_end.get_mut(&w) {
+                        v.retain(|&e| e != (oid, prior));
+                    }
+                }
+                None => {}
+            }
+            self.uncertain_by_end.entry(t).or_default().push((oid, prior));
+        }
+        self.uncertain_by_end.retain(|_, v| !v.is_empty());
+        if to > self.horizon {
+            self.witness.clear();
+            self.horizon = to;
+        }
+        Ok(CollapsedApplied {
+            prior,
+            horizon: self.horizon,
+            uncertain: newest.into_iter().collect(),
+        })
+    }
+
+    fn check(from: Tid, to: Tid, changes: &[(Oid, Tid)]) -> Result<(), CoreError> {
+        if to < from {
+            return Err(CoreError::BadReport {
+                from,
+                to,
+                reason: "the interval ends before it starts",
+            });
+        }
+        if changes.iter().any(|&(_, t)| t <= from || t > to) {
+            return Err(CoreError::BadReport {
+                from,
+                to,
+                reason: "a change's tid lies outside (from, to]",
+            });
+        }
+        Ok(())
+    }
+
+    /// What the log says of `oid` after `view` (invariant 3): the first
+    /// exact change after `view`, and the uncertain intervals `(a, T]` with
+    /// `T > view` (one with `T <= view` says nothing after `view`): one with
+    /// `a <= view` makes the store [`AfterView::Uncertain`]; one with
+    /// `view < a` bounds the validity at `a + 1` ("closed at the first
+    /// change the log can prove"). The earliest bound wins.
+    pub fn after_view(&self, oid: Oid, view: Tid) -> AfterView {
+        let mut until = self.first_change_after(oid, view);
+        if let Some(intervals) = self.uncertain.get(&oid) {
+            for (&a, &t) in intervals {
+                if t <= view {
+                    continue;
+                }
+                if a <= view {
+                    return AfterView::Uncertain;
+                }
+                let bound = Tid(a.0.saturating_add(1));
+                until = Some(until.map_or(bound, |u| u.min(bound)));
+            }
+        }
+        until.map_or(AfterView::Unchanged, AfterView::ValidUntil)
+    }
+
     /// The first change of `oid` with tid in `(after, horizon]`, if any.
     pub fn first_change_after(&self, oid: Oid, after: Tid) -> Option<Tid> {
         use std::ops::Bound::{Excluded, Unbounded};
@@ -133,8 +269,9 @@ impl InvalidationLog {
     }
 
     /// Forgets every change with tid `<= below` (capped at the horizon) and
-    /// moves `log_start` up to it (invariant 5: the log may be truncated
-    /// below the low-water mark).
+    /// every uncertain interval `(a, T]` with `T <= below`, and moves
+    /// `log_start` up to it (invariant 5: the log may be truncated below the
+    /// low-water mark).
     pub fn truncate(&mut self, below: Tid) {
         let below = below.min(self.horizon);
         if below <= self.log_start {
@@ -147,6 +284,19 @@ impl InvalidationLog {
                     set.remove(&tid);
                     if set.is_empty() {
                         self.by_oid.remove(&oid);
+                    }
+                }
+            }
+        }
+        let keep = self.uncertain_by_end.split_off(&Tid(below.0.saturating_add(1)));
+        for (t, intervals) in std::mem::replace(&mut self.uncertain_by_end, keep) {
+            for (oid, a) in intervals {
+                if let Some(by_start) = self.uncertain.get_mut(&oid) {
+                    if by_start.get(&a) == Some(&t) {
+                        by_start.remove(&a);
+                    }
+                    if by_start.is_empty() {
+                        self.uncertain.remove(&oid);
                     }
                 }
             }
@@ -204,6 +354,29 @@ impl LogLock {
             horizon,
             changes,
         })
+    }
+
+    /// Applies a collapsed report ([`InvalidationLog::apply_collapsed`]) and
+    /// keeps the log locked, in the order of [`LogLock::apply`]: the caller
+    /// closes or drops the revisions of [`CollapsedApplied::uncertain`] and
+    /// only then publishes the horizon, before dropping the guard.
+    ///
+    /// # Errors
+    /// [`CoreError::Gap`] (also before the log started),
+    /// [`CoreError::BadReport`].
+    pub(crate) fn apply_collapsed(
+        &self,
+        from: Tid,
+        to: Tid,
+        changes: &[(Oid, Tid)],
+    ) -> Result<(MutexGuard<'_, Option<InvalidationLog>>, CollapsedApplied), CoreError> {
+        let mut guard = self.lock();
+        let log = guard.as_mut().ok_or(CoreError::Gap {
+            from,
+            horizon: Tid::ZERO,
+        })?;
+        let applied = log.apply_collapsed(from, to, changes)?;
+        Ok((guard, applied))
     }
 
     /// Truncates the log below `low_water` (at most the horizon) and keeps
@@ -342,5 +515,87 @@ mod tests {
         l.truncate(Tid(99));
         assert_eq!(l.log_start(), Tid(20), "never past the horizon");
         assert!(l.is_empty());
+    }
+
+    /// A collapsed report: only `(H0, to]` is uncertain; a listed oid with
+    /// `T > H0` gets `(H0, T]`, one with `T <= H0` nothing; stores check it.
+    #[test]
+    fn a_collapsed_report_keeps_uncertain_intervals_past_the_prior_horizon() {
+        let mut l = log();
+        l.apply(Tid(10), Tid(12), &[(Oid(1), Tid(12))]).unwrap();
+        let applied = l
+            .apply_collapsed(
+                Tid(11),
+                Tid(20),
+                &[(Oid(1), Tid(12)), (Oid(2), Tid(20)), (Oid(2), Tid(15))],
+            )
+            .unwrap();
+        assert_eq!(
+            applied,
+            CollapsedApplied {
+                prior: Tid(12),
+                horizon: Tid(20),
+                uncertain: vec![(Oid(2), Tid(20))],
+            }
+        );
+        // Oid 1's newest change is 12, known exactly: nothing after 12.
+        assert_eq!(l.after_view(Oid(1), Tid(12)), AfterView::Unchanged);
+        assert_eq!(l.after_view(Oid(1), Tid(11)), AfterView::ValidUntil(Tid(12)));
+        // Oid 2 changed in (12, 20]: before 12 it is valid up to 13, in
+        // [12, 20) it is uncertain, from 20 on unchanged.
+        assert_eq!(l.after_view(Oid(2), Tid(11)), AfterView::ValidUntil(Tid(13)));
+        assert_eq!(l.after_view(Oid(2), Tid(12)), AfterView::Uncertain);
+        assert_eq!(l.after_view(Oid(2), Tid(19)), AfterView::Uncertain);
+        assert_eq!(l.after_view(Oid(2), Tid(20)), AfterView::Unchanged);
+        assert_eq!(l.after_view(Oid(3), Tid(11)), AfterView::Unchanged);
+        assert_eq!(l.len(), 2);
+        // An exact change earlier than the interval's start wins.
+        l.apply(Tid(20), Tid(25), &[(Oid(2), Tid(22))]).unwrap();
+        l.apply_collapsed(Tid(25), Tid(30), &[(Oid(2), Tid(28))]).unwrap();
+        assert_eq!(l.after_view(Oid(2), Tid(21)), AfterView::ValidUntil(Tid(22)));
+        assert_eq!(l.after_view(Oid(2), Tid(23)), AfterView::ValidUntil(Tid(26)));
+        assert_eq!(l.after_view(Oid(2), Tid(27)), AfterView::Uncertain);
+        // Refusals as for exact reports, changing nothing.
+        assert_eq!(
+            l.apply_collapsed(Tid(31), Tid(40), &[]),
+            Err(CoreError::Gap {
+                from: Tid(31),
+                horizon: Tid(30)
+            })
+        );
+        assert!(matches!(
+            l.apply_collapsed(Tid(30), Tid(35), &[(Oid(1), Tid(36))]),
+            Err(CoreError::BadReport { .. })
+        ));
+        assert_eq!(l.horizon(), Tid(30));
+    }
+
+    /// Truncation drops intervals `(a, T]` with `T <= below` only.
+    #[test]
+    fn truncation_drops_uncertain_intervals_that_end_below_it() {
+        let mut l = log();
+        l.apply_collapsed(Tid(10), Tid(20), &[(Oid(1), Tid(15)), (Oid(2), Tid(20))])
+            .unwrap();
+        l.truncate(Tid(15));
+        assert_eq!(l.len(), 1);
+        assert_eq!(l.after_view(Oid(1), Tid(15)), AfterView::Unchanged);
+        assert_eq!(l.after_view(Oid(2), Tid(15)), AfterView::Uncertain);
+        l.truncate(Tid(20));
+        assert!(l.is_empty());
+        assert_eq!(l.after_view(Oid(2), Tid(20)), AfterView::Unchanged);
+    }
+
+    /// A collapsed report's tids may be upper bounds: one that moves the
+    /// horizon leaves no witness (a false one would fail the next proof);
+    /// one that does not leaves the witness as it was.
+    #[test]
+    fn a_collapsed_report_leaves_no_witness() {
+        let mut l = log();
+        l.apply(Tid(10), Tid(12), &[(Oid(1), Tid(12))]).unwrap();
+        assert_eq!(l.witness(), &[Oid(1)]);
+        l.apply_collapsed(Tid(10), Tid(12), &[(Oid(1), Tid(12))]).unwrap();
+        assert_eq!(l.witness(), &[Oid(1)], "the horizon did not move");
+        l.apply_collapsed(Tid(12), Tid(14), &[(Oid(2), Tid(14))]).unwrap();
+        assert!(l.witness().is_empty());
     }
 }

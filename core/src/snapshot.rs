@@ -20,7 +20,7 @@ use crate::eviction::{Member, SizeBound};
 use crate::index::{Index, Slot, OPEN};
 use crate::invalidation::{InvalidationLog, LogLock};
 use crate::revision::{Oid, StateWeight, Tid};
-use crate::rules::{closing, plan_store, Closing, StorePlan};
+use crate::rules::{closing, collapsing, plan_store, Closing, StorePlan};
 pub use crate::rules::{CacheStats, Refusal, StoreOutcome};
 use crate::sync::{AtomicU64 as SyncU64, Ordering};
 use std::sync::atomic::AtomicU64;
@@ -220,6 +220,47 @@ impl<S: StateWeight + Send + Sync + 'static> SnapshotCache<S> {
         let applied = self.log.apply(from, to, changes)?;
         for &(oid, tid) in &applied.changes {
             self.close(oid, tid);
+        }
+        bump(&self.counters.invalidations, changes.len() as u64);
+        self.horizon.store(applied.horizon.0, Ordering::Release);
+        Ok(applied.horizon)
+    }
+
+    /// Applies the collapsed report `(from, to, changes)` (see
+    /// [`InvalidationLog::apply_collapsed`]): for each listed oid whose
+    /// newest change `T` is past the prior horizon `H0`, its open revision
+    /// is closed at `H0 + 1`, a closed one claiming validity past `T` is
+    /// dropped ([`crate::rules::collapsing`]); then the new horizon is
+    /// published, which it returns.
+    ///
+    /// # Errors
+    /// As [`SnapshotCache::report`].
+    pub fn report_collapsed(&self, from: Tid, to: Tid, changes: &[(Oid, Tid)]) -> Result<Tid, CoreError> {
+        let (_log, applied) = self.log.apply_collapsed(from, to, changes)?;
+        let prior = applied.prior;
+        for &(oid, newest) in &applied.uncertain {
+            // Revisions past the prior horizon cannot have been stored
+            // (refused): drop any, then decide on the one visible at it.
+            while let Some(serial) = self
+                .index
+                .floor(oid.0, applied.horizon.0, |serial, _| serial)
+                .filter(|&s| s > prior.0)
+            {
+                self.remove(oid.0, serial);
+            }
+            let stale = self.index.floor(oid.0, prior.0, |serial, slot| {
+                match collapsing(serial, slot.end(), prior, newest) {
+                    Closing::Close => {
+                        slot.set_end(prior.0 + 1);
+                        None
+                    }
+                    Closing::Drop => Some(serial),
+                    Closing::Keep => None,
+                }
+            });
+            if let Some(Some(serial)) = stale {
+                self.remove(oid.0, serial);
+            }
         }
         bump(&self.counters.invalidations, changes.len() as u64);
         self.horizon.store(applied.horizon.0, Ordering::Release);

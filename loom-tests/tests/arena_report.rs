@@ -70,3 +70,53 @@ fn an_open_revision_stored_after_the_report_is_closed_by_the_log() {
         assert_eq!(db.lookup(Oid(1), Tid(1)).map(|h| h.serial), Some(1));
     });
 }
+
+/// A collapsed report (oid 1 changed somewhere in `(1, 3]`) races lookups:
+/// the open revision 1 is closed at the prior horizon + 1 before the new
+/// horizon 3 is published, so a view in `(1, 3]` never sees it, in any
+/// interleaving. Fails if `ArenaCache::report_collapsed` publishes the
+/// horizon before closing.
+#[test]
+fn a_collapsed_report_never_lets_an_open_revision_answer_past_the_prior_horizon() {
+    tidecache_loom_tests::check(|| {
+        let db = database();
+        db.store(Oid(1), Tid(1), None, Tid(1), b"r1").unwrap();
+        let report = {
+            let db = db.clone();
+            thread::spawn(move || {
+                db.report_collapsed(Tid(1), Tid(3), &[(Oid(1), Tid(3))]).unwrap();
+            })
+        };
+        let at3 = db.lookup(Oid(1), Tid(3));
+        assert!(at3.is_none(), "wrong hit at view 3: {at3:?}");
+        let at2 = db.lookup(Oid(1), Tid(2));
+        assert!(at2.is_none(), "wrong hit at view 2: {at2:?}");
+        report.join().unwrap();
+        assert!(db.lookup(Oid(1), Tid(2)).is_none());
+        assert_eq!(db.lookup(Oid(1), Tid(1)).map(|h| h.end), Some(Some(2)));
+    });
+}
+
+/// A store loaded at view 1 races the collapsed report of `(1, 3]`: before
+/// it, the report closes it; after it, the log refuses it (loaded inside
+/// the uncertain interval). Views 2 and 3 never see it.
+#[test]
+fn an_open_store_racing_a_collapsed_report_never_answers_past_the_prior_horizon() {
+    tidecache_loom_tests::check(|| {
+        let db = database();
+        let late_store = {
+            let db = db.clone();
+            thread::spawn(move || {
+                db.store(Oid(1), Tid(1), None, Tid(1), b"r1").unwrap();
+            })
+        };
+        db.report_collapsed(Tid(1), Tid(3), &[(Oid(1), Tid(3))]).unwrap();
+        assert!(db.lookup(Oid(1), Tid(3)).is_none());
+        late_store.join().unwrap();
+        assert!(db.lookup(Oid(1), Tid(2)).is_none());
+        assert!(db.lookup(Oid(1), Tid(3)).is_none());
+        if let Some(hit) = db.lookup(Oid(1), Tid(1)) {
+            assert_eq!((hit.serial, hit.end), (1, Some(2)));
+        }
+    });
+}

@@ -73,3 +73,38 @@ fn an_open_revision_stored_after_the_report_is_closed_by_the_log() {
         assert_eq!(db.lookup(Oid(1), Tid(1)).map(|h| h.serial), Some(Tid(1)));
     });
 }
+
+/// A collapsed report (oid 1 changed somewhere in `(1, 3]`) races a store
+/// of revision 1 loaded at view 1 and a reader: the open revision is closed
+/// at 2 before horizon 3 is published, or refused by the log if it comes
+/// after; views 2 and 3 never see it.
+#[test]
+fn a_collapsed_report_never_lets_an_open_revision_answer_past_the_prior_horizon() {
+    tidecache_loom_tests::check(|| {
+        let db: Arc<Database<Vec<u8>>> = Arc::new(Database::new(1 << 20));
+        db.attach(Tid(1), None);
+        let store = {
+            let db = db.clone();
+            thread::spawn(move || {
+                db.store(Oid(1), Tid(1), None, Tid(1), std::sync::Arc::new(b"r1".to_vec()))
+                    .unwrap();
+            })
+        };
+        let report = {
+            let db = db.clone();
+            thread::spawn(move || {
+                db.report_collapsed(Tid(1), Tid(3), &[(Oid(1), Tid(3))]).unwrap();
+            })
+        };
+        for view in [3, 2] {
+            let hit = db.lookup(Oid(1), Tid(view));
+            assert!(hit.is_none(), "wrong hit at view {view}: {hit:?}");
+        }
+        store.join().unwrap();
+        report.join().unwrap();
+        assert!(db.lookup(Oid(1), Tid(2)).is_none());
+        if let Some(hit) = db.lookup(Oid(1), Tid(1)) {
+            assert_eq!((hit.serial, hit.end), (Tid(1), Some(Tid(2))));
+        }
+    });
+}

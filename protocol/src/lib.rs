@@ -19,7 +19,7 @@ use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 
 /// Version spoken by this build; the Hello of both sides carries it.
-pub const PROTOCOL_VERSION: u32 = 5;
+pub const PROTOCOL_VERSION: u32 = 6;
 
 /// Default largest frame body the sidecar accepts, bytes (64 MiB).
 pub const DEFAULT_MAX_FRAME: usize = 64 << 20;
@@ -130,6 +130,28 @@ pub enum RequestBody {
         /// End of the interval, inclusive.
         to: u64,
         /// `(oid, tid)` of every change in the interval.
+        changes: Vec<(u64, u64)>,
+        /// The slot identity the client attached to (`Attached.identity`):
+        /// the sidecar refuses the request with `Stale` if the database
+        /// was flushed since (its slot has a new identity). Nil: no check
+        /// (tools).
+        #[serde(default)]
+        identity: Option<u64>,
+    },
+    /// A collapsed invalidation report: every oid changed in `(from, to]`,
+    /// each with a tid `T`, `from < T <= to`, at or after its newest change
+    /// in the interval (the exact newest, or an upper bound such as `to`:
+    /// ZEO's reconnect and `getInvalidations`, RelStorage's poll). Applied
+    /// conservatively (docs/invariants.md, invariants 3 and 4). Answer:
+    /// `Reported`, or the errors of `Report`.
+    CollapsedReport {
+        /// Database key.
+        db: String,
+        /// Start of the interval, exclusive.
+        from: u64,
+        /// End of the interval, inclusive.
+        to: u64,
+        /// `(oid, T)` of every oid changed in the interval.
         changes: Vec<(u64, u64)>,
         /// The slot identity the client attached to (`Attached.identity`):
         /// the sidecar refuses the request with `Stale` if the database
@@ -325,7 +347,7 @@ pub enum ResponseBody {
         /// Revisions refused (a refusal is normal: a miss is safe).
         refused: u32,
     },
-    /// Answer to `Report`.
+    /// Answer to `Report` and `CollapsedReport`.
     Reported {
         /// The horizon after the report.
         horizon: u64,

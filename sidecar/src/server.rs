@@ -628,6 +628,25 @@ impl Server {
                     }
                 }
             }
+            RequestBody::CollapsedReport {
+                db: name,
+                from,
+                to,
+                changes,
+                identity,
+            } => {
+                not_in_the_future("report", to)?;
+                let db = self.database(&name)?;
+                let _gate = self.unflushed(&db, identity)?;
+                let changes: Vec<(Oid, Tid)> = changes.into_iter().map(|(o, t)| (Oid(o), Tid(t))).collect();
+                match db.report_collapsed(Tid(from), Tid(to), &changes) {
+                    Ok(h) => ResponseBody::Reported { horizon: h.0 },
+                    Err(e) => {
+                        tracing::info!(db = %name, error = %e, "collapsed report refused");
+                        return Err(e.into());
+                    }
+                }
+            }
             RequestBody::Resync {
                 db: name,
                 tid,

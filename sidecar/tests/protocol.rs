@@ -540,3 +540,82 @@ fn a_flush_cuts_off_the_processes_still_on_the_old_history() {
     let stats = old.stats().unwrap();
     assert_eq!(stats.databases["db"].horizon, Some(8));
 }
+
+/// A collapsed report (every oid changed in `(from, to]` with its newest
+/// change or an upper bound of it) through the binary: the open revision of
+/// a listed oid answers only views up to the prior horizon, an unlisted
+/// one stays open up to the new horizon, a store loaded inside the
+/// uncertain interval is refused, one loaded past it is kept open; gaps,
+/// bad reports, future tids and stale identities are refused as for
+/// `Report`; no witness is left for the next attach.
+#[test]
+fn a_collapsed_report_closes_conservatively() {
+    use tidecache_client::protocol::AttachState;
+    use tidecache_client::ClientError;
+    use tidecache_sidecar::server::tid_at;
+    let sc = Sidecar::start(&[]);
+    let c = client(&sc);
+    c.attach("db", 8, None).unwrap();
+    // An exact report: oid 9 witnesses the horizon transaction 10.
+    c.report("db", 8, 10, vec![(9, 10)]).unwrap();
+    c.store("db", vec![item(1, 5, None, 10, b"one"), item(2, 6, None, 10, b"two")])
+        .unwrap();
+    // Oid 1 changed somewhere in (10, 20]: its newest change is at most 20.
+    assert_eq!(c.report_collapsed("db", 8, 20, vec![(1, 20)]).unwrap(), 20);
+    assert_eq!(both(&c, "db", 10, vec![1]).unwrap()[0].as_ref().unwrap().end, Some(11));
+    for view in [11, 15, 20] {
+        assert!(both(&c, "db", view, vec![1]).unwrap()[0].is_none(), "oid 1 at {view}");
+        assert_eq!(
+            both(&c, "db", view, vec![2]).unwrap()[0].as_ref().unwrap().state,
+            b"two"
+        );
+    }
+    // Loaded at 15, inside (10, 20]: refused; loaded at 20: open.
+    assert_eq!(c.store("db", vec![item(1, 5, None, 15, b"one")]).unwrap(), (0, 1));
+    assert_eq!(c.store("db", vec![item(1, 18, None, 20, b"new")]).unwrap(), (1, 0));
+    assert_eq!(both(&c, "db", 20, vec![1]).unwrap()[0].as_ref().unwrap().state, b"new");
+    // Refusals as for Report.
+    assert!(c.report_collapsed("db", 21, 22, vec![]).unwrap_err().is_gap());
+    let bad = c.report_collapsed("db", 20, 22, vec![(3, 23)]).unwrap_err();
+    assert!(
+        matches!(
+            bad,
+            ClientError::Refused {
+                code: ErrorCode::BadRequest,
+                ..
+            }
+        ),
+        "{bad}"
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let future = c
+        .report_collapsed("db", 20, tid_at(now + 2 * 86_400), vec![])
+        .unwrap_err();
+    assert!(
+        matches!(
+            future,
+            ClientError::Refused {
+                code: ErrorCode::FutureTid,
+                ..
+            }
+        ),
+        "{future}"
+    );
+    assert_eq!(c.connects(), 1, "the connection is kept");
+    // The collapsed report moved the horizon: no witness (its tids may be
+    // upper bounds), a joining client proves with its iterator.
+    let other = client(&sc);
+    let (state, h) = other.attach("db", 20, None).unwrap();
+    assert_eq!(h, 20);
+    match state {
+        AttachState::Prove { witness, .. } => assert!(witness.is_empty(), "{witness:?}"),
+        s => panic!("expected a proof, got {s:?}"),
+    }
+    // A flush makes the old identity stale.
+    other.flush("db").unwrap();
+    let stale = c.report_collapsed("db", 20, 21, vec![(1, 21)]).unwrap_err();
+    assert!(stale.is_stale(), "{stale}");
+}

@@ -58,6 +58,16 @@ pub(crate) enum Msg {
         /// `(oid, tid)` of each change.
         changes: Vec<(u64, u64)>,
     },
+    /// The collapsed invalidation report `(from, to, changes)`: each oid
+    /// once, with its newest change in `(from, to]` or an upper bound.
+    ReportCollapsed {
+        /// Previous tid reported.
+        from: u64,
+        /// The newest tid covered.
+        to: u64,
+        /// `(oid, tid)` of each oid changed.
+        changes: Vec<(u64, u64)>,
+    },
     /// Invalidations up to `tid` were lost.
     Resync(u64),
     /// Store one revision.
@@ -168,6 +178,19 @@ impl Outbox {
         };
         if !self.send_now(msg) {
             tracing::debug!(to, "queue full: the next report is a resync");
+            self.lost.store(true, Ordering::Release);
+        }
+    }
+
+    /// Queues the collapsed report `(from, to, changes)`; converted as
+    /// [`Outbox::report`] after a loss. Never blocks.
+    pub(crate) fn report_collapsed(&self, from: u64, to: u64, changes: Vec<(u64, u64)>) {
+        let msg = if self.lost.swap(false, Ordering::AcqRel) {
+            Msg::Resync(to)
+        } else {
+            Msg::ReportCollapsed { from, to, changes }
+        };
+        if !self.send_now(msg) {
             self.lost.store(true, Ordering::Release);
         }
     }
@@ -298,7 +321,11 @@ impl Worker {
             Msg::Touch(revisions) => self.touches.extend(revisions),
             Msg::Report { from, to, changes } => {
                 self.send_pending();
-                self.report(from, to, changes);
+                self.report(to, |c, db| c.report(db, from, to, changes));
+            }
+            Msg::ReportCollapsed { from, to, changes } => {
+                self.send_pending();
+                self.report(to, |c, db| c.report_collapsed(db, from, to, changes));
             }
             Msg::Resync(tid) => {
                 self.send_pending();
@@ -330,13 +357,15 @@ impl Worker {
         self.publish_views();
     }
 
-    fn report(&mut self, from: u64, to: u64, changes: Vec<(u64, u64)>) {
+    /// Sends a report up to `to` with `send` (plain or collapsed), or a
+    /// resync at `to` in its place after a loss.
+    fn report(&mut self, to: u64, send: impl FnOnce(&Client, &str) -> Result<u64, ClientError>) {
         if self.need_resync {
             self.counters.resyncs.fetch_add(1, Ordering::Relaxed);
             self.resync(to);
             return;
         }
-        match self.client.report(&self.db, from, to, changes) {
+        match send(&self.client, &self.db) {
             Ok(horizon) => self.counters.horizon.store(horizon, Ordering::Relaxed),
             Err(e) if e.is_gap() => {
                 // Today's sidecar horizon is before `from`: the invalidations

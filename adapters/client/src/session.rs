@@ -348,6 +348,30 @@ impl Session {
         Ok(horizon)
     }
 
+    /// Queues the collapsed invalidation report `(from, to, changes)` (every
+    /// oid changed in `(from, to]` with its newest change or an upper bound
+    /// of it; see [`Client::report_collapsed`]) and returns at once; sent in
+    /// order, followed by a resync if answered `Gap` or lost, as
+    /// [`Session::report`].
+    pub fn report_collapsed(&self, from: u64, to: u64, changes: Vec<(u64, u64)>) {
+        let senders = self.senders();
+        senders.queued_to.fetch_max(to, Ordering::Relaxed);
+        if let Some(q) = self.queue(&senders) {
+            q.report_collapsed(from, to, changes);
+        }
+    }
+
+    /// Sends the collapsed report now and waits for the answer (tools and
+    /// tests). Returns the horizon.
+    ///
+    /// # Errors
+    /// [`ClientError`]; a gap is [`ClientError::is_gap`].
+    pub fn report_collapsed_now(&self, from: u64, to: u64, changes: Vec<(u64, u64)>) -> Result<u64, ClientError> {
+        let horizon = self.client.report_collapsed(&self.database, from, to, changes)?;
+        self.counters.horizon.store(horizon, Ordering::Relaxed);
+        Ok(horizon)
+    }
+
     /// Opens a view at `tid` and returns its id: kept in the process; the
     /// outbox registers the process's oldest view with the sidecar. No
     /// system call unless the oldest view went down.

@@ -303,6 +303,24 @@ impl PyClient {
             .map_err(to_py)
     }
 
+    /// Queues a collapsed invalidation report for `(frm, to]`: `changes`
+    /// is a list of `(oid, tid)`, every oid changed in the interval once or
+    /// more, each `tid` its newest change there or an upper bound of it
+    /// (`to` for ZEO's reconnect, the exact newest for RelStorage's poll).
+    /// Applied conservatively. Returns at once and raises nothing, as
+    /// `report` (a gap or a loss is followed by a resync).
+    fn report_collapsed(&self, frm: u64, to: u64, changes: Vec<(u64, u64)>) {
+        self.session.report_collapsed(frm, to, changes)
+    }
+
+    /// Sends the collapsed report now and waits (tools and tests); returns
+    /// the sidecar's horizon. Raises `GapError` when `frm` is past the
+    /// horizon, `Unavailable`, `RefusedError`.
+    fn report_collapsed_now(&self, py: Python<'_>, frm: u64, to: u64, changes: Vec<(u64, u64)>) -> PyResult<u64> {
+        py.allow_threads(|| self.session.report_collapsed_now(frm, to, changes))
+            .map_err(to_py)
+    }
+
     /// Queues a resync: invalidations up to `tid` were lost. Returns at
     /// once; raises nothing.
     fn resync(&self, tid: u64) {

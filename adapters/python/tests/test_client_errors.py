@@ -60,3 +60,26 @@ def test_nothing_to_ask_is_unavailable(tmp_path):
         c.attach(now_tid())
     with pytest.raises(tidecache.Unavailable):
         c.lookup(1, now_tid())
+
+
+def test_report_collapsed_is_applied_and_refused_as_report(sidecar):
+    c = tidecache.Client(sidecar.socket, database="collapsed", timeout_ms=5000)
+    start = now_tid()
+    assert c.attach(start) == "started"
+    # Every oid changed in (start, start + 5], each with its newest change
+    # or an upper bound of it (here the interval's end, as ZEO's reconnect).
+    assert c.report_collapsed_now(start, start + 5, [(1, start + 5), (2, start + 5)]) == start + 5
+    with pytest.raises(tidecache.GapError):
+        c.report_collapsed_now(start + 10, start + 20, [])
+    with pytest.raises(tidecache.BadRequestError):
+        c.report_collapsed_now(start + 5, start + 6, [(1, start + 7)])
+    with pytest.raises(tidecache.FutureTidError):
+        c.report_collapsed_now(start + 5, now_tid(3 * 86400), [])
+    assert c.report_now(start + 5, start + 6, [(1, start + 6)]) == start + 6
+    # Queued, in order with plain reports; a gap becomes a resync.
+    c.report_collapsed(start + 6, start + 8, [(1, start + 8)])
+    c.report(start + 8, start + 9, [(2, start + 9)])
+    assert c.wait_for_stores(5000) and c.horizon == start + 9 and c.outbox_counts == (0, 0)
+    c.report_collapsed(start + 20, start + 30, [])
+    assert c.wait_for_stores(5000) and c.horizon == start + 30 and c.outbox_counts == (1, 0)
+    c.close()

@@ -14,7 +14,7 @@ use super::{Geometry, Memory};
 use crate::error::CoreError;
 use crate::invalidation::{InvalidationLog, LogLock};
 use crate::revision::{Oid, Tid};
-use crate::rules::{closing, plan_store, CacheStats, Closing, Refusal, StoreOutcome, StorePlan};
+use crate::rules::{closing, collapsing, plan_store, CacheStats, Closing, Refusal, StoreOutcome, StorePlan};
 use crate::sync::{lock, Mutex, MutexGuard};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -181,6 +181,25 @@ impl ArenaCache {
             }
             StorePlan::Insert(end) => end,
         };
+        let low_water = w.low_water(self.slot());
+        if end != OPEN && end <= low_water {
+            bump(&self.counters.refused, 1);
+            return Ok(StoreOutcome::Refused(Refusal::Invisible));
+        }
+        // Short chains whatever the store pattern: the oid's revisions no
+        // registered view can see go, and an open revision older than this
+        // one cannot be current (this one is a later change of the oid):
+        // at most one open revision per oid.
+        for &(at, s, e) in &known {
+            if s == serial.0 {
+                continue;
+            }
+            if e != OPEN && e <= low_water {
+                w.reclaim_record(at);
+            } else if e == OPEN && s < serial.0 {
+                w.remove(at);
+            }
+        }
         if let Some(&(at, _, known_end)) = known.iter().find(|&&(_, s, _)| s == serial.0) {
             if end != OPEN && known_end == OPEN {
                 w.set_end(at, end);
@@ -205,15 +224,57 @@ impl ArenaCache {
     pub fn report(&self, from: Tid, to: Tid, changes: &[(Oid, Tid)]) -> Result<Tid, CoreError> {
         let applied = self.log.apply(from, to, changes)?;
         let mut w = self.arena.writer();
+        let low_water = w.low_water(self.slot());
         for &(oid, tid) in &applied.changes {
             let floor = w
                 .revisions(self.slot(), oid.0)
                 .into_iter()
+                .filter(|&(at, _, end)| {
+                    // Invisible to every registered view: reclaimed here,
+                    // which keeps the oid's chain short.
+                    let invisible = end != OPEN && end <= low_water;
+                    if invisible {
+                        w.reclaim_record(at);
+                    }
+                    !invisible
+                })
                 .filter(|&(_, s, _)| s < tid.0)
                 .max_by_key(|&(_, s, _)| s);
             if let Some((at, _, end)) = floor {
                 match closing(end, tid) {
                     Closing::Close => w.set_end(at, tid.0),
+                    Closing::Drop => w.remove(at),
+                    Closing::Keep => {}
+                }
+            }
+        }
+        bump(&self.counters.invalidations, changes.len() as u64);
+        w.publish_horizon(self.slot(), applied.horizon.0);
+        Ok(applied.horizon)
+    }
+
+    /// Applies a collapsed report (invariants 3 and 4, see
+    /// [`InvalidationLog::apply_collapsed`]): for each listed oid whose
+    /// newest change `T` is past the prior horizon `H0`, its open revision
+    /// is closed at `H0 + 1` and a closed one that claims validity past `T`
+    /// is dropped ([`crate::rules::collapsing`]); then the new horizon is
+    /// published in the arena (the order of [`ArenaCache::report`]).
+    ///
+    /// # Errors
+    /// [`CoreError::Gap`], [`CoreError::BadReport`].
+    pub fn report_collapsed(&self, from: Tid, to: Tid, changes: &[(Oid, Tid)]) -> Result<Tid, CoreError> {
+        let (_log, applied) = self.log.apply_collapsed(from, to, changes)?;
+        let mut w = self.arena.writer();
+        let close_at = applied.prior.0.saturating_add(1);
+        let low_water = w.low_water(self.slot());
+        for &(oid, newest) in &applied.uncertain {
+            for (at, serial, end) in w.revisions(self.slot(), oid.0) {
+                if end != OPEN && end <= low_water {
+                    w.reclaim_record(at); // invisible: keeps the chain short
+                    continue;
+                }
+                match collapsing(serial, end, applied.prior, newest) {
+                    Closing::Close => w.set_end(at, close_at),
                     Closing::Drop => w.remove(at),
                     Closing::Keep => {}
                 }
@@ -436,11 +497,11 @@ mod tests {
         let other = a.database("other").unwrap();
         db.start_log(Tid(10));
         other.start_log(Tid(1));
-        // The low-water mark is at 9: history that ended at 5 is invisible.
-        db.reclaim(Tid(9));
         for oid in 0..50u64 {
             db.store(Oid(oid), Tid(2), Some(Tid(5)), Tid(9), &state(oid)).unwrap();
         }
+        // The low-water mark moves to 9: history that ended at 5 is invisible.
+        db.reclaim(Tid(9));
         // Room is needed: the old history goes first.
         for oid in 0..200u64 {
             other.store(Oid(oid), Tid(1), None, Tid(1), &state(oid)).unwrap();
@@ -449,6 +510,76 @@ mod tests {
         assert!(d.reclaimed > 0 && d.evicted == 0, "{d:?}");
         assert!(o.evicted > 0 && o.reclaimed == 0, "{o:?}");
         assert_eq!(d.reclaimed + o.evicted, a.stats().evicted);
+    }
+
+    /// The benchmark's store pattern: one oid committed over and over,
+    /// loaded by views at the last commit (open) and a few commits back
+    /// (closed, from `loadBefore`), views moving on and the sidecar's
+    /// reclaim pass following them. Room for everything, so eviction never
+    /// shortens the chain: stores and reports must (the trace kept up to
+    /// 67 revisions of one oid).
+    #[test]
+    fn a_hot_oids_chain_stays_short_whatever_the_store_pattern() {
+        let a = arena(8, 1 << 16);
+        let db = a.database("db").unwrap();
+        db.start_log(Tid(1));
+        db.store(Oid(1), Tid(1), None, Tid(1), &state(1)).unwrap();
+        let mut longest = 0;
+        for t in 2..2000u64 {
+            db.report(Tid(t - 1), Tid(t), &[(Oid(1), Tid(t))]).unwrap();
+            db.store(Oid(1), Tid(t), None, Tid(t), &state(1)).unwrap();
+            if t > 4 {
+                db.store(Oid(1), Tid(t - 3), Some(Tid(t - 2)), Tid(t - 3), &state(1))
+                    .unwrap();
+            }
+            // The oldest registered view is 5 commits back.
+            db.reclaim(Tid(t.saturating_sub(5)));
+            let chain = a.writer().revisions(db.slot(), 1);
+            let open = chain.iter().filter(|r| r.2 == OPEN).count();
+            assert!(open <= 1, "{open} open revisions of one oid at {t}");
+            longest = longest.max(chain.len());
+        }
+        assert!(longest <= 7, "a chain of {longest} revisions of one oid");
+        assert_eq!(a.stats().evicted, 0, "nothing was evicted for room");
+        assert!(db.stats().reclaimed > 1900, "{:?}", db.stats());
+        // What the views can still see is kept.
+        assert_eq!(db.lookup(Oid(1), Tid(1999)).map(|f| f.serial), Some(1999));
+        assert_eq!(db.lookup(Oid(1), Tid(1996)).map(|f| f.serial), Some(1996));
+    }
+
+    /// A closed store that no registered view can see is refused: storing
+    /// it would only lengthen its oid's chain.
+    #[test]
+    fn a_closed_store_below_the_low_water_mark_is_refused() {
+        let a = arena(8, 4096);
+        let db = a.database("db").unwrap();
+        db.start_log(Tid(10));
+        db.reclaim(Tid(8));
+        assert_eq!(
+            db.store(Oid(1), Tid(2), Some(Tid(8)), Tid(9), &state(1)),
+            Ok(StoreOutcome::Refused(Refusal::Invisible))
+        );
+        assert_eq!(
+            db.store(Oid(1), Tid(2), Some(Tid(9)), Tid(8), &state(1)),
+            Ok(StoreOutcome::Closed(Tid(9)))
+        );
+        assert_eq!(a.writer().revisions(db.slot(), 1).len(), 1);
+    }
+
+    /// True stores never make a second open revision of an oid (the model
+    /// test checks every hit); a client sending false ones (an open
+    /// revision 8 while 5 is open, the change at 8 never reported) still
+    /// leaves at most one: the older cannot be current.
+    #[test]
+    fn an_oid_never_has_two_open_revisions() {
+        let a = arena(8, 4096);
+        let db = a.database("db").unwrap();
+        db.start_log(Tid(10));
+        db.store(Oid(1), Tid(5), None, Tid(10), &state(1)).unwrap();
+        db.store(Oid(1), Tid(8), None, Tid(10), &state(1)).unwrap();
+        let chain = a.writer().revisions(db.slot(), 1);
+        assert_eq!(chain.iter().map(|r| (r.1, r.2)).collect::<Vec<_>>(), vec![(8, OPEN)]);
+        assert!(db.lookup(Oid(1), Tid(7)).is_none(), "5's validity is unknown");
     }
 
     #[test]

@@ -334,6 +334,29 @@ impl ArenaWriter {
         self.slots.set_low_water(self.memory.words(), slot, low_water)
     }
 
+    /// The low-water mark of `slot` (see [`ArenaWriter::set_low_water`]; 0
+    /// when none is set, or the slot no longer holds that database).
+    pub fn low_water(&self, slot: Slot) -> u64 {
+        if self.holds(slot) {
+            self.slots.low_water(slot.index)
+        } else {
+            0
+        }
+    }
+
+    /// Removes the record at `at`, a revision no registered view can see
+    /// (closed at or below its database's low-water mark, invariant 5),
+    /// counted as reclaimed in its database's [`Dropped`]: what stores and
+    /// reports do to the chain of the oid they write, so chains hold what
+    /// views can see whatever the store pattern.
+    pub fn reclaim_record(&mut self, at: usize) {
+        let key = self.header_at(at).key;
+        if self.unlink(at) {
+            self.stats.removed += 1;
+            self.dropped[layout::key_slot(key) as usize].reclaimed += 1;
+        }
+    }
+
     /// Entries and state bytes of database slot `index`.
     pub fn slot_usage(&self, index: u8) -> (u64, u64) {
         self.usage[index as usize]
