@@ -111,7 +111,11 @@ def test_close_ends_the_outbox_of_a_stopped_sidecar(sidecar):
         before = _outbox_threads()
         raw.report(10, 11, [(1, 11)])  # starts the client's outbox thread
         raw.store_later(1, 11, None, b"state", 11)
-        assert _outbox_threads() == before + 1
+        # The thread names itself once it runs: poll (bounded) for it.
+        deadline = time.monotonic() + BOUND
+        while _outbox_threads() != before + 1:
+            assert time.monotonic() < deadline, "no outbox thread started"
+            time.sleep(0.001)
         started = time.monotonic()
         finished, errors = _within(BOUND, raw.close)
         assert finished and not errors, errors
