@@ -82,6 +82,7 @@ bench: build
 	$(PY) bench/eviction.py
 	$(PY) bench/memory.py
 	$(PY) bench/restart.py
+	$(PY) bench/boundaries.py
 	$(PY) bench/run_bench.py
 
 clean:

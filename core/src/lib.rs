@@ -4,6 +4,8 @@
 //! - [`invalidation`]: the invalidation log, its horizon and contiguous
 //!   reports (invariants 3 and 4 of docs/invariants.md).
 //! - [`view`]: registered views and the low-water mark (invariant 5).
+//! - [`process_views`]: a client process's views of one database and the
+//!   one minimum it registers with the sidecar (invariant 5).
 //! - [`rules`]: the store check against the log and the closing rule,
 //!   applied by both caches (invariants 3 and 4).
 //! - [`snapshot`]: [`SnapshotCache`], Arc-shared immutable states with a
@@ -31,6 +33,7 @@ pub mod eviction;
 #[cfg(feature = "snapshot")]
 mod index;
 pub mod invalidation;
+pub mod process_views;
 pub mod revision;
 pub mod rules;
 #[cfg(feature = "snapshot")]
@@ -47,6 +50,7 @@ pub use error::CoreError;
 #[cfg(feature = "snapshot")]
 pub use eviction::SizeBound;
 pub use invalidation::InvalidationLog;
+pub use process_views::{Change, ProcessViews};
 pub use revision::{Oid, StateWeight, Tid, Validity};
 pub use rules::{CacheStats, Refusal, StoreOutcome};
 #[cfg(feature = "snapshot")]

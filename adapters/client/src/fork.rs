@@ -4,7 +4,7 @@
 //! catch-up or ZEO thread mid-report in a gunicorn `--preload` master) copies
 //! that call's locks *locked*, and the thread that would unlock them does not
 //! exist in the child. So per-process state (the connection, its lock, the
-//! store queue, the hit batch) is tagged with the [`process`] that created
+//! outbox, the hit batch) is tagged with the [`process`] that created
 //! it; a call that finds another process's state installs a fresh one and
 //! never touches the inherited locks.
 //!

@@ -17,10 +17,14 @@
 //! (`tidecache_core::arena::reader`). Attach and Resync answers give each
 //! database's slot in the arena. While the connection is down, lookups miss.
 //!
-//! [`StoreQueue`] sends stores (and sampled hits, so eviction keeps what is
-//! read) in batches from a background thread, off the caller's path.
-//! [`Session`] binds a client to one database, with its store queue, hit
-//! sampling and hint batching: what an adapter (the PyO3 module) wraps.
+//! [`Session`] binds a client to one database, with its [`Outbox`]: one
+//! ordered queue, drained by a background thread over the session's
+//! connection, for reports, resyncs, the process's oldest view, stores and
+//! sampled hits (so eviction keeps what is read); views are kept in the
+//! process ([`tidecache_core::ProcessViews`]) and only their minimum is
+//! registered with the sidecar. What an adapter (the PyO3 module) wraps:
+//! nothing its application threads call waits on the socket, except
+//! attach, flush and stats.
 //!
 //! # Fork
 //!
@@ -31,13 +35,13 @@
 //!
 //! - Everything a call locks or sends on lives in per-process state tagged
 //!   with the process that created it: the connection, its lock, the
-//!   published arena and slots (in [`Client`]); the store queue and the hit
+//!   published arena and slots (in [`Client`]); the outbox, the views and the hit
 //!   batch (in [`Session`]). Every call first compares the tag with the
 //!   calling process (one atomic load: a `pthread_atfork` child handler
 //!   keeps the process id).
 //! - A child never locks, reads through a lock, sends on, or drops the
 //!   parent's state: it installs a fresh one (new lock, no connection, no
-//!   views, a new store queue) and leaks the parent's, whose locks and
+//!   views, a new outbox) and leaks the parent's, whose locks and
 //!   channel may be mid-use by a thread that is not there. Only the child's
 //!   copy of the parent's socket is closed (its number is kept in an
 //!   atomic), so the sidecar sees the parent's connection close when the
@@ -49,17 +53,17 @@
 //!   never handed out again). The parent's views are not registered again:
 //!   a view is one connection's, and an id the child does not know is
 //!   ignored.
-//! - The parent's background threads (the store queue's sender) do not
+//! - The parent's background threads (the outbox's sender) do not
 //!   exist in the child; its queue is never written to there.
 
 #![warn(missing_docs)]
 
 mod fork;
 pub use tidecache_protocol as protocol;
-mod queue;
+pub mod outbox;
 pub mod session;
 
-pub use queue::StoreQueue;
+pub use outbox::Outbox;
 pub use session::Session;
 
 use protocol::{
@@ -236,6 +240,12 @@ impl MappedArena {
         reader::locate_visible(self.memory.words(), &self.geometry, slot, oid, view)
     }
 
+    /// The largest state a revision in this arena can hold, bytes: a
+    /// larger one cannot be stored.
+    pub fn max_state_bytes(&self) -> usize {
+        self.geometry.max_state_bytes()
+    }
+
     /// Copies a located state into `buf` and validates it; `false` is a miss.
     pub fn copy(&self, found: &reader::Located, buf: &mut [u8]) -> bool {
         found.copy_to(self.memory.words(), buf)
@@ -319,6 +329,12 @@ struct Proc {
     /// The descriptor of `state.conn` while it is open, -1 otherwise: a
     /// child closes its copy without the lock.
     conn_fd: AtomicI32,
+    /// A duplicate of the connection's socket, to shut it down without the
+    /// lock ([`Client::abort`]: a call hung on a stopped sidecar holds it).
+    /// A child drops its copy.
+    shutdown: arc_swap::ArcSwapOption<UnixStream>,
+    /// Set by [`Client::abort`]: no reconnect any more.
+    aborted: std::sync::atomic::AtomicBool,
 }
 
 impl Proc {
@@ -336,6 +352,8 @@ impl Proc {
             plane: arc_swap::ArcSwap::from_pointee(Plane::default()),
             replay: arc_swap::ArcSwap::from_pointee(replay),
             conn_fd: AtomicI32::new(-1),
+            shutdown: arc_swap::ArcSwapOption::empty(),
+            aborted: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -357,6 +375,7 @@ impl Proc {
     fn set_conn(&self, st: &mut State, stream: UnixStream) {
         use std::os::fd::AsRawFd;
         let fd = stream.as_raw_fd();
+        self.shutdown.store(stream.try_clone().ok().map(Arc::new));
         st.conn = Some(stream);
         self.conn_fd.store(fd, Ordering::Release);
     }
@@ -365,6 +384,7 @@ impl Proc {
     /// forked meanwhile never closes a number that was reused.
     fn take_conn(&self, st: &mut State) -> Option<UnixStream> {
         self.conn_fd.store(-1, Ordering::Release);
+        self.shutdown.store(None);
         st.conn.take()
     }
 }
@@ -411,6 +431,9 @@ impl Client {
                 // just below, so nothing else closes or uses this number.
                 unsafe { libc::close(fd) };
             }
+            // The child's copy of the duplicate closes too (only this
+            // process's copy: the parent's socket stays open).
+            drop(current.shutdown.swap(None));
             std::mem::forget(Arc::clone(&current));
             tracing::debug!(socket = %self.config.socket.display(), "forked: a fresh connection for this process");
         }
@@ -471,9 +494,51 @@ impl Client {
         }
     }
 
-    /// Whether the client holds a live connection now.
+    /// Whether the client holds a live connection now. No lock (one
+    /// atomic load): it never waits for a call in progress.
     pub fn is_connected(&self) -> bool {
-        self.proc().lock().conn.is_some()
+        self.proc().conn_fd.load(Ordering::Acquire) >= 0
+    }
+
+    /// Whether `db` is joined (its attach was answered `Started` or
+    /// `Joined` and no `Stale` answer forgot it since), connected or not.
+    /// No lock.
+    pub fn is_joined(&self, db: &str) -> bool {
+        self.proc().replay.load().attached.contains_key(db)
+    }
+
+    /// Whether a lookup of `db` over the socket may be tried now: joined,
+    /// connected, and the arena not mapped (a lookup in the arena is
+    /// better). No lock.
+    pub fn serves_over_socket(&self, db: &str) -> bool {
+        let p = self.proc();
+        let plane = p.plane.load();
+        plane.arena.is_none() && p.conn_fd.load(Ordering::Acquire) >= 0 && self.is_joined(db)
+    }
+
+    /// Connects now if the connection is down (Hello, `Resync` of the
+    /// joined databases, views registered again); what a background thread
+    /// calls so that a process that only reads gets back to the arena.
+    ///
+    /// # Errors
+    /// [`ClientError::Unavailable`].
+    pub fn reconnect(&self) -> Result<(), ClientError> {
+        let p = self.proc();
+        let mut st = p.lock();
+        self.ensure(&p, &mut st)
+    }
+
+    /// Ends a call in progress by shutting the connection down under it,
+    /// without waiting for its lock (a sidecar that stopped answering
+    /// holds a call for up to the timeout), and stops reconnecting: what
+    /// closing does when the queue cannot be drained in time. Calls fail
+    /// with `Unavailable` afterwards.
+    pub fn abort(&self) {
+        let p = self.proc();
+        p.aborted.store(true, Ordering::Release);
+        if let Some(s) = p.shutdown.load_full() {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
     }
 
     /// Closes the connection for good: the sidecar releases this client's
@@ -546,7 +611,7 @@ impl Client {
         if st.conn.is_some() {
             return Ok(());
         }
-        if st.closed {
+        if st.closed || p.aborted.load(Ordering::Acquire) {
             return Err(self.unavailable("client closed"));
         }
         if st.down_until.is_some_and(|t| Instant::now() < t) {

@@ -1,20 +1,31 @@
 //! A [`Client`] bound to one database, as an adapter uses it: lookups read
-//! the mapped arena straight into the caller's buffer, misses are stored
-//! later by a background queue, and a sample of the hits is sent as hints
-//! for the sidecar's eviction, in batches.
+//! the mapped arena straight into the caller's buffer; reports, resyncs,
+//! view changes, stores of misses and a sample of the hits (hints for the
+//! sidecar's eviction) go, in order, through the session's [`Outbox`]: one
+//! background thread on the session's connection. Nothing here but
+//! [`Session::attach`], [`Session::flush`], [`Session::stats`],
+//! [`Session::store`] and [`Session::lookup`] waits on the socket.
 
+use crate::outbox::{Counters, Outbox};
 use crate::protocol::{AttachState, Found, ServerStats, StoreItem};
-use crate::{fork, Client, ClientConfig, ClientError, StoreQueue};
+use crate::{fork, Client, ClientConfig, ClientError};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
+use tidecache_core::{Change, ProcessViews};
 
-/// Stores (and hint batches) a process may have queued; more are dropped
-/// (a store is optional). The queue's ring is allocated whole, about 100
-/// bytes a message: 16,384 cost each worker 1.6 MB (`bench/memory.py`).
+/// Messages a session's outbox may hold (reports, resyncs, stores, hint
+/// batches, view wakes); more stores and hints are dropped (they are
+/// optional), a report that does not fit makes the next one a resync. The
+/// queue's ring is allocated whole, about 100 bytes a message: 16,384 cost
+/// each worker 1.6 MB (`bench/memory.py`).
 pub const STORE_QUEUE_CAPACITY: usize = 2048;
 
-/// Hit hints handed to the store queue at once (measured: one hint per
+/// How long [`Session::close`] waits for the outbox to drain before it
+/// drops what is left.
+pub const CLOSE_DRAIN: Duration = Duration::from_secs(1);
+
+/// Hit hints handed to the outbox at once (measured: one hint per
 /// message cost 2 us each, mostly waking the queue's thread; 128 per
 /// message, about 20 ns per hint).
 pub const TOUCH_BATCH: usize = 128;
@@ -44,54 +55,64 @@ pub enum Read<R> {
 }
 
 /// One process's sending side: a forked child starts its own (the parent's
-/// queue thread does not exist there, and its locks may be held).
+/// outbox thread does not exist there, and its locks may be held), with no
+/// views (the parent's are not the child's) and view ids that continue
+/// after the parent's.
 struct Senders {
     /// The process that created it ([`fork::process`]).
     pid: u32,
     /// Started on first use; `None` if the thread could not be spawned.
-    queue: OnceLock<Option<StoreQueue>>,
+    queue: OnceLock<Option<Outbox>>,
+    /// This process's open views of the database.
+    views: Arc<ProcessViews>,
     /// Hits to report, sent [`TOUCH_BATCH`] at a time.
     touched: Mutex<Vec<(u64, u64)>>,
+    /// The newest `to` of a report queued: stores up to it may be kept
+    /// once the report is answered.
+    queued_to: AtomicU64,
 }
 
 impl Senders {
-    fn new(pid: u32) -> Self {
+    fn new(pid: u32, last_view_id: u64) -> Self {
         Senders {
             pid,
             queue: OnceLock::new(),
+            views: Arc::new(ProcessViews::starting_after(last_view_id)),
             touched: Mutex::new(Vec::with_capacity(TOUCH_BATCH)),
+            queued_to: AtomicU64::new(0),
         }
     }
 }
 
-/// A [`Client`] bound to one database, with a background store queue, hit
+/// A [`Client`] bound to one database, with its outbox (one background thread), hit
 /// sampling and hint batching. Thread-safe and fork-safe: a forked child
 /// gets its own connection, queue and hit batch and never waits on a lock
 /// of its parent's (the crate's fork rules).
 pub struct Session {
-    client: Client,
+    client: Arc<Client>,
     database: String,
-    config: ClientConfig,
     /// Hits so far; every [`TOUCH_EVERY`]th is reported to the sidecar.
     hits: AtomicU64,
-    /// The horizon in the last answer that carried one.
-    horizon: AtomicU64,
+    /// The horizon in the last answer that carried one (the outbox's
+    /// answers included), and the outbox's counters.
+    counters: Arc<Counters>,
+    /// The largest state the arena can keep (bytes; 0: not known yet).
+    largest_state: AtomicU64,
     senders: arc_swap::ArcSwap<Senders>,
 }
 
 impl Session {
     /// A session of `database` through the sidecar of `config`; connects
-    /// lazily. The store queue (its own connection, a 500 ms timeout at
-    /// least) starts on the first [`Session::store_later`] or hint batch.
+    /// lazily. The outbox's thread starts on the first message queued.
     pub fn new(config: ClientConfig, database: impl Into<String>) -> Self {
         fork::register();
         Session {
-            client: Client::new(config.clone()),
+            client: Arc::new(Client::new(config)),
             database: database.into(),
-            config,
             hits: AtomicU64::new(0),
-            horizon: AtomicU64::new(0),
-            senders: arc_swap::ArcSwap::from_pointee(Senders::new(fork::process())),
+            counters: Arc::new(Counters::default()),
+            largest_state: AtomicU64::new(0),
+            senders: arc_swap::ArcSwap::from_pointee(Senders::new(fork::process(), 0)),
         }
     }
 
@@ -106,9 +127,20 @@ impl Session {
     }
 
     /// The sidecar's horizon for this database as the last attach, report
-    /// or resync answered it (a tid; 0 before the log starts).
+    /// or resync answered it, queued ones included (a tid; 0 before the
+    /// log starts).
     pub fn horizon(&self) -> u64 {
-        self.horizon.load(Ordering::Relaxed)
+        self.counters.horizon.load(Ordering::Relaxed)
+    }
+
+    /// `(resyncs, lost)`: resyncs the outbox sent in place of a report (a
+    /// `Gap` answer, a report lost before), and reports or resyncs lost to
+    /// an unavailable sidecar.
+    pub fn outbox_counts(&self) -> (u64, u64) {
+        (
+            self.counters.resyncs.load(Ordering::Relaxed),
+            self.counters.lost.load(Ordering::Relaxed),
+        )
     }
 
     /// Whether a connection to the sidecar is open now.
@@ -124,7 +156,8 @@ impl Session {
         if current.pid == pid {
             return current;
         }
-        let previous = self.senders.compare_and_swap(&*current, Arc::new(Senders::new(pid)));
+        let fresh = Senders::new(pid, current.views.last_id());
+        let previous = self.senders.compare_and_swap(&*current, Arc::new(fresh));
         if Arc::ptr_eq(&previous, &current) {
             // Dropping the parent's queue would disconnect its channel,
             // which takes a lock its sender thread may have held at fork.
@@ -135,14 +168,22 @@ impl Session {
         self.senders.load()
     }
 
-    fn queue<'a>(&self, senders: &'a Senders) -> Option<&'a StoreQueue> {
+    fn queue<'a>(&self, senders: &'a Senders) -> Option<&'a Outbox> {
         senders
             .queue
-            .get_or_init(|| match StoreQueue::start(self.config.clone(), STORE_QUEUE_CAPACITY) {
-                Ok(q) => Some(q),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot start the store queue's thread: misses are not stored");
-                    None
+            .get_or_init(|| {
+                match Outbox::start(
+                    self.client.clone(),
+                    self.database.clone(),
+                    senders.views.clone(),
+                    self.counters.clone(),
+                    STORE_QUEUE_CAPACITY,
+                ) {
+                    Ok(q) => Some(q),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot start the outbox's thread: nothing is reported or stored");
+                        None
+                    }
                 }
             })
             .as_ref()
@@ -155,7 +196,13 @@ impl Session {
     /// [`ClientError`].
     pub fn attach(&self, last_tid: u64, proven: Option<u64>) -> Result<AttachState, ClientError> {
         let (state, horizon) = self.client.attach(&self.database, last_tid, proven)?;
-        self.horizon.store(horizon, Ordering::Relaxed);
+        self.counters.horizon.store(horizon, Ordering::Relaxed);
+        let largest = self
+            .client
+            .with_arena(&self.database, |arena, _| arena.max_state_bytes());
+        if let Some(largest) = largest {
+            self.largest_state.store(largest as u64, Ordering::Relaxed);
+        }
         Ok(state)
     }
 
@@ -208,7 +255,7 @@ impl Session {
             let batch = std::mem::replace(&mut *touched, Vec::with_capacity(TOUCH_BATCH));
             drop(touched);
             if let Some(q) = self.queue(&senders) {
-                q.touch(&self.database, batch);
+                q.touch(batch);
             }
         }
     }
@@ -224,32 +271,41 @@ impl Session {
     }
 
     /// Queues a store of the revision `(oid, serial)` with `end` (`None`
-    /// if it was current at `view`) for the background sender; returns
-    /// `false` if the queue was full (or not running) and the store dropped.
+    /// if it was current at `view`) for the outbox; returns `false` if it
+    /// was not queued: the database is not joined (invariant 7), `serial`
+    /// is past the horizon the session knows (answered, or of a report
+    /// queued before: the sidecar would refuse it), the state is larger
+    /// than the arena's largest, or the queue is full.
     pub fn store_later(&self, oid: u64, serial: u64, end: Option<u64>, state: Vec<u8>, view: u64) -> bool {
         // A storage not proved to hold the sidecar's history must not store
         // into it (invariant 7): nothing before the database is joined.
         if !self.client.is_attached(&self.database) {
             return false;
         }
+        let largest = self.largest_state.load(Ordering::Relaxed);
+        if largest != 0 && state.len() as u64 > largest {
+            return false;
+        }
         let senders = self.senders();
+        let known = self.horizon().max(senders.queued_to.load(Ordering::Relaxed));
+        if serial > known {
+            return false;
+        }
         match self.queue(&senders) {
-            Some(q) => q.push(
-                &self.database,
-                StoreItem {
-                    oid,
-                    serial,
-                    end,
-                    view,
-                    state,
-                },
-            ),
+            Some(q) => q.store(StoreItem {
+                oid,
+                serial,
+                end,
+                view,
+                state,
+            }),
             None => false,
         }
     }
 
-    /// Waits until this process's queued stores were sent; returns whether
-    /// that happened within `timeout` (`true` when nothing was queued).
+    /// Waits until everything this process queued before (reports, view
+    /// changes and stores) was handled; returns whether that happened
+    /// within `timeout` (`true` when nothing was ever queued).
     pub fn wait_for_stores(&self, timeout: Duration) -> bool {
         let senders = self.senders();
         match senders.queue.get() {
@@ -258,59 +314,117 @@ impl Session {
         }
     }
 
-    /// Sends the invalidation report `(from, to, changes)`; see
-    /// [`Client::report`]. Keeps the horizon answered.
+    /// Queues the invalidation report `(from, to, changes)` and returns at
+    /// once; the outbox sends it in order (see [`Client::report`]). A
+    /// report answered `Gap`, or lost (an unavailable sidecar, a full
+    /// queue), is followed by a resync: never silently dropped
+    /// (invariant 4). The horizon answered is kept ([`Session::horizon`]).
+    pub fn report(&self, from: u64, to: u64, changes: Vec<(u64, u64)>) {
+        let senders = self.senders();
+        senders.queued_to.fetch_max(to, Ordering::Relaxed);
+        if let Some(q) = self.queue(&senders) {
+            q.report(from, to, changes);
+        }
+    }
+
+    /// Queues a resync at `tid` (invalidations up to `tid` were lost) and
+    /// returns at once; see [`Client::resync`].
+    pub fn resync(&self, tid: u64) {
+        let senders = self.senders();
+        senders.queued_to.fetch_max(tid, Ordering::Relaxed);
+        if let Some(q) = self.queue(&senders) {
+            q.resync(tid);
+        }
+    }
+
+    /// Sends the report now and waits for the answer (tools and tests; an
+    /// adapter queues with [`Session::report`]). Returns the horizon.
     ///
     /// # Errors
     /// [`ClientError`]; a gap is [`ClientError::is_gap`].
-    pub fn report(&self, from: u64, to: u64, changes: Vec<(u64, u64)>) -> Result<u64, ClientError> {
+    pub fn report_now(&self, from: u64, to: u64, changes: Vec<(u64, u64)>) -> Result<u64, ClientError> {
         let horizon = self.client.report(&self.database, from, to, changes)?;
-        self.horizon.store(horizon, Ordering::Relaxed);
+        self.counters.horizon.store(horizon, Ordering::Relaxed);
         Ok(horizon)
     }
 
-    /// Sends the collapsed invalidation report `(from, to, changes)`: every
+    /// Queues the collapsed invalidation report `(from, to, changes)` (every
     /// oid changed in `(from, to]` with its newest change or an upper bound
-    /// of it; see [`Client::report_collapsed`]. Keeps the horizon answered.
+    /// of it; see [`Client::report_collapsed`]) and returns at once; sent in
+    /// order, followed by a resync if answered `Gap` or lost, as
+    /// [`Session::report`].
+    pub fn report_collapsed(&self, from: u64, to: u64, changes: Vec<(u64, u64)>) {
+        let senders = self.senders();
+        senders.queued_to.fetch_max(to, Ordering::Relaxed);
+        if let Some(q) = self.queue(&senders) {
+            q.report_collapsed(from, to, changes);
+        }
+    }
+
+    /// Sends the collapsed report now and waits for the answer (tools and
+    /// tests). Returns the horizon.
     ///
     /// # Errors
     /// [`ClientError`]; a gap is [`ClientError::is_gap`].
-    pub fn report_collapsed(&self, from: u64, to: u64, changes: Vec<(u64, u64)>) -> Result<u64, ClientError> {
+    pub fn report_collapsed_now(&self, from: u64, to: u64, changes: Vec<(u64, u64)>) -> Result<u64, ClientError> {
         let horizon = self.client.report_collapsed(&self.database, from, to, changes)?;
-        self.horizon.store(horizon, Ordering::Relaxed);
+        self.counters.horizon.store(horizon, Ordering::Relaxed);
         Ok(horizon)
     }
 
-    /// Invalidations up to `tid` were lost; see [`Client::resync`]. Returns
-    /// whether the sidecar's log restarted; keeps the horizon answered.
-    ///
-    /// # Errors
-    /// [`ClientError`].
-    pub fn resync(&self, tid: u64) -> Result<bool, ClientError> {
-        let (restarted, horizon) = self.client.resync(&self.database, tid)?;
-        self.horizon.store(horizon, Ordering::Relaxed);
-        Ok(restarted)
-    }
-
-    /// Registers a view at `tid`; see [`Client::register_view`].
+    /// Opens a view at `tid` and returns its id: kept in the process; the
+    /// outbox registers the process's oldest view with the sidecar. No
+    /// system call unless the oldest view went down.
     pub fn register_view(&self, tid: u64) -> u64 {
-        self.client.register_view(&self.database, tid)
+        let senders = self.senders();
+        let (id, change) = senders.views.register(tid);
+        self.wake_if(&senders, change);
+        id
     }
 
-    /// Moves view `local` to `tid`; see [`Client::advance_view`].
-    pub fn advance_view(&self, local: u64, tid: u64) {
-        self.client.advance_view(local, tid)
+    /// Moves view `id` to `tid` (an unknown id is ignored). No system call
+    /// unless the oldest view went down.
+    pub fn advance_view(&self, id: u64, tid: u64) {
+        let senders = self.senders();
+        let change = senders.views.advance(id, tid);
+        self.wake_if(&senders, change);
     }
 
-    /// Releases view `local`; see [`Client::release_view`].
-    pub fn release_view(&self, local: u64) {
-        self.client.release_view(local)
+    /// Closes view `id` (an unknown id is ignored). No system call: the
+    /// outbox moves the remote view up when it next wakes.
+    pub fn release_view(&self, id: u64) {
+        self.senders().views.release(id);
     }
 
-    /// Waits (at most 1 s) for queued stores, then closes the connection
-    /// for good; see [`Client::close`].
+    /// Asks the outbox to reconnect if the connection is down and the
+    /// database joined (what a lookup that found no arena calls: the
+    /// caller misses now, and reads the arena again once connected). No
+    /// system call when connected.
+    pub fn reconnect_later(&self) {
+        if !self.client.is_connected() && self.client.is_joined(&self.database) {
+            let senders = self.senders();
+            if let Some(q) = self.queue(&senders) {
+                q.wake_views();
+            }
+        }
+    }
+
+    fn wake_if(&self, senders: &Senders, change: Change) {
+        if change == Change::Wake {
+            if let Some(q) = self.queue(senders) {
+                q.wake_views();
+            }
+        }
+    }
+
+    /// Drains the outbox (at most [`CLOSE_DRAIN`]) and ends its thread,
+    /// then closes the connection for good; see [`Client::close`]. Nothing
+    /// of this session runs afterwards.
     pub fn close(&self) {
-        self.wait_for_stores(Duration::from_secs(1));
+        let senders = self.senders();
+        if let Some(Some(q)) = senders.queue.get() {
+            q.close(&self.client, CLOSE_DRAIN);
+        }
         self.client.close();
     }
 

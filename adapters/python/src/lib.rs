@@ -2,7 +2,11 @@
 //!
 //! One class, [`PyClient`] (`tidecache.Client` in Python), and three
 //! exceptions. Oids and tids are Python ints (ZODB's `u64(oid)`), states are
-//! `bytes`. Every call releases the GIL while it talks to the sidecar.
+//! `bytes`. Every call that talks to the sidecar releases the GIL; the
+//! calls an application thread makes per transaction and per load (reports,
+//! resyncs, views, `store_later`, lookups in the arena) do not talk to it:
+//! they queue for the session's background thread, in microseconds, and
+//! keep the GIL.
 
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
@@ -111,7 +115,7 @@ fn to_py(e: ClientError) -> PyErr {
 /// storage adapter derives it from the base storage), `timeout_ms` the bound
 /// on each call in milliseconds. Connects lazily and reconnects by itself.
 /// A thin binding of [`Session`]: fork-safe as it is (a forked child gets
-/// its own connection and store queue and never waits on a lock of its
+/// its own connection and outbox and never waits on a lock of its
 /// parent's).
 #[pyclass(name = "Client", module = "tidecache._native", frozen)]
 struct PyClient {
@@ -218,6 +222,7 @@ impl PyClient {
         if let Some(hit) = self.read(py, oid, view) {
             return Ok(hit);
         }
+        self.socket_lookups_allowed()?;
         let mut r = py
             .allow_threads(|| self.session.lookup(view, vec![oid]))
             .map_err(to_py)?;
@@ -231,6 +236,7 @@ impl PyClient {
         if let Some(hits) = local {
             return Ok(hits);
         }
+        self.socket_lookups_allowed()?;
         let r = py.allow_threads(|| self.session.lookup(view, oids)).map_err(to_py)?;
         Ok(r.into_iter()
             .map(|o| o.map(|f| (f.serial, PyBytes::new(py, &f.state))))
@@ -265,61 +271,93 @@ impl PyClient {
     /// the database is not joined (a storage not proved to hold the
     /// sidecar's history must not store into it, invariant 7).
     #[pyo3(signature = (oid, serial, end, state, view))]
-    fn store_later(&self, oid: u64, serial: u64, end: Option<u64>, state: Vec<u8>, view: u64) -> bool {
-        self.session.store_later(oid, serial, end, state, view)
+    fn store_later(&self, oid: u64, serial: u64, end: Option<u64>, state: &[u8], view: u64) -> bool {
+        // `&[u8]`: the bytes' buffer, copied once (a `Vec<u8>` argument
+        // would be extracted element by element, microseconds a state).
+        self.session.store_later(oid, serial, end, state.to_vec(), view)
     }
 
-    /// Waits until queued stores were sent; returns whether that happened
-    /// within `timeout_ms`.
+    /// Waits until everything queued before (reports, views, stores) was
+    /// sent; returns whether that happened within `timeout_ms`.
     #[pyo3(signature = (timeout_ms = 5000))]
     fn wait_for_stores(&self, py: Python<'_>, timeout_ms: u64) -> bool {
         py.allow_threads(|| self.session.wait_for_stores(Duration::from_millis(timeout_ms)))
     }
 
-    /// Reports every change in `(from_tid, to_tid]`: `changes` is a list of
-    /// `(oid, tid)`. Returns the sidecar's horizon. Raises `GapError` when
-    /// `from_tid` is past the horizon, `Unavailable`, `RefusedError`.
-    fn report(&self, py: Python<'_>, from_tid: u64, to_tid: u64, changes: Vec<(u64, u64)>) -> PyResult<u64> {
-        py.allow_threads(|| self.session.report(from_tid, to_tid, changes))
+    /// Queues the report of every change in `(from_tid, to_tid]`
+    /// (`changes`: a list of `(oid, tid)`) and returns at once: the
+    /// session's background thread sends it, in order with views and
+    /// stores. Raises nothing: a report the sidecar answers with a gap, or
+    /// that is lost (sidecar unavailable, queue full), is followed by a
+    /// resync, and `horizon` moves when the answer comes. (Before queued
+    /// reports, this raised `GapError`; `report_now` still does.)
+    fn report(&self, from_tid: u64, to_tid: u64, changes: Vec<(u64, u64)>) {
+        self.session.report(from_tid, to_tid, changes)
+    }
+
+    /// Sends the report now and waits for the answer (tools and tests);
+    /// returns the sidecar's horizon. Raises `GapError` when `from_tid` is
+    /// past the horizon, `Unavailable`, `RefusedError`.
+    fn report_now(&self, py: Python<'_>, from_tid: u64, to_tid: u64, changes: Vec<(u64, u64)>) -> PyResult<u64> {
+        py.allow_threads(|| self.session.report_now(from_tid, to_tid, changes))
             .map_err(to_py)
     }
 
-    /// Reports a collapsed invalidation list for `(frm, to]`: `changes` is a
-    /// list of `(oid, tid)`, every oid changed in the interval once or more,
-    /// each `tid` its newest change there or an upper bound of it (`to` for
-    /// ZEO's reconnect, the exact newest for RelStorage's poll). Applied
-    /// conservatively. Returns the sidecar's horizon. Raises `GapError`
-    /// when `frm` is past the horizon, `Unavailable`, `RefusedError`.
-    fn report_collapsed(&self, py: Python<'_>, frm: u64, to: u64, changes: Vec<(u64, u64)>) -> PyResult<u64> {
-        py.allow_threads(|| self.session.report_collapsed(frm, to, changes))
+    /// Queues a collapsed invalidation report for `(frm, to]`: `changes`
+    /// is a list of `(oid, tid)`, every oid changed in the interval once or
+    /// more, each `tid` its newest change there or an upper bound of it
+    /// (`to` for ZEO's reconnect, the exact newest for RelStorage's poll).
+    /// Applied conservatively. Returns at once and raises nothing, as
+    /// `report` (a gap or a loss is followed by a resync).
+    fn report_collapsed(&self, frm: u64, to: u64, changes: Vec<(u64, u64)>) {
+        self.session.report_collapsed(frm, to, changes)
+    }
+
+    /// Sends the collapsed report now and waits (tools and tests); returns
+    /// the sidecar's horizon. Raises `GapError` when `frm` is past the
+    /// horizon, `Unavailable`, `RefusedError`.
+    fn report_collapsed_now(&self, py: Python<'_>, frm: u64, to: u64, changes: Vec<(u64, u64)>) -> PyResult<u64> {
+        py.allow_threads(|| self.session.report_collapsed_now(frm, to, changes))
             .map_err(to_py)
     }
 
-    /// Tells the sidecar invalidations up to `tid` were lost; returns
-    /// whether its log restarted. Raises `Unavailable`.
-    fn resync(&self, py: Python<'_>, tid: u64) -> PyResult<bool> {
-        py.allow_threads(|| self.session.resync(tid)).map_err(to_py)
+    /// Queues a resync: invalidations up to `tid` were lost. Returns at
+    /// once; raises nothing.
+    fn resync(&self, tid: u64) {
+        self.session.resync(tid)
     }
 
-    /// Registers a connection's view at `tid`; returns its id. Never raises:
-    /// an unavailable sidecar learns of it on reconnect.
-    fn register_view(&self, py: Python<'_>, tid: u64) -> u64 {
-        py.allow_threads(|| self.session.register_view(tid))
+    /// Opens a connection's view at `tid`; returns its id. Kept in this
+    /// process (no system call in the common case): the background thread
+    /// registers the process's oldest view with the sidecar. Never raises.
+    fn register_view(&self, tid: u64) -> u64 {
+        self.session.register_view(tid)
     }
 
-    /// Moves view `view_id` to `tid`. Never raises.
-    fn advance_view(&self, py: Python<'_>, view_id: u64, tid: u64) {
-        py.allow_threads(|| self.session.advance_view(view_id, tid))
+    /// Moves view `view_id` to `tid`. Never raises; no system call unless
+    /// the process's oldest view went down.
+    fn advance_view(&self, view_id: u64, tid: u64) {
+        self.session.advance_view(view_id, tid)
     }
 
-    /// Releases view `view_id`. Never raises.
-    fn release_view(&self, py: Python<'_>, view_id: u64) {
-        py.allow_threads(|| self.session.release_view(view_id))
+    /// Closes view `view_id`. Never raises; no system call.
+    fn release_view(&self, view_id: u64) {
+        self.session.release_view(view_id)
     }
 
-    /// Waits (at most 1 s) for queued stores, then closes the connection
-    /// for good; the sidecar releases this client's views. Later calls
-    /// raise `Unavailable`.
+    /// `(resyncs, lost)`: resyncs the background thread sent in place of a
+    /// report (a gap, a report lost before), and reports or resyncs lost to
+    /// an unavailable sidecar.
+    #[getter]
+    fn outbox_counts(&self) -> (u64, u64) {
+        self.session.outbox_counts()
+    }
+
+    /// Waits (at most 1 s) for everything queued (reports, views, stores)
+    /// to be sent, drops what is left, ends the background thread, then
+    /// closes the connection for good; the sidecar releases this client's
+    /// views. Nothing of this client runs afterwards. Later calls raise
+    /// `Unavailable` (or are dropped, for queued ones).
     fn close(&self, py: Python<'_>) {
         py.allow_threads(|| self.session.close())
     }
@@ -350,6 +388,20 @@ impl PyClient {
 }
 
 impl PyClient {
+    /// A lookup over the socket is for a joined, connected client whose
+    /// arena cannot be mapped; otherwise `Unavailable` at once (it would
+    /// wait for the connection's lock, which a call in progress holds).
+    fn socket_lookups_allowed(&self) -> PyResult<()> {
+        if self.session.client().serves_over_socket(self.session.database()) {
+            Ok(())
+        } else {
+            self.session.reconnect_later();
+            Err(Unavailable::new_err(
+                "no arena to read: not connected to tidecached, or the database is not joined",
+            ))
+        }
+    }
+
     /// Reads `oid` at `view` from the mapped arena straight into a new
     /// `bytes` (one copy, validated in place): `Some(hit or None)`, or
     /// `None` when there is no arena to read.

@@ -22,21 +22,21 @@ def test_each_refusal_has_its_exception(sidecar):
     assert c.attach(start) == "started"
     # A report past the horizon: a gap, which the adapter answers by a resync.
     with pytest.raises(tidecache.GapError):
-        c.report(start + 10, start + 20, [])
+        c.report_now(start + 10, start + 20, [])
     # A change outside its report's interval breaks a rule.
     with pytest.raises(tidecache.BadRequestError):
-        c.report(start, start + 5, [(1, start + 6)])
+        c.report_now(start, start + 5, [(1, start + 6)])
     # A tid days past this host's clock would raise the horizon for all.
     far = now_tid(3 * 86400)
     with pytest.raises(tidecache.FutureTidError):
-        c.report(start, far, [])
+        c.report_now(start, far, [])
     for kind in (tidecache.GapError, tidecache.BadRequestError, tidecache.FutureTidError,
                  tidecache.LimitError, tidecache.UnknownViewError, tidecache.ProtocolError,
                  tidecache.StaleError):
         assert issubclass(kind, tidecache.RefusedError)
         assert issubclass(kind, tidecache.TideCacheError)
     # The connection is still served after refusals.
-    assert c.report(start, start + 1, [(1, start + 1)]) == start + 1
+    assert c.report_now(start, start + 1, [(1, start + 1)]) == start + 1
     c.close()
 
 
@@ -68,12 +68,18 @@ def test_report_collapsed_is_applied_and_refused_as_report(sidecar):
     assert c.attach(start) == "started"
     # Every oid changed in (start, start + 5], each with its newest change
     # or an upper bound of it (here the interval's end, as ZEO's reconnect).
-    assert c.report_collapsed(start, start + 5, [(1, start + 5), (2, start + 5)]) == start + 5
+    assert c.report_collapsed_now(start, start + 5, [(1, start + 5), (2, start + 5)]) == start + 5
     with pytest.raises(tidecache.GapError):
-        c.report_collapsed(start + 10, start + 20, [])
+        c.report_collapsed_now(start + 10, start + 20, [])
     with pytest.raises(tidecache.BadRequestError):
-        c.report_collapsed(start + 5, start + 6, [(1, start + 7)])
+        c.report_collapsed_now(start + 5, start + 6, [(1, start + 7)])
     with pytest.raises(tidecache.FutureTidError):
-        c.report_collapsed(start + 5, now_tid(3 * 86400), [])
-    assert c.report(start + 5, start + 6, [(1, start + 6)]) == start + 6
+        c.report_collapsed_now(start + 5, now_tid(3 * 86400), [])
+    assert c.report_now(start + 5, start + 6, [(1, start + 6)]) == start + 6
+    # Queued, in order with plain reports; a gap becomes a resync.
+    c.report_collapsed(start + 6, start + 8, [(1, start + 8)])
+    c.report(start + 8, start + 9, [(2, start + 9)])
+    assert c.wait_for_stores(5000) and c.horizon == start + 9 and c.outbox_counts == (0, 0)
+    c.report_collapsed(start + 20, start + 30, [])
+    assert c.wait_for_stores(5000) and c.horizon == start + 30 and c.outbox_counts == (1, 0)
     c.close()

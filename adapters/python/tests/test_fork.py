@@ -19,6 +19,7 @@ from ZODB.utils import u64
 
 from tidecache import Client
 from tidecache import TideCacheStorage
+from tidecache import Unavailable
 
 OIDS = 200
 
@@ -39,6 +40,16 @@ def test_parent_and_child_never_read_each_others_answers(sidecar):
     if pid == 0:  # the child: many lookups, interleaved with the parent's
         code = 0
         try:
+            # The child's client has no connection yet: a lookup misses
+            # (never waiting on the socket) and asks the client's thread to
+            # connect; wait (bounded) until it is connected.
+            try:
+                c.lookup(0, 10)
+            except Unavailable:
+                pass
+            deadline = time.monotonic() + 5
+            while not c.attached and time.monotonic() < deadline:
+                time.sleep(0.005)
             for i in range(3000):
                 oid = (i * 7) % OIDS
                 if c.lookup(oid, 10) != (10, state(oid)):
@@ -285,9 +296,9 @@ def test_a_child_forked_during_a_catch_up_reports_its_commits(tmp_path, sidecar)
     proxy.hold(b"Report")
     storage = TideCacheStorage(ZODB.FileStorage.FileStorage(path), socket=proxy.path, timeout_ms=600000)
     assert proxy.held.wait(30), "no catch-up report reached the sidecar"
-    assert storage._tc_held is not None, "the catch-up is under way"
-    # The parent cannot open the database now: its client is busy with the
-    # catch-up (calls are serialised). The child can.
+    # The catch-up only queued its reports: the client's background thread
+    # is inside the first one (held), and the parent's connection is busy
+    # with it (calls are serialised). The child has its own.
     pid = os.fork()
     if pid == 0:
         code = 1
@@ -297,6 +308,7 @@ def test_a_child_forked_during_a_catch_up_reports_its_commits(tmp_path, sidecar)
                 assert conn.root()["n"] == 3
                 conn.root()["n"] = 4
             last = u64(storage.lastTransaction())
+            storage._tc_client.wait_for_stores(20000)
             code = 0 if storage._tc_client.horizon >= last else 2
         finally:
             os._exit(code)

@@ -97,7 +97,8 @@ def test_an_open_store_past_the_horizon_survives_a_proof_of_the_horizon(sidecar)
     assert b.attach(30) == "prove"
     assert b.proof == (10, [], [])  # B's iterator has 10: proved
     assert b.attach(30, 10) == "joined"
-    assert b.report(10, 30, [(2, 30)]) == 30
+    b.report(10, 30, [(2, 30)])
+    assert b.wait_for_stores(5000) and b.horizon == 30
     hit = b.lookup(1, 30)
     assert hit is None or hit[0] <= 10, hit
     b.close()

@@ -102,9 +102,13 @@ def test_views_are_released_when_connections_go_back_to_the_pool(tmp_path, sidec
     conns = [db.open(transaction.TransactionManager()) for _ in range(3)]
     for c in conns:
         c.root()
-    assert sidecar.stats()["total"]["views"] == 3
+    # The views are kept in the process: the sidecar holds one, at the
+    # oldest, registered by the client's background thread.
+    assert storage._tc_client.wait_for_stores(5000)
+    assert sidecar.stats()["total"]["views"] == 1
     for c in conns:
         c.close()
+    assert storage._tc_client.wait_for_stores(5000)
     assert sidecar.stats()["total"]["views"] == 0
     db.close()
 
@@ -259,15 +263,19 @@ def test_raw_client_follows_the_rules(sidecar):
     assert c.lookup(1, 10) == (10, b"one")
     assert c.lookup(1, 11) is None, "open revision past the horizon"
     assert c.lookup_many([1, 2, 3], 7) == [None, (5, b"two"), None]
-    assert c.report(10, 12, [(1, 12)]) == 12
+    assert c.report(10, 12, [(1, 12)]) is None, "queued: returns at once"
+    assert c.wait_for_stores(5000) and c.horizon == 12
     assert c.lookup(1, 11) == (10, b"one")
     assert c.lookup(1, 12) is None
     with pytest.raises(tidecache.GapError):
-        c.report(13, 14, [])
+        c.report_now(13, 14, [])
+    # Queued, a gap is answered by a resync at its end (no exception).
+    c.report(13, 14, [])
+    assert c.wait_for_stores(5000) and c.horizon == 14 and c.outbox_counts == (1, 0)
     with pytest.raises(tidecache.RefusedError):
         c.store(1, 9, 9, b"x", 10)
     stats = c.stats()["databases"]["raw"]
-    assert (stats["horizon"], stats["entries"]) == (12, 2)
+    assert (stats["horizon"], stats["entries"]) == (14, 2)
     c.close()
     with pytest.raises(tidecache.Unavailable):
         c.lookup(1, 10)

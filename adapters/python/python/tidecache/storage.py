@@ -16,12 +16,19 @@ ZODB's own ``MVCCAdapter`` (``ZODB/mvccadapter.py``) with four additions:
   invalidation report ``(previous tid, tid, [(oid, tid), ...])``;
 - a ZEO reconnect's quick verification (the oids changed while
   disconnected, at the server's tid) is sent as a collapsed report;
-  ``invalidateCache`` when ZEO really lost invalidations (cache too old),
-  and a refused or lost report, make the next report a ``resync``: the
-  sidecar drops its open revisions rather than guess;
+  ``invalidateCache`` when ZEO really lost invalidations (cache too old)
+  makes the next report a ``resync`` (the client itself resyncs after a
+  refused or lost report): the sidecar drops its open revisions rather
+  than guess;
 - a sidecar whose horizon is behind the storage at attach is told what
   changed meanwhile, bounded (``_tc_recover``: exact, collapsed or a
-  resync).
+  resync);
+- a commit writes its states through: after ``tpc_finish`` queued the
+  report of its tid, each state the transaction stored (not blobs, not
+  conflict-resolved ones) is queued as an open revision at that tid.
+
+Reports, resyncs, views and stores only queue: the client's background
+thread sends them, in order, so no application thread waits on the socket.
 
 If the sidecar is absent, dead or slow, every lookup is a miss and the
 application runs from its base storage (invariant 8 of docs/invariants.md).
@@ -44,7 +51,6 @@ from ZODB.utils import tid_repr
 from ZODB.utils import u64
 
 from tidecache._native import Client
-from tidecache._native import GapError
 from tidecache._native import TideCacheError
 from tidecache._native import Unavailable
 
@@ -583,14 +589,6 @@ class TideCacheStorage(MVCCAdapter):
         round trip per transaction; its server keeps invalidations)."""
         return hasattr(base, "_connection_generation") and hasattr(base, "_call")
 
-    def _tc_report_collapsed(self, frm, to, changes):
-        """Sends a collapsed report; ``False`` if this client has none."""
-        report_collapsed = getattr(self._tc_client, "report_collapsed", None)
-        if report_collapsed is None:
-            return False
-        report_collapsed(frm, to, changes)
-        return True
-
     def _tc_recover_from_iterator(self, base, horizon, last, started):
         """Exact reports from ``base``'s iterator, then one collapsed report
         past ``RECOVERY_EXACT_SECONDS``; returns ``(kind, detail)``, kind
@@ -645,8 +643,7 @@ class TideCacheStorage(MVCCAdapter):
         if newest is None:
             self._tc_client.report(frm, last, changes)
             return "exact", "%d transactions" % transactions
-        if not self._tc_report_collapsed(frm, last, sorted(newest.items())):
-            return None, "this tidecache client cannot send collapsed reports"
+        self._tc_client.report_collapsed(frm, last, sorted(newest.items()))
         return "collapsed", ("%d transactions, %d exact, %d oids changed in the rest"
                              % (transactions, exact_transactions, len(newest)))
 
@@ -674,8 +671,7 @@ class TideCacheStorage(MVCCAdapter):
         if latest < last:
             return None, ("the ZEO server's invalidations end at %s, before this client's %s"
                           % (tid_repr(p64(latest)), tid_repr(p64(last)))), last
-        if not self._tc_report_collapsed(horizon, latest, [(u64(o), latest) for o in oids]):
-            return None, "this tidecache client cannot send collapsed reports", last
+        self._tc_client.report_collapsed(horizon, latest, [(u64(o), latest) for o in oids])
         return "collapsed", "the ZEO server's invalidations: %d oids" % len(oids), latest
 
     # -- plain storage: everything else goes to the base --------------------
@@ -925,33 +921,20 @@ class TideCacheStorage(MVCCAdapter):
                 collapsed = True
             else:
                 self._tc_resync = True
+        # These only queue (microseconds, no socket): the client's
+        # background thread sends them in order, and itself sends a resync
+        # in place of a report answered with a gap or lost to an
+        # unavailable sidecar.
         if collapsed:
-            try:
-                if self._tc_report_collapsed(frm, t, [(u64(o), t) for o in oids]):
-                    self._tc_stats.reconnects_collapsed += 1
-                    return
-                self._tc_resync = True
-            except GapError:
-                self._tc_resync = True
-            except TideCacheError as e:
-                self._tc_stats.unavailable += 1
-                self._tc_resync = True
-                logger.debug("tidecache: collapsed report of %s lost: %s", tid_repr(p64(t)), e)
-                return
-        try:
-            if not self._tc_resync:
-                try:
-                    self._tc_client.report(frm, t, [(u64(o), t) for o in oids])
-                    return
-                except GapError:
-                    pass
+            self._tc_client.report_collapsed(frm, t, [(u64(o), t) for o in oids])
+            self._tc_stats.reconnects_collapsed += 1
+            return
+        if self._tc_resync:
             self._tc_stats.resyncs += 1
             self._tc_client.resync(t)
             self._tc_resync = False
-        except TideCacheError as e:
-            self._tc_stats.unavailable += 1
-            self._tc_resync = True
-            logger.debug("tidecache: report of %s lost: %s", tid_repr(p64(t)), e)
+        else:
+            self._tc_client.report(frm, t, [(u64(o), t) for o in oids])
 
     def close(self):
         """Ends a recovery or an attach retry still running (it resyncs at
@@ -1006,6 +989,9 @@ class TideCacheStorage(MVCCAdapter):
         ``sidecar``: the sidecar's counters for this database, or ``None``
         when it is unavailable."""
         d = self._tc_stats.as_dict()
+        resyncs, lost = self._tc_client.outbox_counts
+        d["resyncs"] += resyncs
+        d["unavailable"] += lost
         d["joined"] = self._tc_joined
         d["database"] = self._tc_client.database
         try:
@@ -1023,12 +1009,68 @@ class TideCacheInstance(MVCCAdapterInstance):
 
     _tc_view = None
 
+    #: ``{oid: data}`` stored in the transaction being committed, written
+    #: through at ``tpc_finish``; ``None`` outside a commit.
+    _tc_written = None
+
     def __init__(self, base):
         MVCCAdapterInstance.__init__(self, base)
         self._tc_client = base._tc_client
         self._tc_stats = base._tc_stats
         self._tc_base = base
         self._tc_at = None
+
+    # Write-through: a committing process stores the states it just
+    # committed (ZEO's and RelStorage's caches do), so a read after a write
+    # hits, in this process and in others.
+
+    def tpc_begin(self, transaction):
+        """Begins the commit; the states stored in it are collected."""
+        MVCCAdapterInstance.tpc_begin(self, transaction)
+        self._tc_written = {}
+
+    def store(self, oid, serial, data, version, transaction):
+        """Stores on the base; ``data`` is kept for the write-through."""
+        MVCCAdapterInstance.store(self, oid, serial, data, version, transaction)
+        if self._tc_written is not None and data is not None:
+            self._tc_written[oid] = data
+
+    def storeBlob(self, oid, serial, data, blobfilename, version, transaction):
+        """Stores a blob on the base; its record is not written through."""
+        MVCCAdapterInstance.storeBlob(self, oid, serial, data, blobfilename, version, transaction)
+        if self._tc_written is not None:
+            self._tc_written.pop(oid, None)
+
+    def tpc_vote(self, transaction):
+        """Votes on the base; oids it resolved conflicts of are not written
+        through (what was committed is not what was stored)."""
+        r = self._storage.tpc_vote(transaction)
+        if r and self._tc_written:
+            for oid in r:
+                self._tc_written.pop(oid, None)
+        return r
+
+    def tpc_abort(self, transaction):
+        """Aborts on the base; nothing is written through."""
+        self._tc_written = None
+        return self._storage.tpc_abort(transaction)
+
+    def tpc_finish(self, transaction, func=lambda tid: None):
+        """Finishes the commit; in its callback, after the report of the
+        tid was queued (``_invalidate_finish``), each state stored is
+        queued as the open revision ``(oid, tid)`` seen at ``tid``."""
+        written, self._tc_written = self._tc_written, None
+
+        def finish(tid):
+            func(tid)
+            if written:
+                t = u64(tid)
+                store_later = self._tc_client.store_later
+                for oid, data in written.items():
+                    if store_later(u64(oid), t, None, data, t):
+                        self._tc_stats.stores += 1
+
+        return MVCCAdapterInstance.tpc_finish(self, transaction, finish)
 
     def poll_invalidations(self):
         """ZODB's poll (new transaction): moves the view to the storage's

@@ -1,0 +1,454 @@
+//! A session's outbox: one ordered queue per [`Session`](crate::Session)
+//! and process, drained by one background thread over the session's
+//! connection. Reports, resyncs, the process's oldest view, stores and hit
+//! hints go through it in the order they were queued, so nothing an
+//! application thread calls waits on the socket, and a store of a
+//! transaction's state (write-through at commit) reaches the sidecar after
+//! the report of that transaction.
+//!
+//! Correctness does not need the caller to wait: the sidecar's horizon
+//! gates what each message changes (a store past the horizon is refused, a
+//! late report only costs misses, a late view only costs misses and refused
+//! stores: docs/architecture.md, "Views").
+//!
+//! Losses are never silent for reports (invariant 4): a report that does
+//! not fit in the full queue makes the *next* one queued a resync at its
+//! `to` (producer side); a report answered `Gap`, or lost to an unavailable
+//! sidecar, makes the worker send a resync (at once for `Gap`, instead of
+//! the next report otherwise). Stores and hints are optional and simply
+//! dropped when the queue is full.
+
+use crate::protocol::StoreItem;
+use crate::{Client, ClientError};
+use crossbeam_channel::{bounded, Receiver, Sender, TryRecvError, TrySendError};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+use tidecache_core::ProcessViews;
+
+/// Most revisions sent in one `Store` request.
+pub const MAX_BATCH: usize = 256;
+
+/// Stores and hint batches queued before a producer wakes the worker
+/// thread; fewer wait for its next tick ([`STORE_TICK`]). Waking it costs
+/// the producer a system call (measured: 13 us a miss from Python when
+/// every store woke it); reports, resyncs, a view that went down and
+/// barriers wake it at once.
+pub const STORE_WAKE: usize = 64;
+
+/// How long the worker sleeps when the queue is empty: stores queued
+/// meanwhile wait at most this long (milliseconds: a store is optional and
+/// only helps later reads).
+pub const STORE_TICK: Duration = Duration::from_millis(10);
+
+/// Most state bytes sent in one `Store` request (a batch is cut before it
+/// would pass this), so that one request fits the call's timeout.
+pub const MAX_BATCH_BYTES: usize = 4 << 20;
+
+/// One queued message. Adding a kind of message is one variant here and
+/// one arm in `Worker::handle`.
+pub(crate) enum Msg {
+    /// The invalidation report `(from, to, changes)`.
+    Report {
+        /// Previous tid reported.
+        from: u64,
+        /// This transaction's tid.
+        to: u64,
+        /// `(oid, tid)` of each change.
+        changes: Vec<(u64, u64)>,
+    },
+    /// The collapsed invalidation report `(from, to, changes)`: each oid
+    /// once, with its newest change in `(from, to]` or an upper bound.
+    ReportCollapsed {
+        /// Previous tid reported.
+        from: u64,
+        /// The newest tid covered.
+        to: u64,
+        /// `(oid, tid)` of each oid changed.
+        changes: Vec<(u64, u64)>,
+    },
+    /// Invalidations up to `tid` were lost.
+    Resync(u64),
+    /// Store one revision.
+    Store(StoreItem),
+    /// Hit hints `(oid, serial)`.
+    Touch(Vec<(u64, u64)>),
+    /// The process's oldest view went down: publish it.
+    Views,
+    /// Answer once everything queued before it was handled.
+    Barrier(Sender<()>),
+    /// End the worker.
+    Close,
+}
+
+/// What the worker keeps and the session reads, lock-free.
+#[derive(Default)]
+pub struct Counters {
+    /// The horizon in the last answer that carried one.
+    pub horizon: AtomicU64,
+    /// Resyncs the worker sent in place of a report (a `Gap` answer, a
+    /// report lost to an unavailable sidecar or to a full queue).
+    pub resyncs: AtomicU64,
+    /// Reports and resyncs lost to an unavailable sidecar (each makes the
+    /// next report a resync).
+    pub lost: AtomicU64,
+}
+
+/// The sending side of a session's queue, and its worker thread.
+pub struct Outbox {
+    tx: Sender<Msg>,
+    /// The worker thread, to unpark it (a system call only while it is
+    /// parked).
+    thread: std::thread::Thread,
+    /// A report or resync did not fit in the queue: the next report queued
+    /// becomes a resync at its `to`.
+    lost: AtomicBool,
+    worker: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Outbox {
+    /// Starts the worker thread for `db` over `client` (the session's own),
+    /// publishing `views`' minimum; the queue holds at most `capacity`
+    /// messages.
+    ///
+    /// # Errors
+    /// The thread could not be spawned.
+    pub(crate) fn start(
+        client: Arc<Client>,
+        db: String,
+        views: Arc<ProcessViews>,
+        counters: Arc<Counters>,
+        capacity: usize,
+    ) -> std::io::Result<Self> {
+        let (tx, rx) = bounded(capacity);
+        let worker = Worker {
+            client,
+            db,
+            views,
+            counters,
+            need_resync: false,
+            remote: None,
+            stores: Vec::new(),
+            store_bytes: 0,
+            touches: Vec::new(),
+        };
+        let handle = std::thread::Builder::new()
+            .name("tidecache-outbox".into())
+            .spawn(move || worker.run(rx))?;
+        Ok(Outbox {
+            thread: handle.thread().clone(),
+            tx,
+            lost: AtomicBool::new(false),
+            worker: Mutex::new(Some(handle)),
+        })
+    }
+
+    fn try_send(&self, msg: Msg) -> bool {
+        match self.tx.try_send(msg) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => false,
+        }
+    }
+
+    /// Queues a message the sidecar should have soon, and wakes the worker.
+    fn send_now(&self, msg: Msg) -> bool {
+        let sent = self.try_send(msg);
+        self.thread.unpark();
+        sent
+    }
+
+    /// Queues a store or hints; wakes the worker only once
+    /// [`STORE_WAKE`] messages wait.
+    fn send_later(&self, msg: Msg) -> bool {
+        let sent = self.try_send(msg);
+        if self.tx.len() >= STORE_WAKE {
+            self.thread.unpark();
+        }
+        sent
+    }
+
+    /// Queues the report `(from, to, changes)`; if a report was lost to a
+    /// full queue before, a resync at `to` instead. Never blocks.
+    pub(crate) fn report(&self, from: u64, to: u64, changes: Vec<(u64, u64)>) {
+        let msg = if self.lost.swap(false, Ordering::AcqRel) {
+            Msg::Resync(to)
+        } else {
+            Msg::Report { from, to, changes }
+        };
+        if !self.send_now(msg) {
+            tracing::debug!(to, "queue full: the next report is a resync");
+            self.lost.store(true, Ordering::Release);
+        }
+    }
+
+    /// Queues the collapsed report `(from, to, changes)`; converted as
+    /// [`Outbox::report`] after a loss. Never blocks.
+    pub(crate) fn report_collapsed(&self, from: u64, to: u64, changes: Vec<(u64, u64)>) {
+        let msg = if self.lost.swap(false, Ordering::AcqRel) {
+            Msg::Resync(to)
+        } else {
+            Msg::ReportCollapsed { from, to, changes }
+        };
+        if !self.send_now(msg) {
+            self.lost.store(true, Ordering::Release);
+        }
+    }
+
+    /// Queues a resync at `tid`. Never blocks.
+    pub(crate) fn resync(&self, tid: u64) {
+        if !self.send_now(Msg::Resync(tid)) {
+            self.lost.store(true, Ordering::Release);
+        }
+    }
+
+    /// Queues one store; `false` if the queue was full and it was dropped.
+    pub(crate) fn store(&self, item: StoreItem) -> bool {
+        self.send_later(Msg::Store(item))
+    }
+
+    /// Queues hit hints; dropped if the queue is full.
+    pub(crate) fn touch(&self, revisions: Vec<(u64, u64)>) {
+        let _ = self.send_later(Msg::Touch(revisions));
+    }
+
+    /// Wakes the worker to publish the oldest view (dropped if the queue is
+    /// full: the worker then reads the views after its current batch).
+    pub(crate) fn wake_views(&self) {
+        let _ = self.send_now(Msg::Views);
+    }
+
+    /// Waits until everything queued before this call was handled, at most
+    /// `timeout`. Returns whether it finished in time.
+    pub fn barrier(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let (tx, rx) = bounded(1);
+        self.thread.unpark();
+        if self.tx.send_deadline(Msg::Barrier(tx), deadline).is_err() {
+            return false;
+        }
+        self.thread.unpark();
+        rx.recv_deadline(deadline).is_ok()
+    }
+
+    /// Drains the queue (at most `timeout`), then ends the worker: if it is
+    /// still inside a call then (a hung sidecar), the session's connection
+    /// is shut down under it (`Client::abort`), which ends the call. Returns
+    /// once the thread has ended.
+    pub(crate) fn close(&self, client: &Client, timeout: Duration) {
+        let drained = self.barrier(timeout);
+        if !drained {
+            tracing::warn!("tidecached did not take the queued messages in time: dropping them");
+            client.abort();
+        }
+        // The worker ends at Close, or when every sender is gone; a full
+        // queue drains quickly once the connection is down.
+        self.thread.unpark();
+        if self.tx.send_timeout(Msg::Close, timeout).is_err() {
+            client.abort();
+            let _ = self.tx.send(Msg::Close);
+        }
+        self.thread.unpark();
+        let handle = self.worker.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = handle {
+            let _ = h.join();
+        }
+    }
+}
+
+struct Worker {
+    client: Arc<Client>,
+    db: String,
+    views: Arc<ProcessViews>,
+    counters: Arc<Counters>,
+    /// A report was lost: the next one is sent as a resync.
+    need_resync: bool,
+    /// The client's id of the one remote view, and its tid.
+    remote: Option<(u64, u64)>,
+    stores: Vec<StoreItem>,
+    store_bytes: usize,
+    touches: Vec<(u64, u64)>,
+}
+
+impl Worker {
+    /// Drains the queue in order, then sleeps (parked) for at most
+    /// [`STORE_TICK`] unless woken: it never blocks in the channel's
+    /// receive, so a producer's send never makes a system call to wake it
+    /// (only an explicit unpark does).
+    fn run(mut self, rx: Receiver<Msg>) {
+        loop {
+            let mut n = 0;
+            let mut close = false;
+            loop {
+                match rx.try_recv() {
+                    Ok(msg) => {
+                        close |= self.handle(msg);
+                        n += 1;
+                        if close || n >= MAX_BATCH {
+                            break;
+                        }
+                    }
+                    Err(TryRecvError::Empty) => break,
+                    // Every sender is gone (the session was dropped).
+                    Err(TryRecvError::Disconnected) => {
+                        close = true;
+                        break;
+                    }
+                }
+            }
+            self.send_pending();
+            if close {
+                break;
+            }
+            self.idle();
+            if n < MAX_BATCH {
+                std::thread::park_timeout(STORE_TICK);
+            }
+        }
+        tracing::debug!(db = %self.db, "outbox worker ended");
+    }
+
+    /// Handles one message in order; `true` at `Close`.
+    fn handle(&mut self, msg: Msg) -> bool {
+        match msg {
+            Msg::Store(item) => {
+                if self.store_bytes + item.state.len() > MAX_BATCH_BYTES || self.stores.len() >= MAX_BATCH {
+                    self.send_stores();
+                }
+                self.store_bytes += item.state.len();
+                self.stores.push(item);
+            }
+            Msg::Touch(revisions) => self.touches.extend(revisions),
+            Msg::Report { from, to, changes } => {
+                self.send_pending();
+                self.report(to, |c, db| c.report(db, from, to, changes));
+            }
+            Msg::ReportCollapsed { from, to, changes } => {
+                self.send_pending();
+                self.report(to, |c, db| c.report_collapsed(db, from, to, changes));
+            }
+            Msg::Resync(tid) => {
+                self.send_pending();
+                self.resync(tid);
+            }
+            Msg::Views => self.publish_views(),
+            Msg::Barrier(done) => {
+                self.send_pending();
+                self.publish_views();
+                let _ = done.send(());
+            }
+            Msg::Close => {
+                self.send_pending();
+                return true;
+            }
+        }
+        false
+    }
+
+    /// After each batch, and when nothing was queued for a tick: reconnect
+    /// if the connection is down (lookups read the arena only while
+    /// connected; the client re-attaches and re-registers the view; while
+    /// the sidecar stays down this fails at once), and publish the oldest
+    /// view (a minimum that went up is published here).
+    fn idle(&mut self) {
+        if !self.client.is_connected() && self.client.is_joined(&self.db) && self.client.reconnect().is_ok() {
+            tracing::debug!(db = %self.db, "reconnected from the outbox");
+        }
+        self.publish_views();
+    }
+
+    /// Sends a report up to `to` with `send` (plain or collapsed), or a
+    /// resync at `to` in its place after a loss.
+    fn report(&mut self, to: u64, send: impl FnOnce(&Client, &str) -> Result<u64, ClientError>) {
+        if self.need_resync {
+            self.counters.resyncs.fetch_add(1, Ordering::Relaxed);
+            self.resync(to);
+            return;
+        }
+        match send(&self.client, &self.db) {
+            Ok(horizon) => self.counters.horizon.store(horizon, Ordering::Relaxed),
+            Err(e) if e.is_gap() => {
+                // Today's sidecar horizon is before `from`: the invalidations
+                // in between are unknown to it.
+                self.counters.resyncs.fetch_add(1, Ordering::Relaxed);
+                self.resync(to);
+            }
+            Err(e) => self.lost(to, e),
+        }
+    }
+
+    fn resync(&mut self, tid: u64) {
+        match self.client.resync(&self.db, tid) {
+            Ok((_, horizon)) => {
+                self.counters.horizon.store(horizon, Ordering::Relaxed);
+                self.need_resync = false;
+            }
+            Err(e) => self.lost(tid, e),
+        }
+    }
+
+    /// A report or resync up to `tid` did not reach the sidecar.
+    fn lost(&mut self, tid: u64, e: ClientError) {
+        match e {
+            // Not joined (or forgotten after a flush elsewhere, `Stale`):
+            // the next attach covers this transaction.
+            ClientError::NotAttached { .. } => {}
+            e if e.is_stale() => {}
+            e => {
+                self.counters.lost.fetch_add(1, Ordering::Relaxed);
+                self.need_resync = true;
+                tracing::debug!(db = %self.db, tid, error = %e, "report lost: the next one is a resync");
+            }
+        }
+    }
+
+    fn send_pending(&mut self) {
+        self.send_stores();
+        if !self.touches.is_empty() {
+            let revisions = std::mem::take(&mut self.touches);
+            if let Err(e) = self.client.touch(&self.db, revisions) {
+                tracing::debug!(error = %e, "hit hints dropped");
+            }
+        }
+    }
+
+    /// Sends the pending stores, but none past the horizon the last answer
+    /// carried (the sidecar would refuse them).
+    fn send_stores(&mut self) {
+        self.store_bytes = 0;
+        if self.stores.is_empty() {
+            return;
+        }
+        let horizon = self.counters.horizon.load(Ordering::Relaxed);
+        let mut items = std::mem::take(&mut self.stores);
+        items.retain(|s| s.serial <= horizon);
+        if items.is_empty() {
+            return;
+        }
+        if let Err(e) = self.client.store(&self.db, items) {
+            tracing::debug!(error = %e, "stores dropped");
+        }
+    }
+
+    /// Registers, moves or releases the one remote view at the process's
+    /// oldest view when that changed.
+    fn publish_views(&mut self) {
+        let wanted = self.views.take();
+        let current = self.remote.map(|(_, t)| t);
+        if wanted == current {
+            return;
+        }
+        self.remote = match (self.remote, wanted) {
+            (Some((id, _)), Some(tid)) => {
+                self.client.advance_view(id, tid);
+                Some((id, tid))
+            }
+            (None, Some(tid)) => Some((self.client.register_view(&self.db, tid), tid)),
+            (Some((id, _)), None) => {
+                self.client.release_view(id);
+                None
+            }
+            (None, None) => None,
+        };
+    }
+}
