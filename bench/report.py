@@ -103,7 +103,7 @@ def plot_shootout(zs):
     concurrencies = sorted({c for _, c, _ in rows}, key=int)
     series = [(c, db) for c in concurrencies for db in ("plain", "tidecache")]
     width = 0.8 / len(series)
-    fig, ax = plt.subplots(figsize=(9, 3.6))
+    fig, ax = plt.subplots(figsize=(9, 4))
     colors = {"plain": ("#9aa5b1", "#52606d"), "tidecache": ("#7cc4a4", "#1f7a53")}
     for k, (c, db) in enumerate(series):
         xs, ys, es = [], [], []
@@ -119,7 +119,7 @@ def plot_shootout(zs):
     ax.set_xticks(range(len(groups)), groups)
     ax.set_yscale("log")
     ax.set_ylabel("ms per 1,000 objects (log scale)")
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
     fig.tight_layout()
     (DOCS / "img").mkdir(parents=True, exist_ok=True)
     fig.savefig(DOCS / "img" / "zodbshootout.png", dpi=110)

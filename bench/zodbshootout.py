@@ -28,8 +28,9 @@ steamin (a value is mostly the first read that primes the caches) get
 zodbshootout run. The differences the goals ask about are 2x and 10x on
 the slow phases, and "no slower" on the fast ones, whose noise the extra
 processes bring down. With the defaults (3 values; 3 processes for hot
-and steamin; 8 truly cold iterations) the script takes about 10 minutes on
-2 cores.
+and steamin; 8 truly cold iterations) the script took 11 minutes on 2
+cores that other jobs shared (load average 12 to 23); pass fewer
+``--values`` or ``--fast-processes`` for a quicker, noisier run.
 
 Then a run zodbshootout cannot make: **truly cold**. zodbshootout's cold
 phase clears each process's ZEO cache and pickle cache, not the sidecar,
