@@ -35,7 +35,6 @@ Writes ``bench-results/latestart.json``, prints a table.
 import argparse
 import json
 import multiprocessing
-import os
 import pathlib
 import random
 import sys

@@ -214,7 +214,8 @@ def shootout_section(zs, own):
                 "`python bench/zodbshootout.py --own-storages` (not part of `make bench`): the tidecache",
                 "contender on a storage of its own in the same ZEO server, so the sidecar hears of every",
                 "commit of its database; pyperf ran %s; %d values per process." % (processes_text(own), own["values"]),
-                ""]
+                "Set beside the table above, it separates what the sidecar's lagging horizon costs (the",
+                "plain contender's commits it did not hear of) from what the cache does on its own.", ""]
         out += shootout_table(own)
         out.append("")
     plot_shootout(zs)
