@@ -207,7 +207,7 @@ def shootout_section(zs, own):
             loads = zs["truly_cold"][c].get("tidecache_loads")
             if loads:
                 out.append("With %s processes, tidecache's loads were %d misses and %d hits (hits: the root"
-                           " and the mappings the processes share)." % (c, loads["misses"], loads["hits"]))
+                           " object, loaded twice in each process, and the mappings the processes share)." % (c, loads["misses"], loads["hits"]))
         out.append("")
     if own:
         out += ["### The same run with a storage per contender", "",

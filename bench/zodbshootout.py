@@ -199,7 +199,8 @@ def truly_cold(host, conf, concurrency, iterations):
     r = side_by_side(slowest["plain"], slowest["tidecache"])
     # Loads of the tidecache reads that were sidecar hits: the objects the
     # processes share (root, the mappings above each process's own), which
-    # one process stores and another may find; never the 1,000 objects.
+    # one process stores and another may find, and the root's second load in
+    # a process (DB() loads it, then the connection); never the 1,000 objects.
     r["tidecache_loads"] = {k: sum(loads[k] for _, _, loads in per_worker) for k in ("hits", "misses")}
     return r
 

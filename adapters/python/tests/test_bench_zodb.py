@@ -30,9 +30,11 @@ def test_zodbshootout_smoke(tmp_path):
     loads = cold["tidecache_loads"]
     # 2 iterations x 2 processes x 1,000 objects, each read on a new sidecar.
     assert loads["misses"] >= 4000, loads
-    # Shared by the processes (root, speedtest, object_count_1000): at most
-    # 3 per process and iteration may be hits.
-    assert loads["hits"] <= 2 * 2 * 3, loads
+    # Shared by the processes: the root (loaded twice in each: by DB() and
+    # by the connection; the second load may find the first one's store),
+    # speedtest, object_count_1000. At most 4 per process and iteration may
+    # be hits, never the 1,000 objects.
+    assert loads["hits"] <= 2 * 2 * 4, loads
 
 
 def test_latestart_smoke(tmp_path):
