@@ -134,6 +134,18 @@ def processes_text(zs):
                      for n, ps in sorted(by_count.items()))
 
 
+def loops_text(zs):
+    """Loops per value, in words (runs before loops were per phase: 1)."""
+    loops = zs.get("loops", 1)
+    if not isinstance(loops, dict):
+        return "%s loop" % loops
+    calibrated = [p for p, n in loops.items() if n == "calibrated"]
+    if not calibrated:
+        return "one loop"
+    return ("one loop (%s: loops calibrated by pyperf for values of at least 100 ms)"
+            % ", ".join(calibrated))
+
+
 def shootout_section(zs, own):
     out = ["## zodbshootout: the standard ZODB benchmark", "",
            "`python bench/zodbshootout.py` (part of `make bench`): zodbshootout 0.8 (the benchmark",
@@ -144,10 +156,10 @@ def shootout_section(zs, own):
               else "both on the same storage, as a ZODB user trying it would set it up"),
            "%d objects of about 300 bytes per process, run with %s concurrent processes; pyperf"
            % (zs["objects"], " and ".join(sorted(zs["shootout"], key=int))),
-           "ran %s; %d values per process after %d warmups, one loop of"
-           % (processes_text(zs), zs["values"], zs["warmups"]),
-           "zodbshootout's 10 inner iterations per value (the cold phase's value is the mean of 10",
-           "cold reads). Figures: ms per phase iteration (1,000 objects), mean +- stdev of pyperf's",
+           "ran %s; %d values per process after %d warmups; %s of zodbshootout's 10 inner"
+           % (processes_text(zs), zs["values"], zs["warmups"], loops_text(zs)),
+           "iterations per value (the cold phase's value is the mean of 10 cold reads).",
+           "Figures: ms per phase iteration (1,000 objects), mean +- stdev of pyperf's",
            "values; the ratio is tidecache's mean over plain ZEO's (below 1: faster). %.0f s in all."
            % zs.get("seconds", float("nan")), ""]
     out += shootout_table(zs)
