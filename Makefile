@@ -77,6 +77,10 @@ soak-campaign:
 
 ## Benchmarks: programs that print anchor and tidecache side by side and
 ## write bench-results/*.json, from which docs/benchmarks.md is built.
+## zodbshootout.py (zodbshootout 0.8 over ZEO, plain and with tidecache,
+## and a truly cold host) takes about 10 minutes on 2 cores and rebuilds
+## docs/benchmarks.md last; latestart.py (late start after commits the
+## sidecar did not hear of) about 1.
 bench: build
 	cargo bench -p tidecache-core --bench snapshot
 	$(PY) bench/eviction.py
@@ -84,6 +88,8 @@ bench: build
 	$(PY) bench/restart.py
 	$(PY) bench/boundaries.py
 	$(PY) bench/run_bench.py
+	$(PY) bench/latestart.py
+	$(PY) bench/zodbshootout.py
 
 clean:
 	cargo clean

@@ -40,6 +40,239 @@ def plot(py):
     fig.savefig(DOCS / "img" / "get_latency.png", dpi=110)
 
 
+SHOOTOUT_PHASES = ("add", "update", "cold", "warm", "hot", "steamin")
+
+#: The goals of issue 8 per phase: ("faster", k): tidecache at least k
+#: times faster than plain ZEO; "no slower": tidecache's mean at most plain
+#: ZEO's plus both standard deviations (within the noise of the run).
+SHOOTOUT_GOALS = {"cold": ("faster", 10), "warm": ("faster", 2), "hot": "no slower",
+                  "steamin": "no slower", "add": "no slower", "truly cold": "no slower"}
+
+
+def goal_check(phase, r):
+    """``(goal text, met text)`` of ``phase`` for the side by side ``r``."""
+    goal = SHOOTOUT_GOALS.get(phase)
+    p, t = r["plain"], r["tidecache"]
+    if goal is None:
+        return "-", "-"
+    if goal == "no slower":
+        met = t["mean"] <= p["mean"] + p["stdev"] + t["stdev"]
+        return "no slower (within stdev)", "yes" if met else "**no**"
+    k = goal[1]
+    return ">= %dx faster" % k, "yes" if p["mean"] / t["mean"] >= k else "**no**"
+
+
+def ms(seconds):
+    v = seconds * 1000
+    return "%.2f" % v if v < 10 else "%.1f" % v if v < 1000 else "%.0f" % v
+
+
+def shootout_rows(zs):
+    """``(phase, concurrency, side_by_side)`` in table order."""
+    rows = []
+    for phase in SHOOTOUT_PHASES:
+        for c in sorted(zs["shootout"], key=int):
+            if phase in zs["shootout"][c]:
+                rows.append((phase, c, zs["shootout"][c][phase]))
+    for c in sorted(zs.get("truly_cold", {}), key=int):
+        rows.append(("truly cold", c, zs["truly_cold"][c]))
+    return rows
+
+
+def shootout_table(zs):
+    out = ["| phase | processes | plain ZEO, ms | ZEO + tidecache, ms | tidecache / plain | goal | met |",
+           "|---|---:|---:|---:|---:|---|---|"]
+    for phase, c, r in shootout_rows(zs):
+        p, t = r["plain"], r["tidecache"]
+        goal, met = goal_check(phase, r)
+        out.append("| %s | %s | %s +- %s | %s +- %s | %.2fx | %s | %s |" % (
+            phase, c, ms(p["mean"]), ms(p["stdev"]), ms(t["mean"]), ms(t["stdev"]), r["ratio"], goal, met))
+    return out
+
+
+def plot_shootout(zs):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = shootout_rows(zs)
+    groups = []
+    for phase, c, r in rows:
+        if phase not in groups:
+            groups.append(phase)
+    concurrencies = sorted({c for _, c, _ in rows}, key=int)
+    series = [(c, db) for c in concurrencies for db in ("plain", "tidecache")]
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    colors = {"plain": ("#9aa5b1", "#52606d"), "tidecache": ("#7cc4a4", "#1f7a53")}
+    for k, (c, db) in enumerate(series):
+        xs, ys, es = [], [], []
+        for i, phase in enumerate(groups):
+            r = next((r for p, cc, r in rows if p == phase and cc == c), None)
+            if r is not None:
+                xs.append(i + (k - (len(series) - 1) / 2) * width)
+                ys.append(r[db]["mean"] * 1000)
+                es.append(r[db]["stdev"] * 1000)
+        ax.bar(xs, ys, width, yerr=es, capsize=2,
+               color=colors[db][concurrencies.index(c) % 2],
+               label="%s, %s processes" % ("plain ZEO" if db == "plain" else "ZEO + tidecache", c))
+    ax.set_xticks(range(len(groups)), groups)
+    ax.set_yscale("log")
+    ax.set_ylabel("ms per 1,000 objects (log scale)")
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
+    fig.tight_layout()
+    (DOCS / "img").mkdir(parents=True, exist_ok=True)
+    fig.savefig(DOCS / "img" / "zodbshootout.png", dpi=110)
+
+
+def processes_text(zs):
+    """pyperf's worker processes per phase, in words."""
+    by_count = {}
+    for phase, n in zs["processes"].items():
+        by_count.setdefault(n, []).append(phase)
+    return "; ".join("%d worker process%s per contender for %s" % (n, "" if n == 1 else "es", ", ".join(ps))
+                     for n, ps in sorted(by_count.items()))
+
+
+def loops_text(zs):
+    """Loops per value, in words (runs before loops were per phase: 1)."""
+    loops = zs.get("loops", 1)
+    if not isinstance(loops, dict):
+        return "%s loop" % loops
+    calibrated = [p for p, n in loops.items() if n == "calibrated"]
+    if not calibrated:
+        return "one loop"
+    return ("one loop (%s: loops calibrated by pyperf for values of at least 100 ms)"
+            % ", ".join(calibrated))
+
+
+def shootout_section(zs, own):
+    out = ["## zodbshootout: the standard ZODB benchmark", "",
+           "`python bench/zodbshootout.py` (part of `make bench`): zodbshootout 0.8 (the benchmark",
+           "ZODB and RelStorage publish their figures with) over one ZEO server (`runzeo`, FileStorage,",
+           "Unix socket) and one `tidecached`, from one ZConfig file with two databases: `plain`, a",
+           "`<zeoclient>`, and `tidecache`, the same `<zeoclient>` inside `<tidecache>`, %s."
+           % ("each on a storage of its own in that server" if zs.get("own_storages")
+              else "both on the same storage, as a ZODB user trying it would set it up"),
+           "%d objects of about 300 bytes per process, run with %s concurrent processes; pyperf"
+           % (zs["objects"], " and ".join(sorted(zs["shootout"], key=int))),
+           "ran %s; %d values per process after %d warmups; %s of zodbshootout's 10 inner"
+           % (processes_text(zs), zs["values"], zs["warmups"], loops_text(zs)),
+           "iterations per value (the cold phase's value is the mean of 10 cold reads).",
+           "Figures: ms per phase iteration (1,000 objects), mean +- stdev of pyperf's",
+           "values; the ratio is tidecache's mean over plain ZEO's (below 1: faster). %.0f s in all."
+           % zs.get("seconds", float("nan")), ""]
+    out += shootout_table(zs)
+    out += ["", "![zodbshootout](img/zodbshootout.png)", "",
+            "Goals (issue 8): cold >= 10x faster than plain ZEO, warm >= 2x, hot, steamin and add no",
+            "slower (tidecache's mean at most plain's plus both stdevs), truly cold no slower.", "",
+            "### What each phase measures", "",
+            "Read from zodbshootout 0.8's source (`speedtest.py`, `_runner.py`, `_concurrent.py`):",
+            "",
+            "- The master process opens each database of the ZConfig file once and populates it:",
+            "  `root['speedtest']['object_count_1000']` holds one `PersistentMapping` of 1,000",
+            "  `PObject`s per concurrent process. Then, phase by phase and within a phase contender",
+            "  by contender (add plain, add tidecache, update plain, ...), pyperf starts its worker",
+            "  processes one after the other; each value forks the concurrent processes anew",
+            "  (`multiprocessing`), and each of them opens the database anew from the ZConfig",
+            "  section (`db_factory()`: a new `DB`, a new ZEO `ClientStorage` with an empty",
+            "  in-memory client cache, and with `<tidecache>` a new `TideCacheStorage` that attaches",
+            "  to the sidecar). Opening is never timed. A value is the slowest process's time",
+            "  divided by the iterations. Nothing survives from one value to the next but the ZEO",
+            "  server and the sidecar.",
+            "- **add**: one connection; 10 transactions, each replacing the process's 1,000 objects",
+            "  by 1,000 new ones (`mapping.update`) and committing. Times the update and commit.",
+            "- **update**: one connection; 10 transactions, each setting an attribute of the 1,000",
+            "  objects and committing. The first loads them (a new process), the others find them in",
+            "  the pickle cache.",
+            "- **cold**: 10 times: a new `DB`, then (timed) open a connection and read the 1,000",
+            "  objects (1,000 loads); then the pickle caches and the ZEO client cache are cleared",
+            "  (`db.storage._cache.clear()`: through `<tidecache>` that is the wrapped ZEO client's",
+            "  cache) and the `DB` closed. The sidecar is not cleared: tidecache's cold is a cold",
+            "  process on a warm host. The truly cold row is the same read on a new host.",
+            "- **warm** (zodbshootout's \"write/read\"): a new `DB`; timed: open a connection, set an",
+            "  attribute of the 1,000 objects (1,000 loads: a new process), commit, read them back",
+            "  (from the pickle cache), commit.",
+            "- **hot**: one connection reads the 1,000 objects once (not timed); then 10 times",
+            "  `cacheMinimize()` and (timed) read them again: 1,000 loads served by the storage",
+            "  cache (plain: the process's ZEO client cache; tidecache: the sidecar's arena).",
+            "- **steamin**: as hot without `cacheMinimize()`: the objects are in the pickle cache, no",
+            "  load at all (zodbshootout checks that none happened); the same work on both sides.",
+            "",
+            "With both contenders on one storage, the plain contender's add, update and warm",
+            "commit transactions the sidecar never hears of (no tidecache process is running",
+            "then): the tidecache processes of the next phases attach to a sidecar whose horizon",
+            "lags, as in the late start below. The contender order is fixed by zodbshootout",
+            "(plain first in each phase).", ""]
+    if zs.get("truly_cold"):
+        out += ["### Truly cold", "",
+                "zodbshootout cannot empty the sidecar between its cold reads. `bench/zodbshootout.py`",
+                "runs zodbshootout's own cold read (`ForkedSpeedTestWorker.bench_cold_read`, one",
+                "iteration per call) in %s forked processes, %d iterations per contender,"
+                % (" and ".join(sorted(zs["truly_cold"], key=int)), zs["cold_iterations"]),
+                "interleaved (plain, tidecache, plain, ...); before each tidecache iteration, with every",
+                "process waiting at a barrier, the sidecar is stopped and started on a new, empty arena",
+                "file. Each iteration opens a new `DB` (not timed) as zodbshootout does; the figure is",
+                "the slowest process's read, mean +- stdev over the iterations (rows `truly cold`",
+                "above). Goal: no slower than plain ZEO."]
+        for c in sorted(zs["truly_cold"], key=int):
+            loads = zs["truly_cold"][c].get("tidecache_loads")
+            if loads:
+                out.append("With %s processes, tidecache's loads were %d misses and %d hits (hits: the root"
+                           " object, loaded twice in each process, and the mappings the processes share)." % (c, loads["misses"], loads["hits"]))
+        out.append("")
+    if own:
+        out += ["### The same run with a storage per contender", "",
+                "`python bench/zodbshootout.py --own-storages` (not part of `make bench`): the tidecache",
+                "contender on a storage of its own in the same ZEO server, so the sidecar hears of every",
+                "commit of its database; pyperf ran %s; %d values per process." % (processes_text(own), own["values"]),
+                "Set beside the table above, it separates what the sidecar's lagging horizon costs (the",
+                "plain contender's commits it did not hear of) from what the cache does on its own.", ""]
+        out += shootout_table(own)
+        out.append("")
+    plot_shootout(zs)
+    return out
+
+
+def latestart_section(ls):
+    runs = ls["runs"]
+    out = ["## Late start: a warm host after commits the sidecar did not hear of", "",
+           "`python bench/latestart.py` (part of `make bench`): ZEO over FileStorage (server",
+           "`invalidation-age` set) and a new `tidecached`. %d worker processes with tidecache read"
+           % ls["workers"],
+           "every object of a working set of %d objects (%d bytes) once, then random objects for %.0f s"
+           % (ls["objects"], ls["state_bytes"], ls["seconds"]),
+           "(transactions of %d loads, the pickle cache emptied after each): their hit ratio is the"
+           % ls["reads_per_transaction"],
+           "warm ratio. They exit; a plain ZEO client (no tidecache) commits N transactions that",
+           "change a tenth of the working set; then as many new processes start with tidecache and",
+           "read random objects. Time 0 is the start of `TideCacheStorage(...)` (the attach; the",
+           "ZEO client is connected before); every load is counted as a hit or a miss.", "",
+           "| N commits | committed in, s | warm ratio | attach, ms | first hit, ms | ratio in the first 1 s | "
+           "90%% of warm from, s | ratio over %.0f s | goals met |" % ls["seconds"],
+           "|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+
+    def f(x, fmt):
+        return "-" if x is None else fmt % x
+
+    for n, r in sorted(runs.items(), key=lambda kv: int(kv[0])):
+        late = r["late"]
+        first_ok = late["first_hit_s"] is not None and late["first_hit_s"] <= 0.1
+        ratio_ok = late["recovered_s"] is not None and late["recovered_s"] <= 1.0
+        out.append("| %s | %.1f | %s | %s | %s | %s | %s | %s | %s |" % (
+            n, r["commit_seconds"], f(r["warm"]["ratio"], "%.3f"), f(late["attach_s"] * 1000, "%.0f"),
+            f(late["first_hit_s"] and late["first_hit_s"] * 1000, "%.0f"), f(late["ratio_first_second"], "%.3f"),
+            f(late["recovered_s"], "%.1f"), f(late["ratio"], "%.3f"),
+            "first hit %s, ratio %s" % ("yes" if first_ok else "**no**", "yes" if ratio_ok else "**no**")))
+    out += ["", "Hit ratio of all processes per 100 ms after the attach (`-`: no load in that 100 ms):", ""]
+    for n, r in sorted(runs.items(), key=lambda kv: int(kv[0])):
+        out.append("- N = %s: %s" % (n, " ".join(f(x, "%.2f") for x in r["late"]["ratio_by_bucket"])))
+    out += ["", "Goals (issue 8): first hit within 100 ms of the attach; from 1 s on, every 100 ms at",
+            "least 90% of the warm ratio (\"90% of warm from\": the first 100 ms from which every",
+            "later one is).", ""]
+    return out
+
+
 def main():
     core, py, demo = load("core.json"), load("python.json"), load("demo.json")
     out = ["# Benchmarks", "",
@@ -134,6 +367,12 @@ def main():
         out += ["", "Re-attaching reads the header, the database table and one word per segment;",
                 "records are verified afterwards, one segment per lock hold, with the lock left",
                 "free as long as it was held.", ""]
+    zs = load("zodbshootout.json")
+    if zs:
+        out += shootout_section(zs, load("zodbshootout-own-storages.json"))
+    ls = load("latestart.json")
+    if ls:
+        out += latestart_section(ls)
     if core:
         out += ["## Lookups and writes in Rust", "",
                 "`cargo bench -p tidecache-core --bench snapshot` (criterion, part of `make bench`):",

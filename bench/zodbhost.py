@@ -1,0 +1,136 @@
+"""One application host for the ZODB benchmarks (bench/zodbshootout.py,
+bench/latestart.py): a ZEO server (``runzeo``) over FileStorages and a
+``tidecached``, each on a Unix socket in one temporary directory, and the
+ZConfig text that names them.
+
+The ZEO server serves two FileStorages, ``plain`` and ``tidecache``. By
+default both contenders use the one storage ``plain``, as a ZODB user
+trying tidecache by hand would (and as issue 8 measured): the plain
+contender's commits (its add, update and warm phases) are then commits the
+sidecar never hears of, and every tidecache phase after them starts on a
+sidecar whose horizon lags. ``own_storages=True`` gives the tidecache
+contender the storage ``tidecache``: each of its phases then measures a
+host whose sidecar heard of every commit of its database
+(bench/latestart.py measures lagging on its own).
+
+The server sets ``invalidation-age``: a client that reconnects, or asks
+``getInvalidations(tid)`` for a ``tid`` older than the last 100
+transactions (the server's invalidation queue), is answered by iterating
+the FileStorage from ``tid`` on the server, instead of being told to
+verify or drop its whole cache. tidecache's recovery of a sidecar whose
+horizon lags (commits it did not hear of, bench/latestart.py) asks ZEO for
+exactly that; plain ZEO clients that reconnect benefit the same way, so
+both contenders run against the same server settings.
+"""
+
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "adapters" / "python" / "tests"))
+
+from conftest import stop_process  # noqa: E402  (the tests' server helpers)
+from conftest import tidecached_binary  # noqa: E402
+from conftest import wait_for_socket  # noqa: E402
+
+#: Seconds: how old a client's last transaction may be for the server to
+#: answer its ``getInvalidations`` by iterating the storage (one day:
+#: longer than any benchmark, so every backlog is answered).
+INVALIDATION_AGE = 86400
+
+#: The sidecar's arena, MiB: room for every revision the benchmarks make.
+SIDECAR_MEMORY_MB = 256
+
+
+class Host:
+    """A ZEO server and a ``tidecached`` in a new temporary directory.
+
+    ``restart_sidecar()`` stops the sidecar and starts a new one on a new,
+    empty arena file (a truly cold host); ``stop()`` stops both and
+    removes the directory."""
+
+    def __init__(self, own_storages=False, prefix="tidecache-zodb-"):
+        self.dir = tempfile.mkdtemp(prefix=prefix)
+        self.zeo_socket = os.path.join(self.dir, "zeo.sock")
+        self.sidecar_socket = os.path.join(self.dir, "tidecached.sock")
+        self.own_storages = own_storages
+        self._arena_serial = 0
+        self.zeo = self.sidecar = None
+        self._sidecar_log = open(os.path.join(self.dir, "tidecached.log"), "ab")
+        self._zeo_log = open(os.path.join(self.dir, "zeo.log"), "ab")
+        try:
+            self._start_zeo()
+            self._start_sidecar()
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_zeo(self):
+        conf = os.path.join(self.dir, "zeo.conf")
+        with open(conf, "w") as f:
+            f.write("<zeo>\n  address %s\n"
+                    "  # Backlogs of any length are answered by iterating the storage\n"
+                    "  # (bench/zodbhost.py says why).\n"
+                    "  invalidation-age %d\n</zeo>\n" % (self.zeo_socket, INVALIDATION_AGE))
+            for name in ("plain", "tidecache"):
+                f.write("<filestorage %s>\n  path %s\n</filestorage>\n"
+                        % (name, os.path.join(self.dir, name + ".fs")))
+        self.zeo = subprocess.Popen([sys.executable, "-m", "ZEO.runzeo", "-C", conf],
+                                    stdout=self._zeo_log, stderr=subprocess.STDOUT)
+        wait_for_socket(self.zeo_socket, self.zeo, "ZEO server")
+
+    def _start_sidecar(self):
+        self._arena_serial += 1
+        cache_file = os.path.join(self.dir, "cache-%d.arena" % self._arena_serial)
+        self.sidecar = subprocess.Popen(
+            [tidecached_binary(), "serve", "--socket", self.sidecar_socket, "--cache-file", cache_file,
+             "--memory-mb", str(SIDECAR_MEMORY_MB)], stderr=self._sidecar_log)
+        wait_for_socket(self.sidecar_socket, self.sidecar, "tidecached")
+
+    def restart_sidecar(self):
+        """Stops the sidecar and starts a new one on a new arena file (the
+        old file is removed): nothing of what it held survives."""
+        stop_process(self.sidecar)
+        for name in os.listdir(self.dir):
+            if name.startswith("cache-") and name.endswith(".arena"):
+                os.unlink(os.path.join(self.dir, name))
+        self._start_sidecar()
+
+    def storage_name(self, contender):
+        """The ZEO storage name of ``contender`` (``plain``, ``tidecache``)."""
+        return contender if self.own_storages else "plain"
+
+    def zeoclient_section(self, contender, indent="  "):
+        """A ``<zeoclient>`` section for ``contender``'s storage."""
+        return ("{i}<zeoclient>\n{i}  server {s}\n{i}  storage {n}\n{i}</zeoclient>\n"
+                .format(i=indent, s=self.zeo_socket, n=self.storage_name(contender)))
+
+    def zconfig(self):
+        """ZConfig text with two databases: ``plain`` (a ``<zeoclient>``) and
+        ``tidecache`` (the same ZEO client wrapped in ``<tidecache>``)."""
+        return ("%import tidecache\n"
+                "<zodb plain>\n" + self.zeoclient_section("plain") + "</zodb>\n"
+                "<zodb tidecache>\n"
+                "  <tidecache>\n"
+                "    socket %s\n" % self.sidecar_socket
+                + self.zeoclient_section("tidecache", indent="    ")
+                + "  </tidecache>\n</zodb>\n")
+
+    def write_zconfig(self):
+        """Writes :meth:`zconfig` to ``zodb.conf`` in the directory; its path."""
+        path = os.path.join(self.dir, "zodb.conf")
+        with open(path, "w") as f:
+            f.write(self.zconfig())
+        return path
+
+    def stop(self):
+        for proc in (self.sidecar, self.zeo):
+            if proc is not None:
+                stop_process(proc)
+        self._sidecar_log.close()
+        self._zeo_log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
