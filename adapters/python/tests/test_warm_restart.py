@@ -396,3 +396,36 @@ def test_a_sidecar_killed_during_the_recovery_costs_only_misses(tmp_path, sideca
     assert_no_wrong_hit(storage._tc_client, base.loadBefore, history(base))
     db.close()
     assert tidecache_threads() == []
+
+
+def test_a_commit_during_the_recovery_is_written_through_after_it(tmp_path, sidecar, monkeypatch):
+    """A commit made while the recovery runs (its report is held until the
+    recovery's reports are queued) keeps its write-through: the stores are
+    held beside the report and queued after it. Sent before it, they would
+    be past the sidecar's horizon and dropped, and the read after the
+    write would miss (it did, before the stores were held)."""
+    populate_and_cache(tmp_path, sidecar)
+    commit_many_behind(tmp_path, 20)
+    committed = threading.Event()
+
+    def pause():
+        assert committed.wait(20), "the test never committed"
+
+    blocking_iterator(monkeypatch, pause, at=0)
+    storage, db = make_db(tmp_path, sidecar.socket, timeout_ms=TIMEOUT_MS)
+    try:
+        with db.transaction() as c:
+            c.root()["a"]["x"] = 99
+        assert storage._tc_held is not None, "the recovery was not running during the commit"
+        committed.set()
+        wait_recovered(storage)
+        storage._tc_client.wait_for_stores()
+        before = storage.cache_stats()
+        assert read_fresh(db, "a") == 99
+        after = storage.cache_stats()
+        assert after["misses"] == before["misses"], "the commit's states were not written through"
+        monkeypatch.undo()
+        assert_no_wrong_hit(storage._tc_client, storage._storage.loadBefore, history(storage._storage))
+    finally:
+        committed.set()
+        db.close()

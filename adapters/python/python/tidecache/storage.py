@@ -200,6 +200,8 @@ class TideCacheStorage(MVCCAdapter):
         # the storage's iterator (after a sidecar restart), live reports
         # wait here.
         self._tc_held = []
+        # Write-through stores of held commits: (oid, tid, state).
+        self._tc_held_stores = []
         self._tc_direct = {}
         # The thread attaching again or recovering (at most one: it runs
         # with _tc_join_lock held, or was started under it); close() sets
@@ -268,6 +270,27 @@ class TideCacheStorage(MVCCAdapter):
             held, self._tc_held = self._tc_held, None
             for t, oids in held or ():
                 self._tc_report_locked(t, oids)
+            stores, self._tc_held_stores = self._tc_held_stores, []
+            if joined:
+                # Write-through held with the reports of their commits:
+                # queued after them, so they are not past the horizon.
+                for oid, t, data in stores:
+                    if self._tc_client.store_later(oid, t, None, data, t):
+                        self._tc_stats.stores += 1
+
+    def _tc_hold_or_store(self, written, t):
+        """Queues the write-through of the commit ``t`` (``written``:
+        oid -> state), or holds it beside the commit's report while an
+        attach or a recovery holds reports: sent before its report, the
+        store would be past the sidecar's horizon and refused."""
+        with self._tc_lock:
+            if self._tc_held is not None:
+                self._tc_held_stores.extend((u64(oid), t, data) for oid, data in written.items())
+                return
+        store_later = self._tc_client.store_later
+        for oid, data in written.items():
+            if store_later(u64(oid), t, None, data, t):
+                self._tc_stats.stores += 1
 
     def _tc_rejoin(self):
         """Attaches again if the first attach never joined (the sidecar was
@@ -325,6 +348,7 @@ class TideCacheStorage(MVCCAdapter):
                 held, self._tc_held = self._tc_held, None
                 for t, oids in held:
                     self._tc_report_locked(t, oids)
+                self._tc_held_stores = []
 
     def _tc_attach(self, base, last, wait):
         """Attaches to the sidecar at ``last`` and returns ``(last, joined)``:
@@ -436,6 +460,7 @@ class TideCacheStorage(MVCCAdapter):
             instance._lock = threading.Lock()
         if in_flight:
             self._tc_held = None
+            self._tc_held_stores = []
             self._tc_resync = True
 
     def _tc_flush(self):
@@ -1064,11 +1089,7 @@ class TideCacheInstance(MVCCAdapterInstance):
         def finish(tid):
             func(tid)
             if written:
-                t = u64(tid)
-                store_later = self._tc_client.store_later
-                for oid, data in written.items():
-                    if store_later(u64(oid), t, None, data, t):
-                        self._tc_stats.stores += 1
+                self._tc_base._tc_hold_or_store(written, u64(tid))
 
         return MVCCAdapterInstance.tpc_finish(self, transaction, finish)
 
