@@ -154,10 +154,24 @@ impl ProcessViews {
     /// The sender's read: clears `dirty`, then takes the minimum (the one
     /// to publish; `None`: no view) and remembers it as published.
     pub fn take(&self) -> Option<u64> {
+        self.take_keeping(false).0
+    }
+
+    /// [`ProcessViews::take`], except that with `keep` a process with no
+    /// open view keeps what was published (the sender keeps its remote
+    /// view a while instead of releasing it, so a process whose only
+    /// connection opens and closes at every request does not release and
+    /// register again each time, nor wake the sender for it: the next view
+    /// is not below the kept one). Returns the minimum to publish and
+    /// whether no view is open.
+    pub fn take_keeping(&self, keep: bool) -> (Option<u64>, bool) {
         self.dirty.store(false, Ordering::Release);
         let mut inner = lock(&self.inner);
-        inner.published = inner.minimum();
-        inner.published
+        let minimum = inner.minimum();
+        if minimum.is_some() || !keep {
+            inner.published = minimum;
+        }
+        (inner.published, minimum.is_none())
     }
 
     /// Whether a decrease waits for the sender.
@@ -208,6 +222,21 @@ mod tests {
         assert_eq!(v.take(), Some(5));
         assert_eq!(v.advance(999, 1), Change::Quiet, "unknown id ignored");
         assert_eq!(v.minimum(), Some(5));
+    }
+
+    #[test]
+    fn a_kept_view_is_not_released_and_the_next_one_does_not_wake() {
+        let v = ProcessViews::default();
+        let (a, _) = v.register(7);
+        assert_eq!(v.take(), Some(7));
+        v.release(a);
+        assert_eq!(v.take_keeping(true), (Some(7), true), "kept while no view is open");
+        let (b, change) = v.register(7);
+        assert_eq!(change, Change::Quiet, "not below the kept view: no wake");
+        v.release(b);
+        assert_eq!(v.take_keeping(false), (None, true), "released once the linger is over");
+        let (_, change) = v.register(8);
+        assert_eq!(change, Change::Wake);
     }
 
     #[test]

@@ -42,6 +42,13 @@ pub const STORE_WAKE: usize = 64;
 /// only helps later reads).
 pub const STORE_TICK: Duration = Duration::from_millis(10);
 
+/// How long the remote view is kept once the process has no open view:
+/// a process whose connections open and close at every request would
+/// otherwise release and register it again (two round trips, and a wake
+/// of this thread) at every request. Keeping it only holds the sidecar's
+/// low-water mark back (memory), for at most this long.
+pub const VIEW_LINGER: Duration = Duration::from_secs(1);
+
 /// Most state bytes sent in one `Store` request (a batch is cut before it
 /// would pass this), so that one request fits the call's timeout.
 pub const MAX_BATCH_BYTES: usize = 4 << 20;
@@ -129,6 +136,7 @@ impl Outbox {
             counters,
             need_resync: false,
             remote: None,
+            empty_since: None,
             stores: Vec::new(),
             store_bytes: 0,
             touches: Vec::new(),
@@ -265,6 +273,9 @@ struct Worker {
     need_resync: bool,
     /// The client's id of the one remote view, and its tid.
     remote: Option<(u64, u64)>,
+    /// Since when the process has had no open view (the remote view is
+    /// kept [`VIEW_LINGER`] before it is released).
+    empty_since: Option<Instant>,
     stores: Vec<StoreItem>,
     store_bytes: usize,
     touches: Vec<(u64, u64)>,
@@ -433,7 +444,12 @@ impl Worker {
     /// Registers, moves or releases the one remote view at the process's
     /// oldest view when that changed.
     fn publish_views(&mut self) {
-        let wanted = self.views.take();
+        let keep = self.remote.is_some() && !matches!(self.empty_since, Some(t) if t.elapsed() >= VIEW_LINGER);
+        let (wanted, empty) = self.views.take_keeping(keep);
+        self.empty_since = match (empty, self.empty_since) {
+            (false, _) => None,
+            (true, since) => Some(since.unwrap_or_else(Instant::now)),
+        };
         let current = self.remote.map(|(_, t)| t);
         if wanted == current {
             return;
