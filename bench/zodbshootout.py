@@ -49,7 +49,7 @@ values, mean and stdev of each contender, and the ratio tidecache / plain
 of the means; the truly cold run the same way), prints a table, and
 rebuilds docs/benchmarks.md.
 
-    zodbshootout.py [--concurrency 2 4] [--values 3] [--fast-processes 3] [--warmups 0]
+    zodbshootout.py [--concurrency 2 4] [--values 3] [--fast-processes 3] [--warmups 1]
                     [--phases add update cold warm hot steamin] [--cold-iterations 8]
                     [--own-storages] [--skip-shootout] [--skip-truly-cold] [--output PATH]
                     [--no-report]
@@ -234,7 +234,10 @@ def main():
     ap.add_argument("--values", type=int, default=3, help="pyperf values per worker process")
     ap.add_argument("--fast-processes", type=int, default=3,
                     help="pyperf worker processes for hot and steamin (the others: 1)")
-    ap.add_argument("--warmups", type=int, default=0, help="pyperf warmup values per worker process")
+    ap.add_argument("--warmups", type=int, default=1,
+                    help="pyperf warmup values per worker process (default 1: the first value of a "
+                         "phase follows the other contender's rewrite of every object in the shared "
+                         "storage, a full miss for any cache; docs/benchmarks.md gives its figure)")
     ap.add_argument("--phases", nargs="+", default=list(PHASES), choices=PHASES)
     ap.add_argument("--cold-iterations", type=int, default=8,
                     help="iterations per contender of the truly cold run")
