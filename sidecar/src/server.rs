@@ -615,38 +615,24 @@ impl Server {
                 to,
                 changes,
                 identity,
-            } => {
-                not_in_the_future("report", to)?;
-                let db = self.database(&name)?;
-                let _gate = self.unflushed(&db, identity)?;
-                let changes: Vec<(Oid, Tid)> = changes.into_iter().map(|(o, t)| (Oid(o), Tid(t))).collect();
-                match db.report(Tid(from), Tid(to), &changes) {
-                    Ok(h) => ResponseBody::Reported { horizon: h.0 },
-                    Err(e) => {
-                        tracing::info!(db = %name, error = %e, "report refused");
-                        return Err(e.into());
-                    }
-                }
-            }
+            } => self.report(&name, identity, "report", from, to, changes, |db, from, to, changes| {
+                db.report(from, to, changes)
+            })?,
             RequestBody::CollapsedReport {
                 db: name,
                 from,
                 to,
                 changes,
                 identity,
-            } => {
-                not_in_the_future("report", to)?;
-                let db = self.database(&name)?;
-                let _gate = self.unflushed(&db, identity)?;
-                let changes: Vec<(Oid, Tid)> = changes.into_iter().map(|(o, t)| (Oid(o), Tid(t))).collect();
-                match db.report_collapsed(Tid(from), Tid(to), &changes) {
-                    Ok(h) => ResponseBody::Reported { horizon: h.0 },
-                    Err(e) => {
-                        tracing::info!(db = %name, error = %e, "collapsed report refused");
-                        return Err(e.into());
-                    }
-                }
-            }
+            } => self.report(
+                &name,
+                identity,
+                "collapsed report",
+                from,
+                to,
+                changes,
+                |db, from, to, changes| db.report_collapsed(from, to, changes),
+            )?,
             RequestBody::Resync {
                 db: name,
                 tid,
@@ -720,6 +706,32 @@ impl Server {
     ///
     /// # Errors
     /// [`Refusal::Stale`].
+    /// Applies a report (exact or collapsed, by `apply`) of database
+    /// `name` from a client joined with `identity`; answers `Reported`.
+    #[allow(clippy::too_many_arguments)]
+    fn report(
+        &self,
+        name: &str,
+        identity: Option<u64>,
+        what: &'static str,
+        from: u64,
+        to: u64,
+        changes: Vec<(u64, u64)>,
+        apply: impl FnOnce(&Db, Tid, Tid, &[(Oid, Tid)]) -> Result<Tid, tidecache_core::CoreError>,
+    ) -> Result<ResponseBody, Refusal> {
+        not_in_the_future(what, to)?;
+        let db = self.database(name)?;
+        let _gate = self.unflushed(&db, identity)?;
+        let changes: Vec<(Oid, Tid)> = changes.into_iter().map(|(o, t)| (Oid(o), Tid(t))).collect();
+        match apply(&db, Tid(from), Tid(to), &changes) {
+            Ok(h) => Ok(ResponseBody::Reported { horizon: h.0 }),
+            Err(e) => {
+                tracing::info!(db = %name, error = %e, "{what} refused");
+                Err(e.into())
+            }
+        }
+    }
+
     fn unflushed(&self, db: &Db, identity: Option<u64>) -> Result<std::sync::RwLockReadGuard<'_, ()>, Refusal> {
         let gate = self.flush_gate.read().unwrap_or_else(|p| p.into_inner());
         match identity {

@@ -860,73 +860,31 @@ impl Client {
     /// [`ClientError::Unavailable`]: the report is lost; resync later.
     /// [`ClientError::NotAttached`]: `db` is not joined.
     pub fn report(&self, db: &str, from: u64, to: u64, changes: Vec<(u64, u64)>) -> Result<u64, ClientError> {
-        let p = self.proc();
-        let mut st = p.lock();
-        if !st.attached.contains_key(db) {
-            return Err(ClientError::NotAttached { db: db.to_owned() });
-        }
-        self.ensure(&p, &mut st)?;
-        let identity = st.identities.get(db).copied();
-        match self.exchange(
-            &p,
-            &mut st,
-            RequestBody::Report {
-                db: db.to_owned(),
-                from,
-                to,
-                changes,
-                identity,
-            },
-        ) {
-            Err(e) if e.is_stale() => {
-                self.forget(&p, &mut st, db);
-                Err(e)
-            }
-            Err(e) => Err(e),
-            Ok(answer) => match answer {
-                ResponseBody::Reported { horizon } => {
-                    if let Some(t) = st.attached.get_mut(db) {
-                        *t = (*t).max(to);
-                    }
-                    p.remember(&st);
-                    Ok(horizon)
-                }
-                other => {
-                    drop(st);
-                    Err(self.unexpected(other, "Reported"))
-                }
-            },
-        }
-    }
-
-    /// Sends the collapsed invalidation report `(from, to, changes)`: every
-    /// oid changed in `(from, to]`, each with a tid `T` (`from < T <= to`)
-    /// at or after its newest change there (the exact newest, or an upper
-    /// bound such as `to`: ZEO's reconnect and `getInvalidations`,
-    /// RelStorage's poll). The sidecar applies it conservatively
-    /// (docs/invariants.md, invariants 3 and 4). Returns the sidecar's
-    /// horizon.
-    ///
-    /// # Errors
-    /// As [`Client::report`]: a gap is [`ClientError::is_gap`] (call
-    /// [`Client::resync`]); [`ClientError::Unavailable`]: the report is
-    /// lost, resync later; [`ClientError::NotAttached`]: `db` is not joined.
-    pub fn report_collapsed(&self, db: &str, from: u64, to: u64, changes: Vec<(u64, u64)>) -> Result<u64, ClientError> {
-        let p = self.proc();
-        let mut st = p.lock();
-        if !st.attached.contains_key(db) {
-            return Err(ClientError::NotAttached { db: db.to_owned() });
-        }
-        self.ensure(&p, &mut st)?;
-        let identity = st.identities.get(db).copied();
-        let body = RequestBody::CollapsedReport {
+        self.send_report(db, to, |identity| RequestBody::Report {
             db: db.to_owned(),
             from,
             to,
             changes,
             identity,
-        };
-        match self.exchange(&p, &mut st, body) {
+        })
+    }
+
+    /// Sends a report (exact or collapsed) up to `to` made by `body` from
+    /// the database's identity; returns the sidecar's horizon.
+    fn send_report(
+        &self,
+        db: &str,
+        to: u64,
+        body: impl FnOnce(Option<u64>) -> RequestBody,
+    ) -> Result<u64, ClientError> {
+        let p = self.proc();
+        let mut st = p.lock();
+        if !st.attached.contains_key(db) {
+            return Err(ClientError::NotAttached { db: db.to_owned() });
+        }
+        self.ensure(&p, &mut st)?;
+        let identity = st.identities.get(db).copied();
+        match self.exchange(&p, &mut st, body(identity)) {
             Err(e) if e.is_stale() => {
                 self.forget(&p, &mut st, db);
                 Err(e)
@@ -944,6 +902,28 @@ impl Client {
                 Err(self.unexpected(other, "Reported"))
             }
         }
+    }
+
+    /// Sends the collapsed invalidation report `(from, to, changes)`: every
+    /// oid changed in `(from, to]`, each with a tid `T` (`from < T <= to`)
+    /// at or after its newest change there (the exact newest, or an upper
+    /// bound such as `to`: ZEO's reconnect and `getInvalidations`,
+    /// RelStorage's poll). The sidecar applies it conservatively
+    /// (docs/invariants.md, invariants 3 and 4). Returns the sidecar's
+    /// horizon.
+    ///
+    /// # Errors
+    /// As [`Client::report`]: a gap is [`ClientError::is_gap`] (call
+    /// [`Client::resync`]); [`ClientError::Unavailable`]: the report is
+    /// lost, resync later; [`ClientError::NotAttached`]: `db` is not joined.
+    pub fn report_collapsed(&self, db: &str, from: u64, to: u64, changes: Vec<(u64, u64)>) -> Result<u64, ClientError> {
+        self.send_report(db, to, |identity| RequestBody::CollapsedReport {
+            db: db.to_owned(),
+            from,
+            to,
+            changes,
+            identity,
+        })
     }
 
     /// Tells the sidecar this client lost invalidations up to `tid`;
