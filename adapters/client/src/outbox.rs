@@ -37,6 +37,13 @@ pub const MAX_BATCH: usize = 256;
 /// barriers wake it at once.
 pub const STORE_WAKE: usize = 64;
 
+/// Places of the queue that stores and hit hints never take: reports,
+/// resyncs and view changes still fit when a burst of misses filled the
+/// rest (a report that does not fit becomes a resync, which drops the
+/// database's open revisions for every process; a dropped store is only a
+/// later miss).
+pub const REPORT_RESERVE: usize = 256;
+
 /// How long the worker sleeps when the queue is empty: stores queued
 /// meanwhile wait at most this long (milliseconds: a store is optional and
 /// only helps later reads).
@@ -104,6 +111,9 @@ pub struct Outbox {
     /// A report or resync did not fit in the queue: the next report queued
     /// becomes a resync at its `to`.
     lost: AtomicBool,
+    /// The most messages queued before stores and hints are dropped
+    /// (`capacity` less [`REPORT_RESERVE`]).
+    optional_limit: usize,
     worker: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -140,6 +150,7 @@ impl Outbox {
             thread: handle.thread().clone(),
             tx,
             lost: AtomicBool::new(false),
+            optional_limit: capacity.saturating_sub(REPORT_RESERVE).max(1),
             worker: Mutex::new(Some(handle)),
         })
     }
@@ -158,10 +169,11 @@ impl Outbox {
         sent
     }
 
-    /// Queues a store or hints; wakes the worker only once
+    /// Queues a store or hints (dropped once the queue holds all but
+    /// [`REPORT_RESERVE`] of its places); wakes the worker only once
     /// [`STORE_WAKE`] messages wait.
     fn send_later(&self, msg: Msg) -> bool {
-        let sent = self.try_send(msg);
+        let sent = self.tx.len() < self.optional_limit && self.try_send(msg);
         if self.tx.len() >= STORE_WAKE {
             self.thread.unpark();
         }

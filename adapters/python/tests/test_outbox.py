@@ -258,3 +258,38 @@ def test_a_conflict_resolved_state_is_not_written_through(tmp_path, sidecar):
     assert conn.root()["n"]() == 2
     conn.close()
     db.close()
+
+
+def test_queued_stores_never_push_a_report_out_into_a_resync(sidecar):
+    """Review 8: stores and reports share one bounded queue. Stores are
+    optional, reports are not: while the sidecar is briefly slow (here:
+    stopped, the client's timeout an hour, so nothing is lost to a timeout),
+    a burst of misses fills the queue with stores, the next report does not
+    fit, and the report after it goes out as a resync, which drops every
+    open revision of the database in the sidecar (for every process).
+    The stores should give way (be dropped), never the report.
+
+    Deterministic: the loop queues stores until one is refused (the queue
+    is full), whatever the worker thread was doing."""
+    c = Client(sidecar.socket, database="flood", timeout_ms=HOUR_MS)
+    assert c.attach(10) == "started"
+    assert c.store(1, 10, None, b"warm", 10)
+    assert c.lookup(1, 10) == (10, b"warm")
+    sidecar.proc.send_signal(signal.SIGSTOP)
+    try:
+        n = 0
+        while c.store_later(1000 + n, 10, None, b"s", 10):
+            n += 1
+            assert n < 1_000_000, "the queue never filled"
+        c.report(10, 11, [(2, 11)])
+    finally:
+        sidecar.proc.send_signal(signal.SIGCONT)
+    assert c.wait_for_stores(20000)  # the queue drained
+    c.report(11, 12, [(3, 12)])
+    assert c.wait_for_stores(20000)
+    resyncs, lost = c.outbox_counts
+    assert c.stats()["databases"]["flood"]["horizon"] == 12, c.stats()["databases"]["flood"]
+    assert c.lookup(1, 12) == (10, b"warm"), (
+        "a report displaced by queued stores became a resync: the sidecar dropped its open revisions")
+    assert resyncs == 0
+    c.close()
