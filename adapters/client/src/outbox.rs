@@ -13,10 +13,12 @@
 //!
 //! Losses are never silent for reports (invariant 4): a report that does
 //! not fit in the full queue makes the *next* one queued a resync at its
-//! `to` (producer side); a report answered `Gap`, or lost to an unavailable
-//! sidecar, makes the worker send a resync (at once for `Gap`, instead of
-//! the next report otherwise). Stores and hints are optional and simply
-//! dropped when the queue is full.
+//! `to` (producer side), or, if none follows before the worker finds the
+//! queue empty, makes the worker resync at the newest tid lost; a report
+//! answered `Gap`, or lost to an unavailable sidecar, makes the worker send
+//! a resync (at once for `Gap`, instead of the next report otherwise).
+//! Stores and hints are optional: they are dropped once the queue holds
+//! all but its last [`REPORT_RESERVE`] places, which stay for reports.
 
 use crate::protocol::StoreItem;
 use crate::{Client, ClientError};
@@ -110,10 +112,12 @@ pub struct Outbox {
     thread: std::thread::Thread,
     /// A report or resync did not fit in the queue: the next report queued
     /// becomes a resync at its `to`.
-    lost: AtomicBool,
+    lost: Arc<Overflow>,
     /// The most messages queued before stores and hints are dropped
     /// (`capacity` less [`REPORT_RESERVE`]).
     optional_limit: usize,
+    /// The session's counters (resyncs queued in place of a lost report).
+    counters: Arc<Counters>,
     worker: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -132,11 +136,13 @@ impl Outbox {
         capacity: usize,
     ) -> std::io::Result<Self> {
         let (tx, rx) = bounded(capacity);
+        let lost = Arc::new(Overflow::default());
         let worker = Worker {
+            overflow: lost.clone(),
             client,
             db,
             views,
-            counters,
+            counters: counters.clone(),
             need_resync: false,
             remote: None,
             stores: Vec::new(),
@@ -149,8 +155,9 @@ impl Outbox {
         Ok(Outbox {
             thread: handle.thread().clone(),
             tx,
-            lost: AtomicBool::new(false),
+            lost,
             optional_limit: capacity.saturating_sub(REPORT_RESERVE).max(1),
+            counters,
             worker: Mutex::new(Some(handle)),
         })
     }
@@ -183,34 +190,35 @@ impl Outbox {
     /// Queues the report `(from, to, changes)`; if a report was lost to a
     /// full queue before, a resync at `to` instead. Never blocks.
     pub(crate) fn report(&self, from: u64, to: u64, changes: Vec<(u64, u64)>) {
-        let msg = if self.lost.swap(false, Ordering::AcqRel) {
-            Msg::Resync(to)
-        } else {
-            Msg::Report { from, to, changes }
-        };
-        if !self.send_now(msg) {
-            tracing::debug!(to, "queue full: the next report is a resync");
-            self.lost.store(true, Ordering::Release);
-        }
+        self.queue_report(to, Msg::Report { from, to, changes });
     }
 
     /// Queues the collapsed report `(from, to, changes)`; converted as
     /// [`Outbox::report`] after a loss. Never blocks.
     pub(crate) fn report_collapsed(&self, from: u64, to: u64, changes: Vec<(u64, u64)>) {
-        let msg = if self.lost.swap(false, Ordering::AcqRel) {
-            Msg::Resync(to)
+        self.queue_report(to, Msg::ReportCollapsed { from, to, changes });
+    }
+
+    /// Queues `msg`, a report up to `to`, or a resync at `to` in its place
+    /// after a report lost to a full queue (counted in
+    /// [`Counters::resyncs`] once queued).
+    fn queue_report(&self, to: u64, msg: Msg) {
+        let converted = self.lost.flag.swap(false, Ordering::AcqRel);
+        let msg = if converted { Msg::Resync(to) } else { msg };
+        if self.send_now(msg) {
+            if converted {
+                self.counters.resyncs.fetch_add(1, Ordering::Relaxed);
+            }
         } else {
-            Msg::ReportCollapsed { from, to, changes }
-        };
-        if !self.send_now(msg) {
-            self.lost.store(true, Ordering::Release);
+            tracing::debug!(to, "queue full: the next report is a resync");
+            self.lost.lose(to);
         }
     }
 
     /// Queues a resync at `tid`. Never blocks.
     pub(crate) fn resync(&self, tid: u64) {
         if !self.send_now(Msg::Resync(tid)) {
-            self.lost.store(true, Ordering::Release);
+            self.lost.lose(tid);
         }
     }
 
@@ -268,7 +276,29 @@ impl Outbox {
     }
 }
 
+/// A report or resync that did not fit in the queue: the next report
+/// queued becomes a resync at its `to`, or, if none is queued by the time
+/// the worker finds the queue empty, the worker resyncs at `to` itself (the
+/// sidecar's horizon would otherwise stay behind until the next commit).
+#[derive(Default)]
+struct Overflow {
+    /// Whether a report or resync was lost to a full queue since the last
+    /// resync queued or sent in its place; whoever clears it sends the resync.
+    flag: AtomicBool,
+    /// The newest tid lost to a full queue.
+    to: AtomicU64,
+}
+
+impl Overflow {
+    fn lose(&self, to: u64) {
+        self.to.fetch_max(to, Ordering::AcqRel);
+        self.flag.store(true, Ordering::Release);
+    }
+}
+
 struct Worker {
+    /// Shared with the producers' [`Outbox`].
+    overflow: Arc<Overflow>,
     client: Arc<Client>,
     db: String,
     views: Arc<ProcessViews>,
@@ -291,16 +321,20 @@ impl Worker {
         loop {
             let mut n = 0;
             let mut close = false;
+            let mut drained = false;
             loop {
                 match rx.try_recv() {
                     Ok(msg) => {
-                        close |= self.handle(msg);
+                        close |= self.handle(msg, rx.is_empty());
                         n += 1;
                         if close || n >= MAX_BATCH {
                             break;
                         }
                     }
-                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Empty) => {
+                        drained = true;
+                        break;
+                    }
                     // Every sender is gone (the session was dropped).
                     Err(TryRecvError::Disconnected) => {
                         close = true;
@@ -312,6 +346,9 @@ impl Worker {
             if close {
                 break;
             }
+            if drained {
+                self.resync_overflow();
+            }
             self.idle();
             if n < MAX_BATCH {
                 std::thread::park_timeout(STORE_TICK);
@@ -321,7 +358,8 @@ impl Worker {
     }
 
     /// Handles one message in order; `true` at `Close`.
-    fn handle(&mut self, msg: Msg) -> bool {
+    /// `last`: nothing was queued after `msg` when it was taken.
+    fn handle(&mut self, msg: Msg, last: bool) -> bool {
         match msg {
             Msg::Store(item) => {
                 if self.store_bytes + item.state.len() > MAX_BATCH_BYTES || self.stores.len() >= MAX_BATCH {
@@ -347,6 +385,11 @@ impl Worker {
             Msg::Barrier(done) => {
                 self.send_pending();
                 self.publish_views();
+                if last {
+                    // Everything queued or lost before the barrier is
+                    // handled before it is answered.
+                    self.resync_overflow();
+                }
                 let _ = done.send(());
             }
             Msg::Close => {
@@ -367,6 +410,19 @@ impl Worker {
             tracing::debug!(db = %self.db, "reconnected from the outbox");
         }
         self.publish_views();
+    }
+
+    /// The queue is empty and a report or resync that did not fit in it
+    /// was not followed by another report (which would have gone out as a
+    /// resync in its place): resyncs at the newest tid lost.
+    fn resync_overflow(&mut self) {
+        if self.overflow.flag.swap(false, Ordering::AcqRel) {
+            let to = self.overflow.to.load(Ordering::Acquire);
+            self.counters.resyncs.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(db = %self.db, to, "reports lost to a full queue: resyncing");
+            self.send_pending();
+            self.resync(to);
+        }
     }
 
     /// Sends a report up to `to` with `send` (plain or collapsed), or a

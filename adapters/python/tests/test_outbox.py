@@ -293,3 +293,47 @@ def test_queued_stores_never_push_a_report_out_into_a_resync(sidecar):
         "a report displaced by queued stores became a resync: the sidecar dropped its open revisions")
     assert resyncs == 0
     c.close()
+
+
+def test_a_resync_for_a_report_lost_to_a_full_queue_is_counted(sidecar):
+    """Review 8: ``Counters::resyncs`` (``cache_stats()["resyncs"]``) says
+    it counts the resyncs sent in place of a report lost to a full queue;
+    the outbox converted such a report without counting it, so an operator
+    saw no resync while the sidecar dropped its open revisions."""
+    c = Client(sidecar.socket, database="full", timeout_ms=HOUR_MS)
+    assert c.attach(10) == "started"
+    sidecar.proc.send_signal(signal.SIGSTOP)
+    try:
+        # More reports than the queue holds (2048) and the worker takes
+        # off it in one batch (256): some do not fit.
+        for i in range(4000):
+            c.report(10 + i, 11 + i, [(1, 11 + i)])
+    finally:
+        sidecar.proc.send_signal(signal.SIGCONT)
+    assert c.wait_for_stores(60000)
+    c.report(4010, 4011, [(1, 4011)])  # goes out as a resync
+    assert c.wait_for_stores(20000)
+    assert c.stats()["databases"]["full"]["horizon"] == 4011
+    resyncs, _lost = c.outbox_counts
+    assert resyncs >= 1, "a resync in place of a report lost to a full queue was not counted"
+    c.close()
+
+
+def test_reports_lost_to_a_full_queue_are_resynced_without_a_next_commit(sidecar):
+    """Review 8: a report lost to a full queue only made the NEXT report
+    a resync; with no commit after the burst, the sidecar's horizon stayed
+    behind the tids this process reported (its open revisions never answer
+    this process's newer views: the cache does not warm again until some
+    process commits). The worker resyncs at the newest lost tid once it
+    finds the queue empty."""
+    c = Client(sidecar.socket, database="tail", timeout_ms=HOUR_MS)
+    assert c.attach(10) == "started"
+    sidecar.proc.send_signal(signal.SIGSTOP)
+    try:
+        for i in range(4000):
+            c.report(10 + i, 11 + i, [(1, 11 + i)])
+    finally:
+        sidecar.proc.send_signal(signal.SIGCONT)
+    assert c.wait_for_stores(60000)
+    assert c.stats()["databases"]["tail"]["horizon"] == 4010, "the sidecar never heard of the lost reports"
+    c.close()
