@@ -16,7 +16,8 @@
 //! `to` (producer side), or, if none follows before the worker finds the
 //! queue empty, makes the worker resync at the newest tid lost; a report
 //! answered `Gap`, or lost to an unavailable sidecar, makes the worker send
-//! a resync (at once for `Gap`, instead of the next report otherwise).
+//! a resync (at once for `Gap`; otherwise in place of the next report, or
+//! once reconnected with the queue empty if no report comes first).
 //! Stores and hints are optional: they are dropped once the queue holds
 //! all but its last [`REPORT_RESERVE`] places, which stay for reports.
 
@@ -144,6 +145,7 @@ impl Outbox {
             views,
             counters: counters.clone(),
             need_resync: false,
+            lost_to: 0,
             remote: None,
             stores: Vec::new(),
             store_bytes: 0,
@@ -305,6 +307,8 @@ struct Worker {
     counters: Arc<Counters>,
     /// A report was lost: the next one is sent as a resync.
     need_resync: bool,
+    /// The newest tid of a report or resync lost to an unavailable sidecar.
+    lost_to: u64,
     /// The client's id of the one remote view, and its tid.
     remote: Option<(u64, u64)>,
     stores: Vec<StoreItem>,
@@ -348,6 +352,7 @@ impl Worker {
             }
             if drained {
                 self.resync_overflow();
+                self.resync_lost();
             }
             self.idle();
             if n < MAX_BATCH {
@@ -425,6 +430,21 @@ impl Worker {
         }
     }
 
+    /// The queue is empty, the connection is up again and a report or
+    /// resync was lost to the unavailable sidecar: resyncs at the newest
+    /// tid lost now rather than at the next report (the reconnect's own
+    /// resync is at the last tid the sidecar acknowledged, so without a
+    /// commit after the loss its horizon would stay behind).
+    fn resync_lost(&mut self) {
+        if self.need_resync && self.client.is_connected() && self.client.is_joined(&self.db) {
+            self.counters.resyncs.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(db = %self.db, to = self.lost_to, "reconnected after lost reports: resyncing");
+            self.send_pending();
+            let to = self.lost_to;
+            self.resync(to);
+        }
+    }
+
     /// Sends a report up to `to` with `send` (plain or collapsed), or a
     /// resync at `to` in its place after a loss.
     fn report(&mut self, to: u64, send: impl FnOnce(&Client, &str) -> Result<u64, ClientError>) {
@@ -465,6 +485,7 @@ impl Worker {
             e => {
                 self.counters.lost.fetch_add(1, Ordering::Relaxed);
                 self.need_resync = true;
+                self.lost_to = self.lost_to.max(tid);
                 tracing::debug!(db = %self.db, tid, error = %e, "report lost: the next one is a resync");
             }
         }

@@ -337,3 +337,34 @@ def test_reports_lost_to_a_full_queue_are_resynced_without_a_next_commit(sidecar
     assert c.wait_for_stores(60000)
     assert c.stats()["databases"]["tail"]["horizon"] == 4010, "the sidecar never heard of the lost reports"
     c.close()
+
+
+def _sidecar_horizon(sidecar, database):
+    db = sidecar.stats()["databases"].get(database)
+    return None if db is None else db["horizon"]
+
+
+def test_a_report_lost_to_a_killed_sidecar_is_resynced_without_a_next_commit(sidecar):
+    """Review 8: a report lost to an unavailable sidecar only made the NEXT
+    report a resync; the reconnect's own resync is at the last tid the
+    sidecar acknowledged. With no commit after it, the restarted sidecar's
+    horizon stayed behind this process's tids (its open revisions never
+    answer this process's newer views) until some process commits. The
+    worker resyncs at the newest lost tid once reconnected and idle."""
+    c = Client(sidecar.socket, database="idle", timeout_ms=1000)
+    assert c.attach(10) == "started"
+    c.report(10, 11, [(1, 11)])
+    assert c.wait_for_stores(5000)
+    assert _sidecar_horizon(sidecar, "idle") == 11
+    sidecar.kill()
+    c.report(11, 12, [(1, 12)])
+    assert c.wait_for_stores(5000)
+    assert c.outbox_counts[1] >= 1  # lost
+    sidecar.start()
+    deadline = time.monotonic() + 10.0
+    while _sidecar_horizon(sidecar, "idle") != 12:
+        assert time.monotonic() < deadline, (
+            "the sidecar's horizon stayed at %s: the lost report was never resynced"
+            % _sidecar_horizon(sidecar, "idle"))
+        time.sleep(0.05)
+    c.close()
