@@ -13,10 +13,13 @@
 //!
 //! Losses are never silent for reports (invariant 4): a report that does
 //! not fit in the full queue makes the *next* one queued a resync at its
-//! `to` (producer side); a report answered `Gap`, or lost to an unavailable
-//! sidecar, makes the worker send a resync (at once for `Gap`, instead of
-//! the next report otherwise). Stores and hints are optional and simply
-//! dropped when the queue is full.
+//! `to` (producer side), or, if none follows before the worker finds the
+//! queue empty, makes the worker resync at the newest tid lost; a report
+//! answered `Gap`, or lost to an unavailable sidecar, makes the worker send
+//! a resync (at once for `Gap`; otherwise in place of the next report, or
+//! once reconnected with the queue empty if no report comes first).
+//! Stores and hints are optional: they are dropped once the queue holds
+//! all but its last [`REPORT_RESERVE`] places, which stay for reports.
 
 use crate::protocol::StoreItem;
 use crate::{Client, ClientError};
@@ -36,6 +39,13 @@ pub const MAX_BATCH: usize = 256;
 /// every store woke it); reports, resyncs, a view that went down and
 /// barriers wake it at once.
 pub const STORE_WAKE: usize = 64;
+
+/// Places of the queue that stores and hit hints never take: reports,
+/// resyncs and view changes still fit when a burst of misses filled the
+/// rest (a report that does not fit becomes a resync, which drops the
+/// database's open revisions for every process; a dropped store is only a
+/// later miss).
+pub const REPORT_RESERVE: usize = 256;
 
 /// How long the worker sleeps when the queue is empty: stores queued
 /// meanwhile wait at most this long (milliseconds: a store is optional and
@@ -110,7 +120,12 @@ pub struct Outbox {
     thread: std::thread::Thread,
     /// A report or resync did not fit in the queue: the next report queued
     /// becomes a resync at its `to`.
-    lost: AtomicBool,
+    lost: Arc<Overflow>,
+    /// The most messages queued before stores and hints are dropped
+    /// (`capacity` less [`REPORT_RESERVE`]).
+    optional_limit: usize,
+    /// The session's counters (resyncs queued in place of a lost report).
+    counters: Arc<Counters>,
     worker: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -129,12 +144,15 @@ impl Outbox {
         capacity: usize,
     ) -> std::io::Result<Self> {
         let (tx, rx) = bounded(capacity);
+        let lost = Arc::new(Overflow::default());
         let worker = Worker {
+            overflow: lost.clone(),
             client,
             db,
             views,
-            counters,
+            counters: counters.clone(),
             need_resync: false,
+            lost_to: 0,
             remote: None,
             empty_since: None,
             stores: Vec::new(),
@@ -147,7 +165,9 @@ impl Outbox {
         Ok(Outbox {
             thread: handle.thread().clone(),
             tx,
-            lost: AtomicBool::new(false),
+            lost,
+            optional_limit: capacity.saturating_sub(REPORT_RESERVE).max(1),
+            counters,
             worker: Mutex::new(Some(handle)),
         })
     }
@@ -166,10 +186,11 @@ impl Outbox {
         sent
     }
 
-    /// Queues a store or hints; wakes the worker only once
+    /// Queues a store or hints (dropped once the queue holds all but
+    /// [`REPORT_RESERVE`] of its places); wakes the worker only once
     /// [`STORE_WAKE`] messages wait.
     fn send_later(&self, msg: Msg) -> bool {
-        let sent = self.try_send(msg);
+        let sent = self.tx.len() < self.optional_limit && self.try_send(msg);
         if self.tx.len() >= STORE_WAKE {
             self.thread.unpark();
         }
@@ -179,34 +200,35 @@ impl Outbox {
     /// Queues the report `(from, to, changes)`; if a report was lost to a
     /// full queue before, a resync at `to` instead. Never blocks.
     pub(crate) fn report(&self, from: u64, to: u64, changes: Vec<(u64, u64)>) {
-        let msg = if self.lost.swap(false, Ordering::AcqRel) {
-            Msg::Resync(to)
-        } else {
-            Msg::Report { from, to, changes }
-        };
-        if !self.send_now(msg) {
-            tracing::debug!(to, "queue full: the next report is a resync");
-            self.lost.store(true, Ordering::Release);
-        }
+        self.queue_report(to, Msg::Report { from, to, changes });
     }
 
     /// Queues the collapsed report `(from, to, changes)`; converted as
     /// [`Outbox::report`] after a loss. Never blocks.
     pub(crate) fn report_collapsed(&self, from: u64, to: u64, changes: Vec<(u64, u64)>) {
-        let msg = if self.lost.swap(false, Ordering::AcqRel) {
-            Msg::Resync(to)
+        self.queue_report(to, Msg::ReportCollapsed { from, to, changes });
+    }
+
+    /// Queues `msg`, a report up to `to`, or a resync at `to` in its place
+    /// after a report lost to a full queue (counted in
+    /// [`Counters::resyncs`] once queued).
+    fn queue_report(&self, to: u64, msg: Msg) {
+        let converted = self.lost.flag.swap(false, Ordering::AcqRel);
+        let msg = if converted { Msg::Resync(to) } else { msg };
+        if self.send_now(msg) {
+            if converted {
+                self.counters.resyncs.fetch_add(1, Ordering::Relaxed);
+            }
         } else {
-            Msg::ReportCollapsed { from, to, changes }
-        };
-        if !self.send_now(msg) {
-            self.lost.store(true, Ordering::Release);
+            tracing::debug!(to, "queue full: the next report is a resync");
+            self.lost.lose(to);
         }
     }
 
     /// Queues a resync at `tid`. Never blocks.
     pub(crate) fn resync(&self, tid: u64) {
         if !self.send_now(Msg::Resync(tid)) {
-            self.lost.store(true, Ordering::Release);
+            self.lost.lose(tid);
         }
     }
 
@@ -264,13 +286,37 @@ impl Outbox {
     }
 }
 
+/// A report or resync that did not fit in the queue: the next report
+/// queued becomes a resync at its `to`, or, if none is queued by the time
+/// the worker finds the queue empty, the worker resyncs at `to` itself (the
+/// sidecar's horizon would otherwise stay behind until the next commit).
+#[derive(Default)]
+struct Overflow {
+    /// Whether a report or resync was lost to a full queue since the last
+    /// resync queued or sent in its place; whoever clears it sends the resync.
+    flag: AtomicBool,
+    /// The newest tid lost to a full queue.
+    to: AtomicU64,
+}
+
+impl Overflow {
+    fn lose(&self, to: u64) {
+        self.to.fetch_max(to, Ordering::AcqRel);
+        self.flag.store(true, Ordering::Release);
+    }
+}
+
 struct Worker {
+    /// Shared with the producers' [`Outbox`].
+    overflow: Arc<Overflow>,
     client: Arc<Client>,
     db: String,
     views: Arc<ProcessViews>,
     counters: Arc<Counters>,
     /// A report was lost: the next one is sent as a resync.
     need_resync: bool,
+    /// The newest tid of a report or resync lost to an unavailable sidecar.
+    lost_to: u64,
     /// The client's id of the one remote view, and its tid.
     remote: Option<(u64, u64)>,
     /// Since when the process has had no open view (the remote view is
@@ -290,16 +336,20 @@ impl Worker {
         loop {
             let mut n = 0;
             let mut close = false;
+            let mut drained = false;
             loop {
                 match rx.try_recv() {
                     Ok(msg) => {
-                        close |= self.handle(msg);
+                        close |= self.handle(msg, rx.is_empty());
                         n += 1;
                         if close || n >= MAX_BATCH {
                             break;
                         }
                     }
-                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Empty) => {
+                        drained = true;
+                        break;
+                    }
                     // Every sender is gone (the session was dropped).
                     Err(TryRecvError::Disconnected) => {
                         close = true;
@@ -311,6 +361,10 @@ impl Worker {
             if close {
                 break;
             }
+            if drained {
+                self.resync_overflow();
+                self.resync_lost();
+            }
             self.idle();
             if n < MAX_BATCH {
                 std::thread::park_timeout(STORE_TICK);
@@ -320,7 +374,8 @@ impl Worker {
     }
 
     /// Handles one message in order; `true` at `Close`.
-    fn handle(&mut self, msg: Msg) -> bool {
+    /// `last`: nothing was queued after `msg` when it was taken.
+    fn handle(&mut self, msg: Msg, last: bool) -> bool {
         match msg {
             Msg::Store(item) => {
                 if self.store_bytes + item.state.len() > MAX_BATCH_BYTES || self.stores.len() >= MAX_BATCH {
@@ -346,6 +401,11 @@ impl Worker {
             Msg::Barrier(done) => {
                 self.send_pending();
                 self.publish_views();
+                if last {
+                    // Everything queued or lost before the barrier is
+                    // handled before it is answered.
+                    self.resync_overflow();
+                }
                 let _ = done.send(());
             }
             Msg::Close => {
@@ -366,6 +426,34 @@ impl Worker {
             tracing::debug!(db = %self.db, "reconnected from the outbox");
         }
         self.publish_views();
+    }
+
+    /// The queue is empty and a report or resync that did not fit in it
+    /// was not followed by another report (which would have gone out as a
+    /// resync in its place): resyncs at the newest tid lost.
+    fn resync_overflow(&mut self) {
+        if self.overflow.flag.swap(false, Ordering::AcqRel) {
+            let to = self.overflow.to.load(Ordering::Acquire);
+            self.counters.resyncs.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(db = %self.db, to, "reports lost to a full queue: resyncing");
+            self.send_pending();
+            self.resync(to);
+        }
+    }
+
+    /// The queue is empty, the connection is up again and a report or
+    /// resync was lost to the unavailable sidecar: resyncs at the newest
+    /// tid lost now rather than at the next report (the reconnect's own
+    /// resync is at the last tid the sidecar acknowledged, so without a
+    /// commit after the loss its horizon would stay behind).
+    fn resync_lost(&mut self) {
+        if self.need_resync && self.client.is_connected() && self.client.is_joined(&self.db) {
+            self.counters.resyncs.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(db = %self.db, to = self.lost_to, "reconnected after lost reports: resyncing");
+            self.send_pending();
+            let to = self.lost_to;
+            self.resync(to);
+        }
     }
 
     /// Sends a report up to `to` with `send` (plain or collapsed), or a
@@ -408,6 +496,7 @@ impl Worker {
             e => {
                 self.counters.lost.fetch_add(1, Ordering::Relaxed);
                 self.need_resync = true;
+                self.lost_to = self.lost_to.max(tid);
                 tracing::debug!(db = %self.db, tid, error = %e, "report lost: the next one is a resync");
             }
         }

@@ -15,8 +15,8 @@ use std::time::Duration;
 use tidecache_core::{Change, ProcessViews};
 
 /// Messages a session's outbox may hold (reports, resyncs, stores, hint
-/// batches, view wakes); more stores and hints are dropped (they are
-/// optional), a report that does not fit makes the next one a resync. The
+/// batches, view wakes); stores and hints are dropped (they are optional)
+/// once all but [`crate::outbox::REPORT_RESERVE`] places are taken, a report that does not fit makes the next one a resync. The
 /// queue's ring is allocated whole, about 100 bytes a message: 16,384 cost
 /// each worker 1.6 MB (`bench/memory.py`).
 pub const STORE_QUEUE_CAPACITY: usize = 2048;

@@ -258,3 +258,113 @@ def test_a_conflict_resolved_state_is_not_written_through(tmp_path, sidecar):
     assert conn.root()["n"]() == 2
     conn.close()
     db.close()
+
+
+def test_queued_stores_never_push_a_report_out_into_a_resync(sidecar):
+    """Review 8: stores and reports share one bounded queue. Stores are
+    optional, reports are not: while the sidecar is briefly slow (here:
+    stopped, the client's timeout an hour, so nothing is lost to a timeout),
+    a burst of misses fills the queue with stores, the next report does not
+    fit, and the report after it goes out as a resync, which drops every
+    open revision of the database in the sidecar (for every process).
+    The stores should give way (be dropped), never the report.
+
+    Deterministic: the loop queues stores until one is refused (the queue
+    is full), whatever the worker thread was doing."""
+    c = Client(sidecar.socket, database="flood", timeout_ms=HOUR_MS)
+    assert c.attach(10) == "started"
+    assert c.store(1, 10, None, b"warm", 10)
+    assert c.lookup(1, 10) == (10, b"warm")
+    sidecar.proc.send_signal(signal.SIGSTOP)
+    try:
+        n = 0
+        while c.store_later(1000 + n, 10, None, b"s", 10):
+            n += 1
+            assert n < 1_000_000, "the queue never filled"
+        c.report(10, 11, [(2, 11)])
+    finally:
+        sidecar.proc.send_signal(signal.SIGCONT)
+    assert c.wait_for_stores(20000)  # the queue drained
+    c.report(11, 12, [(3, 12)])
+    assert c.wait_for_stores(20000)
+    resyncs, lost = c.outbox_counts
+    assert c.stats()["databases"]["flood"]["horizon"] == 12, c.stats()["databases"]["flood"]
+    assert c.lookup(1, 12) == (10, b"warm"), (
+        "a report displaced by queued stores became a resync: the sidecar dropped its open revisions")
+    assert resyncs == 0
+    c.close()
+
+
+def test_a_resync_for_a_report_lost_to_a_full_queue_is_counted(sidecar):
+    """Review 8: ``Counters::resyncs`` (``cache_stats()["resyncs"]``) says
+    it counts the resyncs sent in place of a report lost to a full queue;
+    the outbox converted such a report without counting it, so an operator
+    saw no resync while the sidecar dropped its open revisions."""
+    c = Client(sidecar.socket, database="full", timeout_ms=HOUR_MS)
+    assert c.attach(10) == "started"
+    sidecar.proc.send_signal(signal.SIGSTOP)
+    try:
+        # More reports than the queue holds (2048) and the worker takes
+        # off it in one batch (256): some do not fit.
+        for i in range(4000):
+            c.report(10 + i, 11 + i, [(1, 11 + i)])
+    finally:
+        sidecar.proc.send_signal(signal.SIGCONT)
+    assert c.wait_for_stores(60000)
+    c.report(4010, 4011, [(1, 4011)])  # goes out as a resync
+    assert c.wait_for_stores(20000)
+    assert c.stats()["databases"]["full"]["horizon"] == 4011
+    resyncs, _lost = c.outbox_counts
+    assert resyncs >= 1, "a resync in place of a report lost to a full queue was not counted"
+    c.close()
+
+
+def test_reports_lost_to_a_full_queue_are_resynced_without_a_next_commit(sidecar):
+    """Review 8: a report lost to a full queue only made the NEXT report
+    a resync; with no commit after the burst, the sidecar's horizon stayed
+    behind the tids this process reported (its open revisions never answer
+    this process's newer views: the cache does not warm again until some
+    process commits). The worker resyncs at the newest lost tid once it
+    finds the queue empty."""
+    c = Client(sidecar.socket, database="tail", timeout_ms=HOUR_MS)
+    assert c.attach(10) == "started"
+    sidecar.proc.send_signal(signal.SIGSTOP)
+    try:
+        for i in range(4000):
+            c.report(10 + i, 11 + i, [(1, 11 + i)])
+    finally:
+        sidecar.proc.send_signal(signal.SIGCONT)
+    assert c.wait_for_stores(60000)
+    assert c.stats()["databases"]["tail"]["horizon"] == 4010, "the sidecar never heard of the lost reports"
+    c.close()
+
+
+def _sidecar_horizon(sidecar, database):
+    db = sidecar.stats()["databases"].get(database)
+    return None if db is None else db["horizon"]
+
+
+def test_a_report_lost_to_a_killed_sidecar_is_resynced_without_a_next_commit(sidecar):
+    """Review 8: a report lost to an unavailable sidecar only made the NEXT
+    report a resync; the reconnect's own resync is at the last tid the
+    sidecar acknowledged. With no commit after it, the restarted sidecar's
+    horizon stayed behind this process's tids (its open revisions never
+    answer this process's newer views) until some process commits. The
+    worker resyncs at the newest lost tid once reconnected and idle."""
+    c = Client(sidecar.socket, database="idle", timeout_ms=1000)
+    assert c.attach(10) == "started"
+    c.report(10, 11, [(1, 11)])
+    assert c.wait_for_stores(5000)
+    assert _sidecar_horizon(sidecar, "idle") == 11
+    sidecar.kill()
+    c.report(11, 12, [(1, 12)])
+    assert c.wait_for_stores(5000)
+    assert c.outbox_counts[1] >= 1  # lost
+    sidecar.start()
+    deadline = time.monotonic() + 10.0
+    while _sidecar_horizon(sidecar, "idle") != 12:
+        assert time.monotonic() < deadline, (
+            "the sidecar's horizon stayed at %s: the lost report was never resynced"
+            % _sidecar_horizon(sidecar, "idle"))
+        time.sleep(0.05)
+    c.close()
