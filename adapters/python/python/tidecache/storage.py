@@ -283,14 +283,20 @@ class TideCacheStorage(MVCCAdapter):
         oid -> state), or holds it beside the commit's report while an
         attach or a recovery holds reports: sent before its report, the
         store would be past the sidecar's horizon and refused."""
-        with self._tc_lock:
-            if self._tc_held is not None:
-                self._tc_held_stores.extend((u64(oid), t, data) for oid, data in written.items())
-                return
-        store_later = self._tc_client.store_later
-        for oid, data in written.items():
-            if store_later(u64(oid), t, None, data, t):
-                self._tc_stats.stores += 1
+        # Called in the commit's second phase: nothing here may fail it.
+        try:
+            with self._tc_lock:
+                if self._tc_held is not None:
+                    self._tc_held_stores.extend((u64(oid), t, data) for oid, data in written.items())
+                    return
+            store_later = self._tc_client.store_later
+            for oid, data in written.items():
+                if store_later(u64(oid), t, None, bytes(data), t):
+                    self._tc_stats.stores += 1
+        except Exception:
+            logger.exception("tidecache: %s: the write-through of %s failed (the commit stands; "
+                             "its states are loaded again on the next read)",
+                             self._tc_client.database, tid_repr(p64(t)))
 
     def _tc_rejoin(self):
         """Attaches again if the first attach never joined (the sidecar was
