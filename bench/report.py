@@ -377,6 +377,20 @@ def main():
     ls = load("latestart.json")
     if ls:
         out += latestart_section(ls)
+    bd = load("boundaries.json")
+    if bd:
+        out += ["## Transaction boundaries and misses from Python", "",
+                "`python bench/boundaries.py` (part of `make bench`): a loop of",
+                "`poll_invalidations` + `afterCompletion` on one connection's storage, and a loop of",
+                "`load()` misses over a MappingStorage (each queuing a store), each against the same",
+                "loop on ZODB's own `MVCCAdapter` in the same run. Goals (issue 8): at most 10 us",
+                "added per boundary, at most 2 us per miss. Microseconds per operation:", "",
+                "| | tidecache | MVCCAdapter (anchor) | added | goal |", "|---|---:|---:|---:|---:|"]
+        for key, label, goal in (("boundary_us", "transaction boundary", 10), ("miss_us", "miss", 2)):
+            r = bd[key]
+            out.append("| %s | %.2f | %.2f | %.2f | %d |" % (label, r["tidecache"], r["mvccadapter"],
+                                                          r["added_us"], goal))
+        out.append("")
     if core:
         out += ["## Lookups and writes in Rust", "",
                 "`cargo bench -p tidecache-core --bench snapshot` (criterion, part of `make bench`):",
