@@ -18,7 +18,10 @@ from tidecache import TideCacheStorage
 
 
 def open_db(path, socket):
-    storage = TideCacheStorage(ZODB.FileStorage.FileStorage(str(path)), socket=socket)
+    # 2 s per sidecar call: the 50 ms default made an attach fail now and
+    # then on a loaded machine, and the test then checked a storage that
+    # never joined (a timing-dependent test).
+    storage = TideCacheStorage(ZODB.FileStorage.FileStorage(str(path)), socket=socket, timeout_ms=2000)
     return storage, ZODB.DB(storage, cache_size=0)
 
 
