@@ -242,7 +242,7 @@ def latestart_section(ls):
     runs = ls["runs"]
     out = ["## Late start: a warm host after commits the sidecar did not hear of", "",
            "`python bench/latestart.py` (part of `make bench`): ZEO over FileStorage (server",
-           "`invalidation-age` set) and a new `tidecached`. %d worker processes with tidecache read"
+           "`invalidation-age` set, `invalidation-queue-size 20000`) and a new `tidecached`. %d worker processes with tidecache read"
            % ls["workers"],
            "every object of a working set of %d objects (%d bytes) once, then random objects for %.0f s"
            % (ls["objects"], ls["state_bytes"], ls["seconds"]),

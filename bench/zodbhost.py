@@ -20,7 +20,13 @@ the FileStorage from ``tid`` on the server, instead of being told to
 verify or drop its whole cache. tidecache's recovery of a sidecar whose
 horizon lags (commits it did not hear of, bench/latestart.py) asks ZEO for
 exactly that; plain ZEO clients that reconnect benefit the same way, so
-both contenders run against the same server settings.
+both contenders run against the same server settings. It also keeps
+its last 20,000 transactions' invalidations in memory
+(``invalidation-queue-size``, 100 by default): a backlog within them is
+answered from memory, one beyond them by the iteration. Measured with
+bench/latestart.py, N = 10,000: first hit 70-250 ms after the attach
+with the default queue (the server iterates 10,000 transactions), 17-18
+ms with this one.
 """
 
 import os
@@ -73,9 +79,9 @@ class Host:
         conf = os.path.join(self.dir, "zeo.conf")
         with open(conf, "w") as f:
             f.write("<zeo>\n  address %s\n"
-                    "  # Backlogs of any length are answered by iterating the storage\n"
-                    "  # (bench/zodbhost.py says why).\n"
-                    "  invalidation-age %d\n</zeo>\n" % (self.zeo_socket, INVALIDATION_AGE))
+                    "  # Backlogs of any length are answered, from memory within the\n"
+                    "  # queue, else by iterating the storage (bench/zodbhost.py says why).\n"
+                    "  invalidation-age %d\n  invalidation-queue-size 20000\n</zeo>\n" % (self.zeo_socket, INVALIDATION_AGE))
             for name in ("plain", "tidecache"):
                 f.write("<filestorage %s>\n  path %s\n</filestorage>\n"
                         % (name, os.path.join(self.dir, name + ".fs")))
