@@ -9,6 +9,8 @@ import time
 from ZODB.utils import p64
 from ZODB.utils import u64
 
+from test_storage import read_fresh
+
 
 def history(storage):
     """``[(tid, [oid, ...]), ...]`` of every transaction of ``storage`` (a
@@ -65,3 +67,19 @@ def tidecache_threads():
 def recoveries(storage):
     s = storage.cache_stats()
     return {k: s["recoveries_" + k] for k in ("exact", "collapsed", "resync")}
+
+
+def check_recovered(storage, db, keys, want, unchanged):
+    """No wrong hit at any view of the history; the open revisions of the
+    ``unchanged`` keys still answer at the newest view; every one of
+    ``keys`` reads its current value, ``want[key]``."""
+    base = storage._storage
+    assert_no_wrong_hit(storage._tc_client, base.loadBefore, history(base))
+    last = u64(base.lastTransaction())
+    conn = db.open()
+    oids = {k: u64(conn.root()[k]._p_oid) for k in keys}
+    conn.close()
+    for k in unchanged:
+        assert storage._tc_client.lookup(oids[k], last) is not None, "%s's open revision was dropped" % k
+    for k in keys:
+        assert read_fresh(db, k) == want[k], k

@@ -12,13 +12,12 @@ import logging
 import ZODB
 from persistent.mapping import PersistentMapping
 from ZEO.ClientStorage import ClientStorage
-from ZODB.utils import u64
 
-from recovery_checks import assert_no_wrong_hit
-from recovery_checks import history
+from recovery_checks import check_recovered
 from recovery_checks import recoveries
 from recovery_checks import tidecache_threads
 from recovery_checks import wait_recovered
+from test_storage import read_fresh
 from tidecache import TideCacheStorage
 
 KEYS = "abcdef"
@@ -29,16 +28,6 @@ def open_db(zeo, sidecar):
     storage = TideCacheStorage(ClientStorage(zeo.address, wait_timeout=30), socket=sidecar.socket,
                                timeout_ms=2000)
     return storage, ZODB.DB(storage, cache_size=0)
-
-
-def read_fresh(db, key):
-    conn = db.open()
-    try:
-        conn.cacheMinimize()
-        return conn.root()[key]["x"]
-    finally:
-        conn.close()
-        db.storage._tc_client.wait_for_stores()
 
 
 def populate_and_cache(zeo, sidecar):
@@ -64,16 +53,7 @@ def commit_behind(zeo, n, keys="bd"):
 
 
 def check(storage, db, want, unchanged):
-    base = storage._storage
-    assert_no_wrong_hit(storage._tc_client, base.loadBefore, history(base))
-    last = u64(base.lastTransaction())
-    conn = db.open()
-    oids = {k: u64(conn.root()[k]._p_oid) for k in KEYS}
-    conn.close()
-    for k in unchanged:
-        assert storage._tc_client.lookup(oids[k], last) is not None, "%s's open revision was dropped" % k
-    for k in KEYS:
-        assert read_fresh(db, k) == want[k], k
+    check_recovered(storage, db, KEYS, want, unchanged)
 
 
 def test_a_backlog_within_the_servers_invalidation_queue_is_one_collapsed_report(zeo_servers, sidecar,

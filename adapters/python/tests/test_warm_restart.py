@@ -16,6 +16,7 @@ import ZODB.FileStorage
 from persistent.mapping import PersistentMapping
 from ZODB.utils import u64
 
+import recovery_checks
 import tidecache.storage
 from recovery_checks import assert_no_wrong_hit
 from recovery_checks import history
@@ -186,20 +187,9 @@ def expected(tmp_path):
 
 
 def check_recovered(storage, db, tmp_path, unchanged):
-    """No wrong hit at any view of the history; the open revisions of the
-    ``unchanged`` keys still answer at the newest view; every key reads
-    its current value."""
-    base = storage._storage
-    assert_no_wrong_hit(storage._tc_client, base.loadBefore, history(base))
-    last = u64(base.lastTransaction())
-    conn = db.open()
-    oids = {k: u64(conn.root()[k]._p_oid) for k in KEYS}
-    conn.close()
-    for k in unchanged:
-        assert storage._tc_client.lookup(oids[k], last) is not None, "%s's open revision was dropped" % k
-    want = expected(tmp_path)
-    for k in KEYS:
-        assert read_fresh(db, k) == want[k], k
+    """``recovery_checks.check_recovered`` against the FileStorage's
+    current values."""
+    recovery_checks.check_recovered(storage, db, KEYS, expected(tmp_path), unchanged)
 
 
 class SteppingClock:
