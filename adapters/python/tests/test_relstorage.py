@@ -355,3 +355,130 @@ def test_a_database_that_goes_back_in_time_is_flushed(sidecar, data_dir):
         if other is not None:
             other.close()
         shutil.rmtree(backup, ignore_errors=True)
+
+
+def test_zconfig_tidecache_wraps_relstorage(sidecar, data_dir, keep_history):
+    """``<tidecache>`` around ``<relstorage>`` in ZConfig (as operators
+    configure it) gives the RelStorage adapter; commits and hits work."""
+    import ZODB.config
+
+    config = """
+    %%import tidecache
+    %%import relstorage
+    <zodb>
+      <tidecache>
+        socket %s
+        <relstorage>
+          keep-history %s
+          cache-local-mb 0
+          <sqlite3>
+            data-dir %s
+          </sqlite3>
+        </relstorage>
+      </tidecache>
+    </zodb>
+    """ % (sidecar.socket, "true" if keep_history else "false", data_dir)
+    db = ZODB.config.databaseFromString(config)
+    try:
+        assert isinstance(db.storage, TideCacheRelStorage)
+        commit(db, x=1)
+        db.pool.clear()
+        with db.transaction() as conn:
+            assert conn.root()["x"]["v"] == 1
+        db.pool.clear()
+        hits = db.storage.cache_stats()["hits"]
+        with db.transaction() as conn:
+            assert conn.root()["x"]["v"] == 1
+        assert db.storage.cache_stats()["hits"] > hits
+    finally:
+        db.close()
+
+
+def test_a_new_workers_first_poll_neither_resyncs_nor_flushes(sidecar, data_dir, keep_history):
+    """RelStorage answers an instance's first poll (and a poll after its
+    coordinator started anew) with "clear your cache": tidecache queries
+    the gap instead, so a new worker neither resyncs nor flushes the host,
+    and the first worker keeps hitting."""
+    a = ZODB.DB(TideCacheStorage(open_relstorage(data_dir, keep_history), socket=sidecar.socket))
+    try:
+        commit(a, x=1, y=1)
+        a.pool.clear()
+        with a.transaction() as conn:
+            assert conn.root()["y"]["v"] == 1
+        b = ZODB.DB(TideCacheStorage(open_relstorage(data_dir, keep_history), socket=sidecar.socket))
+        try:
+            commit(a, x=2)
+            with b.transaction() as conn:
+                assert conn.root()["x"]["v"] == 2
+                assert conn.root()["y"]["v"] == 1
+            # RelStorage's coordinator starts anew (as after its own
+            # "clear your cache"): the next poll is an initial one.
+            b.storage._storage._cache.polling_state.flush_all()
+            commit(a, x=3)
+            b.pool.clear()
+            with b.transaction() as conn:
+                assert conn.root()["x"]["v"] == 3
+                assert conn.root()["y"]["v"] == 1
+            for s in (a.storage.cache_stats(), b.storage.cache_stats()):
+                assert s["resyncs"] == 0 and s["flushes"] == 0, s
+            assert b.storage.cache_stats()["hits"] > 0
+        finally:
+            b.close()
+    finally:
+        a.close()
+
+
+def test_a_lagging_replica_neither_flushes_nor_reports_backwards(sidecar, data_dir):
+    """With read replicas, a poll that goes back is a lagging replica: no
+    flush, nothing reported until polls pass the newest tid reported; the
+    reads stay right. (SQLite has no replicas: the poller's answer is made
+    to go back by the test.)"""
+    storage = TideCacheStorage(open_relstorage(data_dir, False), socket=sidecar.socket)
+    db = ZODB.DB(storage)
+    try:
+        storage._tc_replicas = True
+        commit(db, x=1)
+        commit(db, x=2)
+        reported = storage._tc_reported
+        inst = storage.new_instance()
+        poller = inst._storage._adapter.poller
+        inner = poller._tc_inner
+        real = inner.poll_invalidations
+
+        def lagging(conn, cursor, since):
+            return None, (since or reported) - 1000
+
+        inner.poll_invalidations = lagging
+        try:
+            inst._storage._cache.polling_state.poll(inst._storage._cache, None, None)
+        except Exception:
+            pass
+        inner.poll_invalidations = real
+        inst.release()
+        assert storage.cache_stats()["flushes"] == 0
+        assert storage._tc_reported == reported and storage._tc_joined
+        commit(db, x=3)
+        db.pool.clear()
+        with db.transaction() as conn:
+            assert conn.root()["x"]["v"] == 3
+    finally:
+        db.close()
+
+
+def test_too_many_changes_resync_rather_than_report(sidecar, data_dir, keep_history, monkeypatch):
+    import tidecache.relstorage
+
+    monkeypatch.setattr(tidecache.relstorage, "MAX_REPORT_ROWS", 1)
+    a = ZODB.DB(TideCacheStorage(open_relstorage(data_dir, keep_history), socket=sidecar.socket))
+    b = ZODB.DB(TideCacheStorage(open_relstorage(data_dir, keep_history), socket=sidecar.socket))
+    try:
+        commit(a, x=1, y=1)
+        with b.transaction() as conn:
+            assert conn.root()["x"]["v"] == 1
+        commit(a, x=2, y=2)
+        with b.transaction() as conn:
+            assert conn.root()["x"]["v"] == 2 and conn.root()["y"]["v"] == 2
+        assert a.storage.cache_stats()["resyncs"] + b.storage.cache_stats()["resyncs"] > 0
+    finally:
+        a.close()
+        b.close()

@@ -233,6 +233,10 @@ class _ReportingPoller:
         elif changes is not None:
             changes = list(changes)
             self._tc_root._tc_learned(self._tc_changes, cursor, prev_polled_tid, polled, changes)
+        else:
+            # "Clear your cache" without going back (no previous tid): the
+            # changes past R are queried.
+            self._tc_root._tc_learned(self._tc_changes, cursor, None, polled, None)
         return changes, polled
 
 
@@ -273,8 +277,10 @@ class TideCacheRelStorage(_Joining):
         for attr in ("_adapter", "_cache", "_load_connection", "new_instance"):
             if not hasattr(base, attr):
                 raise TypeError(
-                    "%r does not look like RelStorage 3 or 4 (no %s): tidecache reads "
-                    "RelStorage's poller and its instances' views; upgrade or report it" % (base, attr))
+                    "%r is an IMVCCStorage but not a RelStorage 3 or 4 (no %s): tidecache wraps "
+                    "RelStorage (whose poller and instances' views it reads) and the storages ZODB "
+                    "adapts with MVCCAdapter (FileStorage, MappingStorage, ZEO ClientStorage)"
+                    % (base, attr))
         self._storage = base
         self._tc_socket = socket
         self._tc_client = Client(socket, database or relstorage_database_key(base), timeout_ms)
