@@ -482,3 +482,43 @@ def test_too_many_changes_resync_rather_than_report(sidecar, data_dir, keep_hist
     finally:
         a.close()
         b.close()
+
+
+def test_another_database_at_the_same_place_is_not_served(sidecar, data_dir, keep_history):
+    """The sidecar holds a database's states; the database is replaced, while
+    no tidecache process runs, by another history (another database restored
+    at the same path) whose objects were written before the sidecar's
+    horizon and which was committed to since, so that its newest tid is
+    past the horizon: the gap's report cannot tell, only the joining
+    process's proof can. It fails and the database is flushed: the other
+    history's values are read, never the old ones."""
+    import shutil
+
+    other_dir = data_dir + ".other"
+    try:
+        other = ZODB.DB(open_relstorage(other_dir, keep_history))
+        commit(other, x=10, y=10)
+        other.close()
+        db = ZODB.DB(TideCacheStorage(open_relstorage(data_dir, keep_history), socket=sidecar.socket))
+        commit(db, x=1, y=1)
+        db.pool.clear()
+        with db.transaction() as conn:
+            assert conn.root()["x"]["v"] == 1 and conn.root()["y"]["v"] == 1
+        db.close()
+        other = ZODB.DB(open_relstorage(other_dir, keep_history))
+        with other.transaction() as conn:
+            conn.root()["z"] = PersistentMapping(v=0)
+        other.close()
+        shutil.rmtree(data_dir)
+        shutil.copytree(other_dir, data_dir)
+        db = ZODB.DB(TideCacheStorage(open_relstorage(data_dir, keep_history), socket=sidecar.socket))
+        try:
+            assert db.storage.cache_stats()["flushes"] == 1
+            for _ in range(2):
+                db.pool.clear()
+                with db.transaction() as conn:
+                    assert conn.root()["x"]["v"] == 10 and conn.root()["y"]["v"] == 10
+        finally:
+            db.close()
+    finally:
+        shutil.rmtree(other_dir, ignore_errors=True)

@@ -297,6 +297,9 @@ class TideCacheRelStorage(_Joining):
         # (tid, [(oid, state), ...]) of this process's commits, waiting for
         # a report that covers their tid.
         self._tc_pending = []
+        # Moves at every join and drop: a report computed before one is
+        # not sent after it (its rows may be another history's).
+        self._tc_epoch = 0
         self._tc_replicas = bool(getattr(base._adapter.connmanager, "replica_selector", None)
                                  or getattr(base._adapter.connmanager, "ro_replica_selector", None))
         _live.add(self)
@@ -331,6 +334,7 @@ class TideCacheRelStorage(_Joining):
         horizon = self._tc_client.horizon
         with self._tc_lock:
             self._tc_joined = joined
+            self._tc_epoch += 1
             if joined:
                 self._tc_reported = min(last, horizon) if horizon else last
             self._tc_pending = []
@@ -367,8 +371,10 @@ class TideCacheRelStorage(_Joining):
             evidence, contradiction = [], []
             for oid in witness:
                 tid = current.get(oid)
-                (evidence if tid == horizon else contradiction if tid is None or tid < horizon
-                 else evidence).append(oid)
+                if tid == horizon:
+                    evidence.append(oid)
+                elif tid is None or tid < horizon:
+                    contradiction.append(oid)
             for oid, serial in sample:
                 tid = current.get(oid)
                 if tid == serial:
@@ -446,7 +452,7 @@ class TideCacheRelStorage(_Joining):
                 joined = False
             else:
                 joined = True
-                start = self._tc_reported
+                start, epoch = self._tc_reported, self._tc_epoch
         if not joined:
             self._tc_rejoin()
             return
@@ -471,12 +477,11 @@ class TideCacheRelStorage(_Joining):
                            tid_repr(p64(start)), tid_repr(p64(to)))
             rows = None
         with self._tc_lock:
-            if not self._tc_joined or self._tc_reported is None or to <= self._tc_reported:
+            if (not self._tc_joined or self._tc_reported is None or to <= self._tc_reported
+                    or epoch != self._tc_epoch):
                 return
+            # R only grows within an epoch: frm >= start.
             frm = self._tc_reported
-            if frm < start:
-                # Another thread's report went back? Never: R only grows.
-                return
             self._tc_reported = to
             if rows is None:
                 self._tc_stats.resyncs += 1
@@ -514,6 +519,7 @@ class TideCacheRelStorage(_Joining):
             self._tc_joined = False
             self._tc_reported = None
             self._tc_pending = []
+            self._tc_epoch += 1
             self._tc_next_join = 0.0
         try:
             self._tc_flush()
