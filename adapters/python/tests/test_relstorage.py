@@ -522,3 +522,56 @@ def test_another_database_at_the_same_place_is_not_served(sidecar, data_dir, kee
             db.close()
     finally:
         shutil.rmtree(other_dir, ignore_errors=True)
+
+
+def test_a_pack_made_outside_tidecache_is_detected(sidecar, data_dir, monkeypatch):
+    """History-preserving: a pack by another process's plain RelStorage
+    (``zodbpack``) removes old revisions the sidecar holds; a poll of a
+    tidecache process sees the newest packed transaction move and flushes,
+    so an old view gets RelStorage's answer (the revision is gone), not the
+    packed-away state."""
+    import time
+
+    import tidecache.relstorage
+    from ZODB.POSException import POSKeyError
+    from ZODB.POSException import ReadConflictError
+    from ZODB.serialize import referencesf
+
+    monkeypatch.setattr(tidecache.relstorage, "PACK_CHECK_SECONDS", 0.0)
+    db = ZODB.DB(TideCacheStorage(open_relstorage(data_dir, True), socket=sidecar.socket))
+    try:
+        commit(db, x=1)
+        then = db.storage.new_instance()
+        then.poll_invalidations()
+        at = then._storage._cache.highest_visible_tid
+        then.release()
+        commit(db, x=2)
+        conn = db.open(at=p64(at))
+        assert conn.root()["x"]["v"] == 1  # stored in the sidecar, closed
+        conn.close()
+        time.sleep(0.01)
+        outside = open_relstorage(data_dir, True)
+        outside.pack(time.time(), referencesf)
+        outside.close()
+        with db.transaction() as conn:  # a poll: the pack is seen
+            assert conn.root()["x"]["v"] == 2
+        assert db.storage.cache_stats()["flushes"] == 1
+        def outcome(database):
+            conn = database.open(at=p64(at))
+            try:
+                return conn.root()["x"]["v"]
+            except (POSKeyError, ReadConflictError, KeyError) as e:
+                return type(e)
+            finally:
+                conn.close()
+
+        plain = ZODB.DB(open_relstorage(data_dir, True))
+        try:
+            expected = outcome(plain)
+        finally:
+            plain.close()
+        assert expected != 1  # the pack removed the revision x=1
+        db.historical_pool.clear()  # ZODB's own pickle cache of the historical connection
+        assert outcome(db) == expected
+    finally:
+        db.close()

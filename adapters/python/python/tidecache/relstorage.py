@@ -90,6 +90,11 @@ logger = logging.getLogger("tidecache")
 #: the oldest are dropped (their states are loaded again on a read).
 PENDING_COMMITS = 64
 
+#: How often (seconds) a history-preserving database is asked, during a
+#: poll, whether a pack made outside tidecache (``zodbpack``, another
+#: process's plain RelStorage) rewrote its history; one query.
+PACK_CHECK_SECONDS = 10.0
+
 #: A gap or exact query answering more rows than this is not reported
 #: change by change: the sidecar is resynced at its end instead.
 MAX_REPORT_ROWS = 200000
@@ -166,6 +171,10 @@ class _Changes:
         cls._tid_query = state.select(state.c.zoid).where(
             state.c.tid == state.bindparam("tid")).limit(1).prepared()
         txn = Schema.transaction
+        from relstorage.adapters.sql import func
+
+        cls._newest_packed_query = txn.select(func.max(txn.c.tid)).where(
+            txn.c.packed == True).prepared()  # noqa: E712
         cls._packed_query = txn.select(txn.c.tid).where(
             txn.c.tid > txn.bindparam("frm")).and_(txn.c.tid <= txn.bindparam("to")).and_(
             txn.c.packed == True).prepared()  # noqa: E712 (RelStorage's SQL builder)
@@ -176,6 +185,17 @@ class _Changes:
         self._queries()
         self._tid_query.execute(cursor, {"tid": tid})
         return bool(cursor.fetchall())
+
+    def newest_packed(self, cursor):
+        """The newest tid a pack rewrote (history-preserving: the newest
+        transaction marked ``packed``; 0 if none); ``None`` in a
+        history-free database, which has no transaction log."""
+        if not self.keep_history:
+            return None
+        self._queries()
+        self._newest_packed_query.execute(cursor)
+        rows = cursor.fetchall()
+        return int(rows[0][0] or 0) if rows else 0
 
     def between(self, cursor, frm, to):
         """``(exact, [(oid, tid), ...])``: the changes of ``(frm, to]`` in
@@ -300,6 +320,8 @@ class TideCacheRelStorage(_Joining):
         # Moves at every join and drop: a report computed before one is
         # not sent after it (its rows may be another history's).
         self._tc_epoch = 0
+        self._tc_packed = None
+        self._tc_next_pack_check = 0.0
         self._tc_replicas = bool(getattr(base._adapter.connmanager, "replica_selector", None)
                                  or getattr(base._adapter.connmanager, "ro_replica_selector", None))
         _live.add(self)
@@ -326,6 +348,7 @@ class TideCacheRelStorage(_Joining):
             storage = _Polling(instance)
             last = u64(storage.lastTransaction())
             last, joined = self._tc_attach(storage, last, wait)
+            packed = self._tc_newest_packed(instance)
         finally:
             try:
                 instance.release()
@@ -335,6 +358,8 @@ class TideCacheRelStorage(_Joining):
         with self._tc_lock:
             self._tc_joined = joined
             self._tc_epoch += 1
+            self._tc_packed = packed
+            self._tc_next_pack_check = time.monotonic() + PACK_CHECK_SECONDS
             if joined:
                 self._tc_reported = min(last, horizon) if horizon else last
             self._tc_pending = []
@@ -391,6 +416,40 @@ class TideCacheRelStorage(_Joining):
             return False, "no witness, no sampled revision still current, no revision at the horizon"
         except Exception as e:
             return False, "the proof failed: %r" % (e,)
+
+    def _tc_newest_packed(self, instance):
+        """The newest packed tid in ``instance``'s snapshot, ``None`` if
+        unknown (history-free, an error)."""
+        try:
+            return _Changes(instance._adapter.poller).newest_packed(instance._load_connection.cursor)
+        except Exception:
+            logger.debug("tidecache: reading the newest packed tid failed", exc_info=True)
+            return None
+
+    def _tc_packed_outside(self, changes_sql, cursor):
+        """At most every ``PACK_CHECK_SECONDS``, in a poll of a
+        history-preserving database: whether a pack made outside tidecache
+        rewrote the history since the join (the newest ``packed``
+        transaction moved). If so the database is flushed in the sidecar
+        (the packed revisions must not be served) and joined again; returns
+        whether it was."""
+        if not changes_sql.keep_history or time.monotonic() < self._tc_next_pack_check:
+            return False
+        self._tc_next_pack_check = time.monotonic() + PACK_CHECK_SECONDS
+        try:
+            packed = changes_sql.newest_packed(cursor)
+        except Exception:
+            logger.debug("tidecache: reading the newest packed tid failed", exc_info=True)
+            return False
+        with self._tc_lock:
+            before, self._tc_packed = self._tc_packed, packed
+        if before is None or packed == before:
+            return False
+        logger.warning("tidecache: %s was packed outside tidecache (newest packed transaction %s, "
+                       "was %s): flushing the database in the sidecar", self._tc_client.database,
+                       tid_repr(p64(packed)), tid_repr(p64(before)))
+        self._tc_drop("a pack made outside tidecache")
+        return True
 
     def _tc_rejoin(self):
         """Attaches again when not joined (the sidecar was unavailable, the
@@ -455,6 +514,8 @@ class TideCacheRelStorage(_Joining):
                 start, epoch = self._tc_reported, self._tc_epoch
         if not joined:
             self._tc_rejoin()
+            return
+        if self._tc_packed_outside(changes_sql, cursor):
             return
         if to <= start:
             return
