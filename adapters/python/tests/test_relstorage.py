@@ -461,6 +461,34 @@ def test_a_lagging_replica_neither_flushes_nor_reports_backwards(sidecar, data_d
         db.pool.clear()
         with db.transaction() as conn:
             assert conn.root()["x"]["v"] == 3
+        # The primary itself below the newest tid reported: not a lag, the
+        # database went back (a restore, a failover that lost
+        # transactions): flushed. (The newest tid reported is moved past
+        # the primary's to make it so.)
+        with storage._tc_lock:
+            storage._tc_reported += 10 ** 12
+        inst = storage.new_instance()
+        inner = inst._storage._adapter.poller._tc_inner
+        inner.poll_invalidations = lagging
+        try:
+            inst._storage._cache.polling_state.poll(inst._storage._cache, None, None)
+        except Exception:
+            pass
+        inner.poll_invalidations = real
+        inst.release()
+        assert storage.cache_stats()["flushes"] == 1
+        # Joined again, its proof made on the primary (a store connection).
+        import time
+        for _ in range(500):
+            with db.transaction() as conn:
+                assert conn.root()["x"]["v"] == 3
+            if storage._tc_joined:
+                break
+            time.sleep(0.01)
+        assert storage._tc_joined
+        db.pool.clear()
+        with db.transaction() as conn:
+            assert conn.root()["x"]["v"] == 3
     finally:
         db.close()
 

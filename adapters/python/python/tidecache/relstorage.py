@@ -276,6 +276,34 @@ class _Polling:
         return getattr(self._storage, name)
 
 
+class _Primary:
+    """The primary database, through a store connection, as the attach's
+    proof sees it, where load connections go to read replicas
+    (``ro-replica-conf``) that may lag: a lagging replica must not be taken
+    for a restored backup."""
+
+    def __init__(self, instance, conn):
+        self._adapter = instance._adapter
+        self.keep_history = instance.keep_history
+        self.cursor = conn.cursor
+        # For the history-free proof, which reads ``_load_connection.cursor``.
+        self._load_connection = self
+
+    def sync(self):
+        """A store connection reads committed data at each statement."""
+
+    def lastTransaction(self):
+        return p64(self._adapter.txncontrol.get_tid(self.cursor))
+
+    def loadBefore(self, oid, tid):
+        o = u64(oid)
+        state, start = self._adapter.mover.load_before(self.cursor, o, u64(tid))
+        if start is None:
+            return None
+        end = self._adapter.mover.get_object_tid_after(self.cursor, o, start)
+        return state, p64(start), (p64(end) if end else None)
+
+
 @zope.interface.implementer(IMVCCStorage)
 class TideCacheRelStorage(_Joining):
     """Wraps a RelStorage ``base`` (history-free or history-preserving) and
@@ -322,8 +350,10 @@ class TideCacheRelStorage(_Joining):
         self._tc_epoch = 0
         self._tc_packed = None
         self._tc_next_pack_check = 0.0
-        self._tc_replicas = bool(getattr(base._adapter.connmanager, "replica_selector", None)
-                                 or getattr(base._adapter.connmanager, "ro_replica_selector", None))
+        # Read replicas (``ro-replica-conf``): load connections may lag
+        # behind the primary. (``replica-conf`` alone is a failover list: a
+        # poll that goes back there lost transactions, another history.)
+        self._tc_replicas = bool(getattr(getattr(base, "_options", None), "ro_replica_conf", None))
         _live.add(self)
         for iface in zope.interface.providedBy(base):
             zope.interface.alsoProvides(self, iface)
@@ -345,9 +375,17 @@ class TideCacheRelStorage(_Joining):
         instance = self._storage.new_instance()
         try:
             instance.poll_invalidations()
-            storage = _Polling(instance)
-            last = u64(storage.lastTransaction())
-            last, joined = self._tc_attach(storage, last, wait)
+            if self._tc_replicas:
+                # Loads go to read replicas, which may lag: the horizon is
+                # proved on the primary.
+                with instance._store_connection_pool.borrowing() as conn:
+                    primary = _Primary(instance, conn)
+                    last = u64(primary.lastTransaction())
+                    last, joined = self._tc_attach(primary, last, wait)
+            else:
+                storage = _Polling(instance)
+                last = u64(storage.lastTransaction())
+                last, joined = self._tc_attach(storage, last, wait)
             packed = self._tc_newest_packed(instance)
         finally:
             try:
@@ -564,14 +602,40 @@ class TideCacheRelStorage(_Joining):
         is flushed there and joined again (with a proof) from a later
         poll."""
         if self._tc_replicas:
-            logger.info("tidecache: %s: a replica answered a poll behind the one before (%s): "
-                        "not reporting until it catches up", self._tc_client.database, why)
-            return
+            primary = self._tc_primary_last()
+            with self._tc_lock:
+                reported = self._tc_reported
+            if primary is not None and (reported is None or primary >= reported):
+                logger.info("tidecache: %s: a read replica answered a poll behind the one before "
+                            "(%s); the primary is at %s: not reporting until the replica catches up",
+                            self._tc_client.database, why, tid_repr(p64(primary)))
+                return
+            why += "; the primary itself is at %s, below the newest tid reported" % (
+                tid_repr(p64(primary)) if primary is not None else "an unknown tid")
         logger.warning("tidecache: %s: the database went back in time (%s; polled %s after %s): "
                        "restored from a backup, or a pack removed its newest transaction? "
                        "Flushing the database in the sidecar.", self._tc_client.database, why,
                        tid_repr(p64(polled)) if polled is not None else "?", tid_repr(p64(since)))
         self._tc_drop("the database went back in time")
+
+    def _tc_primary_last(self):
+        """The primary's newest tid (a store connection of an instance of
+        its own); ``None`` when it cannot be read."""
+        instance = None
+        try:
+            instance = self._storage.new_instance()
+            with instance._store_connection_pool.borrowing() as conn:
+                return u64(_Primary(instance, conn).lastTransaction())
+        except Exception:
+            logger.warning("tidecache: %s: reading the primary's newest tid failed",
+                           self._tc_client.database, exc_info=True)
+            return None
+        finally:
+            if instance is not None:
+                try:
+                    instance.release()
+                except Exception:
+                    pass
 
     def _tc_drop(self, why):
         """Flushes the database in the sidecar and leaves it (joined again
