@@ -603,3 +603,51 @@ def test_a_pack_made_outside_tidecache_is_detected(sidecar, data_dir, monkeypatc
         assert outcome(db) == expected
     finally:
         db.close()
+
+
+def test_deleted_objects_are_not_served(sidecar, data_dir):
+    """``deleteObject`` (IExternalGC, zc.zodbdgc) in a history-free
+    database leaves no row, so no poll lists it: the deletion is reported
+    with the commit's tid, and no process is served the deleted state at a
+    view past it. (RelStorage's own views stay below a commit that only
+    deleted until a commit that leaves a row.)"""
+    from ZODB.Connection import TransactionMetaData
+    from ZODB.POSException import POSKeyError
+
+    a = ZODB.DB(TideCacheStorage(open_relstorage(data_dir, False), socket=sidecar.socket))
+    b = ZODB.DB(TideCacheStorage(open_relstorage(data_dir, False), socket=sidecar.socket))
+    try:
+        with a.transaction() as conn:
+            conn.root()["gone"] = PersistentMapping(v=1)
+        with a.transaction() as conn:
+            oid = conn.root()["gone"]._p_oid
+            serial = conn.root()["gone"]._p_serial
+            del conn.root()["gone"]
+        b.pool.clear()
+        with b.transaction() as conn:  # b stores the open revision
+            assert conn.get(oid)["v"] == 1
+        inst = a.storage.new_instance()
+        inst.poll_invalidations()
+        txn = TransactionMetaData()
+        inst.tpc_begin(txn)
+        inst.deleteObject(oid, serial, txn)
+        inst.tpc_vote(txn)
+        inst.tpc_finish(txn)
+        inst.release()
+        # The deleting commit is reported at once (no row shows its tid):
+        # the sidecar holds the revision no more at views from its tid on.
+        a.storage.cache_stats()
+        assert a.storage._tc_reported >= u64(a.storage._storage.lastTransaction())
+        # Views move past the deletion with the next commit that leaves a
+        # row (a history-free poll sees rows only): nobody is served the
+        # deleted state.
+        commit(b, other=1)
+        for db in (a, b):
+            db.pool.clear()
+            with db.transaction() as conn:
+                with pytest.raises(POSKeyError):
+                    conn.get(oid)["v"]
+        assert a.storage.cache_stats()["flushes"] == 0
+    finally:
+        a.close()
+        b.close()

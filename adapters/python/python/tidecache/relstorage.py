@@ -345,6 +345,14 @@ class TideCacheRelStorage(_Joining):
         # (tid, [(oid, state), ...]) of this process's commits, waiting for
         # a report that covers their tid.
         self._tc_pending = []
+        # (tid, [oid, ...]) deleted by this process's commits
+        # (``deleteObject``): a history-free database keeps no row of a
+        # deleted object, so no poll lists it; the report covering ``tid``
+        # does.
+        self._tc_deleted = []
+        # The tid of a commit that deleted objects, in the thread that
+        # polls right after it (its snapshot holds the commit).
+        self._tc_after_commit = threading.local()
         # Moves at every join and drop: a report computed before one is
         # not sent after it (its rows may be another history's).
         self._tc_epoch = 0
@@ -555,6 +563,15 @@ class TideCacheRelStorage(_Joining):
             return
         if self._tc_packed_outside(changes_sql, cursor):
             return
+        deleted_at = getattr(self._tc_after_commit, "tid", None)
+        if deleted_at is not None and deleted_at > to and not changes_sql.keep_history:
+            # A poll made right after this thread's commit that deleted
+            # objects: its snapshot holds that commit, whose tid no row
+            # shows (a history-free database keeps none of a deleted
+            # object); the report reaches it, collapsed.
+            to = deleted_at
+            if since is not None and since < to:
+                since = None  # the rows of (since, polled] do not cover (polled, to]: queried
         if to <= start:
             return
         exact = False
@@ -585,8 +602,12 @@ class TideCacheRelStorage(_Joining):
             if rows is None:
                 self._tc_stats.resyncs += 1
                 self._tc_client.resync(to)
+                self._tc_deleted = [(t, oids) for t, oids in self._tc_deleted if t > to]
             else:
                 listed = [(o, t) for o, t in rows if frm < t <= to]
+                if self._tc_deleted:
+                    listed.extend((o, t) for t, oids in self._tc_deleted if frm < t <= to for o in oids)
+                    self._tc_deleted = [(t, oids) for t, oids in self._tc_deleted if t > to]
                 self._tc_stats.invalidations += len(listed)
                 if exact:
                     self._tc_client.report(frm, to, sorted(listed, key=lambda c: c[1]))
@@ -644,6 +665,7 @@ class TideCacheRelStorage(_Joining):
             self._tc_joined = False
             self._tc_reported = None
             self._tc_pending = []
+            self._tc_deleted = []
             self._tc_epoch += 1
             self._tc_next_join = 0.0
         try:
@@ -661,6 +683,21 @@ class TideCacheRelStorage(_Joining):
         self._tc_drop("a cache consistency error")
 
     # -- write-through --------------------------------------------------------
+
+    def _tc_deleted_at(self, tid, oids):
+        """This process's commit ``tid`` deleted ``oids``
+        (``deleteObject``): listed in the report that covers ``tid``."""
+        with self._tc_lock:
+            if self._tc_joined and self._tc_reported is not None and tid > self._tc_reported:
+                self._tc_deleted.append((tid, [u64(o) for o in oids]))
+                return
+        if self._tc_joined:
+            # Already reported without them (a poll of another thread saw
+            # the commit first). Deleted objects are unreachable (a garbage
+            # collector deletes them): their states may stay served to a
+            # load by oid until evicted, as in RelStorage's own caches.
+            logger.info("tidecache: %s: %d objects deleted at %s were reported without their "
+                        "deletion", self._tc_client.database, len(oids), tid_repr(p64(tid)))
 
     def _tc_committed(self, tid, written):
         """This process committed ``written`` (``{oid: state}``) at
@@ -801,6 +838,8 @@ class TideCacheRelInstance:
     _tc_at = None
     #: ``{oid: state}`` stored in the commit under way; ``None`` outside one.
     _tc_written = None
+    #: oids deleted (``deleteObject``) in the commit under way.
+    _tc_deleting = None
 
     def __init__(self, root, instance):
         self._storage = instance
@@ -994,16 +1033,36 @@ class TideCacheRelInstance:
 
     def tpc_vote(self, transaction):
         """Votes; oids whose conflicts RelStorage resolved are not written
-        through (what was committed is not what was stored)."""
+        through (what was committed is not what was stored). Deleted oids
+        are registered for the report of the commit's tid, known once the
+        vote locked the database (before any poll can see it)."""
         r = self._storage.tpc_vote(transaction)
         if r and self._tc_written:
             for oid in r:
                 self._tc_written.pop(oid, None)
+        if self._tc_deleting:
+            lock = getattr(getattr(self._storage, "_tpc_phase", None), "committing_tid_lock", None)
+            tid = getattr(lock, "tid_int", None)
+            if tid is not None:
+                deleting, self._tc_deleting = self._tc_deleting, None
+                self._tc_root._tc_deleted_at(tid, deleting)
+        return r
+
+    def deleteObject(self, oid, oldserial, transaction):
+        """``IExternalGC.deleteObject``: the oid is listed in the report of
+        the commit's tid (no poll lists a deleted object)."""
+        r = self._storage.deleteObject(oid, oldserial, transaction)
+        if self._tc_deleting is None:
+            self._tc_deleting = set()
+        self._tc_deleting.add(oid)
+        if self._tc_written is not None:
+            self._tc_written.pop(oid, None)
         return r
 
     def tpc_abort(self, transaction, *args, **kw):
         """Aborts; nothing is written through."""
         self._tc_written = None
+        self._tc_deleting = None
         return self._storage.tpc_abort(transaction, *args, **kw)
 
     def tpc_finish(self, transaction, func=None):
@@ -1011,7 +1070,28 @@ class TideCacheRelInstance:
         (the next poll of this process), then are stored as open
         revisions."""
         written, self._tc_written = self._tc_written, None
-        tid = self._storage.tpc_finish(transaction, func)
+        deleting, self._tc_deleting = self._tc_deleting, None
+        if deleting:
+            # Not registered at the vote (its tid was not known then): in
+            # the commit's callback.
+            def finish(tid, func=func):
+                self._tc_root._tc_deleted_at(u64(tid), deleting)
+                if func is not None:
+                    func(tid)
+        else:
+            finish = func
+        tid = self._storage.tpc_finish(transaction, finish)
+        if deleting:
+            # A history-free database shows no row of this commit (it only
+            # deleted): a poll now, whose snapshot holds it, reports it.
+            marker = self._tc_root._tc_after_commit
+            marker.tid = u64(tid)
+            try:
+                self._storage._load_connection.cursor
+            except Exception:
+                logger.debug("tidecache: the poll after a deleting commit failed", exc_info=True)
+            finally:
+                marker.tid = None
         if written:
             self._tc_root._tc_committed(u64(tid), written)
         return tid
