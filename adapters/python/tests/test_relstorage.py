@@ -77,6 +77,20 @@ def test_relstorage_is_wrapped_by_the_relstorage_adapter(sidecar, data_dir, keep
         storage.close()
 
 
+def wait_for_horizon(storage, tid, seconds=10.0):
+    """Waits (bounded) until the sidecar applied the reports up to ``tid``
+    (they are sent by the client's own thread)."""
+    import time
+
+    client = storage._tc_client
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if client.stats()["databases"][client.database]["horizon"] >= tid:
+            return
+        time.sleep(0.005)
+    raise AssertionError("the sidecar's horizon did not reach %d" % tid)
+
+
 def commit(db, **values):
     with db.transaction() as conn:
         root = conn.root()
@@ -651,3 +665,54 @@ def test_deleted_objects_are_not_served(sidecar, data_dir):
     finally:
         a.close()
         b.close()
+
+
+def test_own_commit_is_reported_exactly_in_a_history_free_database(sidecar, data_dir):
+    """History-free polls give only each oid's newest tid, but a process
+    knows its own commit exactly: reported as ``(T - 1, T]`` with its oids.
+    So a reader of another process whose view is older than ``T`` can store
+    (closed at ``T``) and then hit the previous revision of an oid the
+    commit changed; reported collapsed, the range before ``T`` would be
+    uncertain for that oid and the store refused (misses only)."""
+    writer = ZODB.DB(TideCacheStorage(open_relstorage(data_dir, False), socket=sidecar.socket))
+    reader = ZODB.DB(TideCacheStorage(open_relstorage(data_dir, False), socket=sidecar.socket))
+    try:
+        # x=1 committed without tidecache: no process has its state yet.
+        plain = ZODB.DB(open_relstorage(data_dir, False))
+        commit(plain, x=1, y=1)
+        plain.close()
+        tm = transaction.TransactionManager()
+        old = reader.open(transaction_manager=tm)
+        root = old.root()  # the view is taken; x is not loaded yet
+        view = old._storage._tc_at
+        x_oid = old.root().data["x"]._p_oid
+        # The writer changes x without loading it first (through the storage
+        # API, as a tool would): no process holds x=1's revision.
+        from ZODB.Connection import TransactionMetaData
+        from ZODB.serialize import ObjectWriter
+
+        inst = writer.storage.new_instance()
+        inst.poll_invalidations()
+        _, serial = inst._storage.load(x_oid)
+        txn = TransactionMetaData()
+        inst.tpc_begin(txn)
+        state = ObjectWriter().serialize(PersistentMapping(v=2))
+        inst.store(x_oid, serial, state, "", txn)
+        inst.tpc_vote(txn)
+        inst.tpc_finish(txn)
+        inst.poll_invalidations()  # the writer's poll reports its commit
+        inst.release()
+        wait_for_horizon(writer.storage, u64(writer.storage.new_instance().lastTransaction()))
+        assert root["x"]["v"] == 1  # a miss at the old view: stored closed at T
+        reader.storage.cache_stats()  # the store is applied
+        hit = reader.storage._tc_client.lookup(u64(x_oid), view)
+        assert hit is not None, "the previous revision of x is not served at the older view"
+        old.cacheMinimize()
+        assert old.root()["x"]["v"] == 1
+        tm.abort()
+        old.close()
+        with reader.transaction() as conn:
+            assert conn.root()["x"]["v"] == 2
+    finally:
+        reader.close()
+        writer.close()

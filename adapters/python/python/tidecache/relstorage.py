@@ -350,6 +350,9 @@ class TideCacheRelStorage(_Joining):
         # deleted object, so no poll lists it; the report covering ``tid``
         # does.
         self._tc_deleted = []
+        # {tid: (oids, {oid: previous serial or None})} of this process's
+        # commits not reported yet (history-free: see _tc_report_locked).
+        self._tc_own = {}
         # The tid of a commit that deleted objects, in the thread that
         # polls right after it (its snapshot holds the commit).
         self._tc_after_commit = threading.local()
@@ -609,11 +612,50 @@ class TideCacheRelStorage(_Joining):
                     listed.extend((o, t) for t, oids in self._tc_deleted if frm < t <= to for o in oids)
                     self._tc_deleted = [(t, oids) for t, oids in self._tc_deleted if t > to]
                 self._tc_stats.invalidations += len(listed)
-                if exact:
-                    self._tc_client.report(frm, to, sorted(listed, key=lambda c: c[1]))
-                else:
-                    self._tc_client.report_collapsed(frm, to, listed)
+                self._tc_report_locked(frm, to, listed, exact)
+            if self._tc_own:
+                for t in [t for t in self._tc_own if t <= to]:
+                    del self._tc_own[t]
             self._tc_release_pending_locked(to)
+
+    def _tc_report_locked(self, frm, to, listed, exact):
+        """Sends the report of ``(frm, to]``: exact, or collapsed.
+
+        A history-free report whose newest tid ``to`` is this process's own
+        commit (nothing newer was committed when the poll was made) is sent
+        as two: the commit exact, ``(to - 1, to]`` with every oid it
+        changed (only it wrote rows at ``to``), after a collapsed
+        ``(frm, to - 1]`` of the rest: the rows older than ``to``, and each
+        of the commit's oids whose previous serial (the one it was stored
+        against; no change lies between it and ``to``) is past ``frm``, at
+        that serial, or, previous serial unknown (a resolved conflict, an
+        undo), at the bound ``to - 1``. So a process's own commit closes
+        the previous revisions of its oids exactly, and readers at older
+        views keep hitting them; and the sidecar keeps the commit's oids as
+        a witness of its horizon."""
+        own = None if exact else self._tc_own.get(to)
+        if own is not None:
+            oids, previous = own
+            if not all(o in oids for o, t in listed if t == to):
+                own = None  # not only this commit's rows at ``to``: collapsed
+        if own is None:
+            if exact:
+                self._tc_client.report(frm, to, sorted(listed, key=lambda c: c[1]))
+            else:
+                self._tc_client.report_collapsed(frm, to, listed)
+            return
+        before = {}
+        for o, t in listed:
+            if t < to:
+                before[o] = max(t, before.get(o, 0))
+        for o, p in previous.items():
+            if p is None:
+                p = to - 1
+            if frm < p < to:
+                before[o] = max(p, before.get(o, 0))
+        if to - 1 > frm:
+            self._tc_client.report_collapsed(frm, to - 1, sorted(before.items()))
+        self._tc_client.report(to - 1, to, [(o, to) for o in sorted(oids)])
 
     def _tc_went_back(self, since, polled, why):
         """A poll answered a tid below the one before it. With replicas,
@@ -666,6 +708,7 @@ class TideCacheRelStorage(_Joining):
             self._tc_reported = None
             self._tc_pending = []
             self._tc_deleted = []
+            self._tc_own = {}
             self._tc_epoch += 1
             self._tc_next_join = 0.0
         try:
@@ -698,6 +741,17 @@ class TideCacheRelStorage(_Joining):
             # load by oid until evicted, as in RelStorage's own caches.
             logger.info("tidecache: %s: %d objects deleted at %s were reported without their "
                         "deletion", self._tc_client.database, len(oids), tid_repr(p64(tid)))
+
+    def _tc_own_commit(self, tid, previous):
+        """This process committed ``tid``, changing the oids of
+        ``previous`` (``{oid: serial it was stored against, or None}``):
+        kept for the report that reaches ``tid`` (:meth:`_tc_report_locked`)."""
+        with self._tc_lock:
+            if not self._tc_joined or self._tc_reported is None or tid <= self._tc_reported:
+                return
+            self._tc_own[tid] = (frozenset(previous), previous)
+            if len(self._tc_own) > PENDING_COMMITS:
+                del self._tc_own[min(self._tc_own)]
 
     def _tc_committed(self, tid, written):
         """This process committed ``written`` (``{oid: state}``) at
@@ -840,6 +894,8 @@ class TideCacheRelInstance:
     _tc_written = None
     #: oids deleted (``deleteObject``) in the commit under way.
     _tc_deleting = None
+    #: ``{oid: serial stored against, or None}`` of the commit under way.
+    _tc_previous = None
 
     def __init__(self, root, instance):
         self._storage = instance
@@ -1012,14 +1068,21 @@ class TideCacheRelInstance:
     # -- commits: write-through ---------------------------------------------------
 
     def tpc_begin(self, transaction, *args):
-        """Begins the commit; the states stored in it are collected."""
+        """Begins the commit; the states stored in it are collected, and
+        every oid it changes with the serial it was stored against."""
         r = self._storage.tpc_begin(transaction, *args)
         self._tc_written = {} if not args else None
+        self._tc_previous = {} if not args else None
         return r
+
+    def _tc_changing(self, oid, serial):
+        if self._tc_previous is not None:
+            self._tc_previous[u64(oid)] = u64(serial) if serial is not None else None
 
     def store(self, oid, serial, data, version, transaction):
         """Stores on RelStorage; ``data`` is kept for the write-through."""
         r = self._storage.store(oid, serial, data, version, transaction)
+        self._tc_changing(oid, serial)
         if self._tc_written is not None and data is not None:
             self._tc_written[oid] = data
         return r
@@ -1027,16 +1090,30 @@ class TideCacheRelInstance:
     def storeBlob(self, oid, serial, data, blobfilename, version, transaction):
         """Stores a blob; its record is not written through."""
         r = self._storage.storeBlob(oid, serial, data, blobfilename, version, transaction)
+        self._tc_changing(oid, serial)
         if self._tc_written is not None:
             self._tc_written.pop(oid, None)
         return r
 
+    def undo(self, transaction_id, transaction):
+        """Undoes on RelStorage; the undone oids' previous serials are
+        unknown here."""
+        r = self._storage.undo(transaction_id, transaction)
+        if r:
+            for oid in r[1]:
+                self._tc_changing(oid, None)
+        return r
+
     def tpc_vote(self, transaction):
         """Votes; oids whose conflicts RelStorage resolved are not written
-        through (what was committed is not what was stored). Deleted oids
-        are registered for the report of the commit's tid, known once the
-        vote locked the database (before any poll can see it)."""
+        through (what was committed is not what was stored), and their
+        previous serial is not the one stored against. Deleted oids are
+        registered for the report of the commit's tid, known once the vote
+        locked the database (before any poll can see it)."""
         r = self._storage.tpc_vote(transaction)
+        if r:
+            for oid in r:
+                self._tc_changing(oid, None)
         if r and self._tc_written:
             for oid in r:
                 self._tc_written.pop(oid, None)
@@ -1052,6 +1129,7 @@ class TideCacheRelInstance:
         """``IExternalGC.deleteObject``: the oid is listed in the report of
         the commit's tid (no poll lists a deleted object)."""
         r = self._storage.deleteObject(oid, oldserial, transaction)
+        self._tc_changing(oid, oldserial)
         if self._tc_deleting is None:
             self._tc_deleting = set()
         self._tc_deleting.add(oid)
@@ -1063,6 +1141,7 @@ class TideCacheRelInstance:
         """Aborts; nothing is written through."""
         self._tc_written = None
         self._tc_deleting = None
+        self._tc_previous = None
         return self._storage.tpc_abort(transaction, *args, **kw)
 
     def tpc_finish(self, transaction, func=None):
@@ -1071,15 +1150,17 @@ class TideCacheRelInstance:
         revisions."""
         written, self._tc_written = self._tc_written, None
         deleting, self._tc_deleting = self._tc_deleting, None
-        if deleting:
-            # Not registered at the vote (its tid was not known then): in
-            # the commit's callback.
-            def finish(tid, func=func):
+        previous, self._tc_previous = self._tc_previous, None
+        def finish(tid, func=func):
+            # In the commit's callback, before this thread polls past it.
+            if previous:
+                self._tc_root._tc_own_commit(u64(tid), previous)
+            if deleting:
+                # Not registered at the vote (its tid was not known then).
                 self._tc_root._tc_deleted_at(u64(tid), deleting)
-                if func is not None:
-                    func(tid)
-        else:
-            finish = func
+            if func is not None:
+                func(tid)
+
         tid = self._storage.tpc_finish(transaction, finish)
         if deleting:
             # A history-free database shows no row of this commit (it only
