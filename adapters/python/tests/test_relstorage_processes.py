@@ -1,0 +1,290 @@
+"""Writers and readers in separate processes over one RelStorage database
+(SQLite history-free and history-preserving; PostgreSQL when a server can
+be started) and one sidecar, which is killed (SIGKILL) midway and
+restarted: no read, in any process, at any view, differs from the
+database's history at that view (invariant 1 across processes, through
+RelStorage's polls, collapsed and exact reports, a dead sidecar and a warm
+restart), and the cache is used before the kill, after the restart, and at
+once by a process started late.
+
+Each load is recorded by the workers (``relstorage_worker.py``) with the
+view of its RelStorage instance; after the run every one is checked
+against the writers' logs of committed values by tid and, in a
+history-preserving database, against a plain RelStorage's ``loadBefore``.
+The run is steered through control files (phases, pause, stop), never by
+sleeps: each wait polls, with a bound, for what the workers report.
+"""
+
+import contextlib
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+pytest.importorskip("relstorage")
+
+import relstorage_worker  # noqa: E402
+from relstorage_worker import LoadBefore  # noqa: E402
+from relstorage_worker import wrong_observations  # noqa: E402
+
+from tidecache.relstorage import relstorage_database_key  # noqa: E402
+
+WORKER = os.path.join(os.path.dirname(__file__), "relstorage_worker.py")
+ROOT = pathlib.Path(__file__).resolve().parents[3]
+WRITERS = 2
+READERS = 2
+#: Bound of every wait for the workers (a loaded 2-core machine).
+WAIT = 90.0
+
+
+@pytest.fixture(scope="module")
+def postgresql():
+    """A PostgreSQL server for the module (bench/dbservers.py); skips when
+    its software cannot be installed here."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import dbservers
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    pytest.importorskip("psycopg2")
+    try:
+        server = dbservers.postgresql_server()
+        pg = server.__enter__()
+    except dbservers.DatabaseServerUnavailable as e:
+        pytest.skip(str(e))
+    try:
+        yield pg
+    finally:
+        server.__exit__(None, None, None)
+
+
+DATABASES = [("sqlite", False), ("sqlite", True), ("postgresql", False), ("postgresql", True)]
+
+
+@pytest.fixture(params=DATABASES, ids=["sqlite-history-free", "sqlite-history-preserving",
+                                       "postgresql-history-free", "postgresql-history-preserving"])
+def database(request):
+    """The spec of an empty database (see ``relstorage_worker.open_relstorage``)."""
+    kind, keep_history = request.param
+    if kind == "sqlite":
+        with tempfile.TemporaryDirectory(prefix="rs-sqlite-") as d:
+            yield {"kind": "sqlite", "data_dir": d, "keep_history": keep_history}
+    else:
+        pg = request.getfixturevalue("postgresql")
+        name = "procs_%s" % ("hp" if keep_history else "hf")
+        pg.create_database(name)
+        yield {"kind": "postgresql", "dsn": pg.dsn_for(name), "keep_history": keep_history}
+
+
+class Stopped(Exception):
+    """A worker died, or a wait timed out: the run stops, what was read
+    is checked, then the test fails."""
+
+
+class Run:
+    """The worker processes of one run and their control directory."""
+
+    def __init__(self, spec, directory):
+        self.spec = spec
+        self.dir = directory
+        self.procs = {}
+        self.set_phase(0)
+
+    def start(self, role, name, arg):
+        log = open(os.path.join(self.dir, name + ".log"), "wb")
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, WORKER, role, json.dumps(self.spec), self.dir, name, str(arg)],
+            stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+
+    def set_phase(self, phase):
+        tmp = os.path.join(self.dir, "phase.tmp")
+        with open(tmp, "w") as f:
+            f.write(str(phase))
+        os.replace(tmp, os.path.join(self.dir, "phase"))
+
+    def flag(self, name, on):
+        path = os.path.join(self.dir, name)
+        if on:
+            open(path, "w").close()
+        elif os.path.exists(path):
+            os.remove(path)
+
+    def status(self, name):
+        try:
+            with open(os.path.join(self.dir, name + ".status.json")) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    def count(self, name, phase, what):
+        s = self.status(name)
+        return 0 if s is None else s["counts"].get(str(phase), {}).get(what, 0)
+
+    def log(self, name):
+        with open(os.path.join(self.dir, name + ".log"), errors="replace") as f:
+            return f.read()[-4000:]
+
+    def wait(self, what, cond, timeout=WAIT):
+        """Polls ``cond()`` until true; fails (with the workers' logs) after
+        ``timeout`` seconds or when a worker died."""
+        deadline = time.monotonic() + timeout
+        while not cond():
+            for name, p in self.procs.items():
+                if p.poll() is not None:
+                    raise Stopped("worker %s exited (%s) while waiting for %s:\n%s"
+                                  % (name, p.returncode, what, self.log(name)))
+            if time.monotonic() > deadline:
+                raise Stopped("timed out waiting for %s: %s" % (
+                    what, {n: self.status(n) and self.status(n)["counts"] for n in self.procs}))
+            time.sleep(0.02)
+
+    def finish(self):
+        """Stops the workers; returns ``(results, failures)``: their
+        results (also of one that failed, up to its failure) and what went
+        wrong with them."""
+        self.flag("pause", False)
+        self.flag("stop", True)
+        results, failures = {}, []
+        for name, p in self.procs.items():
+            try:
+                p.wait(WAIT)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+            if p.returncode != 0:
+                failures.append("worker %s exited %s:\n%s" % (name, p.returncode, self.log(name)))
+            try:
+                with open(os.path.join(self.dir, name + ".result.json")) as f:
+                    results[name] = json.load(f)
+            except OSError:
+                failures.append("worker %s wrote no result" % name)
+        return results, failures
+
+    def kill_all(self):
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+@contextlib.contextmanager
+def run_of(spec):
+    with tempfile.TemporaryDirectory(prefix="rs-procs-") as d:
+        run = Run(spec, d)
+        try:
+            yield run
+        finally:
+            run.kill_all()
+
+
+def test_no_process_reads_outside_its_view_across_a_sidecar_kill(database, sidecar):
+    spec = dict(database, sidecar=sidecar.socket, writers=WRITERS)
+    setup_tid = relstorage_worker.setup(spec, WRITERS)
+    writers = ["writer%d" % w for w in range(WRITERS)]
+    readers = ["reader%d" % r for r in range(READERS)]
+    with run_of(spec) as run:
+        try:
+            first = drive(run, spec, sidecar, writers, readers)
+        except Stopped as e:
+            first, stopped = None, str(e)
+        else:
+            stopped = None
+        results, failures = run.finish()
+
+    histories = {w: results["writer%d" % w]["history"] for w in range(WRITERS) if "writer%d" % w in results}
+    truth = LoadBefore(spec) if spec["keep_history"] else None
+    try:
+        seen = [o for r in results.values() for o in r["seen"]]
+        wrong = wrong_observations(seen, histories, setup_tid, truth)
+    finally:
+        if truth is not None:
+            truth.close()
+    assert not wrong, "%d wrong observations of %d, e.g.:\n%s\n%s" % (
+        len(wrong), len(seen), "\n".join(wrong[:10]), "\n".join(failures))
+    assert stopped is None and not failures, "\n".join(
+        [stopped or ""] + failures + ["%s: %s" % (n, r["stats"]) for n, r in sorted(results.items())])
+
+    # Every phase was observed, with hits before the kill and after the
+    # restart (a cache that is never used must fail this test).
+    per_phase = {}
+    for phase, _, _, _, _, _, hit in seen:
+        obs, hits = per_phase.get(phase, (0, 0))
+        per_phase[phase] = (obs + 1, hits + hit)
+
+    assert per_phase[0][1] > 0 and per_phase[2][1] > 0 and per_phase[4][1] > 0, per_phase
+    assert per_phase[1][0] > 0, per_phase
+    # The late worker hit at once: in its first transaction, which read
+    # every object at the horizon.
+    assert first["phase"] == 3 and first["hits"] > 0, first
+    # The readers saw many states of the writers' objects (the views move).
+    assert len({(o[1]) for o in seen}) > 20
+    # The writers read (through the cache) what they had committed.
+    assert all(results[n]["counts"] for n in writers)
+
+
+def drive(run, spec, sidecar, writers, readers):
+    """The phases of the run; returns the late worker's first
+    transaction's counts."""
+    for w, name in enumerate(writers):
+        run.start("writer", name, w)
+    for r, name in enumerate(readers):
+        run.start("reader", name, r)
+
+    def commits(name):
+        s = run.status(name)
+        return 0 if s is None else s["commits"]
+
+    # Phase 0: the cache serves the readers.
+    run.wait("hits before the kill",
+             lambda: all(run.count(n, 0, "hits") > 0 for n in readers)
+             and all(commits(n) >= 40 for n in writers))
+    # Phase 1: the sidecar is killed; the run goes on (misses).
+    run.set_phase(1)
+    sidecar.kill()
+    at_kill = {n: commits(n) for n in writers}
+    run.wait("reads and commits while the sidecar is dead",
+             lambda: all(run.count(n, 1, "obs") >= 30 for n in readers)
+             and all(commits(n) >= at_kill[n] + 20 for n in writers))
+    # Phase 2: restarted on its arena file; the cache serves again.
+    sidecar.start()
+    run.set_phase(2)
+    at_restart = {n: commits(n) for n in writers}
+    run.wait("hits after the restart",
+             lambda: all(run.count(n, 2, "hits") > 0 and run.count(n, 2, "still_hits") > 0
+                         for n in readers)
+             and all(commits(n) >= at_restart[n] + 20 for n in writers))
+
+    # A worker started late, after many commits: the writers pause so
+    # that its first view is the sidecar's horizon, reported by the
+    # others; the objects it reads were loaded by the readers.
+    run.set_phase(3)
+    run.flag("pause", True)
+    run.wait("the writers to pause", lambda: all((run.status(n) or {}).get("paused") for n in writers))
+    last = max(run.status(n)["last"] for n in writers)
+    base = relstorage_worker.open_relstorage(spec)
+    key = relstorage_database_key(base)
+    base.close()
+
+    def horizon():
+        return (sidecar.stats()["databases"].get(key) or {}).get("horizon") or 0
+
+    run.wait("the readers' reports to reach the last commit", lambda: horizon() >= last)
+    run.wait("the readers to read at the last commit",
+             lambda: all(((run.status(n) or {}).get("view") or 0) >= last for n in readers))
+    run.start("reader", "late", 99)
+    run.wait("the late worker's first transaction", lambda: (run.status("late") or {}).get("first"))
+    first = run.status("late")["first"]
+    # Phase 4: everyone goes on, the late worker with the others.
+    run.set_phase(4)
+    run.flag("pause", False)
+    at_late = {n: commits(n) for n in writers}
+    run.wait("the late worker to read past new commits",
+             lambda: run.count("late", 4, "obs") >= 30
+             and all(commits(n) >= at_late[n] + 30 for n in writers))
+    return first
