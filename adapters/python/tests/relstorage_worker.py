@@ -38,9 +38,12 @@ if __name__ == "__main__" and sys.argv[1:2] == ["gevent"]:
 
     monkey.patch_all()
 
+import contextlib  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import random  # noqa: E402
+import subprocess  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 
@@ -365,8 +368,10 @@ def reader(spec, control, seed, writers):
 def gevent_run(spec, control, greenlets, seconds):
     """One process, monkey-patched: ``greenlets`` greenlets, each with its
     own connection, each writer ``w`` of its objects and reader of all of
-    them (every load recorded), and a ticker greenlet that measures how
-    late the hub wakes it (the longest time the hub was blocked)."""
+    them (every load recorded), until ``stop`` (or ``seconds``, a bound
+    for a test that lost its parent); and a ticker greenlet that measures
+    how late the hub wakes it (the longest time the hub was blocked), per
+    phase."""
     import gevent
     import transaction
 
@@ -375,17 +380,17 @@ def gevent_run(spec, control, greenlets, seconds):
     histories = {w: [] for w in range(greenlets)}
     errors = []
     done = []
-    lateness = []
+    lateness = {}
     keys = all_keys(greenlets)
     deadline = time.monotonic() + seconds
 
     def ticker():
-        worst = 0.0
         while not done:
+            phase = str(control.phase())
             t0 = time.perf_counter()
             gevent.sleep(0.005)
-            worst = max(worst, time.perf_counter() - t0 - 0.005)
-        lateness.append(worst)
+            late = time.perf_counter() - t0 - 0.005
+            lateness[phase] = max(lateness.get(phase, 0.0), late)
 
     def work(w):
         rnd = random.Random(w)
@@ -411,6 +416,8 @@ def gevent_run(spec, control, greenlets, seconds):
                 else:
                     tm.abort()
                 rec.count(phase, "txns")
+                control.write("status", {"counts": rec.counts, "hits": storage._tc_stats.hits,
+                                         "commits": {str(k): len(h) for k, h in histories.items()}})
                 gevent.sleep(0)
         except Exception:
             errors.append(traceback.format_exc())
@@ -423,10 +430,116 @@ def gevent_run(spec, control, greenlets, seconds):
     done.append(True)
     tick.join()
     out = {"histories": {str(w): h for w, h in histories.items()}, "seen": rec.seen,
-           "counts": rec.counts, "errors": errors, "lateness": lateness[0],
-           "stats": storage.cache_stats()}
+           "counts": rec.counts, "errors": errors, "lateness": lateness,
+           "stats": stats_of(storage)}
     db.close()
     control.write("result", out)
+
+
+# -- the test's side -------------------------------------------------------
+
+
+class Stopped(Exception):
+    """A worker died, or a wait timed out: the run stops, what was read
+    is checked, then the test fails."""
+
+
+class Run:
+    """The test's side of a run: the worker processes (this module run as
+    a script) and their control directory."""
+
+    def __init__(self, spec, directory):
+        self.spec = spec
+        self.dir = directory
+        self.procs = {}
+        self.set_phase(0)
+
+    def start(self, role, name, *args):
+        log = open(os.path.join(self.dir, name + ".log"), "wb")
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, __file__, role, json.dumps(self.spec), self.dir, name] + [str(a) for a in args],
+            stdout=log, stderr=subprocess.STDOUT)
+        log.close()
+
+    def set_phase(self, phase):
+        tmp = os.path.join(self.dir, "phase.tmp")
+        with open(tmp, "w") as f:
+            f.write(str(phase))
+        os.replace(tmp, os.path.join(self.dir, "phase"))
+
+    def flag(self, name, on):
+        path = os.path.join(self.dir, name)
+        if on:
+            open(path, "w").close()
+        elif os.path.exists(path):
+            os.remove(path)
+
+    def status(self, name):
+        try:
+            with open(os.path.join(self.dir, name + ".status.json")) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return None
+
+    def count(self, name, phase, what):
+        s = self.status(name)
+        return 0 if s is None else s["counts"].get(str(phase), {}).get(what, 0)
+
+    def log(self, name):
+        with open(os.path.join(self.dir, name + ".log"), errors="replace") as f:
+            return f.read()[-4000:]
+
+    def wait(self, what, cond, timeout=90.0):
+        """Polls ``cond()`` until true; raises :class:`Stopped` (with the
+        workers' logs) after ``timeout`` seconds or when a worker died."""
+        deadline = time.monotonic() + timeout
+        while not cond():
+            for name, p in self.procs.items():
+                if p.poll() is not None:
+                    raise Stopped("worker %s exited (%s) while waiting for %s:\n%s"
+                                  % (name, p.returncode, what, self.log(name)))
+            if time.monotonic() > deadline:
+                raise Stopped("timed out waiting for %s: %s" % (
+                    what, {n: self.status(n) and self.status(n)["counts"] for n in self.procs}))
+            time.sleep(0.02)
+
+    def finish(self):
+        """Stops the workers; returns ``(results, failures)``: their
+        results (also of one that failed, up to its failure) and what went
+        wrong with them."""
+        self.flag("pause", False)
+        self.flag("stop", True)
+        results, failures = {}, []
+        for name, p in self.procs.items():
+            try:
+                p.wait(90.0)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+            if p.returncode != 0:
+                failures.append("worker %s exited %s:\n%s" % (name, p.returncode, self.log(name)))
+            try:
+                with open(os.path.join(self.dir, name + ".result.json")) as f:
+                    results[name] = json.load(f)
+            except OSError:
+                failures.append("worker %s wrote no result" % name)
+        return results, failures
+
+    def kill_all(self):
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+@contextlib.contextmanager
+def run_of(spec):
+    with tempfile.TemporaryDirectory(prefix="rs-procs-") as d:
+        run = Run(spec, d)
+        try:
+            yield run
+        finally:
+            run.kill_all()
 
 
 def main(argv):

@@ -15,14 +15,9 @@ The run is steered through control files (phases, pause, stop), never by
 sleeps: each wait polls, with a bound, for what the workers report.
 """
 
-import contextlib
-import json
-import os
 import pathlib
-import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
 
@@ -30,16 +25,15 @@ pytest.importorskip("relstorage")
 
 import relstorage_worker  # noqa: E402
 from relstorage_worker import LoadBefore  # noqa: E402
+from relstorage_worker import Stopped  # noqa: E402
+from relstorage_worker import run_of  # noqa: E402
 from relstorage_worker import wrong_observations  # noqa: E402
 
 from tidecache.relstorage import relstorage_database_key  # noqa: E402
 
-WORKER = os.path.join(os.path.dirname(__file__), "relstorage_worker.py")
 ROOT = pathlib.Path(__file__).resolve().parents[3]
 WRITERS = 2
 READERS = 2
-#: Bound of every wait for the workers (a loaded 2-core machine).
-WAIT = 90.0
 
 
 @pytest.fixture(scope="module")
@@ -79,108 +73,6 @@ def database(request):
         name = "procs_%s" % ("hp" if keep_history else "hf")
         pg.create_database(name)
         yield {"kind": "postgresql", "dsn": pg.dsn_for(name), "keep_history": keep_history}
-
-
-class Stopped(Exception):
-    """A worker died, or a wait timed out: the run stops, what was read
-    is checked, then the test fails."""
-
-
-class Run:
-    """The worker processes of one run and their control directory."""
-
-    def __init__(self, spec, directory):
-        self.spec = spec
-        self.dir = directory
-        self.procs = {}
-        self.set_phase(0)
-
-    def start(self, role, name, arg):
-        log = open(os.path.join(self.dir, name + ".log"), "wb")
-        self.procs[name] = subprocess.Popen(
-            [sys.executable, WORKER, role, json.dumps(self.spec), self.dir, name, str(arg)],
-            stdout=log, stderr=subprocess.STDOUT)
-        log.close()
-
-    def set_phase(self, phase):
-        tmp = os.path.join(self.dir, "phase.tmp")
-        with open(tmp, "w") as f:
-            f.write(str(phase))
-        os.replace(tmp, os.path.join(self.dir, "phase"))
-
-    def flag(self, name, on):
-        path = os.path.join(self.dir, name)
-        if on:
-            open(path, "w").close()
-        elif os.path.exists(path):
-            os.remove(path)
-
-    def status(self, name):
-        try:
-            with open(os.path.join(self.dir, name + ".status.json")) as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return None
-
-    def count(self, name, phase, what):
-        s = self.status(name)
-        return 0 if s is None else s["counts"].get(str(phase), {}).get(what, 0)
-
-    def log(self, name):
-        with open(os.path.join(self.dir, name + ".log"), errors="replace") as f:
-            return f.read()[-4000:]
-
-    def wait(self, what, cond, timeout=WAIT):
-        """Polls ``cond()`` until true; fails (with the workers' logs) after
-        ``timeout`` seconds or when a worker died."""
-        deadline = time.monotonic() + timeout
-        while not cond():
-            for name, p in self.procs.items():
-                if p.poll() is not None:
-                    raise Stopped("worker %s exited (%s) while waiting for %s:\n%s"
-                                  % (name, p.returncode, what, self.log(name)))
-            if time.monotonic() > deadline:
-                raise Stopped("timed out waiting for %s: %s" % (
-                    what, {n: self.status(n) and self.status(n)["counts"] for n in self.procs}))
-            time.sleep(0.02)
-
-    def finish(self):
-        """Stops the workers; returns ``(results, failures)``: their
-        results (also of one that failed, up to its failure) and what went
-        wrong with them."""
-        self.flag("pause", False)
-        self.flag("stop", True)
-        results, failures = {}, []
-        for name, p in self.procs.items():
-            try:
-                p.wait(WAIT)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-            if p.returncode != 0:
-                failures.append("worker %s exited %s:\n%s" % (name, p.returncode, self.log(name)))
-            try:
-                with open(os.path.join(self.dir, name + ".result.json")) as f:
-                    results[name] = json.load(f)
-            except OSError:
-                failures.append("worker %s wrote no result" % name)
-        return results, failures
-
-    def kill_all(self):
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-
-
-@contextlib.contextmanager
-def run_of(spec):
-    with tempfile.TemporaryDirectory(prefix="rs-procs-") as d:
-        run = Run(spec, d)
-        try:
-            yield run
-        finally:
-            run.kill_all()
 
 
 def test_no_process_reads_outside_its_view_across_a_sidecar_kill(database, sidecar):
