@@ -267,7 +267,8 @@ def writer(spec, control, w):
         while not control.stopped():
             if control.paused():
                 control.write("status", {"counts": rec.counts, "commits": i, "paused": True,
-                                         "last": history[-1][0] if history else None})
+                                         "last": history[-1][0] if history else None,
+                                         "client": client_state(storage)})
                 time.sleep(0.01)
                 continue
             phase = control.phase()
@@ -284,7 +285,7 @@ def writer(spec, control, w):
             rec.count(phase, "txns")
             conn.close()
             control.write("status", {"counts": rec.counts, "commits": i, "paused": False,
-                                     "last": history[-1][0]})
+                                     "last": history[-1][0], "client": client_state(storage)})
     except BaseException:
         error = traceback.format_exc()
         raise
@@ -295,6 +296,15 @@ def writer(spec, control, w):
         control.write("result", {"history": history, "seen": rec.seen, "counts": rec.counts,
                                  "error": error, "stats": stats_of(storage)})
         db.close()
+
+
+def client_state(storage):
+    """What the status shows of the adapter and its client (no call to
+    the sidecar)."""
+    client = storage._tc_client
+    return {"joined": storage._tc_joined, "attached": client.attached, "connected": client.connected,
+            "horizon": client.horizon, "reported": storage._tc_reported,
+            "local": storage._tc_stats.as_dict(), "outbox": list(client.outbox_counts)}
 
 
 def stats_of(storage):
@@ -347,7 +357,8 @@ def reader(spec, control, seed, writers):
                 first = {"phase": phase, "reads": len(names),
                          "hits": rec.counts[str(phase)]["hits"] - hits}
             control.write("status", {"counts": rec.counts, "first": first,
-                                     "view": conn._storage._storage._cache.highest_visible_tid})
+                                     "view": conn._storage._storage._cache.highest_visible_tid,
+                                     "client": client_state(storage)})
     except BaseException:
         error = traceback.format_exc()
         raise
@@ -416,7 +427,7 @@ def gevent_run(spec, control, greenlets, seconds):
                 else:
                     tm.abort()
                 rec.count(phase, "txns")
-                control.write("status", {"counts": rec.counts, "hits": storage._tc_stats.hits,
+                control.write("status", {"counts": rec.counts, "client": client_state(storage),
                                          "commits": {str(k): len(h) for k, h in histories.items()}})
                 gevent.sleep(0)
         except Exception:
@@ -499,8 +510,8 @@ class Run:
                     raise Stopped("worker %s exited (%s) while waiting for %s:\n%s"
                                   % (name, p.returncode, what, self.log(name)))
             if time.monotonic() > deadline:
-                raise Stopped("timed out waiting for %s: %s" % (
-                    what, {n: self.status(n) and self.status(n)["counts"] for n in self.procs}))
+                raise Stopped("timed out waiting for %s:\n%s" % (
+                    what, "\n".join("%s: %s" % (n, self.status(n)) for n in self.procs)))
             time.sleep(0.02)
 
     def finish(self):
