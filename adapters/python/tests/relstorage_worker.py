@@ -245,7 +245,8 @@ def open_db(spec):
 
     from tidecache import TideCacheStorage
 
-    storage = TideCacheStorage(open_relstorage(spec), socket=spec["sidecar"])
+    storage = TideCacheStorage(open_relstorage(spec), socket=spec["sidecar"],
+                               timeout_ms=spec.get("timeout_ms", 50))
     return storage, ZODB.DB(storage, cache_size=0, pool_size=16)
 
 
@@ -496,9 +497,9 @@ class Run:
         s = self.status(name)
         return 0 if s is None else s["counts"].get(str(phase), {}).get(what, 0)
 
-    def log(self, name):
+    def log(self, name, tail=4000):
         with open(os.path.join(self.dir, name + ".log"), errors="replace") as f:
-            return f.read()[-4000:]
+            return f.read()[-tail:]
 
     def wait(self, what, cond, timeout=90.0):
         """Polls ``cond()`` until true; raises :class:`Stopped` (with the
@@ -554,6 +555,12 @@ def run_of(spec):
 
 
 def main(argv):
+    import logging
+
+    # The adapter's attaches, proofs, flushes and resyncs, timed, in the
+    # worker's log (the test shows them when it fails).
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    logging.getLogger("tidecache").setLevel(logging.INFO)
     role, spec_json, directory, name = argv[1:5]
     spec = json.loads(spec_json)
     control = Control(directory, name)
