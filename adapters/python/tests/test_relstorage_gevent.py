@@ -1,11 +1,13 @@
 """tidecache over RelStorage with its gevent SQLite driver (``driver gevent
 sqlite3``), in a monkey-patched process: several greenlets, each with its
-own ZODB connection, read every object and commit their own; every load
-is checked against the greenlets' logs of committed values by tid (and,
-history-preserving, against a plain RelStorage's ``loadBefore``), and the
-hub is never blocked for long (a ticker greenlet measures how late it is
-woken; the bound is generous, one second, which a hub blocked by a
-sidecar call or a lock would break).
+own ZODB connection, read every object and commit their own, while the
+sidecar serves, is stopped (SIGSTOP: every call to it waits for its
+timeout), continued, killed and restarted; every load is checked against
+the greenlets' logs of committed values by tid (and, history-preserving,
+against a plain RelStorage's ``loadBefore``), and the hub is never blocked
+for long (a ticker greenlet measures how late it is woken, per phase; the
+bound is generous, one second, which a hub blocked by a sidecar call, a
+lock or a database wait would break).
 
 The process runs ``relstorage_worker.py gevent`` (the monkey-patching must
 come before anything imports ``threading``, ``socket`` or ``time``).
@@ -55,6 +57,7 @@ def test_greenlets_read_their_views_and_the_hub_is_never_blocked(sidecar, keep_h
                 if sidecar.proc.poll() is None:
                     sidecar.proc.send_signal(signal.SIGCONT)
             results, failures = run.finish()
+        assert "gevent" in results, "\n".join([stopped or ""] + failures)
         result = results["gevent"]
         histories = {int(w): h for w, h in result["histories"].items()}
         truth = LoadBefore(spec) if keep_history else None
