@@ -723,3 +723,4 @@ def test_own_commit_is_reported_exactly_in_a_history_free_database(sidecar, data
     finally:
         reader.close()
         writer.close()
+

@@ -612,7 +612,15 @@ class TideCacheRelStorage(_Joining):
                 return self._tc_pack_seen(changes_sql, cursor, reported)
             return False
 
-        return self._tc_watch_connection.restart_and_call(check)
+        connection = self._tc_watch_connection
+        try:
+            return connection.restart_and_call(check)
+        finally:
+            # RelStorage rolls a load connection back only once its cursor
+            # was used as a load's: without this the next check would read
+            # this check's snapshot, and take newer reports for a database
+            # gone back in time.
+            connection.rollback_quietly()
 
     def _tc_pack_seen(self, changes_sql, cursor, reported):
         """History-preserving: whether a pack rewrote the history since the
