@@ -10,7 +10,7 @@ DEPS := $(VENV)/.deps-installed
 LOOM_MAX_PREEMPTIONS ?= 2
 SOAK_SECONDS ?= 300
 
-.PHONY: all build demo test test-rust test-loom test-python bench clean model-long soak soak-campaign
+.PHONY: all build demo demo-postgresql test test-rust test-loom test-python bench clean model-long soak soak-campaign
 
 all: build
 
@@ -25,9 +25,16 @@ build: $(DEPS)
 	cd adapters/python && VIRTUAL_ENV=$(VENV) $(VENV)/bin/maturin develop --release --quiet
 
 ## The main job: ZEO + tidecached + a ZODB application over the stdlib's
-## sources, with and without tidecache, side by side.
+## sources, with and without tidecache, side by side; then the same over
+## RelStorage/SQLite (plain RelStorage beside RelStorage in <tidecache>).
+## `make demo-postgresql`: the RelStorage run over a PostgreSQL server
+## started for it.
 demo: build
 	$(PY) demo/run_demo.py
+	$(PY) demo/run_demo.py --base relstorage-sqlite
+
+demo-postgresql: build
+	$(PY) demo/run_demo.py --base relstorage-postgresql
 
 ## Every test: Rust (unit, property, integration), loom models, Python.
 test: build test-rust test-loom test-python
