@@ -184,7 +184,7 @@ class RelStorageHost:
             if backend == "postgresql":
                 sys.path.insert(0, str(ROOT / "bench"))
                 from dbservers import postgresql_server
-                self.server = self._servers.enter_context(postgresql_server())
+                self.server = self._servers.enter_context(postgresql_server(database=None))
             for name in databases:
                 self.add_database(name)
             self._start_sidecar()
@@ -200,9 +200,8 @@ class RelStorageHost:
             os.makedirs(data_dir, exist_ok=True)
             self._adapters[name] = "<sqlite3>\n  data-dir %s\n</sqlite3>\n" % data_dir
         else:
-            dsn = self.server.create_database(name)
-            if not isinstance(dsn, str):  # a server whose create_database returns nothing
-                dsn = "%s dbname=%s" % (self.server.dsn, name)
+            self.server.create_database(name)
+            dsn = self.server.dsn_for(name)
             self._adapters[name] = "<postgresql>\n  dsn %s\n</postgresql>\n" % dsn
 
     _start_sidecar = Host._start_sidecar

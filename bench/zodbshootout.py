@@ -49,7 +49,20 @@ values, mean and stdev of each contender, and the ratio tidecache / plain
 of the means; the truly cold run the same way), prints a table, and
 rebuilds docs/benchmarks.md.
 
-    zodbshootout.py [--concurrency 2 4] [--values 3] [--fast-processes 3] [--warmups 1]
+**RelStorage** (``--base relstorage-postgresql`` or ``relstorage-sqlite``;
+issue 9): the same zodbshootout run over RelStorage 4
+(bench/zodbhost.py ``RelStorageHost``: a PostgreSQL server started for
+the run by bench/dbservers.py, or SQLite data directories), one ZConfig
+file with two databases: ``plain``, a ``<relstorage>`` section with
+RelStorage's defaults (its process-local cache of 10 MB, history-preserving),
+and ``tidecache``, the same section inside ``<tidecache>``. Each contender
+has a database of its own on the same server (SQLite: a data directory
+each), so the sidecar hears of every commit of its database. The defaults
+for these bases: 4 processes, phases add, cold, warm and hot, no truly
+cold run; written to ``bench-results/zodbshootout-BASE.json``.
+
+    zodbshootout.py [--base zeo|relstorage-postgresql|relstorage-sqlite]
+                    [--concurrency 2 4] [--values 3] [--fast-processes 3] [--warmups 1]
                     [--phases add update cold warm hot steamin] [--cold-iterations 8]
                     [--own-storages] [--skip-shootout] [--skip-truly-cold] [--output PATH]
                     [--no-report]
@@ -69,6 +82,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 from zodbhost import Host  # noqa: E402
+from zodbhost import RelStorageHost  # noqa: E402
 
 # This file's name is the package's: ``import zodbshootout`` must find the
 # package, not this script (run as __main__ from bench/).
@@ -80,6 +94,15 @@ PHASES = ("add", "update", "cold", "warm", "hot", "steamin")
 #: Phases whose value is cheap: more pyperf worker processes.
 FAST_PHASES = ("hot", "steamin")
 CONTENDERS = ("plain", "tidecache")
+#: --base: what the contenders run on, and the column titles of the table.
+BASES = {
+    "zeo": ("plain ZEO", "ZEO + tidecache"),
+    "relstorage-postgresql": ("RelStorage/PostgreSQL", "RS/PG + tidecache"),
+    "relstorage-sqlite": ("RelStorage/SQLite", "RS/SQLite + tidecache"),
+}
+#: Phases and concurrency a RelStorage base runs by default (issue 9).
+RELSTORAGE_PHASES = ("add", "cold", "warm", "hot")
+RELSTORAGE_CONCURRENCY = (4,)
 #: What zodbshootout names each phase in its reports (``BENCHMARKS`` of
 #: zodbshootout/_runner.py).
 PHASE_TITLES = {
@@ -218,7 +241,7 @@ def print_table(results):
     print()
     print("zodbshootout 0.8, %d objects, ms per phase (mean +- stdev of pyperf's values), "
           "ratio tidecache / plain" % OBJECTS)
-    print("%-10s %4s %22s %22s %9s" % ("phase", "c", "plain ZEO", "ZEO + tidecache", "ratio"))
+    print("%-10s %4s %22s %22s %9s" % (("phase", "c") + BASES[results.get("base", "zeo")] + ("ratio",)))
     rows = [(phase, c, r) for c, phases in results["shootout"].items() for phase, r in phases.items()]
     rows += [("truly cold", c, r) for c, r in results.get("truly_cold", {}).items()]
     order = {p: i for i, p in enumerate(PHASES + ("truly cold",))}
@@ -230,7 +253,12 @@ def print_table(results):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--base", choices=sorted(BASES), default="zeo",
+                    help="the storage under both contenders (default zeo; the RelStorage ones run "
+                         "4 processes, phases add cold warm hot and no truly cold run by default)")
+    ap.add_argument("--history-free", action="store_true",
+                    help="RelStorage bases: keep-history false (default: RelStorage's default, true)")
+    ap.add_argument("--concurrency", type=int, nargs="+")
     ap.add_argument("--values", type=int, default=3, help="pyperf values per worker process")
     ap.add_argument("--fast-processes", type=int, default=3,
                     help="pyperf worker processes for hot and steamin (the others: 1)")
@@ -238,7 +266,7 @@ def main():
                     help="pyperf warmup values per worker process (default 1: the first value of a "
                          "phase follows the other contender's rewrite of every object in the shared "
                          "storage, a full miss for any cache; docs/benchmarks.md gives its figure)")
-    ap.add_argument("--phases", nargs="+", default=list(PHASES), choices=PHASES)
+    ap.add_argument("--phases", nargs="+", choices=PHASES)
     ap.add_argument("--cold-iterations", type=int, default=8,
                     help="iterations per contender of the truly cold run")
     ap.add_argument("--own-storages", action="store_true",
@@ -249,17 +277,30 @@ def main():
     ap.add_argument("--output", help="default bench-results/zodbshootout.json "
                     "(zodbshootout-own-storages.json with --own-storages)")
     args = ap.parse_args()
+    relstorage = args.base != "zeo"
+    if args.concurrency is None:
+        args.concurrency = list(RELSTORAGE_CONCURRENCY if relstorage else (2, 4))
+    if args.phases is None:
+        args.phases = list(RELSTORAGE_PHASES if relstorage else PHASES)
+    if relstorage and args.own_storages:
+        ap.error("--own-storages is for ZEO: with RelStorage each contender has its own database")
     if args.output is None:
-        args.output = str(ROOT / "bench-results" / ("zodbshootout-own-storages.json" if args.own_storages
-                                                     else "zodbshootout.json"))
+        name = ("zodbshootout-%s.json" % args.base if relstorage
+                else "zodbshootout-own-storages.json" if args.own_storages else "zodbshootout.json")
+        args.output = str(ROOT / "bench-results" / name)
 
     started = time.perf_counter()
-    results = {"objects": OBJECTS, "processes": {p: args.fast_processes if p in FAST_PHASES else 1
+    results = {"base": args.base, "objects": OBJECTS, "processes": {p: args.fast_processes if p in FAST_PHASES else 1
                                                  for p in args.phases}, "values": args.values,
                "warmups": args.warmups,
                "loops": {p: "calibrated" if p in FAST_PHASES else 1 for p in args.phases}, "own_storages": args.own_storages,
                "cold_iterations": args.cold_iterations, "shootout": {}, "truly_cold": {}}
-    host = Host(own_storages=args.own_storages)
+    if relstorage:
+        results["keep_history"] = not args.history_free
+        host = RelStorageHost(args.base.split("-", 1)[1], keep_history=not args.history_free)
+        args.skip_truly_cold = True  # zodbshootout's own phases are what issue 9 asks for
+    else:
+        host = Host(own_storages=args.own_storages)
     try:
         conf = host.write_zconfig()
         print("ZConfig (%s):\n%s" % (conf, host.zconfig()), flush=True)
