@@ -159,13 +159,176 @@ class _Stats:
         return {k: getattr(self, k) for k in _STAT_KEYS}
 
 
+class _Joining:
+    """Joining a database in the sidecar (invariant 7): the attach with its
+    proof, shared by :class:`TideCacheStorage` and
+    :class:`tidecache.relstorage.TideCacheRelStorage`. Needs ``_tc_client``,
+    ``_tc_socket``, ``_tc_stats``, ``_tc_unavailable`` and
+    ``_tc_behind_since``."""
+
+    def _tc_attach(self, base, last, wait):
+        """Attaches to the sidecar at ``last`` and returns ``(last, joined)``:
+        the tid attached at and whether the database is joined ("started"
+        or "joined").
+
+        Below the sidecar's horizon, the storage either lags (a ZEO client
+        that has not yet heard of commits another process reported) or was
+        restored from a backup. With ``wait`` it is polled for up to
+        ``RESTORE_GRACE_SECONDS``; if it catches up, it goes on; if not, the
+        database is flushed in the sidecar before anything is served from it
+        (invariant 7 of docs/invariants.md). Without ``wait`` (a retry), it stays not
+        joined until a later retry, the grace counted from the first.
+
+        At or past the horizon, the sidecar asks for a proof that this
+        storage's history holds its horizon transaction (:meth:`_tc_prove`);
+        a failed proof flushes the database (a backup restored and
+        committed to since, another file at the same path)."""
+        client = self._tc_client
+        self._tc_unavailable = False
+        try:
+            try:
+                state = client.attach(last)
+            except Unavailable as e:
+                # A sidecar that answers slowly (a busy host) is tried once
+                # more at start, after the client's wait before reconnecting;
+                # an absent one (refused connect) is not waited for.
+                if not wait or "connect:" in str(e):
+                    raise
+                time.sleep(RETRY_UNAVAILABLE + 0.01)
+                state = client.attach(last)
+            deadline = time.monotonic() + RESTORE_GRACE_SECONDS
+            # An empty storage (no transaction yet, or zapped) is no lagging
+            # copy of anything the sidecar holds: flushed at once.
+            lagging = last > 0
+            while state == "behind" and wait and lagging and time.monotonic() < deadline:
+                time.sleep(0.02)
+                sync = getattr(base, "sync", None)
+                if sync is not None:
+                    sync()
+                last = max(last, u64(base.lastTransaction()))
+                state = client.attach(last)
+            if state == "behind" and not wait and lagging:
+                since = self._tc_behind_since or time.monotonic()
+                self._tc_behind_since = since
+                if time.monotonic() - since < RESTORE_GRACE_SECONDS:
+                    return last, False
+            if state == "behind":
+                logger.warning(
+                    "tidecache: %s's lastTransaction %s stays below the sidecar's horizon %s: "
+                    "restored from a backup? Flushing the database in the sidecar.",
+                    client.database, tid_repr(p64(last)), tid_repr(p64(client.horizon)))
+                self._tc_flush()
+                state = client.attach(last)
+            self._tc_behind_since = None
+            attempts = 0
+            while state == "prove" and attempts < PROOF_ATTEMPTS:
+                attempts += 1
+                horizon, witness, sample = client.proof
+                proved, how = self._tc_prove(base, horizon, witness, sample)
+                self._tc_stats.proofs += 1
+                if proved:
+                    logger.info("tidecache: %s holds the sidecar's horizon %s (proved by %s)",
+                                client.database, tid_repr(p64(horizon)), how)
+                    state = client.attach(last, horizon)
+                else:
+                    logger.warning(
+                        "tidecache: %s does not hold the sidecar's horizon transaction %s (%s): "
+                        "another history (a restored backup committed to since, another file at "
+                        "the same path?). Flushing the database in the sidecar.",
+                        client.database, tid_repr(p64(horizon)), how)
+                    self._tc_flush()
+                    state = client.attach(last)
+            logger.info("tidecache: %s attached to %s (%s) at %s", client.database, self._tc_socket,
+                        state, tid_repr(p64(last)))
+            if state not in ("started", "joined"):
+                logger.info("tidecache: %s not joined yet (%s); running from the base storage, "
+                            "retrying later", client.database, state)
+            return last, state in ("started", "joined")
+        except TideCacheError as e:
+            # A retry (not waiting) while the sidecar is down says so once,
+            # at the first attach.
+            (logger.warning if wait else logger.debug)(
+                "tidecache: sidecar unavailable, running from the base storage: %s", e)
+            self._tc_unavailable = True
+            return last, False
+
+    def _tc_flush(self):
+        self._tc_stats.flushes += 1
+        self._tc_client.flush()
+
+    def _tc_prove(self, base, horizon, witness, sample):
+        """Whether ``base`` provably holds the sidecar's horizon transaction
+        ``horizon`` (invariant 7); returns ``(proved, how)``.
+
+        (a) The storage has a transaction with tid exactly ``horizon``: for
+        each ``witness`` oid (changed at ``horizon``), ``loadBefore(oid,
+        horizon + 1)`` returns serial ``horizon``; with no witness, the
+        storage's iterator yields a transaction with tid ``horizon`` that no
+        pack has rewritten (status ``"p"``). (b) For each ``(oid, serial)`` of
+        ``sample`` (open revisions the sidecar holds), ``loadBefore(oid,
+        horizon + 1)`` returns ``serial``.
+
+        Tids are timestamps, unique to a history: a storage that holds the
+        transaction ``horizon`` holds the history up to it. Where (a) cannot
+        be done (no witness, and no iterator), (b) alone is used, which is
+        weaker: it proves the newest open revisions the sidecar serves are
+        this storage's, which catches a restored backup, but not another
+        file whose history shares those revisions. With nothing to check at
+        all, it is not proved. Any error, ``None`` or mismatch is no proof."""
+
+        def serial_at(oid):
+            r = base.loadBefore(p64(oid), p64(horizon + 1))
+            return None if r is None else u64(r[1])
+
+        try:
+            if witness:
+                how = "the horizon transaction's oids"
+                proved = all(serial_at(o) == horizon for o in witness)
+            else:
+                has = self._tc_has_transaction(base, horizon)
+                if has is None:
+                    if not sample:
+                        return False, "no witness, no iterator, no open revision to check"
+                    how = "the open revisions only (weaker: no witness, no iterator)"
+                    proved = True
+                else:
+                    how = "the transaction iterator"
+                    proved = has
+            if proved and sample:
+                proved = all(serial_at(o) == s for o, s in sample)
+            return proved, how
+        except Exception as e:
+            return False, "the proof failed: %r" % (e,)
+
+    @staticmethod
+    def _tc_has_transaction(base, tid):
+        """Whether ``base``'s iterator has an unpacked transaction with tid
+        exactly ``tid``; ``None`` if the storage cannot iterate."""
+        iterator = getattr(base, "iterator", None)
+        if iterator is None:
+            return None
+        try:
+            it = iterator(p64(tid), p64(tid))
+        except NotImplementedError:
+            return None
+        try:
+            for txn in it:
+                return u64(txn.tid) == tid and getattr(txn, "status", " ") != "p"
+            return False
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+
+
 @zope.interface.implementer(IMVCCStorage)
-class TideCacheStorage(MVCCAdapter):
+class TideCacheStorage(_Joining, MVCCAdapter):
     """Wraps ``base`` (any ZODB storage) and caches its revisions in the
     ``tidecached`` sidecar listening on ``socket``.
 
     :param base: the storage that holds the data: FileStorage,
-        MappingStorage, ZEO ClientStorage, ...
+        MappingStorage, ZEO ClientStorage, ...; given a RelStorage, the
+        result is a :class:`tidecache.relstorage.TideCacheRelStorage`.
     :param socket: path of the sidecar's Unix socket.
     :param database: the database's key in the sidecar; default
         :func:`database_key` of ``base``.
@@ -173,12 +336,17 @@ class TideCacheStorage(MVCCAdapter):
         past it the call is a miss.
     """
 
+    def __new__(cls, base, *args, **kw):
+        """A RelStorage (an ``IMVCCStorage``) is wrapped by
+        :class:`tidecache.relstorage.TideCacheRelStorage` instead (same
+        arguments)."""
+        if cls is TideCacheStorage and IMVCCStorage.providedBy(base):
+            from tidecache.relstorage import TideCacheRelStorage
+
+            return TideCacheRelStorage(base, *args, **kw)
+        return super().__new__(cls)
+
     def __init__(self, base, socket, database=None, timeout_ms=50):
-        if IMVCCStorage.providedBy(base):
-            raise TypeError(
-                "TideCacheStorage wraps storages that ZODB adapts with MVCCAdapter "
-                "(FileStorage, MappingStorage, ZEO ClientStorage); %r is an IMVCCStorage "
-                "(RelStorage?), which it does not support yet" % (base,))
         self._tc_socket = socket
         self._tc_client = Client(socket, database or database_key(base), timeout_ms)
         self._tc_stats = _Stats()
@@ -356,89 +524,6 @@ class TideCacheStorage(MVCCAdapter):
                     self._tc_report_locked(t, oids)
                 self._tc_held_stores = []
 
-    def _tc_attach(self, base, last, wait):
-        """Attaches to the sidecar at ``last`` and returns ``(last, joined)``:
-        the tid attached at and whether the database is joined ("started"
-        or "joined").
-
-        Below the sidecar's horizon, the storage either lags (a ZEO client
-        that has not yet heard of commits another process reported) or was
-        restored from a backup. With ``wait`` it is polled for up to
-        ``RESTORE_GRACE_SECONDS``; if it catches up, it goes on; if not, the
-        database is flushed in the sidecar before anything is served from it
-        (invariant 7 of docs/invariants.md). Without ``wait`` (a retry), it stays not
-        joined until a later retry, the grace counted from the first.
-
-        At or past the horizon, the sidecar asks for a proof that this
-        storage's history holds its horizon transaction (:meth:`_tc_prove`);
-        a failed proof flushes the database (a backup restored and
-        committed to since, another file at the same path)."""
-        client = self._tc_client
-        self._tc_unavailable = False
-        try:
-            try:
-                state = client.attach(last)
-            except Unavailable as e:
-                # A sidecar that answers slowly (a busy host) is tried once
-                # more at start, after the client's wait before reconnecting;
-                # an absent one (refused connect) is not waited for.
-                if not wait or "connect:" in str(e):
-                    raise
-                time.sleep(RETRY_UNAVAILABLE + 0.01)
-                state = client.attach(last)
-            deadline = time.monotonic() + RESTORE_GRACE_SECONDS
-            while state == "behind" and wait and time.monotonic() < deadline:
-                time.sleep(0.02)
-                sync = getattr(base, "sync", None)
-                if sync is not None:
-                    sync()
-                last = max(last, u64(base.lastTransaction()))
-                state = client.attach(last)
-            if state == "behind" and not wait:
-                since = self._tc_behind_since or time.monotonic()
-                self._tc_behind_since = since
-                if time.monotonic() - since < RESTORE_GRACE_SECONDS:
-                    return last, False
-            if state == "behind":
-                logger.warning(
-                    "tidecache: %s's lastTransaction %s stays below the sidecar's horizon %s: "
-                    "restored from a backup? Flushing the database in the sidecar.",
-                    client.database, tid_repr(p64(last)), tid_repr(p64(client.horizon)))
-                self._tc_flush()
-                state = client.attach(last)
-            self._tc_behind_since = None
-            attempts = 0
-            while state == "prove" and attempts < PROOF_ATTEMPTS:
-                attempts += 1
-                horizon, witness, sample = client.proof
-                proved, how = self._tc_prove(base, horizon, witness, sample)
-                self._tc_stats.proofs += 1
-                if proved:
-                    logger.info("tidecache: %s holds the sidecar's horizon %s (proved by %s)",
-                                client.database, tid_repr(p64(horizon)), how)
-                    state = client.attach(last, horizon)
-                else:
-                    logger.warning(
-                        "tidecache: %s does not hold the sidecar's horizon transaction %s (%s): "
-                        "another history (a restored backup committed to since, another file at "
-                        "the same path?). Flushing the database in the sidecar.",
-                        client.database, tid_repr(p64(horizon)), how)
-                    self._tc_flush()
-                    state = client.attach(last)
-            logger.info("tidecache: %s attached to %s (%s) at %s", client.database, self._tc_socket,
-                        state, tid_repr(p64(last)))
-            if state not in ("started", "joined"):
-                logger.info("tidecache: %s not joined yet (%s); running from the base storage, "
-                            "retrying later", client.database, state)
-            return last, state in ("started", "joined")
-        except TideCacheError as e:
-            # A retry (not waiting) while the sidecar is down says so once,
-            # at the first attach.
-            (logger.warning if wait else logger.debug)(
-                "tidecache: sidecar unavailable, running from the base storage: %s", e)
-            self._tc_unavailable = True
-            return last, False
-
     def _tc_after_fork(self):
         """In a forked child (gunicorn ``--preload``, uwsgi): new locks in
         place of the parent's, which a thread of the parent's may have held
@@ -468,74 +553,6 @@ class TideCacheStorage(MVCCAdapter):
             self._tc_held = None
             self._tc_held_stores = []
             self._tc_resync = True
-
-    def _tc_flush(self):
-        self._tc_stats.flushes += 1
-        self._tc_client.flush()
-
-    def _tc_prove(self, base, horizon, witness, sample):
-        """Whether ``base`` provably holds the sidecar's horizon transaction
-        ``horizon`` (invariant 7); returns ``(proved, how)``.
-
-        (a) The storage has a transaction with tid exactly ``horizon``: for
-        each ``witness`` oid (changed at ``horizon``), ``loadBefore(oid,
-        horizon + 1)`` returns serial ``horizon``; with no witness, the
-        storage's iterator yields a transaction with tid ``horizon`` that no
-        pack has rewritten (status ``"p"``). (b) For each ``(oid, serial)`` of
-        ``sample`` (open revisions the sidecar holds), ``loadBefore(oid,
-        horizon + 1)`` returns ``serial``.
-
-        Tids are timestamps, unique to a history: a storage that holds the
-        transaction ``horizon`` holds the history up to it. Where (a) cannot
-        be done (no witness, and no iterator), (b) alone is used, which is
-        weaker: it proves the newest open revisions the sidecar serves are
-        this storage's, which catches a restored backup, but not another
-        file whose history shares those revisions. With nothing to check at
-        all, it is not proved. Any error, ``None`` or mismatch is no proof."""
-
-        def serial_at(oid):
-            r = base.loadBefore(p64(oid), p64(horizon + 1))
-            return None if r is None else u64(r[1])
-
-        try:
-            if witness:
-                how = "the horizon transaction's oids"
-                proved = all(serial_at(o) == horizon for o in witness)
-            else:
-                has = self._tc_has_transaction(base, horizon)
-                if has is None:
-                    if not sample:
-                        return False, "no witness, no iterator, no open revision to check"
-                    how = "the open revisions only (weaker: no witness, no iterator)"
-                    proved = True
-                else:
-                    how = "the transaction iterator"
-                    proved = has
-            if proved and sample:
-                proved = all(serial_at(o) == s for o, s in sample)
-            return proved, how
-        except Exception as e:
-            return False, "the proof failed: %r" % (e,)
-
-    @staticmethod
-    def _tc_has_transaction(base, tid):
-        """Whether ``base``'s iterator has an unpacked transaction with tid
-        exactly ``tid``; ``None`` if the storage cannot iterate."""
-        iterator = getattr(base, "iterator", None)
-        if iterator is None:
-            return None
-        try:
-            it = iterator(p64(tid), p64(tid))
-        except NotImplementedError:
-            return None
-        try:
-            for txn in it:
-                return u64(txn.tid) == tid and getattr(txn, "status", " ") != "p"
-            return False
-        finally:
-            close = getattr(it, "close", None)
-            if close is not None:
-                close()
 
     def _tc_recover(self, base, horizon, last, generation):
         """The sidecar's horizon is behind this storage (it restarted and

@@ -1,0 +1,952 @@
+"""``TideCacheRelStorage``: tidecache as the shared host cache of a
+RelStorage (PostgreSQL, MySQL, SQLite).
+
+RelStorage is itself an ``IMVCCStorage``: each ZODB connection gets an
+instance (``new_instance()``) with its own load connection, whose snapshot
+is the connection's view, and its own ``poll_invalidations``. So tidecache
+wraps it as ``zc.zlibstorage`` does, a root wrapper and one wrapper per
+instance, and hooks three places:
+
+- **Views.** An instance's view is the tid its last poll saw
+  (``instance._cache.highest_visible_tid``; RelStorage's public
+  ``lastTransaction()`` can be past it after the instance's own commit).
+  RelStorage's load connection polls again by itself on its first use
+  after a rollback (``afterCompletion``, a commit), so the view can move
+  without ``poll_invalidations``: every load first touches the load
+  connection's cursor (what RelStorage's own ``load`` does, which polls if
+  needed) and then reads the view, and advances the registered view if it
+  moved.
+- **Reports.** Every poll a process makes reaches the database through its
+  adapter's poller (``adapter.poller.poll_invalidations(conn, cursor,
+  since)``, from RelStorage's process-wide ``MVCCDatabaseCoordinator``).
+  Each instance's poller is wrapped (:class:`_ReportingPoller`): what a
+  poll learns past the newest tid this process reported (``R``) is
+  reported, in order, so that the process's reports form one contiguous
+  chain ``(R, to]`` (invariant 4):
+
+  * history-preserving: the exact changes, one query of ``object_state``
+    (every revision ``(oid, tid)`` with ``R < tid <= to``), unless a pack
+    rewrote a transaction of that range (``transaction.packed``), then
+    collapsed;
+  * history-free: collapsed, each oid with its current tid (RelStorage's
+    poll gives only that, and the older changes are gone from the
+    database); the sidecar keeps an uncertain interval for it and closes
+    its open revision conservatively (docs/architecture.md, "A collapsed
+    report").
+
+  A poll that starts past ``R`` (an instance's first poll, which RelStorage
+  answers "clear your cache", or the coordinator's index started anew)
+  does not resync the host: the gap ``(R, since]`` is queried in the same
+  snapshot and reported with it. The host's cache is dropped only when the
+  database itself says its history went back: a poll whose tid went
+  backwards on a database without replicas (a restored backup, a
+  history-free pack that removed the newest transaction), or a
+  ``CacheConsistencyError``; then the database is flushed in the sidecar
+  and joined again with a proof. With read replicas (``replica-conf``), a
+  poll that goes back is a lagging replica: nothing is reported until it
+  passes ``R`` again, and its views (below the sidecar's horizon) are
+  served as any old view.
+- **Loads.** ``load`` looks the oid up in the sidecar at the instance's
+  view; a miss loads through RelStorage (its local cache, then the
+  database, at the same snapshot) and queues a store of the revision, open,
+  seen at the view. ``prefetch`` looks the oids up with one
+  ``lookup_many`` and fetches the misses in one query
+  (``mover.load_currents``), kept for the loads that follow at that view.
+
+A commit through a wrapper instance writes its states through: after the
+commit (``tpc_finish``), each state stored (not blobs, not
+conflict-resolved ones) waits until a poll of this process has reported
+the commit's tid, then is queued as an open revision at that tid.
+
+Blobs: blob records are cached like any state; blob files are read from
+RelStorage's blob directory as before (``loadBlob`` and
+``openCommittedBlobFile`` go to RelStorage). A pack through the wrapper
+(``DB.pack``, ``storage.pack``) or ``zap_all`` flushes the database in the
+sidecar; a pack made outside it (``zodbpack``, ``zodbconvert --clear``)
+is not seen: see docs/relstorage.md for what it costs and what to do.
+"""
+
+import logging
+import threading
+import time
+
+import zope.interface
+from ZODB.interfaces import IMVCCStorage
+from ZODB.utils import p64
+from ZODB.utils import tid_repr
+from ZODB.utils import u64
+
+from tidecache._native import Client
+from tidecache._native import TideCacheError
+from tidecache.storage import REJOIN_INTERVAL
+from tidecache.storage import RETRY_UNAVAILABLE
+from tidecache.storage import _Joining
+from tidecache.storage import _live
+from tidecache.storage import _Stats
+
+logger = logging.getLogger("tidecache")
+
+#: Commits whose write-through waits for the report of their tid; past it
+#: the oldest are dropped (their states are loaded again on a read).
+PENDING_COMMITS = 64
+
+#: A gap or exact query answering more rows than this is not reported
+#: change by change: the sidecar is resynced at its end instead.
+MAX_REPORT_ROWS = 200000
+
+
+def relstorage_database_key(base):
+    """The key naming a RelStorage's database in the sidecar (invariant 7):
+    ``relstorage:sqlite:<absolute data directory>``,
+    ``relstorage:postgresql:<dsn without its password>``,
+    ``relstorage:mysql:<connection parameters without the password>``,
+    ``relstorage:oracle:<dsn>`` (Oracle is untested). Never contains a
+    password: a ``password=`` of a DSN, the password of a
+    ``postgresql://user:password@host`` URI and MySQL's ``passwd`` are
+    left out."""
+    adapter = base._adapter
+    name = type(adapter).__name__.lower()
+    data_dir = getattr(adapter, "data_dir", None)
+    if data_dir:
+        return "relstorage:sqlite:%s" % data_dir
+    dsn = getattr(adapter, "_dsn", None)
+    if dsn is not None:
+        kind = "postgresql" if "postgres" in name else "oracle" if "oracle" in name else name
+        return "relstorage:%s:%s" % (kind, _without_password(dsn))
+    params = getattr(adapter, "_params", None)
+    if params is not None:
+        shown = ";".join("%s=%s" % (k, params[k]) for k in sorted(params)
+                         if k not in ("passwd", "password"))
+        return "relstorage:mysql:%s" % shown
+    return "relstorage:%s:%s" % (name, base.getName())
+
+
+def _without_password(dsn):
+    """``dsn`` (``key=value`` words or a URI) without its password."""
+    if "://" in dsn:
+        scheme, rest = dsn.split("://", 1)
+        netloc, sep, path = rest.partition("/")
+        if "@" in netloc:
+            creds, host = netloc.rsplit("@", 1)
+            netloc = creds.split(":", 1)[0] + "@" + host
+        rest = netloc + sep + path
+        query = ""
+        if "?" in rest:
+            rest, query = rest.split("?", 1)
+            query = "&".join(p for p in query.split("&") if not p.lower().startswith("password="))
+        return scheme + "://" + rest + ("?" + query if query else "")
+    return " ".join(p for p in dsn.split() if not p.lower().startswith("password"))
+
+
+class _Changes:
+    """The SQL of reports, bound to an adapter's dialect the way
+    RelStorage's own queries are (its query objects find the dialect
+    through the ``driver`` attribute of the object they are read from)."""
+
+    def __init__(self, poller):
+        self.driver = poller.driver
+        self.keep_history = poller.keep_history
+
+    # Imported lazily: RelStorage is optional for tidecache.
+    @classmethod
+    def _queries(cls):
+        if "_all_query" in cls.__dict__:
+            return
+        from relstorage.adapters.schema import Schema
+
+        state = Schema.object_state
+        # Every row of object_state in (frm, to]: in a history-preserving
+        # database every revision (exact), in a history-free one each
+        # oid's current revision (collapsed).
+        cls._all_query = state.select(state.c.zoid, state.c.tid).where(
+            state.c.tid > state.bindparam("frm")).and_(state.c.tid <= state.bindparam("to")).prepared()
+        current = Schema.all_current_object
+        cls._current_query = current.select(current.c.zoid, current.c.tid).where(
+            current.c.tid > current.bindparam("frm")).and_(current.c.tid <= current.bindparam("to")).prepared()
+        cls._tid_query = state.select(state.c.zoid).where(
+            state.c.tid == state.bindparam("tid")).limit(1).prepared()
+        txn = Schema.transaction
+        cls._packed_query = txn.select(txn.c.tid).where(
+            txn.c.tid > txn.bindparam("frm")).and_(txn.c.tid <= txn.bindparam("to")).and_(
+            txn.c.packed == True).prepared()  # noqa: E712 (RelStorage's SQL builder)
+
+    def holds_tid(self, cursor, tid):
+        """Whether some revision in ``cursor``'s snapshot has serial
+        ``tid`` (in a history-free database: some oid's current one)."""
+        self._queries()
+        self._tid_query.execute(cursor, {"tid": tid})
+        return bool(cursor.fetchall())
+
+    def between(self, cursor, frm, to):
+        """``(exact, [(oid, tid), ...])``: the changes of ``(frm, to]`` in
+        ``cursor``'s snapshot; exact (every change with its tid) in a
+        history-preserving database whose range no pack rewrote, else
+        collapsed (each oid with its current tid)."""
+        self._queries()
+        params = {"frm": frm, "to": to}
+        if self.keep_history:
+            self._packed_query.execute(cursor, params)
+            if not cursor.fetchall():
+                self._all_query.execute(cursor, params)
+                return True, [(int(o), int(t)) for o, t in cursor.fetchall()]
+            self._current_query.execute(cursor, params)
+            return False, [(int(o), int(t)) for o, t in cursor.fetchall()]
+        self._all_query.execute(cursor, params)
+        return False, [(int(o), int(t)) for o, t in cursor.fetchall()]
+
+
+class _ReportingPoller:
+    """Wraps an instance adapter's poller: RelStorage's answer is returned
+    unchanged; what the poll learned past the newest tid this process
+    reported is reported (see the module's docstring)."""
+
+    def __init__(self, inner, root):
+        self._tc_inner = inner
+        self._tc_root = root
+        self._tc_changes = _Changes(inner)
+
+    def __getattr__(self, name):
+        return getattr(self._tc_inner, name)
+
+    def get_current_tid(self, cursor):
+        """RelStorage's first poll of a coordinator: the newest tid, no
+        changes ("clear your cache"). The changes past ``R`` are queried
+        and reported."""
+        tid = self._tc_inner.get_current_tid(cursor)
+        self._tc_root._tc_learned(self._tc_changes, cursor, None, tid, None)
+        return tid
+
+    def poll_invalidations(self, conn, cursor, prev_polled_tid):
+        """RelStorage's poll ``(since, polled]``: its changes (each oid's
+        newest tid) are reported past ``R``; a poll that goes backwards is
+        told to the root."""
+        try:
+            changes, polled = self._tc_inner.poll_invalidations(conn, cursor, prev_polled_tid)
+        except Exception as e:
+            from relstorage.adapters.interfaces import StaleConnectionError
+
+            if isinstance(e, StaleConnectionError):
+                self._tc_root._tc_went_back(prev_polled_tid, None, str(e))
+            raise
+        if prev_polled_tid is not None and polled < prev_polled_tid:
+            self._tc_root._tc_went_back(prev_polled_tid, polled, "poll went backwards")
+        elif changes is not None:
+            changes = list(changes)
+            self._tc_root._tc_learned(self._tc_changes, cursor, prev_polled_tid, polled, changes)
+        else:
+            # "Clear your cache" without going back (no previous tid): the
+            # changes past R are queried.
+            self._tc_root._tc_learned(self._tc_changes, cursor, None, polled, None)
+        return changes, polled
+
+
+class _Polling:
+    """A RelStorage as the attach's proof sees it: ``sync()`` polls
+    (RelStorage's own ``sync`` only rolls back, and its
+    ``lastTransaction`` moves at the next poll); the rest is RelStorage's."""
+
+    def __init__(self, storage):
+        self._storage = storage
+
+    def sync(self):
+        self._storage.sync()
+        self._storage.poll_invalidations()
+
+    def __getattr__(self, name):
+        return getattr(self._storage, name)
+
+
+@zope.interface.implementer(IMVCCStorage)
+class TideCacheRelStorage(_Joining):
+    """Wraps a RelStorage ``base`` (history-free or history-preserving) and
+    caches its revisions in the ``tidecached`` sidecar listening on
+    ``socket``; made by :class:`tidecache.TideCacheStorage` when given a
+    RelStorage.
+
+    :param base: the RelStorage (the root storage, not an instance).
+    :param socket: path of the sidecar's Unix socket.
+    :param database: the database's key in the sidecar; default
+        :func:`relstorage_database_key` (no password in it).
+    :param timeout_ms: bound on each call to the sidecar, milliseconds;
+        past it the call is a miss.
+    :raises TypeError: ``base`` is not a RelStorage this version knows
+        (its private attributes that tidecache reads are missing).
+    """
+
+    def __init__(self, base, socket, database=None, timeout_ms=50):
+        for attr in ("_adapter", "_cache", "_load_connection", "new_instance"):
+            if not hasattr(base, attr):
+                raise TypeError(
+                    "%r is an IMVCCStorage but not a RelStorage 3 or 4 (no %s): tidecache wraps "
+                    "RelStorage (whose poller and instances' views it reads) and the storages ZODB "
+                    "adapts with MVCCAdapter (FileStorage, MappingStorage, ZEO ClientStorage)"
+                    % (base, attr))
+        self._storage = base
+        self._tc_socket = socket
+        self._tc_client = Client(socket, database or relstorage_database_key(base), timeout_ms)
+        self._tc_stats = _Stats()
+        self._tc_lock = threading.Lock()
+        self._tc_join_lock = threading.Lock()
+        self._tc_joined = False
+        self._tc_reported = None
+        self._tc_unavailable = False
+        self._tc_behind_since = None
+        self._tc_next_join = 0.0
+        self._tc_worker = None
+        self._tc_closing = threading.Event()
+        # (tid, [(oid, state), ...]) of this process's commits, waiting for
+        # a report that covers their tid.
+        self._tc_pending = []
+        # Moves at every join and drop: a report computed before one is
+        # not sent after it (its rows may be another history's).
+        self._tc_epoch = 0
+        self._tc_replicas = bool(getattr(base._adapter.connmanager, "replica_selector", None)
+                                 or getattr(base._adapter.connmanager, "ro_replica_selector", None))
+        _live.add(self)
+        for iface in zope.interface.providedBy(base):
+            zope.interface.alsoProvides(self, iface)
+        self._tc_hook(base)
+        with self._tc_join_lock:
+            self._tc_join(wait=True)
+
+    # -- joining ------------------------------------------------------------
+
+    def _tc_join(self, wait):
+        """Attaches (with a proof, :meth:`_Joining._tc_attach`) at the
+        ``lastTransaction`` of a RelStorage instance of its own (polled, then
+        released: the root's own view is left alone, so that
+        ``DB.lastTransaction()`` stays RelStorage's). Joined, ``R`` (the
+        newest tid reported) starts at the sidecar's horizon when it is
+        behind: the next poll reports what changed since, in one query (no
+        recovery thread: RelStorage answers it in one round trip). Called
+        with ``_tc_join_lock`` held."""
+        instance = self._storage.new_instance()
+        try:
+            instance.poll_invalidations()
+            storage = _Polling(instance)
+            last = u64(storage.lastTransaction())
+            last, joined = self._tc_attach(storage, last, wait)
+        finally:
+            try:
+                instance.release()
+            except Exception:
+                logger.debug("tidecache: releasing the attach's instance failed", exc_info=True)
+        horizon = self._tc_client.horizon
+        with self._tc_lock:
+            self._tc_joined = joined
+            self._tc_epoch += 1
+            if joined:
+                self._tc_reported = min(last, horizon) if horizon else last
+            self._tc_pending = []
+        if joined and horizon and horizon < last:
+            logger.info("tidecache: %s: the sidecar's horizon %s is behind the database (%s); "
+                        "the next poll reports what changed since", self._tc_client.database,
+                        tid_repr(p64(horizon)), tid_repr(p64(last)))
+
+    def _tc_prove(self, base, horizon, witness, sample):
+        """Whether ``base`` provably holds the sidecar's horizon transaction
+        ``horizon`` (invariant 7); returns ``(proved, how)``.
+
+        History-preserving: as for every storage (:meth:`_Joining._tc_prove`:
+        the witness oids, else the transaction in RelStorage's iterator,
+        and the sampled open revisions by ``loadBefore``).
+
+        History-free, where the sidecar's horizon usually comes from a
+        collapsed report (no witness) and the database keeps no transaction
+        log, only each oid's current revision: evidence is a witness oid
+        whose current serial is ``horizon``, or any current revision with
+        serial ``horizon`` (tids are timestamps, unique to a history), or
+        a sampled open revision ``(oid, serial)`` that is still current;
+        a contradiction is a witness or sampled oid whose current serial
+        is at or below ``horizon`` and another (another history wrote it).
+        A sampled oid changed since ``horizon`` says nothing either way.
+        Proved when there is evidence and no contradiction."""
+        if getattr(base, "keep_history", False):
+            return _Joining._tc_prove(self, base, horizon, witness, sample)
+        try:
+            storage = getattr(base, "_storage", base)
+            cursor = storage._load_connection.cursor
+            current = storage._adapter.mover.current_object_tids(
+                cursor, list(witness) + [o for o, _ in sample])
+            evidence, contradiction = [], []
+            for oid in witness:
+                tid = current.get(oid)
+                if tid == horizon:
+                    evidence.append(oid)
+                elif tid is None or tid < horizon:
+                    contradiction.append(oid)
+            for oid, serial in sample:
+                tid = current.get(oid)
+                if tid == serial:
+                    evidence.append(oid)
+                elif tid is None or tid <= horizon:
+                    contradiction.append(oid)
+            if contradiction:
+                return False, ("oids %s are not at the sidecar's revisions (another history)"
+                               % ", ".join(hex(o) for o in contradiction[:4]))
+            if evidence:
+                return True, "the current revisions of %d oids" % len(evidence)
+            if _Changes(storage._adapter.poller).holds_tid(cursor, horizon):
+                return True, "a current revision with serial at the horizon"
+            return False, "no witness, no sampled revision still current, no revision at the horizon"
+        except Exception as e:
+            return False, "the proof failed: %r" % (e,)
+
+    def _tc_rejoin(self):
+        """Attaches again when not joined (the sidecar was unavailable, the
+        database was flushed): at most once per ``REJOIN_INTERVAL``, from a
+        connection's poll, in a daemon thread of its own with an instance
+        of its own (RelStorage instances are not shared between threads),
+        which :meth:`close` joins."""
+        now = time.monotonic()
+        if now < self._tc_next_join or self._tc_closing.is_set():
+            return
+        if not self._tc_join_lock.acquire(blocking=False):
+            return
+        started = False
+        try:
+            self._tc_next_join = now + REJOIN_INTERVAL
+            if self._tc_joined:
+                return
+            worker = threading.Thread(target=self._tc_rejoin_run, name="tidecache-rejoin", daemon=True)
+            self._tc_worker = worker
+            worker.start()
+            started = True
+        except Exception:
+            logger.exception("tidecache: attaching %s again failed", self._tc_client.database)
+        finally:
+            if not started:
+                self._tc_join_lock.release()
+
+    def _tc_rejoin_run(self):
+        try:
+            if self._tc_closing.is_set():
+                return
+            self._tc_join(wait=False)
+            if self._tc_unavailable:
+                self._tc_next_join = time.monotonic() + RETRY_UNAVAILABLE
+        except Exception:
+            logger.exception("tidecache: attaching %s again failed", self._tc_client.database)
+        finally:
+            self._tc_join_lock.release()
+
+    def _tc_hook(self, storage):
+        """Wraps ``storage``'s adapter's poller (once)."""
+        adapter = storage._adapter
+        if not isinstance(adapter.poller, _ReportingPoller):
+            adapter.poller = _ReportingPoller(adapter.poller, self)
+
+    # -- reports ------------------------------------------------------------
+
+    def _tc_learned(self, changes_sql, cursor, since, to, changes):
+        """A poll of this process saw the database at ``to``; ``changes``
+        are RelStorage's ``(oid, newest tid)`` of ``(since, to]`` (``since``
+        ``None`` and ``changes`` ``None``: a first poll, no changes). Reports
+        ``(R, to]``, then releases the write-through of commits it covers.
+        Called in the polling thread; the queries run without the lock and
+        the result is cut at the ``R`` found under it (any ``R`` at or past
+        the query's start gives a right report: exact rows filtered by tid
+        stay exact, collapsed ones stay each oid's newest)."""
+        with self._tc_lock:
+            if not self._tc_joined or self._tc_reported is None:
+                joined = False
+            else:
+                joined = True
+                start, epoch = self._tc_reported, self._tc_epoch
+        if not joined:
+            self._tc_rejoin()
+            return
+        if to <= start:
+            return
+        exact = False
+        try:
+            if changes_sql.keep_history or since is None or since > start:
+                exact, rows = changes_sql.between(cursor, start, to)
+            else:
+                rows = changes
+        except Exception as e:
+            # The report cannot be made: the sidecar cannot be told what
+            # changed up to ``to``; its open revisions must go.
+            logger.warning("tidecache: %s: querying the changes of (%s, %s] failed (%s: %s): "
+                           "resyncing the sidecar", self._tc_client.database,
+                           tid_repr(p64(start)), tid_repr(p64(to)), type(e).__name__, e)
+            rows = None
+        if rows is not None and len(rows) > MAX_REPORT_ROWS:
+            logger.warning("tidecache: %s: %d changes in (%s, %s]: resyncing the sidecar rather "
+                           "than reporting them", self._tc_client.database, len(rows),
+                           tid_repr(p64(start)), tid_repr(p64(to)))
+            rows = None
+        with self._tc_lock:
+            if (not self._tc_joined or self._tc_reported is None or to <= self._tc_reported
+                    or epoch != self._tc_epoch):
+                return
+            # R only grows within an epoch: frm >= start.
+            frm = self._tc_reported
+            self._tc_reported = to
+            if rows is None:
+                self._tc_stats.resyncs += 1
+                self._tc_client.resync(to)
+            else:
+                listed = [(o, t) for o, t in rows if frm < t <= to]
+                self._tc_stats.invalidations += len(listed)
+                if exact:
+                    self._tc_client.report(frm, to, sorted(listed, key=lambda c: c[1]))
+                else:
+                    self._tc_client.report_collapsed(frm, to, listed)
+            self._tc_release_pending_locked(to)
+
+    def _tc_went_back(self, since, polled, why):
+        """A poll answered a tid below the one before it. With replicas,
+        a lagging replica: nothing to do (nothing is reported until polls
+        pass ``R`` again). Without, the database's history went back: the
+        sidecar's revisions of it may be another history's, so the database
+        is flushed there and joined again (with a proof) from a later
+        poll."""
+        if self._tc_replicas:
+            logger.info("tidecache: %s: a replica answered a poll behind the one before (%s): "
+                        "not reporting until it catches up", self._tc_client.database, why)
+            return
+        logger.warning("tidecache: %s: the database went back in time (%s; polled %s after %s): "
+                       "restored from a backup, or a pack removed its newest transaction? "
+                       "Flushing the database in the sidecar.", self._tc_client.database, why,
+                       tid_repr(p64(polled)) if polled is not None else "?", tid_repr(p64(since)))
+        self._tc_drop("the database went back in time")
+
+    def _tc_drop(self, why):
+        """Flushes the database in the sidecar and leaves it (joined again
+        from a later poll, with a proof)."""
+        with self._tc_lock:
+            self._tc_joined = False
+            self._tc_reported = None
+            self._tc_pending = []
+            self._tc_epoch += 1
+            self._tc_next_join = 0.0
+        try:
+            self._tc_flush()
+        except TideCacheError as e:
+            logger.warning("tidecache: %s: could not flush the sidecar (%s): %s",
+                           self._tc_client.database, why, e)
+
+    def _tc_consistency_error(self, error):
+        """RelStorage found the database inconsistent with a poll
+        (``CacheConsistencyError``): the database itself says the views
+        cannot be trusted."""
+        logger.warning("tidecache: %s: RelStorage reports a cache consistency error (%s): "
+                       "flushing the database in the sidecar", self._tc_client.database, error)
+        self._tc_drop("a cache consistency error")
+
+    # -- write-through --------------------------------------------------------
+
+    def _tc_committed(self, tid, written):
+        """This process committed ``written`` (``{oid: state}``) at
+        ``tid``: queued as open revisions once a report covers ``tid``
+        (sent before it, a store past the sidecar's horizon is refused).
+        Called in the commit's second phase: never raises."""
+        try:
+            items = [(u64(oid), bytes(data)) for oid, data in written.items()]
+            with self._tc_lock:
+                if not self._tc_joined or self._tc_reported is None:
+                    return
+                if tid <= self._tc_reported:
+                    self._tc_store_locked(tid, items)
+                    return
+                self._tc_pending.append((tid, items))
+                del self._tc_pending[:-PENDING_COMMITS]
+        except Exception:
+            logger.exception("tidecache: %s: the write-through of %s failed (the commit stands)",
+                             self._tc_client.database, tid_repr(p64(tid)))
+
+    def _tc_release_pending_locked(self, reported):
+        if not self._tc_pending:
+            return
+        keep = []
+        for tid, items in self._tc_pending:
+            if tid <= reported:
+                self._tc_store_locked(tid, items)
+            else:
+                keep.append((tid, items))
+        self._tc_pending = keep
+
+    def _tc_store_locked(self, tid, items):
+        store_later = self._tc_client.store_later
+        for oid, data in items:
+            if store_later(oid, tid, None, data, tid):
+                self._tc_stats.stores += 1
+
+    # -- IMVCCStorage -----------------------------------------------------------
+
+    def new_instance(self):
+        """A connection's storage: a :class:`TideCacheRelInstance` over a
+        new RelStorage instance."""
+        instance = self._storage.new_instance()
+        self._tc_hook(instance)
+        return TideCacheRelInstance(self, instance)
+
+    def undo_instance(self):
+        """The storage of ``DB.undo``: a connection's storage (the undo is
+        reported by the next poll, as any commit)."""
+        return self.new_instance()
+
+    def before_instance(self, before):
+        """A read-only storage at the view ``before - 1`` (``DB.open(at=...,
+        before=...)``): :class:`TideCacheHistoricalInstance`."""
+        return TideCacheHistoricalInstance(self, self._storage.before_instance(before), u64(before))
+
+    def poll_invalidations(self):
+        """The root's poll: RelStorage's (reported like any other)."""
+        return self._storage.poll_invalidations()
+
+    def release(self):
+        """Releases the root RelStorage's database connections."""
+        return self._storage.release()
+
+    # -- plain storage: everything else goes to RelStorage ----------------------
+
+    def __getattr__(self, name):
+        if name.startswith("_tc_") or name == "_storage":
+            raise AttributeError(name)
+        return getattr(self._storage, name)
+
+    def __len__(self):
+        return len(self._storage)
+
+    def __repr__(self):
+        return "<TideCacheRelStorage %s over %r>" % (self._tc_client.database, self._storage)
+
+    def pack(self, t, referencesf, *args, **kw):
+        """Packs the database, then flushes it in the sidecar (packed
+        revisions must not be served any more) and joins it again."""
+        r = self._storage.pack(t, referencesf, *args, **kw)
+        self._tc_drop("a pack")
+        return r
+
+    def zap_all(self, **kwargs):
+        """Empties the database (tests, ``zodbconvert --clear``), then
+        flushes it in the sidecar."""
+        r = self._storage.zap_all(**kwargs)
+        self._tc_drop("zap_all")
+        return r
+
+    def close(self):
+        """Closes the client (the sidecar releases this process's views) and
+        the RelStorage, after a rejoin still running."""
+        try:
+            self._tc_closing.set()
+            worker = self._tc_worker
+            if worker is not None and worker is not threading.current_thread():
+                worker.join(30.0)
+            self._tc_client.close()
+            self._storage.close()
+        finally:
+            _live.discard(self)
+
+    def _tc_after_fork(self):
+        """In a forked child: new locks in place of the parent's."""
+        self._tc_lock = threading.Lock()
+        self._tc_join_lock = threading.Lock()
+        self._tc_worker = None
+
+    def cache_stats(self):
+        """Counters of this storage (as :meth:`TideCacheStorage.cache_stats`):
+        ``hits``, ``misses``, ``stores``, ``invalidations`` (changes
+        reported), ``resyncs``, ``unavailable``, ``proofs``, ``flushes``,
+        ``joined``, ``database`` and ``sidecar`` (the sidecar's counters for
+        this database, ``None`` when it is unavailable)."""
+        d = self._tc_stats.as_dict()
+        resyncs, lost = self._tc_client.outbox_counts
+        d["resyncs"] += resyncs
+        d["unavailable"] += lost
+        d["joined"] = self._tc_joined
+        d["database"] = self._tc_client.database
+        try:
+            self._tc_client.wait_for_stores(1000)
+            s = self._tc_client.stats()
+            d["sidecar"] = s["databases"].get(self._tc_client.database)
+        except TideCacheError:
+            d["sidecar"] = None
+        return d
+
+
+class TideCacheRelInstance:
+    """One connection's storage: a RelStorage instance whose loads are
+    looked up in the sidecar at the instance's view. Everything not
+    defined here goes to the RelStorage instance."""
+
+    _tc_view_id = None
+    _tc_at = None
+    #: ``{oid: state}`` stored in the commit under way; ``None`` outside one.
+    _tc_written = None
+
+    def __init__(self, root, instance):
+        self._storage = instance
+        self._tc_root = root
+        self._tc_client = root._tc_client
+        self._tc_stats = root._tc_stats
+        # Prefetched states at the view ``_tc_prefetched_at``.
+        self._tc_prefetched = {}
+        self._tc_prefetched_at = None
+        zope.interface.directlyProvides(self, zope.interface.providedBy(instance))
+
+    def __getattr__(self, name):
+        if name.startswith("_tc_") or name == "_storage":
+            raise AttributeError(name)
+        return getattr(self._storage, name)
+
+    def __len__(self):
+        return len(self._storage)
+
+    def __repr__(self):
+        return "<TideCacheRelInstance at %s over %r>" % (self._tc_at, self._storage)
+
+    def new_instance(self):
+        """Another connection's storage (from the root)."""
+        return self._tc_root.new_instance()
+
+    # -- the view --------------------------------------------------------------
+
+    def _tc_view(self):
+        """The instance's view, after RelStorage polled if its load
+        connection needed it (first use after a rollback); ``None`` when
+        there is none (an empty database, a cache RelStorage reset)."""
+        storage = self._storage
+        # RelStorage's own load does this first: on the first use after a
+        # rollback it polls (``__on_load_first_use``) and the view moves.
+        storage._load_connection.cursor
+        view = storage._cache.highest_visible_tid
+        if view is None:
+            return None
+        if view != self._tc_at:
+            self._tc_set_view(view)
+        return view
+
+    def _tc_set_view(self, view):
+        if self._tc_view_id is None:
+            self._tc_view_id = self._tc_client.register_view(view)
+        else:
+            self._tc_client.advance_view(self._tc_view_id, view)
+        self._tc_at = view
+        self._tc_prefetched = {}
+
+    def poll_invalidations(self):
+        """RelStorage's poll (its reports are made by the poller hook);
+        then the instance's view is registered or advanced."""
+        try:
+            result = self._storage.poll_invalidations()
+        finally:
+            if not self._tc_root._tc_joined:
+                self._tc_root._tc_rejoin()
+        view = self._storage._cache.highest_visible_tid
+        if view is not None and view != self._tc_at:
+            self._tc_set_view(view)
+        return result
+
+    def afterCompletion(self):
+        """The transaction ended (RelStorage rolls its load connection
+        back): the view no longer holds the low-water mark back."""
+        self._storage.afterCompletion()
+        self._tc_release_view()
+
+    def _tc_release_view(self):
+        if self._tc_view_id is not None:
+            self._tc_client.release_view(self._tc_view_id)
+            self._tc_view_id = None
+            self._tc_at = None
+            self._tc_prefetched = {}
+
+    def release(self):
+        """The connection is discarded: its view and RelStorage's
+        connections are released."""
+        self._tc_release_view()
+        self._storage.release()
+
+    def close(self):
+        """As :meth:`release`, then RelStorage's ``close``."""
+        self._tc_release_view()
+        self._storage.close()
+
+    # -- loads ------------------------------------------------------------------
+
+    def load(self, oid, version=""):
+        """``(state, serial)`` of ``oid`` at the instance's view: from the
+        sidecar on a hit, else from RelStorage (its local cache or the
+        database, at the same snapshot), then queued as an open store seen
+        at the view. Raises what RelStorage's ``load`` raises
+        (``POSKeyError``)."""
+        try:
+            view = self._tc_view()
+        except Exception:
+            # Let RelStorage raise its own error (closed, disconnected).
+            return self._storage.load(oid)
+        o = u64(oid)
+        if view is not None and self._tc_root._tc_joined:
+            prefetched = self._tc_prefetched.pop(o, None)
+            if prefetched is not None and self._tc_prefetched_at == view:
+                self._tc_stats.misses += 1
+                return prefetched[0], p64(prefetched[1])
+            try:
+                hit = self._tc_client.lookup(o, view)
+            except TideCacheError:
+                self._tc_stats.unavailable += 1
+                hit = None
+            if hit is not None:
+                self._tc_stats.hits += 1
+                return hit[1], p64(hit[0])
+            self._tc_stats.misses += 1
+        else:
+            self._tc_stats.unavailable += 1
+        try:
+            state, serial = self._storage.load(oid)
+        except Exception as e:
+            self._tc_check_consistency(e)
+            raise
+        if view is not None and state and self._tc_root._tc_joined:
+            if self._tc_client.store_later(o, u64(serial), None, state, view):
+                self._tc_stats.stores += 1
+        return state, serial
+
+    def _tc_check_consistency(self, error):
+        from relstorage.cache.interfaces import CacheConsistencyError
+
+        if isinstance(error, CacheConsistencyError):
+            self._tc_root._tc_consistency_error(error)
+
+    def prefetch(self, oids):
+        """``Connection.prefetch``: the oids are looked up at the view in
+        one ``lookup_many``; the misses are loaded in one query and kept
+        for the loads that follow at this view (and stored)."""
+        try:
+            view = self._tc_view()
+        except Exception:
+            return self._storage.prefetch(oids)
+        if view is None or not self._tc_root._tc_joined:
+            return self._storage.prefetch(oids)
+        ints = [u64(oid) for oid in oids]
+        try:
+            hits = self._tc_client.lookup_many(ints, view)
+        except TideCacheError:
+            hits = [None] * len(ints)
+        missing = [o for o, h in zip(ints, hits) if h is None]
+        if not missing:
+            return None
+        storage = self._storage
+        try:
+            rows = list(storage._adapter.mover.load_currents(storage._load_connection.cursor, missing))
+        except Exception:
+            logger.debug("tidecache: prefetch through RelStorage failed", exc_info=True)
+            return None
+        if self._tc_prefetched_at != view:
+            self._tc_prefetched = {}
+            self._tc_prefetched_at = view
+        for oid, state, tid in rows:
+            if tid is None or tid > view or not state:
+                continue
+            self._tc_prefetched[oid] = (state, tid)
+            if self._tc_client.store_later(oid, tid, None, state, view):
+                self._tc_stats.stores += 1
+        return None
+
+    # -- commits: write-through ---------------------------------------------------
+
+    def tpc_begin(self, transaction, *args):
+        """Begins the commit; the states stored in it are collected."""
+        r = self._storage.tpc_begin(transaction, *args)
+        self._tc_written = {} if not args else None
+        return r
+
+    def store(self, oid, serial, data, version, transaction):
+        """Stores on RelStorage; ``data`` is kept for the write-through."""
+        r = self._storage.store(oid, serial, data, version, transaction)
+        if self._tc_written is not None and data is not None:
+            self._tc_written[oid] = data
+        return r
+
+    def storeBlob(self, oid, serial, data, blobfilename, version, transaction):
+        """Stores a blob; its record is not written through."""
+        r = self._storage.storeBlob(oid, serial, data, blobfilename, version, transaction)
+        if self._tc_written is not None:
+            self._tc_written.pop(oid, None)
+        return r
+
+    def tpc_vote(self, transaction):
+        """Votes; oids whose conflicts RelStorage resolved are not written
+        through (what was committed is not what was stored)."""
+        r = self._storage.tpc_vote(transaction)
+        if r and self._tc_written:
+            for oid in r:
+                self._tc_written.pop(oid, None)
+        return r
+
+    def tpc_abort(self, transaction, *args, **kw):
+        """Aborts; nothing is written through."""
+        self._tc_written = None
+        return self._storage.tpc_abort(transaction, *args, **kw)
+
+    def tpc_finish(self, transaction, func=None):
+        """Finishes the commit; its states wait for the report of its tid
+        (the next poll of this process), then are stored as open
+        revisions."""
+        written, self._tc_written = self._tc_written, None
+        tid = self._storage.tpc_finish(transaction, func)
+        if written:
+            self._tc_root._tc_committed(u64(tid), written)
+        return tid
+
+
+class TideCacheHistoricalInstance:
+    """A historical connection's storage (``DB.open(at=...)``): read-only,
+    at the view ``before - 1``; lookups in the sidecar there, misses loaded
+    with ``loadBefore`` (which gives the revision's end) and stored closed
+    or open."""
+
+    def __init__(self, root, historical, before):
+        self._storage = historical
+        self._tc_root = root
+        self._tc_client = root._tc_client
+        self._tc_stats = root._tc_stats
+        self._tc_before = before
+        self._tc_view_id = self._tc_client.register_view(before - 1) if before > 0 else None
+        zope.interface.directlyProvides(self, zope.interface.providedBy(historical))
+
+    def __getattr__(self, name):
+        if name.startswith("_tc_") or name == "_storage":
+            raise AttributeError(name)
+        return getattr(self._storage, name)
+
+    def load(self, oid, version=""):
+        """``(state, serial)`` of ``oid`` at ``before - 1``."""
+        view = self._tc_before - 1
+        o = u64(oid)
+        if self._tc_root._tc_joined:
+            try:
+                hit = self._tc_client.lookup(o, view)
+            except TideCacheError:
+                hit = None
+            if hit is not None:
+                self._tc_stats.hits += 1
+                return hit[1], p64(hit[0])
+            self._tc_stats.misses += 1
+        # HistoricalStorageAdapter's own storage: RelStorage's instance.
+        inner = getattr(self._storage, "_storage", self._storage)
+        r = inner.loadBefore(oid, p64(self._tc_before))
+        if r is None:
+            from ZODB.POSException import POSKeyError
+
+            raise POSKeyError(oid)
+        data, serial, end = r
+        if data and self._tc_root._tc_joined:
+            if self._tc_client.store_later(o, u64(serial), u64(end) if end else None, data, view):
+                self._tc_stats.stores += 1
+        return data, serial
+
+    def prefetch(self, oids):
+        """Nothing to prefetch at a fixed historical view."""
+
+    def release(self):
+        """Releases the view and RelStorage's instance."""
+        if self._tc_view_id is not None:
+            self._tc_client.release_view(self._tc_view_id)
+            self._tc_view_id = None
+        self._storage.release()
+
+    close = release
+
