@@ -6,8 +6,12 @@ On one host (bench/zodbhost.py ``RelStorageHost``: RelStorage over SQLite
 by default, or PostgreSQL; and a ``tidecached``), a database with a
 working set of ``--objects`` objects of about ``--state-bytes`` bytes
 (less than RelStorage's default local cache of 10 MB, so that a plain
-worker holds all of it). Two contenders:
+worker holds all of it). Three runs:
 
+- ``nocache`` (the anchor): plain ``<relstorage>`` with ``cache-local-mb
+  0``: what reading costs a worker without any cache of states (ZODB's
+  object cache, ghosts, RelStorage's index of which tid each oid has,
+  Python's allocator); subtracted from the two contenders;
 - ``relstorage``: plain ``<relstorage>`` with its default local cache
   (``cache-local-mb`` 10): each worker keeps its own copy;
 - ``tidecache``: the same section with ``cache-local-mb 0`` (no
@@ -24,9 +28,11 @@ sidecar is taken; the workers read every object of the working set
 after each, then ``gc.collect()``); for tidecache, once every worker is
 done, until the sidecar holds a revision of every object (its stores are
 asynchronous); the same sum is taken again. Host memory is the
-difference. The figure: host memory with 8 workers over host memory
-with 1 (goal: at most 1.1x for tidecache; RelStorage: about 8x), and each
-over the working set's state bytes.
+difference; the memory for cached states is a contender's host memory
+minus the anchor's with the same number of workers. The figure: memory
+for cached states with 8 workers over that with 1 (goal: at most 1.1x for
+tidecache; RelStorage: about 8x), and each over the working set's state
+bytes. The raw host memory is reported beside it.
 
 Writes ``bench-results/rs_memory.json``, prints a table.
 
@@ -49,7 +55,7 @@ sys.path.insert(0, str(HERE))
 from zodbhost import RelStorageHost  # noqa: E402
 
 PER_TXN = 100
-CONTENDERS = ("relstorage", "tidecache")
+CONTENDERS = ("nocache", "relstorage", "tidecache")
 
 WORKER = r"""
 import gc, json, sys
@@ -167,7 +173,7 @@ def run(host, conf, oids_path, n, objects, cached):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--backend", default="sqlite", choices=["sqlite", "postgresql"])
+    ap.add_argument("--backend", default="postgresql", choices=["postgresql", "sqlite"])
     ap.add_argument("--objects", type=int, default=4000)
     ap.add_argument("--state-bytes", type=int, default=2048)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 8])
@@ -183,7 +189,8 @@ def main():
         oids_path = os.path.join(host.dir, "oids.json")
         with open(oids_path, "w") as f:
             json.dump(oids, f)
-        confs = {"relstorage": host.storage_zconfig("memory"),
+        confs = {"nocache": host.storage_zconfig("memory", cache_local_mb=0),
+                 "relstorage": host.storage_zconfig("memory"),
                  "tidecache": host.storage_zconfig("memory", tidecache=True, cache_local_mb=0)}
         results["zconfig"] = confs
         for c in CONTENDERS:
@@ -199,22 +206,37 @@ def main():
                 if c == "tidecache":
                     per_n[str(n)]["sidecar_entries"] = sidecar_entries(host)
                 print("  %s, %d workers: %.1f MB" % (c, n, mem / 1e6), flush=True)
-            lo, hi = str(min(args.workers)), str(max(args.workers))
-            per_n["ratio_%s_to_%s" % (hi, lo)] = per_n[hi]["bytes"] / per_n[lo]["bytes"]
     finally:
         host.stop()
-    results["elapsed_s"] = time.perf_counter() - started
     lo, hi = str(min(args.workers)), str(max(args.workers))
+    anchor = results["contenders"]["nocache"]
+    for c in CONTENDERS[1:]:
+        r = results["contenders"][c]
+        for n in args.workers:
+            net = r[str(n)]["bytes"] - anchor[str(n)]["bytes"]
+            r[str(n)]["cached_state_bytes"] = net
+            r[str(n)]["cached_ratio_to_state_bytes"] = net / state_bytes
+        r["ratio_%s_to_%s" % (hi, lo)] = r[hi]["cached_state_bytes"] / r[lo]["cached_state_bytes"]
+    results["elapsed_s"] = time.perf_counter() - started
     print()
-    print("host memory (sum of Pss, workers + sidecar) for %d states of %d bytes (%.1f MB), RelStorage/%s"
+    print("memory for cached states (host memory: sum of Pss of the workers and the sidecar, minus the "
+          "anchor's), %d states of %d bytes (%.1f MB), RelStorage/%s"
           % (args.objects, args.state_bytes, state_bytes / 1e6, args.backend))
-    print("%-12s %s %14s" % ("contender", " ".join("%16s" % ("%s workers" % n) for n in args.workers),
+    print("%-12s %s %10s" % ("contender", " ".join("%26s" % ("%s workers (raw)" % n) for n in args.workers),
                              "%s / %s" % (hi, lo)))
     for c in CONTENDERS:
         r = results["contenders"][c]
-        print("%-12s %s %13.2fx" % (c, " ".join("%8.1f MB %5.2fx" % (r[str(n)]["bytes"] / 1e6,
-                                                                      r[str(n)]["ratio_to_state_bytes"])
-                                                 for n in args.workers), r["ratio_%s_to_%s" % (hi, lo)]))
+        cells = []
+        for n in args.workers:
+            x = r[str(n)]
+            if c == "nocache":
+                cells.append("%26s" % ("- (%.1f MB)" % (x["bytes"] / 1e6)))
+            else:
+                cells.append("%26s" % ("%.1f MB %.2fx (%.1f MB)" % (x["cached_state_bytes"] / 1e6,
+                                                                      x["cached_ratio_to_state_bytes"],
+                                                                      x["bytes"] / 1e6)))
+        ratio = r.get("ratio_%s_to_%s" % (hi, lo))
+        print("%-12s %s %10s" % (c, " ".join(cells), "-" if ratio is None else "%.2fx" % ratio))
     out = pathlib.Path(args.output)
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
