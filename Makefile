@@ -87,7 +87,12 @@ soak-campaign:
 ## zodbshootout.py (zodbshootout 0.8 over ZEO, plain and with tidecache,
 ## and a truly cold host) takes about 10 minutes on 2 cores and rebuilds
 ## docs/benchmarks.md last; latestart.py (late start after commits the
-## sidecar did not hear of) about 1.
+## sidecar did not hear of) about 1. On RelStorage (issue 9; PostgreSQL
+## servers started for the run by bench/dbservers.py): rs_newworker.py (a
+## new worker's first 1,000 requests), rs_memory.py (8 workers' memory)
+## and zodbshootout over RelStorage/PostgreSQL and /SQLite, 4 processes,
+## add cold warm hot (about 5 minutes each); the last rebuilds
+## docs/benchmarks.md.
 bench: build
 	cargo bench -p tidecache-core --bench snapshot
 	$(PY) bench/eviction.py
@@ -97,6 +102,10 @@ bench: build
 	$(PY) bench/run_bench.py
 	$(PY) bench/latestart.py
 	$(PY) bench/zodbshootout.py
+	$(PY) bench/rs_newworker.py
+	$(PY) bench/rs_memory.py
+	$(PY) bench/zodbshootout.py --base relstorage-sqlite --no-report
+	$(PY) bench/zodbshootout.py --base relstorage-postgresql
 
 clean:
 	cargo clean
