@@ -77,6 +77,20 @@ def test_relstorage_is_wrapped_by_the_relstorage_adapter(sidecar, data_dir, keep
         storage.close()
 
 
+def wait_for_horizon(storage, tid, seconds=10.0):
+    """Waits (bounded) until the sidecar applied the reports up to ``tid``
+    (they are sent by the client's own thread)."""
+    import time
+
+    client = storage._tc_client
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if client.stats()["databases"][client.database]["horizon"] >= tid:
+            return
+        time.sleep(0.005)
+    raise AssertionError("the sidecar's horizon did not reach %d" % tid)
+
+
 def commit(db, **values):
     with db.transaction() as conn:
         root = conn.root()
@@ -461,6 +475,34 @@ def test_a_lagging_replica_neither_flushes_nor_reports_backwards(sidecar, data_d
         db.pool.clear()
         with db.transaction() as conn:
             assert conn.root()["x"]["v"] == 3
+        # The primary itself below the newest tid reported: not a lag, the
+        # database went back (a restore, a failover that lost
+        # transactions): flushed. (The newest tid reported is moved past
+        # the primary's to make it so.)
+        with storage._tc_lock:
+            storage._tc_reported += 10 ** 12
+        inst = storage.new_instance()
+        inner = inst._storage._adapter.poller._tc_inner
+        inner.poll_invalidations = lagging
+        try:
+            inst._storage._cache.polling_state.poll(inst._storage._cache, None, None)
+        except Exception:
+            pass
+        inner.poll_invalidations = real
+        inst.release()
+        assert storage.cache_stats()["flushes"] == 1
+        # Joined again, its proof made on the primary (a store connection).
+        import time
+        for _ in range(500):
+            with db.transaction() as conn:
+                assert conn.root()["x"]["v"] == 3
+            if storage._tc_joined:
+                break
+            time.sleep(0.01)
+        assert storage._tc_joined
+        db.pool.clear()
+        with db.transaction() as conn:
+            assert conn.root()["x"]["v"] == 3
     finally:
         db.close()
 
@@ -522,3 +564,155 @@ def test_another_database_at_the_same_place_is_not_served(sidecar, data_dir, kee
             db.close()
     finally:
         shutil.rmtree(other_dir, ignore_errors=True)
+
+
+def test_a_pack_made_outside_tidecache_is_detected(sidecar, data_dir, monkeypatch):
+    """History-preserving: a pack by another process's plain RelStorage
+    (``zodbpack``) removes old revisions the sidecar holds; a poll of a
+    tidecache process sees the newest packed transaction move and flushes,
+    so an old view gets RelStorage's answer (the revision is gone), not the
+    packed-away state."""
+    import time
+
+    import tidecache.relstorage
+    from ZODB.POSException import POSKeyError
+    from ZODB.POSException import ReadConflictError
+    from ZODB.serialize import referencesf
+
+    monkeypatch.setattr(tidecache.relstorage, "PACK_CHECK_SECONDS", 0.0)
+    db = ZODB.DB(TideCacheStorage(open_relstorage(data_dir, True), socket=sidecar.socket))
+    try:
+        commit(db, x=1)
+        then = db.storage.new_instance()
+        then.poll_invalidations()
+        at = then._storage._cache.highest_visible_tid
+        then.release()
+        commit(db, x=2)
+        conn = db.open(at=p64(at))
+        assert conn.root()["x"]["v"] == 1  # stored in the sidecar, closed
+        conn.close()
+        time.sleep(0.01)
+        outside = open_relstorage(data_dir, True)
+        outside.pack(time.time(), referencesf)
+        outside.close()
+        with db.transaction() as conn:  # a poll: the pack is seen
+            assert conn.root()["x"]["v"] == 2
+        assert db.storage.cache_stats()["flushes"] == 1
+        def outcome(database):
+            conn = database.open(at=p64(at))
+            try:
+                return conn.root()["x"]["v"]
+            except (POSKeyError, ReadConflictError, KeyError) as e:
+                return type(e)
+            finally:
+                conn.close()
+
+        plain = ZODB.DB(open_relstorage(data_dir, True))
+        try:
+            expected = outcome(plain)
+        finally:
+            plain.close()
+        assert expected != 1  # the pack removed the revision x=1
+        db.historical_pool.clear()  # ZODB's own pickle cache of the historical connection
+        assert outcome(db) == expected
+    finally:
+        db.close()
+
+
+def test_deleted_objects_are_not_served(sidecar, data_dir):
+    """``deleteObject`` (IExternalGC, zc.zodbdgc) in a history-free
+    database leaves no row, so no poll lists it: the deletion is reported
+    with the commit's tid, and no process is served the deleted state at a
+    view past it. (RelStorage's own views stay below a commit that only
+    deleted until a commit that leaves a row.)"""
+    from ZODB.Connection import TransactionMetaData
+    from ZODB.POSException import POSKeyError
+
+    a = ZODB.DB(TideCacheStorage(open_relstorage(data_dir, False), socket=sidecar.socket))
+    b = ZODB.DB(TideCacheStorage(open_relstorage(data_dir, False), socket=sidecar.socket))
+    try:
+        with a.transaction() as conn:
+            conn.root()["gone"] = PersistentMapping(v=1)
+        with a.transaction() as conn:
+            oid = conn.root()["gone"]._p_oid
+            serial = conn.root()["gone"]._p_serial
+            del conn.root()["gone"]
+        b.pool.clear()
+        with b.transaction() as conn:  # b stores the open revision
+            assert conn.get(oid)["v"] == 1
+        inst = a.storage.new_instance()
+        inst.poll_invalidations()
+        txn = TransactionMetaData()
+        inst.tpc_begin(txn)
+        inst.deleteObject(oid, serial, txn)
+        inst.tpc_vote(txn)
+        inst.tpc_finish(txn)
+        inst.release()
+        # The deleting commit is reported at once (no row shows its tid):
+        # the sidecar holds the revision no more at views from its tid on.
+        a.storage.cache_stats()
+        assert a.storage._tc_reported >= u64(a.storage._storage.lastTransaction())
+        # Views move past the deletion with the next commit that leaves a
+        # row (a history-free poll sees rows only): nobody is served the
+        # deleted state.
+        commit(b, other=1)
+        for db in (a, b):
+            db.pool.clear()
+            with db.transaction() as conn:
+                with pytest.raises(POSKeyError):
+                    conn.get(oid)["v"]
+        assert a.storage.cache_stats()["flushes"] == 0
+    finally:
+        a.close()
+        b.close()
+
+
+def test_own_commit_is_reported_exactly_in_a_history_free_database(sidecar, data_dir):
+    """History-free polls give only each oid's newest tid, but a process
+    knows its own commit exactly: reported as ``(T - 1, T]`` with its oids.
+    So a reader of another process whose view is older than ``T`` can store
+    (closed at ``T``) and then hit the previous revision of an oid the
+    commit changed; reported collapsed, the range before ``T`` would be
+    uncertain for that oid and the store refused (misses only)."""
+    writer = ZODB.DB(TideCacheStorage(open_relstorage(data_dir, False), socket=sidecar.socket))
+    reader = ZODB.DB(TideCacheStorage(open_relstorage(data_dir, False), socket=sidecar.socket))
+    try:
+        # x=1 committed without tidecache: no process has its state yet.
+        plain = ZODB.DB(open_relstorage(data_dir, False))
+        commit(plain, x=1, y=1)
+        plain.close()
+        tm = transaction.TransactionManager()
+        old = reader.open(transaction_manager=tm)
+        root = old.root()  # the view is taken; x is not loaded yet
+        view = old._storage._tc_at
+        x_oid = old.root().data["x"]._p_oid
+        # The writer changes x without loading it first (through the storage
+        # API, as a tool would): no process holds x=1's revision.
+        from ZODB.Connection import TransactionMetaData
+        from ZODB.serialize import ObjectWriter
+
+        inst = writer.storage.new_instance()
+        inst.poll_invalidations()
+        _, serial = inst._storage.load(x_oid)
+        txn = TransactionMetaData()
+        inst.tpc_begin(txn)
+        state = ObjectWriter().serialize(PersistentMapping(v=2))
+        inst.store(x_oid, serial, state, "", txn)
+        inst.tpc_vote(txn)
+        inst.tpc_finish(txn)
+        inst.poll_invalidations()  # the writer's poll reports its commit
+        inst.release()
+        wait_for_horizon(writer.storage, u64(writer.storage.new_instance().lastTransaction()))
+        assert root["x"]["v"] == 1  # a miss at the old view: stored closed at T
+        reader.storage.cache_stats()  # the store is applied
+        hit = reader.storage._tc_client.lookup(u64(x_oid), view)
+        assert hit is not None, "the previous revision of x is not served at the older view"
+        old.cacheMinimize()
+        assert old.root()["x"]["v"] == 1
+        tm.abort()
+        old.close()
+        with reader.transaction() as conn:
+            assert conn.root()["x"]["v"] == 2
+    finally:
+        reader.close()
+        writer.close()
