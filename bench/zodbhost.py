@@ -47,6 +47,9 @@ sys.path.insert(0, str(ROOT / "adapters" / "python" / "tests"))
 from conftest import stop_process  # noqa: E402  (the tests' server helpers)
 from conftest import tidecached_binary  # noqa: E402
 from conftest import wait_for_socket  # noqa: E402
+# bench/ is on the path of whoever imports this module (its own folder):
+# imported now, as bench/zodbshootout.py takes bench/ off the path after it.
+from dbservers import postgresql_server  # noqa: E402
 
 #: Seconds: how old a client's last transaction may be for the server to
 #: answer its ``getInvalidations`` by iterating the storage (one day:
@@ -182,8 +185,6 @@ class RelStorageHost:
         self._adapters = {}
         try:
             if backend == "postgresql":
-                sys.path.insert(0, str(ROOT / "bench"))
-                from dbservers import postgresql_server
                 self.server = self._servers.enter_context(postgresql_server(database=None))
             for name in databases:
                 self.add_database(name)

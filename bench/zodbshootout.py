@@ -65,7 +65,7 @@ cold run; written to ``bench-results/zodbshootout-BASE.json``.
                     [--concurrency 2 4] [--values 3] [--fast-processes 3] [--warmups 1]
                     [--phases add update cold warm hot steamin] [--cold-iterations 8]
                     [--own-storages] [--skip-shootout] [--skip-truly-cold] [--output PATH]
-                    [--no-report]
+                    [--no-report] [--profile PHASE ...]
 """
 
 import argparse
@@ -230,6 +230,86 @@ def truly_cold(host, conf, concurrency, iterations):
     return r
 
 
+# -- profile -------------------------------------------------------------------
+
+#: zodbshootout's method per phase (``BENCHMARKS`` of zodbshootout/_runner.py).
+PHASE_METHODS = {"add": "bench_add", "update": "bench_update", "cold": "bench_cold_read",
+                 "warm": "bench_read_after_write", "hot": "bench_hot_read", "steamin": "bench_steamin_read"}
+
+
+def _profile_worker(conf, concurrency, phase, db, results):
+    """One forked process: zodbshootout's ``phase`` (one iteration) for
+    database ``db`` of ``conf`` under cProfile; puts its top functions."""
+    import cProfile
+    import io
+    import pstats
+
+    from zodbshootout._dbsupport import BenchmarkDBFactory
+    from zodbshootout._dbsupport import get_databases_from_conf_file
+    from zodbshootout.speedtest import ForkedSpeedTestWorker
+    from zodbshootout.speedtest import SpeedTestData
+
+    factory = {f.name: BenchmarkDBFactory(f, OBJECTS, concurrency)
+               for f in get_databases_from_conf_file(open(conf))}[db]
+    worker = ForkedSpeedTestWorker(0, SpeedTestData(concurrency, OBJECTS, 300))
+    worker.inner_loops = 1
+    opened = []
+
+    def open_db():
+        database = factory.open()
+        opened.append(database.storage)  # DB.close() deletes DB.storage
+        return database
+    prof = cProfile.Profile()
+    seconds = prof.runcall(getattr(worker, PHASE_METHODS[phase]), 1, open_db)
+    out = io.StringIO()
+    for storage in opened:
+        if hasattr(storage, "cache_stats"):
+            stats = storage.cache_stats()
+            out.write("tidecache: %d hits, %d misses, %d stores\n" % (stats["hits"], stats["misses"],
+                                                                     stats["stores"]))
+    stats = pstats.Stats(prof, stream=out)
+    stats.sort_stats("tottime").print_stats(15)
+    stats.sort_stats("cumulative").print_stats(25)
+    results.put((db, seconds, out.getvalue()))
+
+
+def profile_phase(conf, concurrency, phase, populate):
+    """``{contender: {"seconds", "text"}}``: one process of ``phase`` per
+    contender under cProfile (with ``populate``, the data put in place
+    first, as zodbshootout does when it does not run "add"; else the
+    shootout's are read)."""
+    import queue
+
+    from zodbshootout._dbsupport import BenchmarkDBFactory
+    from zodbshootout._dbsupport import get_databases_from_conf_file
+    from zodbshootout.speedtest import SpeedTestData
+
+    if populate:
+        data = SpeedTestData(concurrency, OBJECTS, 300)
+        for f in get_databases_from_conf_file(open(conf)):
+            data.populate(BenchmarkDBFactory(f, OBJECTS, concurrency), include_data=True)
+    ctx = multiprocessing.get_context("fork")
+    out = {}
+    for db in CONTENDERS:
+        results = ctx.Queue()
+        p = ctx.Process(target=_profile_worker, args=(conf, concurrency, phase, db, results))
+        p.start()
+        try:
+            while True:
+                try:
+                    name, seconds, text = results.get(timeout=1)
+                    break
+                except queue.Empty:
+                    if not p.is_alive():
+                        raise SystemExit("the profiled %s process of %s failed (exit code %s)"
+                                         % (phase, db, p.exitcode))
+        finally:
+            p.join(60)
+        out[name] = {"seconds": seconds, "text": text}
+        print("cProfile of one %s process, %s (%.1f ms):\n%s" % (phase, name, seconds * 1000, text), flush=True)
+    return out
+
+
 # -- output -------------------------------------------------------------------
 
 
@@ -273,6 +353,10 @@ def main():
                     help="the tidecache contender on a ZEO storage of its own (default: both on one)")
     ap.add_argument("--skip-shootout", action="store_true")
     ap.add_argument("--skip-truly-cold", action="store_true")
+    ap.add_argument("--profile", nargs="+", default=[], choices=PHASES, metavar="PHASE",
+                    help="after the runs, one process of each PHASE per contender under cProfile "
+                         "(concurrency: the last of --concurrency); the top functions are printed and kept "
+                         "in the results")
     ap.add_argument("--no-report", action="store_true", help="do not rebuild docs/benchmarks.md")
     ap.add_argument("--output", help="default bench-results/zodbshootout.json "
                     "(zodbshootout-own-storages.json with --own-storages)")
@@ -313,6 +397,9 @@ def main():
                     r.update(run_shootout(host, conf, c, slow, 1, 1, args))
                 if fast:
                     r.update(run_shootout(host, conf, c, fast, args.fast_processes, 0, args))
+        if args.profile:
+            results["profiles"] = {phase: profile_phase(conf, args.concurrency[-1], phase, args.skip_shootout)
+                                   for phase in args.profile}
         if not args.skip_truly_cold:
             for c in args.concurrency:
                 t = time.perf_counter()
