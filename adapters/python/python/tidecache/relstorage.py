@@ -80,6 +80,7 @@ from tidecache._native import Client
 from tidecache._native import TideCacheError
 from tidecache.storage import REJOIN_INTERVAL
 from tidecache.storage import RETRY_UNAVAILABLE
+from tidecache.storage import WRITE_THROUGH_MAX_BYTES
 from tidecache.storage import _Joining
 from tidecache.storage import _live
 from tidecache.storage import _Stats
@@ -90,10 +91,19 @@ logger = logging.getLogger("tidecache")
 #: the oldest are dropped (their states are loaded again on a read).
 PENDING_COMMITS = 64
 
+#: Bound on the oids of one commit reported exactly as this process's own
+#: (history-free); a larger commit is reported collapsed.
+MAX_EXACT_OIDS = 50000
+
 #: How often (seconds) a history-preserving database is asked, during a
 #: poll, whether a pack made outside tidecache (``zodbpack``, another
 #: process's plain RelStorage) rewrote its history; one query.
 PACK_CHECK_SECONDS = 10.0
+
+#: How often (seconds) a poll also checks that the database still holds
+#: the newest tid this process reported (a backup restored under running
+#: workers, which RelStorage's poll answers with "no change"); one query.
+HISTORY_CHECK_SECONDS = 1.0
 
 #: A gap or exact query answering more rows than this is not reported
 #: change by change: the sidecar is resynced at its end instead.
@@ -175,6 +185,9 @@ class _Changes:
 
         cls._newest_packed_query = txn.select(func.max(txn.c.tid)).where(
             txn.c.packed == True).prepared()  # noqa: E712
+        cls._txn_query = txn.select(txn.c.tid).where(txn.c.tid == txn.bindparam("tid")).prepared()
+        every = Schema.all_transaction
+        cls._newest_query = every.select(func.max(every.c.tid)).prepared()
         cls._packed_query = txn.select(txn.c.tid).where(
             txn.c.tid > txn.bindparam("frm")).and_(txn.c.tid <= txn.bindparam("to")).and_(
             txn.c.packed == True).prepared()  # noqa: E712 (RelStorage's SQL builder)
@@ -194,6 +207,25 @@ class _Changes:
             return None
         self._queries()
         self._newest_packed_query.execute(cursor)
+        rows = cursor.fetchall()
+        return int(rows[0][0] or 0) if rows else 0
+
+    def holds_reported(self, cursor, tid):
+        """``(holds, newest)``: whether ``cursor``'s snapshot still holds the
+        reported tid ``tid`` (history-preserving: its transaction row;
+        history-free: a newest tid at or past it), and the newest tid."""
+        self._queries()
+        newest = self.get_current_tid(cursor)
+        if newest < tid:
+            return False, newest
+        if self.keep_history:
+            self._txn_query.execute(cursor, {"tid": tid})
+            return bool(cursor.fetchall()), newest
+        return True, newest
+
+    def get_current_tid(self, cursor):
+        self._queries()
+        self._newest_query.execute(cursor)
         rows = cursor.fetchall()
         return int(rows[0][0] or 0) if rows else 0
 
@@ -322,6 +354,16 @@ class TideCacheRelStorage(_Joining):
     """
 
     def __init__(self, base, socket, database=None, timeout_ms=50):
+        try:
+            from relstorage.storage import RelStorage
+        except ImportError:  # pragma: no cover (RelStorage provides IMVCCStorage here)
+            RelStorage = None
+        if RelStorage is not None and not isinstance(base, RelStorage) and hasattr(base, "_adapter"):
+            raise TypeError(
+                "%r wraps a RelStorage: put <tidecache> directly around <relstorage> and the other "
+                "wrapper around <tidecache> (e.g. <zlibstorage><tidecache><relstorage>); tidecache "
+                "reads RelStorage's own loads, polls and queries, which a wrapper in between would "
+                "transform" % (base,))
         for attr in ("_adapter", "_cache", "_load_connection", "new_instance"):
             if not hasattr(base, attr):
                 raise TypeError(
@@ -361,6 +403,7 @@ class TideCacheRelStorage(_Joining):
         self._tc_epoch = 0
         self._tc_packed = None
         self._tc_next_pack_check = 0.0
+        self._tc_next_history_check = 0.0
         # Read replicas (``ro-replica-conf``): load connections may lag
         # behind the primary. (``replica-conf`` alone is a failover list: a
         # poll that goes back there lost transactions, another history.)
@@ -421,48 +464,57 @@ class TideCacheRelStorage(_Joining):
         """Whether ``base`` provably holds the sidecar's horizon transaction
         ``horizon`` (invariant 7); returns ``(proved, how)``.
 
-        History-preserving: as for every storage (:meth:`_Joining._tc_prove`:
-        the witness oids, else the transaction in RelStorage's iterator,
-        and the sampled open revisions by ``loadBefore``).
-
-        History-free, where the sidecar's horizon usually comes from a
-        collapsed report (no witness) and the database keeps no transaction
-        log, only each oid's current revision: evidence is a witness oid
-        whose current serial is ``horizon``, or any current revision with
-        serial ``horizon`` (tids are timestamps, unique to a history), or
-        a sampled open revision ``(oid, serial)`` that is still current;
-        a contradiction is a witness or sampled oid whose current serial
-        is at or below ``horizon`` and another (another history wrote it).
-        A sampled oid changed since ``horizon`` says nothing either way.
-        Proved when there is evidence and no contradiction."""
-        if getattr(base, "keep_history", False):
-            return _Joining._tc_prove(self, base, horizon, witness, sample)
+        Evidence is what only this history can hold: a witness oid (changed
+        at exactly ``horizon``: the oids of an exact report, e.g. a
+        process's own commit) whose revision at ``horizon`` is there
+        (history-preserving: ``loadBefore(oid, horizon + 1)`` gives serial
+        ``horizon``; history-free: its current serial is ``horizon``), or
+        any revision with serial ``horizon`` (tids are timestamps, unique
+        to a history; a pack keeps the revisions still current, so a
+        packed transaction proves as well). A sampled open revision that
+        is there is no evidence (a backup restored and committed to since
+        holds the revisions older than its copy), but one that is not is a
+        contradiction, as is a witness oid without its revision at the
+        horizon (history-free: a current serial at or below the horizon and
+        another: another history wrote it; one changed since says
+        nothing). Proved when there is evidence and no contradiction; a
+        history-free horizon whose objects were all changed since cannot
+        be proved (a flush)."""
+        keep_history = getattr(base, "keep_history", False)
         try:
             storage = getattr(base, "_storage", base)
             cursor = storage._load_connection.cursor
-            current = storage._adapter.mover.current_object_tids(
-                cursor, list(witness) + [o for o, _ in sample])
             evidence, contradiction = [], []
-            for oid in witness:
-                tid = current.get(oid)
-                if tid == horizon:
-                    evidence.append(oid)
-                elif tid is None or tid < horizon:
-                    contradiction.append(oid)
-            for oid, serial in sample:
-                tid = current.get(oid)
-                if tid == serial:
-                    evidence.append(oid)
-                elif tid is None or tid <= horizon:
-                    contradiction.append(oid)
+            if keep_history:
+                for oid in witness:
+                    r = base.loadBefore(p64(oid), p64(horizon + 1))
+                    (evidence if r is not None and u64(r[1]) == horizon else contradiction).append(oid)
+                for oid, serial in sample:
+                    r = base.loadBefore(p64(oid), p64(horizon + 1))
+                    if r is None or u64(r[1]) != serial:
+                        contradiction.append(oid)
+            else:
+                current = storage._adapter.mover.current_object_tids(
+                    cursor, list(witness) + [o for o, _ in sample])
+                for oid in witness:
+                    tid = current.get(oid)
+                    if tid == horizon:
+                        evidence.append(oid)
+                    elif tid is None or tid < horizon:
+                        contradiction.append(oid)
+                for oid, serial in sample:
+                    tid = current.get(oid)
+                    if tid != serial and (tid is None or tid <= horizon):
+                        contradiction.append(oid)
             if contradiction:
                 return False, ("oids %s are not at the sidecar's revisions (another history)"
                                % ", ".join(hex(o) for o in contradiction[:4]))
             if evidence:
-                return True, "the current revisions of %d oids" % len(evidence)
+                return True, "%d witness oids at the horizon" % len(evidence)
             if _Changes(storage._adapter.poller).holds_tid(cursor, horizon):
-                return True, "a current revision with serial at the horizon"
-            return False, "no witness, no sampled revision still current, no revision at the horizon"
+                return True, "a revision with serial at the horizon"
+            return False, ("no revision at the horizon any more (its objects were all changed "
+                           "since): the history up to it cannot be checked")
         except Exception as e:
             return False, "the proof failed: %r" % (e,)
 
@@ -475,25 +527,66 @@ class TideCacheRelStorage(_Joining):
             logger.debug("tidecache: reading the newest packed tid failed", exc_info=True)
             return None
 
-    def _tc_packed_outside(self, changes_sql, cursor):
-        """At most every ``PACK_CHECK_SECONDS``, in a poll of a
-        history-preserving database: whether a pack made outside tidecache
-        rewrote the history since the join (the newest ``packed``
-        transaction moved). If so the database is flushed in the sidecar
-        (the packed revisions must not be served) and joined again; returns
-        whether it was."""
-        if not changes_sql.keep_history or time.monotonic() < self._tc_next_pack_check:
+    def _tc_history_moved(self, changes_sql, cursor, reported):
+        """The periodic checks of a poll; returns whether the database was
+        left (flushed or forgotten) and must be joined again.
+
+        Every ``HISTORY_CHECK_SECONDS``: the database still holds
+        ``reported``, the newest tid this process reported (else it went
+        back in time under the running workers, a restore that RelStorage's
+        poll answers "no change": :meth:`_tc_went_back`). Every
+        ``PACK_CHECK_SECONDS``, history-preserving: a pack rewrote history
+        since the join (:meth:`_tc_pack_seen`)."""
+        now = time.monotonic()
+        if now >= self._tc_next_history_check:
+            self._tc_next_history_check = now + HISTORY_CHECK_SECONDS
+            try:
+                holds, newest = changes_sql.holds_reported(cursor, reported)
+            except Exception:
+                logger.debug("tidecache: checking the reported tid failed", exc_info=True)
+                holds = True
+            if not holds:
+                self._tc_went_back(reported, newest,
+                                   "the database no longer holds the newest tid reported")
+                with self._tc_lock:
+                    if not self._tc_joined:
+                        return True
+        if not changes_sql.keep_history or now < self._tc_next_pack_check:
             return False
-        self._tc_next_pack_check = time.monotonic() + PACK_CHECK_SECONDS
+        self._tc_next_pack_check = now + PACK_CHECK_SECONDS
+        return self._tc_pack_seen(changes_sql, cursor, reported)
+
+    def _tc_pack_seen(self, changes_sql, cursor, reported):
+        """History-preserving: whether a pack rewrote the history since the
+        join (the newest ``packed`` transaction moved). A pack through
+        another process's wrapper flushed the database already (this
+        client's no-op report is answered ``Stale``): joined again without
+        a flush. A pack made outside tidecache (``zodbpack``): the database
+        is flushed (packed revisions must not be served) and joined again.
+        Returns whether it was left."""
         try:
             packed = changes_sql.newest_packed(cursor)
         except Exception:
             logger.debug("tidecache: reading the newest packed tid failed", exc_info=True)
             return False
         with self._tc_lock:
-            before, self._tc_packed = self._tc_packed, packed
+            before = self._tc_packed
         if before is None or packed == before:
+            with self._tc_lock:
+                self._tc_packed = packed
             return False
+        from tidecache._native import StaleError
+
+        try:
+            # A no-op report: answered Stale if the database was flushed
+            # since this client joined it.
+            self._tc_client.report_now(reported, reported, [])
+        except StaleError:
+            self._tc_forget("a pack through another process's wrapper (it flushed the database)")
+            self._tc_rejoin()
+            return True
+        except TideCacheError:
+            return False  # the sidecar is unavailable: checked again later
         logger.warning("tidecache: %s was packed outside tidecache (newest packed transaction %s, "
                        "was %s): flushing the database in the sidecar", self._tc_client.database,
                        tid_repr(p64(packed)), tid_repr(p64(before)))
@@ -564,7 +657,13 @@ class TideCacheRelStorage(_Joining):
         if not joined:
             self._tc_rejoin()
             return
-        if self._tc_packed_outside(changes_sql, cursor):
+        if not self._tc_client.joined:
+            # Another process flushed the database (a pack through its
+            # wrapper, a failed proof): this client was told ``Stale``.
+            self._tc_forget("another process flushed the database in the sidecar")
+            self._tc_rejoin()
+            return
+        if self._tc_history_moved(changes_sql, cursor, start):
             return
         deleted_at = getattr(self._tc_after_commit, "tid", None)
         if deleted_at is not None and deleted_at > to and not changes_sql.keep_history:
@@ -700,9 +799,10 @@ class TideCacheRelStorage(_Joining):
                 except Exception:
                     pass
 
-    def _tc_drop(self, why):
-        """Flushes the database in the sidecar and leaves it (joined again
-        from a later poll, with a proof)."""
+    def _tc_forget(self, why):
+        """Leaves the database (joined again from a later poll, with a
+        proof): nothing more is reported, stored or looked up until then."""
+        logger.info("tidecache: %s: joining the database again (%s)", self._tc_client.database, why)
         with self._tc_lock:
             self._tc_joined = False
             self._tc_reported = None
@@ -711,6 +811,11 @@ class TideCacheRelStorage(_Joining):
             self._tc_own = {}
             self._tc_epoch += 1
             self._tc_next_join = 0.0
+
+    def _tc_drop(self, why):
+        """Flushes the database in the sidecar and leaves it (joined again
+        from a later poll, with a proof)."""
+        self._tc_forget(why)
         try:
             self._tc_flush()
         except TideCacheError as e:
@@ -831,9 +936,15 @@ class TideCacheRelStorage(_Joining):
 
     def pack(self, t, referencesf, *args, **kw):
         """Packs the database, then flushes it in the sidecar (packed
-        revisions must not be served any more) and joins it again."""
+        revisions must not be served any more) and joins it again. A pack
+        that removes nothing (``check_refs``: ``zodbpack --check-refs``;
+        ``prepack_only``: ``zodbpack --prepack``) does not flush."""
         r = self._storage.pack(t, referencesf, *args, **kw)
-        self._tc_drop("a pack")
+        names = ("prepack_only", "skip_prepack", "check_refs")
+        options = dict(zip(names, args))
+        options.update(kw)
+        if not (options.get("check_refs") or options.get("prepack_only")):
+            self._tc_drop("a pack")
         return r
 
     def zap_all(self, **kwargs):
@@ -953,8 +1064,13 @@ class TideCacheRelInstance:
         try:
             result = self._storage.poll_invalidations()
         finally:
-            if not self._tc_root._tc_joined:
-                self._tc_root._tc_rejoin()
+            root = self._tc_root
+            if root._tc_joined and not self._tc_client.joined:
+                # Another process flushed the database (this client was
+                # told ``Stale``): joined again, with a proof.
+                root._tc_forget("another process flushed the database in the sidecar")
+            if not root._tc_joined:
+                root._tc_rejoin()
         view = self._storage._cache.highest_visible_tid
         if view is not None and view != self._tc_at:
             self._tc_set_view(view)
@@ -1072,12 +1188,17 @@ class TideCacheRelInstance:
         every oid it changes with the serial it was stored against."""
         r = self._storage.tpc_begin(transaction, *args)
         self._tc_written = {} if not args else None
+        self._tc_written_bytes = 0
         self._tc_previous = {} if not args else None
         return r
 
     def _tc_changing(self, oid, serial):
-        if self._tc_previous is not None:
-            self._tc_previous[u64(oid)] = u64(serial) if serial is not None else None
+        previous = self._tc_previous
+        if previous is not None:
+            previous[u64(oid)] = u64(serial) if serial is not None else None
+            if len(previous) > MAX_EXACT_OIDS:
+                # A bulk commit: reported collapsed, like other processes'.
+                self._tc_previous = None
 
     def store(self, oid, serial, data, version, transaction):
         """Stores on RelStorage; ``data`` is kept for the write-through."""
@@ -1085,6 +1206,11 @@ class TideCacheRelInstance:
         self._tc_changing(oid, serial)
         if self._tc_written is not None and data is not None:
             self._tc_written[oid] = data
+            self._tc_written_bytes += len(data)
+            if self._tc_written_bytes > WRITE_THROUGH_MAX_BYTES:
+                # A bulk commit: written through not at all rather than
+                # held in memory whole (ZODB spools it through savepoints).
+                self._tc_written = None
         return r
 
     def storeBlob(self, oid, serial, data, blobfilename, version, transaction):
