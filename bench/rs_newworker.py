@@ -106,8 +106,10 @@ import json, sys, time
 import transaction, ZODB, ZODB.config
 from ZODB.utils import p64
 # What opening imports and loads, before the clock starts: RelStorage, its
-# adapters, tidecache's adapter, ZConfig's storage schema.
+# adapters and their drivers, tidecache's adapter, ZConfig's storage schema.
 import relstorage.storage, relstorage.adapters.sqlite.adapter, relstorage.adapters.postgresql.adapter
+import relstorage.adapters.sqlite.drivers, relstorage.adapters.postgresql.drivers.psycopg2
+import psycopg2, psycopg2.extensions, psycopg2.extras
 try:
     import tidecache, tidecache.relstorage
 except ImportError:
