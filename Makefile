@@ -91,7 +91,8 @@ soak-campaign:
 ## servers started for the run by bench/dbservers.py): rs_newworker.py (a
 ## new worker's first 1,000 requests), rs_memory.py (8 workers' memory)
 ## and zodbshootout over RelStorage/PostgreSQL and /SQLite, 4 processes,
-## add cold warm hot (about 5 minutes each); the last rebuilds
+## add cold warm hot (about 7 minutes each on 2 shared cores; rs_newworker.py
+## and rs_memory.py about 2 each); the last rebuilds
 ## docs/benchmarks.md.
 bench: build
 	cargo bench -p tidecache-core --bench snapshot
