@@ -335,6 +335,10 @@ RS_NOTES = {
         "about 120 KB more per worker than the anchor (not broken down further): 1.10x of one",
         "copy, at the goal. RelStorage's default",
         "local cache keeps a copy per worker: 8.2x.", ""],
+    "demo-relstorage-postgresql": [
+        "The same on PostgreSQL (`make demo-postgresql`, a server started for the run): a plain",
+        "worker's loads that miss its local cache are queries to the server, with tidecache arena",
+        "hits for the loads another worker made before.", ""],
     "demo-relstorage-sqlite": [
         "With tidecache the four workers read one another's loads from the arena (hit ratio about",
         "89%) instead of each keeping its own local cache and reading SQLite for the rest. The",
