@@ -466,7 +466,7 @@ def demo_section(demo):
     relstorage = base != "zeo"
     if relstorage:
         title = RS_TITLES[base][0]
-        out = ["### The demo on %s (`make demo`%s)" % (
+        out = ["### The demo on %s (`make demo%s`)" % (
                    title, "" if base == "relstorage-sqlite" else "-postgresql"), "",
                "`python demo/run_demo.py --base %s`: the demo above (the standard library's sources as a"
                % base,
