@@ -57,6 +57,7 @@ def run(seed, sidecar, data_dir, keep_history, steps):
     readers = []
     counter = 0
     checked = 0
+    retired_hits = 0
 
     def check(conn, tm, expected_view=None):
         nonlocal checked
@@ -113,6 +114,7 @@ def run(seed, sidecar, data_dir, keep_history, steps):
                     tm.abort()
                     conn.close()
                 readers = [r for r in readers if r[0].db() is not dbs[p]]
+                retired_hits += dbs[p].storage.cache_stats()["hits"]
                 dbs[p].close()
                 dbs[p] = ZODB.DB(TideCacheStorage(open_relstorage(data_dir, keep_history),
                                                   socket=sidecar.socket))
@@ -122,7 +124,7 @@ def run(seed, sidecar, data_dir, keep_history, steps):
         for conn, tm, view in readers:
             conn.cacheMinimize()
             check(conn, tm, view)
-        hits = sum(db.storage.cache_stats()["hits"] for db in dbs)
+        hits = retired_hits + sum(db.storage.cache_stats()["hits"] for db in dbs)
         return checked, hits
     finally:
         for conn, tm, view in readers:

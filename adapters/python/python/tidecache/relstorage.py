@@ -95,14 +95,18 @@ PENDING_COMMITS = 64
 #: (history-free); a larger commit is reported collapsed.
 MAX_EXACT_OIDS = 50000
 
-#: How often (seconds) a history-preserving database is asked, during a
-#: poll, whether a pack made outside tidecache (``zodbpack``, another
-#: process's plain RelStorage) rewrote its history; one query.
+#: How often (seconds) the watcher thread asks a history-preserving
+#: database whether a pack made outside tidecache (``zodbpack``, another
+#: process's plain RelStorage) rewrote its history; one query, off the
+#: request path (it scans the transaction log: a fraction of a second on
+#: millions of transactions).
 PACK_CHECK_SECONDS = 10.0
 
-#: How often (seconds) a poll also checks that the database still holds
-#: the newest tid this process reported (a backup restored under running
-#: workers, which RelStorage's poll answers with "no change"); one query.
+#: How often (seconds) the watcher thread checks that the database still
+#: holds the newest tid this process reported (a backup restored under
+#: running workers, which RelStorage's poll answers with "no change") and
+#: that the client was not cut off by another process's flush; one or two
+#: indexed queries on a connection of its own.
 HISTORY_CHECK_SECONDS = 1.0
 
 #: A gap or exact query answering more rows than this is not reported
@@ -260,6 +264,14 @@ class _ReportingPoller:
     def __getattr__(self, name):
         return getattr(self._tc_inner, name)
 
+    def __setattr__(self, name, value):
+        # RelStorage's options live on its poller (e.g.
+        # ``transactions_may_go_backwards``): set there, not on the wrapper.
+        if name.startswith("_tc_"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._tc_inner, name, value)
+
     def get_current_tid(self, cursor):
         """RelStorage's first poll of a coordinator: the newest tid, no
         changes ("clear your cache"). The changes past ``R`` are queried
@@ -403,7 +415,8 @@ class TideCacheRelStorage(_Joining):
         self._tc_epoch = 0
         self._tc_packed = None
         self._tc_next_pack_check = 0.0
-        self._tc_next_history_check = 0.0
+        self._tc_watcher = None
+        self._tc_watch_connection = None
         # Read replicas (``ro-replica-conf``): load connections may lag
         # behind the primary. (``replica-conf`` alone is a failover list: a
         # poll that goes back there lost transactions, another history.)
@@ -414,6 +427,7 @@ class TideCacheRelStorage(_Joining):
         self._tc_hook(base)
         with self._tc_join_lock:
             self._tc_join(wait=True)
+        self._tc_start_watcher()
 
     # -- joining ------------------------------------------------------------
 
@@ -477,9 +491,11 @@ class TideCacheRelStorage(_Joining):
         contradiction, as is a witness oid without its revision at the
         horizon (history-free: a current serial at or below the horizon and
         another: another history wrote it; one changed since says
-        nothing). Proved when there is evidence and no contradiction; a
-        history-free horizon whose objects were all changed since cannot
-        be proved (a flush)."""
+        nothing). Proved when there is evidence and no contradiction; not
+        proved (a flush) on a contradiction; ``None`` when there is neither
+        (a history-free horizon whose objects were all changed since): the
+        attach tries a later horizon, then a later poll does; never a flush
+        for it."""
         keep_history = getattr(base, "keep_history", False)
         try:
             storage = getattr(base, "_storage", base)
@@ -513,8 +529,9 @@ class TideCacheRelStorage(_Joining):
                 return True, "%d witness oids at the horizon" % len(evidence)
             if _Changes(storage._adapter.poller).holds_tid(cursor, horizon):
                 return True, "a revision with serial at the horizon"
-            return False, ("no revision at the horizon any more (its objects were all changed "
-                           "since): the history up to it cannot be checked")
+            # Inconclusive: tried again at a later horizon, never a flush.
+            return None, ("no revision at the horizon any more (its objects were all changed "
+                          "since): nothing to check it against")
         except Exception as e:
             return False, "the proof failed: %r" % (e,)
 
@@ -527,34 +544,75 @@ class TideCacheRelStorage(_Joining):
             logger.debug("tidecache: reading the newest packed tid failed", exc_info=True)
             return None
 
-    def _tc_history_moved(self, changes_sql, cursor, reported):
-        """The periodic checks of a poll; returns whether the database was
-        left (flushed or forgotten) and must be joined again.
+    # -- the watcher: checks off the request path --------------------------------
 
-        Every ``HISTORY_CHECK_SECONDS``: the database still holds
-        ``reported``, the newest tid this process reported (else it went
-        back in time under the running workers, a restore that RelStorage's
-        poll answers "no change": :meth:`_tc_went_back`). Every
-        ``PACK_CHECK_SECONDS``, history-preserving: a pack rewrote history
-        since the join (:meth:`_tc_pack_seen`)."""
-        now = time.monotonic()
-        if now >= self._tc_next_history_check:
-            self._tc_next_history_check = now + HISTORY_CHECK_SECONDS
+    def _tc_start_watcher(self):
+        """Starts the watcher thread (once per process: again in a forked
+        child, from its first poll)."""
+        if self._tc_watcher is not None or self._tc_closing.is_set():
+            return
+        watcher = threading.Thread(target=self._tc_watch, name="tidecache-watch", daemon=True)
+        self._tc_watcher = watcher
+        watcher.start()
+
+    def _tc_watch(self):
+        """The watcher thread: :meth:`_tc_watch_once` every
+        ``HISTORY_CHECK_SECONDS`` until :meth:`close`, on a database
+        connection of its own, so that no request waits for these
+        queries."""
+        closing = self._tc_closing
+        while not closing.wait(HISTORY_CHECK_SECONDS):
             try:
-                holds, newest = changes_sql.holds_reported(cursor, reported)
+                self._tc_watch_once()
             except Exception:
-                logger.debug("tidecache: checking the reported tid failed", exc_info=True)
-                holds = True
-            if not holds:
-                self._tc_went_back(reported, newest,
-                                   "the database no longer holds the newest tid reported")
-                with self._tc_lock:
-                    if not self._tc_joined:
-                        return True
-        if not changes_sql.keep_history or now < self._tc_next_pack_check:
+                logger.debug("tidecache: the watcher's check failed", exc_info=True)
+        connection = self._tc_watch_connection
+        if connection is not None:
+            connection.drop()
+
+    def _tc_watch_once(self):
+        """One round of the checks a poll cannot make cheaply; returns
+        whether the database was left (flushed or forgotten).
+
+        - The client was told ``Stale`` (another process flushed the
+          database): joined again, in the background.
+        - The database still holds ``R``, the newest tid this process
+          reported (history-preserving: its transaction; history-free: a
+          newest tid at or past it); otherwise it went back in time under
+          the running workers (a restore, which RelStorage's poll answers
+          "no change"): :meth:`_tc_went_back`.
+        - History-preserving, every ``PACK_CHECK_SECONDS``: a pack rewrote
+          the history since the join (:meth:`_tc_pack_seen`)."""
+        with self._tc_lock:
+            joined, reported = self._tc_joined, self._tc_reported
+        if not joined or reported is None:
+            if not joined:
+                self._tc_rejoin()
             return False
-        self._tc_next_pack_check = now + PACK_CHECK_SECONDS
-        return self._tc_pack_seen(changes_sql, cursor, reported)
+        if not self._tc_client.joined:
+            self._tc_forget("another process flushed the database in the sidecar")
+            self._tc_rejoin()
+            return True
+        if self._tc_watch_connection is None:
+            from relstorage.adapters.connections import LoadConnection
+
+            self._tc_watch_connection = LoadConnection(self._storage._adapter.connmanager)
+        changes_sql = _Changes(self._storage._adapter.poller)
+        now = time.monotonic()
+        pack_due = changes_sql.keep_history and now >= self._tc_next_pack_check
+
+        def check(_conn, cursor):
+            holds, newest = changes_sql.holds_reported(cursor, reported)
+            if not holds:
+                self._tc_went_back(reported, newest, "the database no longer holds the newest tid reported")
+                with self._tc_lock:
+                    return not self._tc_joined
+            if pack_due:
+                self._tc_next_pack_check = time.monotonic() + PACK_CHECK_SECONDS
+                return self._tc_pack_seen(changes_sql, cursor, reported)
+            return False
+
+        return self._tc_watch_connection.restart_and_call(check)
 
     def _tc_pack_seen(self, changes_sql, cursor, reported):
         """History-preserving: whether a pack rewrote the history since the
@@ -662,8 +720,6 @@ class TideCacheRelStorage(_Joining):
             # wrapper, a failed proof): this client was told ``Stale``.
             self._tc_forget("another process flushed the database in the sidecar")
             self._tc_rejoin()
-            return
-        if self._tc_history_moved(changes_sql, cursor, start):
             return
         deleted_at = getattr(self._tc_after_commit, "tid", None)
         if deleted_at is not None and deleted_at > to and not changes_sql.keep_history:
@@ -910,8 +966,15 @@ class TideCacheRelStorage(_Joining):
 
     def before_instance(self, before):
         """A read-only storage at the view ``before - 1`` (``DB.open(at=...,
-        before=...)``): :class:`TideCacheHistoricalInstance`."""
-        return TideCacheHistoricalInstance(self, self._storage.before_instance(before), u64(before))
+        before=...)``): :class:`TideCacheHistoricalInstance` in a
+        history-preserving database; RelStorage's own in a history-free
+        one, which keeps no old revision (it answers ``POSKeyError`` for an
+        object changed since, where the sidecar may still hold the state
+        it had then)."""
+        historical = self._storage.before_instance(before)
+        if not self._storage.keep_history:
+            return historical
+        return TideCacheHistoricalInstance(self, historical, u64(before))
 
     def poll_invalidations(self):
         """The root's poll: RelStorage's (reported like any other)."""
@@ -959,19 +1022,26 @@ class TideCacheRelStorage(_Joining):
         the RelStorage, after a rejoin still running."""
         try:
             self._tc_closing.set()
-            worker = self._tc_worker
-            if worker is not None and worker is not threading.current_thread():
-                worker.join(30.0)
+            for worker in (self._tc_worker, self._tc_watcher):
+                if worker is not None and worker is not threading.current_thread():
+                    worker.join(30.0)
             self._tc_client.close()
             self._storage.close()
         finally:
             _live.discard(self)
 
     def _tc_after_fork(self):
-        """In a forked child: new locks in place of the parent's."""
+        """In a forked child: new locks in place of the parent's; the
+        parent's watcher thread is not here (started again from the first
+        poll) and its database connection is the parent's (left alone)."""
         self._tc_lock = threading.Lock()
         self._tc_join_lock = threading.Lock()
         self._tc_worker = None
+        self._tc_watcher = None
+        self._tc_watch_connection = None
+        closing, self._tc_closing = self._tc_closing, threading.Event()
+        if closing.is_set():
+            self._tc_closing.set()
 
     def cache_stats(self):
         """Counters of this storage (as :meth:`TideCacheStorage.cache_stats`):
@@ -983,7 +1053,7 @@ class TideCacheRelStorage(_Joining):
         resyncs, lost = self._tc_client.outbox_counts
         d["resyncs"] += resyncs
         d["unavailable"] += lost
-        d["joined"] = self._tc_joined
+        d["joined"] = self._tc_joined and self._tc_client.joined
         d["database"] = self._tc_client.database
         try:
             self._tc_client.wait_for_stores(1000)
@@ -1065,6 +1135,8 @@ class TideCacheRelInstance:
             result = self._storage.poll_invalidations()
         finally:
             root = self._tc_root
+            if root._tc_watcher is None:
+                root._tc_start_watcher()
             if root._tc_joined and not self._tc_client.joined:
                 # Another process flushed the database (this client was
                 # told ``Stale``): joined again, with a proof.

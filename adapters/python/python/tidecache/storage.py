@@ -187,7 +187,11 @@ class _Joining:
         At or past the horizon, the sidecar asks for a proof that this
         storage's history holds its horizon transaction (:meth:`_tc_prove`);
         a failed proof flushes the database (a backup restored and
-        committed to since, another file at the same path)."""
+        committed to since, another file at the same path). A proof that
+        can neither prove nor contradict (``None``: a history-free
+        RelStorage whose horizon revisions were all changed since) is tried
+        again with a fresh view, then left not joined (retried from a later
+        poll), never flushed."""
         client = self._tc_client
         self._tc_unavailable = False
         try:
@@ -235,6 +239,19 @@ class _Joining:
                     logger.info("tidecache: %s holds the sidecar's horizon %s (proved by %s)",
                                 client.database, tid_repr(p64(horizon)), how)
                     state = client.attach(last, horizon)
+                elif proved is None:
+                    # Nothing contradicts the horizon, nothing proves it
+                    # (its revisions were all changed since): a later
+                    # horizon may prove; never a flush for that.
+                    logger.info("tidecache: %s cannot check the sidecar's horizon %s yet (%s)",
+                                client.database, tid_repr(p64(horizon)), how)
+                    sync = getattr(base, "sync", None)
+                    if sync is not None:
+                        sync()
+                    last = max(last, u64(base.lastTransaction()))
+                    state = client.attach(last)
+                    if state == "prove" and client.proof is not None and client.proof[0] == horizon:
+                        break  # the same horizon: retried later, from a poll
                 else:
                     logger.warning(
                         "tidecache: %s does not hold the sidecar's horizon transaction %s (%s): "
@@ -1058,7 +1075,7 @@ class TideCacheStorage(_Joining, MVCCAdapter):
         resyncs, lost = self._tc_client.outbox_counts
         d["resyncs"] += resyncs
         d["unavailable"] += lost
-        d["joined"] = self._tc_joined
+        d["joined"] = self._tc_joined and self._tc_client.joined
         d["database"] = self._tc_client.database
         try:
             self._tc_client.wait_for_stores(1000)
