@@ -10,7 +10,7 @@ DEPS := $(VENV)/.deps-installed
 LOOM_MAX_PREEMPTIONS ?= 2
 SOAK_SECONDS ?= 300
 
-.PHONY: all build demo test test-rust test-loom test-python bench clean model-long soak soak-campaign
+.PHONY: all build demo demo-postgresql test test-rust test-loom test-python bench clean model-long soak soak-campaign
 
 all: build
 
@@ -25,9 +25,16 @@ build: $(DEPS)
 	cd adapters/python && VIRTUAL_ENV=$(VENV) $(VENV)/bin/maturin develop --release --quiet
 
 ## The main job: ZEO + tidecached + a ZODB application over the stdlib's
-## sources, with and without tidecache, side by side.
+## sources, with and without tidecache, side by side; then the same over
+## RelStorage/SQLite (plain RelStorage beside RelStorage in <tidecache>).
+## `make demo-postgresql`: the RelStorage run over a PostgreSQL server
+## started for it.
 demo: build
 	$(PY) demo/run_demo.py
+	$(PY) demo/run_demo.py --base relstorage-sqlite
+
+demo-postgresql: build
+	$(PY) demo/run_demo.py --base relstorage-postgresql
 
 ## Every test: Rust (unit, property, integration), loom models, Python.
 test: build test-rust test-loom test-python
@@ -80,7 +87,13 @@ soak-campaign:
 ## zodbshootout.py (zodbshootout 0.8 over ZEO, plain and with tidecache,
 ## and a truly cold host) takes about 10 minutes on 2 cores and rebuilds
 ## docs/benchmarks.md last; latestart.py (late start after commits the
-## sidecar did not hear of) about 1.
+## sidecar did not hear of) about 1. On RelStorage (issue 9; PostgreSQL
+## servers started for the run by bench/dbservers.py): rs_newworker.py (a
+## new worker's first 1,000 requests), rs_memory.py (8 workers' memory)
+## and zodbshootout over RelStorage/PostgreSQL and /SQLite, 4 processes,
+## add cold warm hot (about 7 minutes each on 2 shared cores; rs_newworker.py
+## and rs_memory.py about 2 each); the last rebuilds
+## docs/benchmarks.md.
 bench: build
 	cargo bench -p tidecache-core --bench snapshot
 	$(PY) bench/eviction.py
@@ -90,6 +103,10 @@ bench: build
 	$(PY) bench/run_bench.py
 	$(PY) bench/latestart.py
 	$(PY) bench/zodbshootout.py
+	$(PY) bench/rs_newworker.py
+	$(PY) bench/rs_memory.py
+	$(PY) bench/zodbshootout.py --base relstorage-sqlite --no-report
+	$(PY) bench/zodbshootout.py --base relstorage-postgresql
 
 clean:
 	cargo clean

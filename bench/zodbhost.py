@@ -1,7 +1,11 @@
 """One application host for the ZODB benchmarks (bench/zodbshootout.py,
 bench/latestart.py): a ZEO server (``runzeo``) over FileStorages and a
 ``tidecached``, each on a Unix socket in one temporary directory, and the
-ZConfig text that names them.
+ZConfig text that names them. :class:`RelStorageHost` is the same for
+RelStorage (bench/zodbshootout.py ``--base``, bench/rs_newworker.py,
+bench/rs_memory.py, demo/run_demo.py): a ``tidecached`` and RelStorage
+databases on SQLite (a data directory each) or PostgreSQL (a server from
+bench/dbservers.py, a database each).
 
 The ZEO server serves two FileStorages, ``plain`` and ``tidecache``. By
 default both contenders use the one storage ``plain``, as a ZODB user
@@ -29,6 +33,7 @@ with the default queue (the server iterates 10,000 transactions), 17-18
 ms with this one.
 """
 
+import contextlib
 import os
 import pathlib
 import shutil
@@ -42,6 +47,9 @@ sys.path.insert(0, str(ROOT / "adapters" / "python" / "tests"))
 from conftest import stop_process  # noqa: E402  (the tests' server helpers)
 from conftest import tidecached_binary  # noqa: E402
 from conftest import wait_for_socket  # noqa: E402
+# bench/ is on the path of whoever imports this module (its own folder):
+# imported now, as bench/zodbshootout.py takes bench/ off the path after it.
+from dbservers import postgresql_server  # noqa: E402
 
 #: Seconds: how old a client's last transaction may be for the server to
 #: answer its ``getInvalidations`` by iterating the storage (one day:
@@ -139,4 +147,120 @@ class Host:
                 stop_process(proc)
         self._sidecar_log.close()
         self._zeo_log.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+#: RelStorage backends :class:`RelStorageHost` can set up.
+RELSTORAGE_BACKENDS = ("sqlite", "postgresql")
+
+
+class RelStorageHost:
+    """A ``tidecached`` and RelStorage databases, in a new temporary directory.
+
+    ``backend`` is ``sqlite`` (a data directory per database, in the
+    temporary directory) or ``postgresql`` (one server started by
+    bench/dbservers.py for the host's lifetime, a database per name).
+    ``databases`` are the names of the databases to create (the
+    zodbshootout run gives each contender its own). ``keep_history``:
+    RelStorage's ``keep-history`` (history-preserving when true).
+
+    ``relstorage_section(name, **options)`` is a ``<relstorage>`` section
+    for database ``name`` (extra options are RelStorage keys with ``_`` for
+    ``-``: ``cache_local_mb=0``); ``tidecache_section`` wraps it in
+    ``<tidecache>``; ``open_storage`` opens either from that ZConfig text.
+    ``restart_sidecar()`` and ``stop()`` as for :class:`Host`."""
+
+    def __init__(self, backend="sqlite", databases=("plain", "tidecache"), keep_history=True,
+                 prefix="tidecache-rs-"):
+        if backend not in RELSTORAGE_BACKENDS:
+            raise ValueError("backend must be one of %s, not %r" % (", ".join(RELSTORAGE_BACKENDS), backend))
+        self.backend = backend
+        self.keep_history = keep_history
+        self.dir = tempfile.mkdtemp(prefix=prefix)
+        self.sidecar_socket = os.path.join(self.dir, "tidecached.sock")
+        self._arena_serial = 0
+        self.sidecar = None
+        self._sidecar_log = open(os.path.join(self.dir, "tidecached.log"), "ab")
+        self._servers = contextlib.ExitStack()
+        self._adapters = {}
+        try:
+            if backend == "postgresql":
+                self.server = self._servers.enter_context(postgresql_server(database=None))
+            for name in databases:
+                self.add_database(name)
+            self._start_sidecar()
+        except BaseException:
+            self.stop()
+            raise
+
+    def add_database(self, name):
+        """Creates database ``name`` (empty; RelStorage creates its schema
+        on first open)."""
+        if self.backend == "sqlite":
+            data_dir = os.path.join(self.dir, "sqlite-" + name)
+            os.makedirs(data_dir, exist_ok=True)
+            self._adapters[name] = "<sqlite3>\n  data-dir %s\n</sqlite3>\n" % data_dir
+        else:
+            self.server.create_database(name)
+            dsn = self.server.dsn_for(name)
+            self._adapters[name] = "<postgresql>\n  dsn %s\n</postgresql>\n" % dsn
+
+    _start_sidecar = Host._start_sidecar
+    restart_sidecar = Host.restart_sidecar
+
+    def sidecar_stats(self):
+        """``tidecached stats`` of the host's sidecar (JSON, as a dict)."""
+        import json
+        out = subprocess.run([tidecached_binary(), "stats", "--socket", self.sidecar_socket],
+                             check=True, capture_output=True, text=True)
+        return json.loads(out.stdout)
+
+    def relstorage_section(self, name, indent="  ", **options):
+        """A ``<relstorage>`` section for database ``name``; ``options``
+        are further RelStorage keys (``cache_local_mb=0``)."""
+        lines = ["<relstorage>", "  keep-history %s" % ("true" if self.keep_history else "false")]
+        lines += ["  %s %s" % (k.replace("_", "-"), v) for k, v in options.items()]
+        lines += ["  " + line for line in self._adapters[name].splitlines()]
+        lines.append("</relstorage>")
+        return "".join(indent + line + "\n" for line in lines)
+
+    def tidecache_section(self, name, indent="  ", **options):
+        """:meth:`relstorage_section` inside ``<tidecache>`` on the host's
+        sidecar."""
+        return ("{i}<tidecache>\n{i}  socket {s}\n".format(i=indent, s=self.sidecar_socket)
+                + self.relstorage_section(name, indent=indent + "  ", **options)
+                + "%s</tidecache>\n" % indent)
+
+    def storage_zconfig(self, name, tidecache=False, **options):
+        """ZConfig text of one storage (for ``ZODB.config.storageFromString``)."""
+        imports = "%import relstorage\n" + ("%import tidecache\n" if tidecache else "")
+        section = self.tidecache_section if tidecache else self.relstorage_section
+        return imports + section(name, indent="", **options)
+
+    def open_storage(self, name, tidecache=False, **options):
+        """Opens database ``name``: plain RelStorage, or wrapped in
+        ``<tidecache>``."""
+        import ZODB.config
+        return ZODB.config.storageFromString(self.storage_zconfig(name, tidecache, **options))
+
+    def zconfig(self, plain="plain", cached="tidecache", **options):
+        """ZConfig text with two databases: ``plain`` (a ``<relstorage>``
+        on database ``plain``) and ``tidecache`` (the same section on
+        database ``cached`` inside ``<tidecache>``)."""
+        return ("%import relstorage\n%import tidecache\n"
+                "<zodb plain>\n" + self.relstorage_section(plain, **options) + "</zodb>\n"
+                "<zodb tidecache>\n" + self.tidecache_section(cached, **options) + "</zodb>\n")
+
+    def write_zconfig(self, **kwargs):
+        """Writes :meth:`zconfig` to ``zodb.conf`` in the directory; its path."""
+        path = os.path.join(self.dir, "zodb.conf")
+        with open(path, "w") as f:
+            f.write(self.zconfig(**kwargs))
+        return path
+
+    def stop(self):
+        if self.sidecar is not None:
+            stop_process(self.sidecar)
+        self._sidecar_log.close()
+        self._servers.close()
         shutil.rmtree(self.dir, ignore_errors=True)

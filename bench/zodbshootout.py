@@ -49,10 +49,23 @@ values, mean and stdev of each contender, and the ratio tidecache / plain
 of the means; the truly cold run the same way), prints a table, and
 rebuilds docs/benchmarks.md.
 
-    zodbshootout.py [--concurrency 2 4] [--values 3] [--fast-processes 3] [--warmups 1]
+**RelStorage** (``--base relstorage-postgresql`` or ``relstorage-sqlite``;
+issue 9): the same zodbshootout run over RelStorage 4
+(bench/zodbhost.py ``RelStorageHost``: a PostgreSQL server started for
+the run by bench/dbservers.py, or SQLite data directories), one ZConfig
+file with two databases: ``plain``, a ``<relstorage>`` section with
+RelStorage's defaults (its process-local cache of 10 MB, history-preserving),
+and ``tidecache``, the same section inside ``<tidecache>``. Each contender
+has a database of its own on the same server (SQLite: a data directory
+each), so the sidecar hears of every commit of its database. The defaults
+for these bases: 4 processes, phases add, cold, warm and hot, no truly
+cold run; written to ``bench-results/zodbshootout-BASE.json``.
+
+    zodbshootout.py [--base zeo|relstorage-postgresql|relstorage-sqlite]
+                    [--concurrency 2 4] [--values 3] [--fast-processes 3] [--warmups 1]
                     [--phases add update cold warm hot steamin] [--cold-iterations 8]
                     [--own-storages] [--skip-shootout] [--skip-truly-cold] [--output PATH]
-                    [--no-report]
+                    [--no-report] [--profile PHASE ...]
 """
 
 import argparse
@@ -69,6 +82,7 @@ HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 from zodbhost import Host  # noqa: E402
+from zodbhost import RelStorageHost  # noqa: E402
 
 # This file's name is the package's: ``import zodbshootout`` must find the
 # package, not this script (run as __main__ from bench/).
@@ -80,6 +94,15 @@ PHASES = ("add", "update", "cold", "warm", "hot", "steamin")
 #: Phases whose value is cheap: more pyperf worker processes.
 FAST_PHASES = ("hot", "steamin")
 CONTENDERS = ("plain", "tidecache")
+#: --base: what the contenders run on, and the column titles of the table.
+BASES = {
+    "zeo": ("plain ZEO", "ZEO + tidecache"),
+    "relstorage-postgresql": ("RelStorage/PostgreSQL", "RS/PG + tidecache"),
+    "relstorage-sqlite": ("RelStorage/SQLite", "RS/SQLite + tidecache"),
+}
+#: Phases and concurrency a RelStorage base runs by default (issue 9).
+RELSTORAGE_PHASES = ("add", "cold", "warm", "hot")
+RELSTORAGE_CONCURRENCY = (4,)
 #: What zodbshootout names each phase in its reports (``BENCHMARKS`` of
 #: zodbshootout/_runner.py).
 PHASE_TITLES = {
@@ -207,6 +230,86 @@ def truly_cold(host, conf, concurrency, iterations):
     return r
 
 
+# -- profile -------------------------------------------------------------------
+
+#: zodbshootout's method per phase (``BENCHMARKS`` of zodbshootout/_runner.py).
+PHASE_METHODS = {"add": "bench_add", "update": "bench_update", "cold": "bench_cold_read",
+                 "warm": "bench_read_after_write", "hot": "bench_hot_read", "steamin": "bench_steamin_read"}
+
+
+def _profile_worker(conf, concurrency, phase, db, results):
+    """One forked process: zodbshootout's ``phase`` (one iteration) for
+    database ``db`` of ``conf`` under cProfile; puts its top functions."""
+    import cProfile
+    import io
+    import pstats
+
+    from zodbshootout._dbsupport import BenchmarkDBFactory
+    from zodbshootout._dbsupport import get_databases_from_conf_file
+    from zodbshootout.speedtest import ForkedSpeedTestWorker
+    from zodbshootout.speedtest import SpeedTestData
+
+    factory = {f.name: BenchmarkDBFactory(f, OBJECTS, concurrency)
+               for f in get_databases_from_conf_file(open(conf))}[db]
+    worker = ForkedSpeedTestWorker(0, SpeedTestData(concurrency, OBJECTS, 300))
+    worker.inner_loops = 1
+    opened = []
+
+    def open_db():
+        database = factory.open()
+        opened.append(database.storage)  # DB.close() deletes DB.storage
+        return database
+    prof = cProfile.Profile()
+    seconds = prof.runcall(getattr(worker, PHASE_METHODS[phase]), 1, open_db)
+    out = io.StringIO()
+    for storage in opened:
+        if hasattr(storage, "cache_stats"):
+            stats = storage.cache_stats()
+            out.write("tidecache: %d hits, %d misses, %d stores\n" % (stats["hits"], stats["misses"],
+                                                                     stats["stores"]))
+    stats = pstats.Stats(prof, stream=out)
+    stats.sort_stats("tottime").print_stats(15)
+    stats.sort_stats("cumulative").print_stats(25)
+    results.put((db, seconds, out.getvalue()))
+
+
+def profile_phase(conf, concurrency, phase, populate):
+    """``{contender: {"seconds", "text"}}``: one process of ``phase`` per
+    contender under cProfile (with ``populate``, the data put in place
+    first, as zodbshootout does when it does not run "add"; else the
+    shootout's are read)."""
+    import queue
+
+    from zodbshootout._dbsupport import BenchmarkDBFactory
+    from zodbshootout._dbsupport import get_databases_from_conf_file
+    from zodbshootout.speedtest import SpeedTestData
+
+    if populate:
+        data = SpeedTestData(concurrency, OBJECTS, 300)
+        for f in get_databases_from_conf_file(open(conf)):
+            data.populate(BenchmarkDBFactory(f, OBJECTS, concurrency), include_data=True)
+    ctx = multiprocessing.get_context("fork")
+    out = {}
+    for db in CONTENDERS:
+        results = ctx.Queue()
+        p = ctx.Process(target=_profile_worker, args=(conf, concurrency, phase, db, results))
+        p.start()
+        try:
+            while True:
+                try:
+                    name, seconds, text = results.get(timeout=1)
+                    break
+                except queue.Empty:
+                    if not p.is_alive():
+                        raise SystemExit("the profiled %s process of %s failed (exit code %s)"
+                                         % (phase, db, p.exitcode))
+        finally:
+            p.join(60)
+        out[name] = {"seconds": seconds, "text": text}
+        print("cProfile of one %s process, %s (%.1f ms):\n%s" % (phase, name, seconds * 1000, text), flush=True)
+    return out
+
+
 # -- output -------------------------------------------------------------------
 
 
@@ -218,7 +321,7 @@ def print_table(results):
     print()
     print("zodbshootout 0.8, %d objects, ms per phase (mean +- stdev of pyperf's values), "
           "ratio tidecache / plain" % OBJECTS)
-    print("%-10s %4s %22s %22s %9s" % ("phase", "c", "plain ZEO", "ZEO + tidecache", "ratio"))
+    print("%-10s %4s %22s %22s %9s" % (("phase", "c") + BASES[results.get("base", "zeo")] + ("ratio",)))
     rows = [(phase, c, r) for c, phases in results["shootout"].items() for phase, r in phases.items()]
     rows += [("truly cold", c, r) for c, r in results.get("truly_cold", {}).items()]
     order = {p: i for i, p in enumerate(PHASES + ("truly cold",))}
@@ -230,7 +333,12 @@ def print_table(results):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[2, 4])
+    ap.add_argument("--base", choices=sorted(BASES), default="zeo",
+                    help="the storage under both contenders (default zeo; the RelStorage ones run "
+                         "4 processes, phases add cold warm hot and no truly cold run by default)")
+    ap.add_argument("--history-free", action="store_true",
+                    help="RelStorage bases: keep-history false (default: RelStorage's default, true)")
+    ap.add_argument("--concurrency", type=int, nargs="+")
     ap.add_argument("--values", type=int, default=3, help="pyperf values per worker process")
     ap.add_argument("--fast-processes", type=int, default=3,
                     help="pyperf worker processes for hot and steamin (the others: 1)")
@@ -238,28 +346,45 @@ def main():
                     help="pyperf warmup values per worker process (default 1: the first value of a "
                          "phase follows the other contender's rewrite of every object in the shared "
                          "storage, a full miss for any cache; docs/benchmarks.md gives its figure)")
-    ap.add_argument("--phases", nargs="+", default=list(PHASES), choices=PHASES)
+    ap.add_argument("--phases", nargs="+", choices=PHASES)
     ap.add_argument("--cold-iterations", type=int, default=8,
                     help="iterations per contender of the truly cold run")
     ap.add_argument("--own-storages", action="store_true",
                     help="the tidecache contender on a ZEO storage of its own (default: both on one)")
     ap.add_argument("--skip-shootout", action="store_true")
     ap.add_argument("--skip-truly-cold", action="store_true")
+    ap.add_argument("--profile", nargs="+", default=[], choices=PHASES, metavar="PHASE",
+                    help="after the runs, one process of each PHASE per contender under cProfile "
+                         "(concurrency: the last of --concurrency); the top functions are printed and kept "
+                         "in the results")
     ap.add_argument("--no-report", action="store_true", help="do not rebuild docs/benchmarks.md")
     ap.add_argument("--output", help="default bench-results/zodbshootout.json "
                     "(zodbshootout-own-storages.json with --own-storages)")
     args = ap.parse_args()
+    relstorage = args.base != "zeo"
+    if args.concurrency is None:
+        args.concurrency = list(RELSTORAGE_CONCURRENCY if relstorage else (2, 4))
+    if args.phases is None:
+        args.phases = list(RELSTORAGE_PHASES if relstorage else PHASES)
+    if relstorage and args.own_storages:
+        ap.error("--own-storages is for ZEO: with RelStorage each contender has its own database")
     if args.output is None:
-        args.output = str(ROOT / "bench-results" / ("zodbshootout-own-storages.json" if args.own_storages
-                                                     else "zodbshootout.json"))
+        name = ("zodbshootout-%s.json" % args.base if relstorage
+                else "zodbshootout-own-storages.json" if args.own_storages else "zodbshootout.json")
+        args.output = str(ROOT / "bench-results" / name)
 
     started = time.perf_counter()
-    results = {"objects": OBJECTS, "processes": {p: args.fast_processes if p in FAST_PHASES else 1
+    results = {"base": args.base, "objects": OBJECTS, "processes": {p: args.fast_processes if p in FAST_PHASES else 1
                                                  for p in args.phases}, "values": args.values,
                "warmups": args.warmups,
                "loops": {p: "calibrated" if p in FAST_PHASES else 1 for p in args.phases}, "own_storages": args.own_storages,
                "cold_iterations": args.cold_iterations, "shootout": {}, "truly_cold": {}}
-    host = Host(own_storages=args.own_storages)
+    if relstorage:
+        results["keep_history"] = not args.history_free
+        host = RelStorageHost(args.base.split("-", 1)[1], keep_history=not args.history_free)
+        args.skip_truly_cold = True  # zodbshootout's own phases are what issue 9 asks for
+    else:
+        host = Host(own_storages=args.own_storages)
     try:
         conf = host.write_zconfig()
         print("ZConfig (%s):\n%s" % (conf, host.zconfig()), flush=True)
@@ -272,6 +397,9 @@ def main():
                     r.update(run_shootout(host, conf, c, slow, 1, 1, args))
                 if fast:
                     r.update(run_shootout(host, conf, c, fast, args.fast_processes, 0, args))
+        if args.profile:
+            results["profiles"] = {phase: profile_phase(conf, args.concurrency[-1], phase, args.skip_shootout)
+                                   for phase in args.profile}
         if not args.skip_truly_cold:
             for c in args.concurrency:
                 t = time.perf_counter()

@@ -2,10 +2,15 @@
 connection per request, serving searches and section views; or the writer,
 which edits sections and reindexes them. Writes a JSON result file.
 
-    workload.py reader|writer ZEO_SOCKET SIDECAR_SOCKET|none SECONDS WORDS.json OUT.json [SEED]
+    workload.py reader|writer BASE SIDECAR_SOCKET|none SECONDS WORDS.json OUT.json [SEED]
+
+BASE is the ZEO server's socket, or ``zconfig:PATH``: a ZConfig file with
+one storage section (RelStorage, plain or inside ``<tidecache>``; then
+SIDECAR_SOCKET only says which of the two it is, for the figures).
 """
 
 import bisect
+import functools
 import itertools
 import json
 import random
@@ -15,6 +20,7 @@ import time
 
 import transaction
 import ZODB
+import ZODB.config
 from BTrees.IIBTree import IITreeSet
 from ZEO.ClientStorage import ClientStorage
 from ZODB.mvccadapter import MVCCAdapterInstance
@@ -44,7 +50,38 @@ def timed(cls):
     cls.load = load
 
 
+def timed_instances(storage):
+    """Times the ``load`` of every instance ``storage`` (an IMVCCStorage
+    root: RelStorage, or tidecache's wrapper of it) makes for ZODB's
+    connections. RelStorage copies its methods onto each instance, so the
+    class cannot be patched: the root's ``new_instance`` wraps each one."""
+    new_instance = storage.new_instance
+
+    def timed_new_instance(*args, **kwargs):
+        instance = new_instance(*args, **kwargs)
+        inner = instance.load
+
+        @functools.wraps(inner)
+        def load(oid, *rest):
+            t = time.perf_counter()
+            try:
+                return inner(oid, *rest)
+            finally:
+                latencies.append((time.perf_counter() - t) * 1e6)
+                next(loads)
+
+        instance.load = load
+        return instance
+
+    storage.new_instance = timed_new_instance
+
+
 def open_db(zeo, sidecar):
+    if zeo.startswith("zconfig:"):
+        with open(zeo[len("zconfig:"):]) as f:
+            storage = ZODB.config.storageFromString(f.read())
+        timed_instances(storage)
+        return storage, ZODB.DB(storage, pool_size=THREADS, cache_size=CONNECTION_CACHE)
     base = ClientStorage(zeo, wait_timeout=30)
     if sidecar == "none":
         timed(MVCCAdapterInstance)
@@ -157,6 +194,9 @@ def main():
     lat = sorted(latencies)
     out["latencies_us"] = lat[:: max(1, len(lat) // 20000)]
     out["cache"] = storage.cache_stats() if hasattr(storage, "cache_stats") else None
+    local = getattr(storage, "_cache", None)  # RelStorage's own (process-local) cache
+    if zeo.startswith("zconfig:") and local is not None:
+        out["relstorage_cache"] = {k: v for k, v in local.stats().items() if k in ("hits", "misses", "sets")}
     db.close()
     with open(out_path, "w") as f:
         json.dump(out, f)
