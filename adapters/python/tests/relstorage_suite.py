@@ -111,6 +111,14 @@ EXCLUDED = [
 #: the rest of the suites guard the adapter meanwhile: (regex, the bug).
 #: Remove an entry when its bug is fixed.
 KNOWN_ADAPTER_BUGS = [
+    (r"HistoryFreeRelStorageTests_\w+\.checkImplementsIExternalGC$",
+     "BUG (a wrong hit): an object deleted with deleteObject (IExternalGC, history-free) "
+     "through the wrapper is still served from the sidecar: the deletion is in no report "
+     "(RelStorage's poll lists object_state rows, and the deleted row is gone; the wrapper "
+     "reports its own commits' stores, not its deletions), so the revision cached by the "
+     "load before stays open; fails when that load's store reached the sidecar before the "
+     "load after the delete (test_relstorage_suite.py::test_delete_object_is_not_served "
+     "reproduces it every time)"),
     (_RS + r"\.checkBackwardTimeTravelWithoutRevertWhenStale$",
      "BUG: tidecache.relstorage._ReportingPoller forwards attribute reads to RelStorage's "
      "poller but not writes: the test's `_adapter.poller.transactions_may_go_backwards = True` "
