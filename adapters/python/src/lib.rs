@@ -212,6 +212,14 @@ impl PyClient {
         self.session.client().is_attached(self.session.database())
     }
 
+    /// Whether this database is joined (an attach answered `"started"` or
+    /// `"joined"`) and no `Stale` answer forgot it since (another process
+    /// flushed it: attach again, with a proof), connected or not.
+    #[getter]
+    fn joined(&self) -> bool {
+        self.session.client().is_joined(self.session.database())
+    }
+
     /// `(serial, state)` of the revision of `oid` visible at `view`, or
     /// `None`. Read from the sidecar's arena, mapped into this process: no
     /// system call, the GIL held (it takes well under a microsecond). Before

@@ -77,6 +77,20 @@ def test_relstorage_is_wrapped_by_the_relstorage_adapter(sidecar, data_dir, keep
         storage.close()
 
 
+def wait_for_horizon(storage, tid, seconds=10.0):
+    """Waits (bounded) until the sidecar applied the reports up to ``tid``
+    (they are sent by the client's own thread)."""
+    import time
+
+    client = storage._tc_client
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if client.stats()["databases"][client.database]["horizon"] >= tid:
+            return
+        time.sleep(0.005)
+    raise AssertionError("the sidecar's horizon did not reach %d" % tid)
+
+
 def commit(db, **values):
     with db.transaction() as conn:
         root = conn.root()
@@ -355,3 +369,354 @@ def test_a_database_that_goes_back_in_time_is_flushed(sidecar, data_dir):
         if other is not None:
             other.close()
         shutil.rmtree(backup, ignore_errors=True)
+
+
+def test_zconfig_tidecache_wraps_relstorage(sidecar, data_dir, keep_history):
+    """``<tidecache>`` around ``<relstorage>`` in ZConfig (as operators
+    configure it) gives the RelStorage adapter; commits and hits work."""
+    import ZODB.config
+
+    config = """
+    %%import tidecache
+    %%import relstorage
+    <zodb>
+      <tidecache>
+        socket %s
+        <relstorage>
+          keep-history %s
+          cache-local-mb 0
+          <sqlite3>
+            data-dir %s
+          </sqlite3>
+        </relstorage>
+      </tidecache>
+    </zodb>
+    """ % (sidecar.socket, "true" if keep_history else "false", data_dir)
+    db = ZODB.config.databaseFromString(config)
+    try:
+        assert isinstance(db.storage, TideCacheRelStorage)
+        commit(db, x=1)
+        db.pool.clear()
+        with db.transaction() as conn:
+            assert conn.root()["x"]["v"] == 1
+        db.pool.clear()
+        hits = db.storage.cache_stats()["hits"]
+        with db.transaction() as conn:
+            assert conn.root()["x"]["v"] == 1
+        assert db.storage.cache_stats()["hits"] > hits
+    finally:
+        db.close()
+
+
+def test_a_new_workers_first_poll_neither_resyncs_nor_flushes(sidecar, data_dir, keep_history):
+    """RelStorage answers an instance's first poll (and a poll after its
+    coordinator started anew) with "clear your cache": tidecache queries
+    the gap instead, so a new worker neither resyncs nor flushes the host,
+    and the first worker keeps hitting."""
+    a = ZODB.DB(TideCacheStorage(open_relstorage(data_dir, keep_history), socket=sidecar.socket))
+    try:
+        commit(a, x=1, y=1)
+        a.pool.clear()
+        with a.transaction() as conn:
+            assert conn.root()["y"]["v"] == 1
+        b = ZODB.DB(TideCacheStorage(open_relstorage(data_dir, keep_history), socket=sidecar.socket))
+        try:
+            commit(a, x=2)
+            with b.transaction() as conn:
+                assert conn.root()["x"]["v"] == 2
+                assert conn.root()["y"]["v"] == 1
+            # RelStorage's coordinator starts anew (as after its own
+            # "clear your cache"): the next poll is an initial one.
+            b.storage._storage._cache.polling_state.flush_all()
+            commit(a, x=3)
+            b.pool.clear()
+            with b.transaction() as conn:
+                assert conn.root()["x"]["v"] == 3
+                assert conn.root()["y"]["v"] == 1
+            for s in (a.storage.cache_stats(), b.storage.cache_stats()):
+                assert s["resyncs"] == 0 and s["flushes"] == 0, s
+            assert b.storage.cache_stats()["hits"] > 0
+        finally:
+            b.close()
+    finally:
+        a.close()
+
+
+def test_a_lagging_replica_neither_flushes_nor_reports_backwards(sidecar, data_dir):
+    """With read replicas, a poll that goes back is a lagging replica: no
+    flush, nothing reported until polls pass the newest tid reported; the
+    reads stay right. (SQLite has no replicas: the poller's answer is made
+    to go back by the test.)"""
+    storage = TideCacheStorage(open_relstorage(data_dir, False), socket=sidecar.socket)
+    db = ZODB.DB(storage)
+    try:
+        storage._tc_replicas = True
+        commit(db, x=1)
+        commit(db, x=2)
+        reported = storage._tc_reported
+        inst = storage.new_instance()
+        poller = inst._storage._adapter.poller
+        inner = poller._tc_inner
+        real = inner.poll_invalidations
+
+        def lagging(conn, cursor, since):
+            return None, (since or reported) - 1000
+
+        inner.poll_invalidations = lagging
+        try:
+            inst._storage._cache.polling_state.poll(inst._storage._cache, None, None)
+        except Exception:
+            pass
+        inner.poll_invalidations = real
+        inst.release()
+        assert storage.cache_stats()["flushes"] == 0
+        assert storage._tc_reported == reported and storage._tc_joined
+        commit(db, x=3)
+        db.pool.clear()
+        with db.transaction() as conn:
+            assert conn.root()["x"]["v"] == 3
+        # The primary itself below the newest tid reported: not a lag, the
+        # database went back (a restore, a failover that lost
+        # transactions): flushed. (The newest tid reported is moved past
+        # the primary's to make it so.)
+        with storage._tc_lock:
+            storage._tc_reported += 10 ** 12
+        inst = storage.new_instance()
+        inner = inst._storage._adapter.poller._tc_inner
+        inner.poll_invalidations = lagging
+        try:
+            inst._storage._cache.polling_state.poll(inst._storage._cache, None, None)
+        except Exception:
+            pass
+        inner.poll_invalidations = real
+        inst.release()
+        assert storage.cache_stats()["flushes"] == 1
+        # Joined again, its proof made on the primary (a store connection).
+        import time
+        for _ in range(500):
+            with db.transaction() as conn:
+                assert conn.root()["x"]["v"] == 3
+            if storage._tc_joined:
+                break
+            time.sleep(0.01)
+        assert storage._tc_joined
+        db.pool.clear()
+        with db.transaction() as conn:
+            assert conn.root()["x"]["v"] == 3
+    finally:
+        db.close()
+
+
+def test_too_many_changes_resync_rather_than_report(sidecar, data_dir, keep_history, monkeypatch):
+    import tidecache.relstorage
+
+    monkeypatch.setattr(tidecache.relstorage, "MAX_REPORT_ROWS", 1)
+    a = ZODB.DB(TideCacheStorage(open_relstorage(data_dir, keep_history), socket=sidecar.socket))
+    b = ZODB.DB(TideCacheStorage(open_relstorage(data_dir, keep_history), socket=sidecar.socket))
+    try:
+        commit(a, x=1, y=1)
+        with b.transaction() as conn:
+            assert conn.root()["x"]["v"] == 1
+        commit(a, x=2, y=2)
+        with b.transaction() as conn:
+            assert conn.root()["x"]["v"] == 2 and conn.root()["y"]["v"] == 2
+        assert a.storage.cache_stats()["resyncs"] + b.storage.cache_stats()["resyncs"] > 0
+    finally:
+        a.close()
+        b.close()
+
+
+def test_another_database_at_the_same_place_is_not_served(sidecar, data_dir, keep_history):
+    """The sidecar holds a database's states; the database is replaced, while
+    no tidecache process runs, by another history (another database restored
+    at the same path) whose objects were written before the sidecar's
+    horizon and which was committed to since, so that its newest tid is
+    past the horizon: the gap's report cannot tell, only the joining
+    process's proof can. It fails and the database is flushed: the other
+    history's values are read, never the old ones."""
+    import shutil
+
+    other_dir = data_dir + ".other"
+    try:
+        other = ZODB.DB(open_relstorage(other_dir, keep_history))
+        commit(other, x=10, y=10)
+        other.close()
+        db = ZODB.DB(TideCacheStorage(open_relstorage(data_dir, keep_history), socket=sidecar.socket))
+        commit(db, x=1, y=1)
+        db.pool.clear()
+        with db.transaction() as conn:
+            assert conn.root()["x"]["v"] == 1 and conn.root()["y"]["v"] == 1
+        db.close()
+        other = ZODB.DB(open_relstorage(other_dir, keep_history))
+        with other.transaction() as conn:
+            conn.root()["z"] = PersistentMapping(v=0)
+        other.close()
+        shutil.rmtree(data_dir)
+        shutil.copytree(other_dir, data_dir)
+        db = ZODB.DB(TideCacheStorage(open_relstorage(data_dir, keep_history), socket=sidecar.socket))
+        try:
+            assert db.storage.cache_stats()["flushes"] == 1
+            for _ in range(2):
+                db.pool.clear()
+                with db.transaction() as conn:
+                    assert conn.root()["x"]["v"] == 10 and conn.root()["y"]["v"] == 10
+        finally:
+            db.close()
+    finally:
+        shutil.rmtree(other_dir, ignore_errors=True)
+
+
+def test_a_pack_made_outside_tidecache_is_detected(sidecar, data_dir, monkeypatch):
+    """History-preserving: a pack by another process's plain RelStorage
+    (``zodbpack``) removes old revisions the sidecar holds; a poll of a
+    tidecache process sees the newest packed transaction move and flushes,
+    so an old view gets RelStorage's answer (the revision is gone), not the
+    packed-away state."""
+    import time
+
+    import tidecache.relstorage
+    from ZODB.POSException import POSKeyError
+    from ZODB.POSException import ReadConflictError
+    from ZODB.serialize import referencesf
+
+    monkeypatch.setattr(tidecache.relstorage, "PACK_CHECK_SECONDS", 0.0)
+    db = ZODB.DB(TideCacheStorage(open_relstorage(data_dir, True), socket=sidecar.socket))
+    try:
+        commit(db, x=1)
+        then = db.storage.new_instance()
+        then.poll_invalidations()
+        at = then._storage._cache.highest_visible_tid
+        then.release()
+        commit(db, x=2)
+        conn = db.open(at=p64(at))
+        assert conn.root()["x"]["v"] == 1  # stored in the sidecar, closed
+        conn.close()
+        time.sleep(0.01)
+        outside = open_relstorage(data_dir, True)
+        outside.pack(time.time(), referencesf)
+        outside.close()
+        with db.transaction() as conn:  # a poll: the pack is seen
+            assert conn.root()["x"]["v"] == 2
+        assert db.storage.cache_stats()["flushes"] == 1
+        def outcome(database):
+            conn = database.open(at=p64(at))
+            try:
+                return conn.root()["x"]["v"]
+            except (POSKeyError, ReadConflictError, KeyError) as e:
+                return type(e)
+            finally:
+                conn.close()
+
+        plain = ZODB.DB(open_relstorage(data_dir, True))
+        try:
+            expected = outcome(plain)
+        finally:
+            plain.close()
+        assert expected != 1  # the pack removed the revision x=1
+        db.historical_pool.clear()  # ZODB's own pickle cache of the historical connection
+        assert outcome(db) == expected
+    finally:
+        db.close()
+
+
+def test_deleted_objects_are_not_served(sidecar, data_dir):
+    """``deleteObject`` (IExternalGC, zc.zodbdgc) in a history-free
+    database leaves no row, so no poll lists it: the deletion is reported
+    with the commit's tid, and no process is served the deleted state at a
+    view past it. (RelStorage's own views stay below a commit that only
+    deleted until a commit that leaves a row.)"""
+    from ZODB.Connection import TransactionMetaData
+    from ZODB.POSException import POSKeyError
+
+    a = ZODB.DB(TideCacheStorage(open_relstorage(data_dir, False), socket=sidecar.socket))
+    b = ZODB.DB(TideCacheStorage(open_relstorage(data_dir, False), socket=sidecar.socket))
+    try:
+        with a.transaction() as conn:
+            conn.root()["gone"] = PersistentMapping(v=1)
+        with a.transaction() as conn:
+            oid = conn.root()["gone"]._p_oid
+            serial = conn.root()["gone"]._p_serial
+            del conn.root()["gone"]
+        b.pool.clear()
+        with b.transaction() as conn:  # b stores the open revision
+            assert conn.get(oid)["v"] == 1
+        inst = a.storage.new_instance()
+        inst.poll_invalidations()
+        txn = TransactionMetaData()
+        inst.tpc_begin(txn)
+        inst.deleteObject(oid, serial, txn)
+        inst.tpc_vote(txn)
+        inst.tpc_finish(txn)
+        inst.release()
+        # The deleting commit is reported at once (no row shows its tid):
+        # the sidecar holds the revision no more at views from its tid on.
+        a.storage.cache_stats()
+        assert a.storage._tc_reported >= u64(a.storage._storage.lastTransaction())
+        # Views move past the deletion with the next commit that leaves a
+        # row (a history-free poll sees rows only): nobody is served the
+        # deleted state.
+        commit(b, other=1)
+        for db in (a, b):
+            db.pool.clear()
+            with db.transaction() as conn:
+                with pytest.raises(POSKeyError):
+                    conn.get(oid)["v"]
+        assert a.storage.cache_stats()["flushes"] == 0
+    finally:
+        a.close()
+        b.close()
+
+
+def test_own_commit_is_reported_exactly_in_a_history_free_database(sidecar, data_dir, monkeypatch):
+    """History-free polls give only each oid's newest tid, but a process
+    knows its own commit exactly: reported as ``(T - 1, T]`` with its oids.
+    So a reader of another process whose view is older than ``T`` can store
+    (closed at ``T``) and then hit the previous revision of an oid the
+    commit changed; reported collapsed, the range before ``T`` would be
+    uncertain for that oid and the store refused (misses only)."""
+    # The writer's write-through is off: the sidecar refuses a store of a
+    # revision older than one it holds ("superseded"), and which of the
+    # writer's write-through and the reader's store came first would decide.
+    monkeypatch.setattr(TideCacheRelStorage, "_tc_committed", lambda self, tid, written: None)
+    # x=1 committed without tidecache: no process has its state yet.
+    plain = ZODB.DB(open_relstorage(data_dir, False))
+    commit(plain, x=1, y=1)
+    plain.close()
+    writer = ZODB.DB(TideCacheStorage(open_relstorage(data_dir, False), socket=sidecar.socket))
+    reader = ZODB.DB(TideCacheStorage(open_relstorage(data_dir, False), socket=sidecar.socket))
+    try:
+        tm = transaction.TransactionManager()
+        old = reader.open(transaction_manager=tm)
+        root = old.root()  # the view is taken; x is not loaded yet
+        view = old._storage._tc_at
+        x_oid = old.root().data["x"]._p_oid
+        # The writer changes x without loading it first (through the storage
+        # API, as a tool would): no process holds x=1's revision.
+        from ZODB.Connection import TransactionMetaData
+        from ZODB.serialize import ObjectWriter
+
+        inst = writer.storage.new_instance()
+        inst.poll_invalidations()
+        _, serial = inst._storage.load(x_oid)
+        txn = TransactionMetaData()
+        inst.tpc_begin(txn)
+        state = ObjectWriter().serialize(PersistentMapping(v=2))
+        inst.store(x_oid, serial, state, "", txn)
+        inst.tpc_vote(txn)
+        inst.tpc_finish(txn)
+        inst.poll_invalidations()  # the writer's poll reports its commit
+        inst.release()
+        wait_for_horizon(writer.storage, u64(writer.storage.new_instance().lastTransaction()))
+        assert root["x"]["v"] == 1  # a miss at the old view: stored closed at T
+        reader.storage.cache_stats()  # the store is applied
+        hit = reader.storage._tc_client.lookup(u64(x_oid), view)
+        assert hit is not None, "the previous revision of x is not served at the older view"
+        old.cacheMinimize()
+        assert old.root()["x"]["v"] == 1
+        tm.abort()
+        old.close()
+        with reader.transaction() as conn:
+            assert conn.root()["x"]["v"] == 2
+    finally:
+        reader.close()
+        writer.close()

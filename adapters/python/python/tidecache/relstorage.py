@@ -80,6 +80,7 @@ from tidecache._native import Client
 from tidecache._native import TideCacheError
 from tidecache.storage import REJOIN_INTERVAL
 from tidecache.storage import RETRY_UNAVAILABLE
+from tidecache.storage import WRITE_THROUGH_MAX_BYTES
 from tidecache.storage import _Joining
 from tidecache.storage import _live
 from tidecache.storage import _Stats
@@ -89,6 +90,20 @@ logger = logging.getLogger("tidecache")
 #: Commits whose write-through waits for the report of their tid; past it
 #: the oldest are dropped (their states are loaded again on a read).
 PENDING_COMMITS = 64
+
+#: Bound on the oids of one commit reported exactly as this process's own
+#: (history-free); a larger commit is reported collapsed.
+MAX_EXACT_OIDS = 50000
+
+#: How often (seconds) a history-preserving database is asked, during a
+#: poll, whether a pack made outside tidecache (``zodbpack``, another
+#: process's plain RelStorage) rewrote its history; one query.
+PACK_CHECK_SECONDS = 10.0
+
+#: How often (seconds) a poll also checks that the database still holds
+#: the newest tid this process reported (a backup restored under running
+#: workers, which RelStorage's poll answers with "no change"); one query.
+HISTORY_CHECK_SECONDS = 1.0
 
 #: A gap or exact query answering more rows than this is not reported
 #: change by change: the sidecar is resynced at its end instead.
@@ -166,6 +181,13 @@ class _Changes:
         cls._tid_query = state.select(state.c.zoid).where(
             state.c.tid == state.bindparam("tid")).limit(1).prepared()
         txn = Schema.transaction
+        from relstorage.adapters.sql import func
+
+        cls._newest_packed_query = txn.select(func.max(txn.c.tid)).where(
+            txn.c.packed == True).prepared()  # noqa: E712
+        cls._txn_query = txn.select(txn.c.tid).where(txn.c.tid == txn.bindparam("tid")).prepared()
+        every = Schema.all_transaction
+        cls._newest_query = every.select(func.max(every.c.tid)).prepared()
         cls._packed_query = txn.select(txn.c.tid).where(
             txn.c.tid > txn.bindparam("frm")).and_(txn.c.tid <= txn.bindparam("to")).and_(
             txn.c.packed == True).prepared()  # noqa: E712 (RelStorage's SQL builder)
@@ -176,6 +198,36 @@ class _Changes:
         self._queries()
         self._tid_query.execute(cursor, {"tid": tid})
         return bool(cursor.fetchall())
+
+    def newest_packed(self, cursor):
+        """The newest tid a pack rewrote (history-preserving: the newest
+        transaction marked ``packed``; 0 if none); ``None`` in a
+        history-free database, which has no transaction log."""
+        if not self.keep_history:
+            return None
+        self._queries()
+        self._newest_packed_query.execute(cursor)
+        rows = cursor.fetchall()
+        return int(rows[0][0] or 0) if rows else 0
+
+    def holds_reported(self, cursor, tid):
+        """``(holds, newest)``: whether ``cursor``'s snapshot still holds the
+        reported tid ``tid`` (history-preserving: its transaction row;
+        history-free: a newest tid at or past it), and the newest tid."""
+        self._queries()
+        newest = self.get_current_tid(cursor)
+        if newest < tid:
+            return False, newest
+        if self.keep_history:
+            self._txn_query.execute(cursor, {"tid": tid})
+            return bool(cursor.fetchall()), newest
+        return True, newest
+
+    def get_current_tid(self, cursor):
+        self._queries()
+        self._newest_query.execute(cursor)
+        rows = cursor.fetchall()
+        return int(rows[0][0] or 0) if rows else 0
 
     def between(self, cursor, frm, to):
         """``(exact, [(oid, tid), ...])``: the changes of ``(frm, to]`` in
@@ -233,6 +285,10 @@ class _ReportingPoller:
         elif changes is not None:
             changes = list(changes)
             self._tc_root._tc_learned(self._tc_changes, cursor, prev_polled_tid, polled, changes)
+        else:
+            # "Clear your cache" without going back (no previous tid): the
+            # changes past R are queried.
+            self._tc_root._tc_learned(self._tc_changes, cursor, None, polled, None)
         return changes, polled
 
 
@@ -250,6 +306,34 @@ class _Polling:
 
     def __getattr__(self, name):
         return getattr(self._storage, name)
+
+
+class _Primary:
+    """The primary database, through a store connection, as the attach's
+    proof sees it, where load connections go to read replicas
+    (``ro-replica-conf``) that may lag: a lagging replica must not be taken
+    for a restored backup."""
+
+    def __init__(self, instance, conn):
+        self._adapter = instance._adapter
+        self.keep_history = instance.keep_history
+        self.cursor = conn.cursor
+        # For the history-free proof, which reads ``_load_connection.cursor``.
+        self._load_connection = self
+
+    def sync(self):
+        """A store connection reads committed data at each statement."""
+
+    def lastTransaction(self):
+        return p64(self._adapter.txncontrol.get_tid(self.cursor))
+
+    def loadBefore(self, oid, tid):
+        o = u64(oid)
+        state, start = self._adapter.mover.load_before(self.cursor, o, u64(tid))
+        if start is None:
+            return None
+        end = self._adapter.mover.get_object_tid_after(self.cursor, o, start)
+        return state, p64(start), (p64(end) if end else None)
 
 
 @zope.interface.implementer(IMVCCStorage)
@@ -270,11 +354,23 @@ class TideCacheRelStorage(_Joining):
     """
 
     def __init__(self, base, socket, database=None, timeout_ms=50):
+        try:
+            from relstorage.storage import RelStorage
+        except ImportError:  # pragma: no cover (RelStorage provides IMVCCStorage here)
+            RelStorage = None
+        if RelStorage is not None and not isinstance(base, RelStorage) and hasattr(base, "_adapter"):
+            raise TypeError(
+                "%r wraps a RelStorage: put <tidecache> directly around <relstorage> and the other "
+                "wrapper around <tidecache> (e.g. <zlibstorage><tidecache><relstorage>); tidecache "
+                "reads RelStorage's own loads, polls and queries, which a wrapper in between would "
+                "transform" % (base,))
         for attr in ("_adapter", "_cache", "_load_connection", "new_instance"):
             if not hasattr(base, attr):
                 raise TypeError(
-                    "%r does not look like RelStorage 3 or 4 (no %s): tidecache reads "
-                    "RelStorage's poller and its instances' views; upgrade or report it" % (base, attr))
+                    "%r is an IMVCCStorage but not a RelStorage 3 or 4 (no %s): tidecache wraps "
+                    "RelStorage (whose poller and instances' views it reads) and the storages ZODB "
+                    "adapts with MVCCAdapter (FileStorage, MappingStorage, ZEO ClientStorage)"
+                    % (base, attr))
         self._storage = base
         self._tc_socket = socket
         self._tc_client = Client(socket, database or relstorage_database_key(base), timeout_ms)
@@ -291,8 +387,27 @@ class TideCacheRelStorage(_Joining):
         # (tid, [(oid, state), ...]) of this process's commits, waiting for
         # a report that covers their tid.
         self._tc_pending = []
-        self._tc_replicas = bool(getattr(base._adapter.connmanager, "replica_selector", None)
-                                 or getattr(base._adapter.connmanager, "ro_replica_selector", None))
+        # (tid, [oid, ...]) deleted by this process's commits
+        # (``deleteObject``): a history-free database keeps no row of a
+        # deleted object, so no poll lists it; the report covering ``tid``
+        # does.
+        self._tc_deleted = []
+        # {tid: (oids, {oid: previous serial or None})} of this process's
+        # commits not reported yet (history-free: see _tc_report_locked).
+        self._tc_own = {}
+        # The tid of a commit that deleted objects, in the thread that
+        # polls right after it (its snapshot holds the commit).
+        self._tc_after_commit = threading.local()
+        # Moves at every join and drop: a report computed before one is
+        # not sent after it (its rows may be another history's).
+        self._tc_epoch = 0
+        self._tc_packed = None
+        self._tc_next_pack_check = 0.0
+        self._tc_next_history_check = 0.0
+        # Read replicas (``ro-replica-conf``): load connections may lag
+        # behind the primary. (``replica-conf`` alone is a failover list: a
+        # poll that goes back there lost transactions, another history.)
+        self._tc_replicas = bool(getattr(getattr(base, "_options", None), "ro_replica_conf", None))
         _live.add(self)
         for iface in zope.interface.providedBy(base):
             zope.interface.alsoProvides(self, iface)
@@ -314,9 +429,18 @@ class TideCacheRelStorage(_Joining):
         instance = self._storage.new_instance()
         try:
             instance.poll_invalidations()
-            storage = _Polling(instance)
-            last = u64(storage.lastTransaction())
-            last, joined = self._tc_attach(storage, last, wait)
+            if self._tc_replicas:
+                # Loads go to read replicas, which may lag: the horizon is
+                # proved on the primary.
+                with instance._store_connection_pool.borrowing() as conn:
+                    primary = _Primary(instance, conn)
+                    last = u64(primary.lastTransaction())
+                    last, joined = self._tc_attach(primary, last, wait)
+            else:
+                storage = _Polling(instance)
+                last = u64(storage.lastTransaction())
+                last, joined = self._tc_attach(storage, last, wait)
+            packed = self._tc_newest_packed(instance)
         finally:
             try:
                 instance.release()
@@ -325,6 +449,9 @@ class TideCacheRelStorage(_Joining):
         horizon = self._tc_client.horizon
         with self._tc_lock:
             self._tc_joined = joined
+            self._tc_epoch += 1
+            self._tc_packed = packed
+            self._tc_next_pack_check = time.monotonic() + PACK_CHECK_SECONDS
             if joined:
                 self._tc_reported = min(last, horizon) if horizon else last
             self._tc_pending = []
@@ -337,48 +464,134 @@ class TideCacheRelStorage(_Joining):
         """Whether ``base`` provably holds the sidecar's horizon transaction
         ``horizon`` (invariant 7); returns ``(proved, how)``.
 
-        History-preserving: as for every storage (:meth:`_Joining._tc_prove`:
-        the witness oids, else the transaction in RelStorage's iterator,
-        and the sampled open revisions by ``loadBefore``).
-
-        History-free, where the sidecar's horizon usually comes from a
-        collapsed report (no witness) and the database keeps no transaction
-        log, only each oid's current revision: evidence is a witness oid
-        whose current serial is ``horizon``, or any current revision with
-        serial ``horizon`` (tids are timestamps, unique to a history), or
-        a sampled open revision ``(oid, serial)`` that is still current;
-        a contradiction is a witness or sampled oid whose current serial
-        is at or below ``horizon`` and another (another history wrote it).
-        A sampled oid changed since ``horizon`` says nothing either way.
-        Proved when there is evidence and no contradiction."""
-        if getattr(base, "keep_history", False):
-            return _Joining._tc_prove(self, base, horizon, witness, sample)
+        Evidence is what only this history can hold: a witness oid (changed
+        at exactly ``horizon``: the oids of an exact report, e.g. a
+        process's own commit) whose revision at ``horizon`` is there
+        (history-preserving: ``loadBefore(oid, horizon + 1)`` gives serial
+        ``horizon``; history-free: its current serial is ``horizon``), or
+        any revision with serial ``horizon`` (tids are timestamps, unique
+        to a history; a pack keeps the revisions still current, so a
+        packed transaction proves as well). A sampled open revision that
+        is there is no evidence (a backup restored and committed to since
+        holds the revisions older than its copy), but one that is not is a
+        contradiction, as is a witness oid without its revision at the
+        horizon (history-free: a current serial at or below the horizon and
+        another: another history wrote it; one changed since says
+        nothing). Proved when there is evidence and no contradiction; a
+        history-free horizon whose objects were all changed since cannot
+        be proved (a flush)."""
+        keep_history = getattr(base, "keep_history", False)
         try:
             storage = getattr(base, "_storage", base)
             cursor = storage._load_connection.cursor
-            current = storage._adapter.mover.current_object_tids(
-                cursor, list(witness) + [o for o, _ in sample])
             evidence, contradiction = [], []
-            for oid in witness:
-                tid = current.get(oid)
-                (evidence if tid == horizon else contradiction if tid is None or tid < horizon
-                 else evidence).append(oid)
-            for oid, serial in sample:
-                tid = current.get(oid)
-                if tid == serial:
-                    evidence.append(oid)
-                elif tid is None or tid <= horizon:
-                    contradiction.append(oid)
+            if keep_history:
+                for oid in witness:
+                    r = base.loadBefore(p64(oid), p64(horizon + 1))
+                    (evidence if r is not None and u64(r[1]) == horizon else contradiction).append(oid)
+                for oid, serial in sample:
+                    r = base.loadBefore(p64(oid), p64(horizon + 1))
+                    if r is None or u64(r[1]) != serial:
+                        contradiction.append(oid)
+            else:
+                current = storage._adapter.mover.current_object_tids(
+                    cursor, list(witness) + [o for o, _ in sample])
+                for oid in witness:
+                    tid = current.get(oid)
+                    if tid == horizon:
+                        evidence.append(oid)
+                    elif tid is None or tid < horizon:
+                        contradiction.append(oid)
+                for oid, serial in sample:
+                    tid = current.get(oid)
+                    if tid != serial and (tid is None or tid <= horizon):
+                        contradiction.append(oid)
             if contradiction:
                 return False, ("oids %s are not at the sidecar's revisions (another history)"
                                % ", ".join(hex(o) for o in contradiction[:4]))
             if evidence:
-                return True, "the current revisions of %d oids" % len(evidence)
+                return True, "%d witness oids at the horizon" % len(evidence)
             if _Changes(storage._adapter.poller).holds_tid(cursor, horizon):
-                return True, "a current revision with serial at the horizon"
-            return False, "no witness, no sampled revision still current, no revision at the horizon"
+                return True, "a revision with serial at the horizon"
+            return False, ("no revision at the horizon any more (its objects were all changed "
+                           "since): the history up to it cannot be checked")
         except Exception as e:
             return False, "the proof failed: %r" % (e,)
+
+    def _tc_newest_packed(self, instance):
+        """The newest packed tid in ``instance``'s snapshot, ``None`` if
+        unknown (history-free, an error)."""
+        try:
+            return _Changes(instance._adapter.poller).newest_packed(instance._load_connection.cursor)
+        except Exception:
+            logger.debug("tidecache: reading the newest packed tid failed", exc_info=True)
+            return None
+
+    def _tc_history_moved(self, changes_sql, cursor, reported):
+        """The periodic checks of a poll; returns whether the database was
+        left (flushed or forgotten) and must be joined again.
+
+        Every ``HISTORY_CHECK_SECONDS``: the database still holds
+        ``reported``, the newest tid this process reported (else it went
+        back in time under the running workers, a restore that RelStorage's
+        poll answers "no change": :meth:`_tc_went_back`). Every
+        ``PACK_CHECK_SECONDS``, history-preserving: a pack rewrote history
+        since the join (:meth:`_tc_pack_seen`)."""
+        now = time.monotonic()
+        if now >= self._tc_next_history_check:
+            self._tc_next_history_check = now + HISTORY_CHECK_SECONDS
+            try:
+                holds, newest = changes_sql.holds_reported(cursor, reported)
+            except Exception:
+                logger.debug("tidecache: checking the reported tid failed", exc_info=True)
+                holds = True
+            if not holds:
+                self._tc_went_back(reported, newest,
+                                   "the database no longer holds the newest tid reported")
+                with self._tc_lock:
+                    if not self._tc_joined:
+                        return True
+        if not changes_sql.keep_history or now < self._tc_next_pack_check:
+            return False
+        self._tc_next_pack_check = now + PACK_CHECK_SECONDS
+        return self._tc_pack_seen(changes_sql, cursor, reported)
+
+    def _tc_pack_seen(self, changes_sql, cursor, reported):
+        """History-preserving: whether a pack rewrote the history since the
+        join (the newest ``packed`` transaction moved). A pack through
+        another process's wrapper flushed the database already (this
+        client's no-op report is answered ``Stale``): joined again without
+        a flush. A pack made outside tidecache (``zodbpack``): the database
+        is flushed (packed revisions must not be served) and joined again.
+        Returns whether it was left."""
+        try:
+            packed = changes_sql.newest_packed(cursor)
+        except Exception:
+            logger.debug("tidecache: reading the newest packed tid failed", exc_info=True)
+            return False
+        with self._tc_lock:
+            before = self._tc_packed
+        if before is None or packed == before:
+            with self._tc_lock:
+                self._tc_packed = packed
+            return False
+        from tidecache._native import StaleError
+
+        try:
+            # A no-op report: answered Stale if the database was flushed
+            # since this client joined it.
+            self._tc_client.report_now(reported, reported, [])
+        except StaleError:
+            self._tc_forget("a pack through another process's wrapper (it flushed the database)")
+            self._tc_rejoin()
+            return True
+        except TideCacheError:
+            return False  # the sidecar is unavailable: checked again later
+        logger.warning("tidecache: %s was packed outside tidecache (newest packed transaction %s, "
+                       "was %s): flushing the database in the sidecar", self._tc_client.database,
+                       tid_repr(p64(packed)), tid_repr(p64(before)))
+        self._tc_drop("a pack made outside tidecache")
+        return True
 
     def _tc_rejoin(self):
         """Attaches again when not joined (the sidecar was unavailable, the
@@ -440,10 +653,27 @@ class TideCacheRelStorage(_Joining):
                 joined = False
             else:
                 joined = True
-                start = self._tc_reported
+                start, epoch = self._tc_reported, self._tc_epoch
         if not joined:
             self._tc_rejoin()
             return
+        if not self._tc_client.joined:
+            # Another process flushed the database (a pack through its
+            # wrapper, a failed proof): this client was told ``Stale``.
+            self._tc_forget("another process flushed the database in the sidecar")
+            self._tc_rejoin()
+            return
+        if self._tc_history_moved(changes_sql, cursor, start):
+            return
+        deleted_at = getattr(self._tc_after_commit, "tid", None)
+        if deleted_at is not None and deleted_at > to and not changes_sql.keep_history:
+            # A poll made right after this thread's commit that deleted
+            # objects: its snapshot holds that commit, whose tid no row
+            # shows (a history-free database keeps none of a deleted
+            # object); the report reaches it, collapsed.
+            to = deleted_at
+            if since is not None and since < to:
+                since = None  # the rows of (since, polled] do not cover (polled, to]: queried
         if to <= start:
             return
         exact = False
@@ -465,24 +695,66 @@ class TideCacheRelStorage(_Joining):
                            tid_repr(p64(start)), tid_repr(p64(to)))
             rows = None
         with self._tc_lock:
-            if not self._tc_joined or self._tc_reported is None or to <= self._tc_reported:
+            if (not self._tc_joined or self._tc_reported is None or to <= self._tc_reported
+                    or epoch != self._tc_epoch):
                 return
+            # R only grows within an epoch: frm >= start.
             frm = self._tc_reported
-            if frm < start:
-                # Another thread's report went back? Never: R only grows.
-                return
             self._tc_reported = to
             if rows is None:
                 self._tc_stats.resyncs += 1
                 self._tc_client.resync(to)
+                self._tc_deleted = [(t, oids) for t, oids in self._tc_deleted if t > to]
             else:
                 listed = [(o, t) for o, t in rows if frm < t <= to]
+                if self._tc_deleted:
+                    listed.extend((o, t) for t, oids in self._tc_deleted if frm < t <= to for o in oids)
+                    self._tc_deleted = [(t, oids) for t, oids in self._tc_deleted if t > to]
                 self._tc_stats.invalidations += len(listed)
-                if exact:
-                    self._tc_client.report(frm, to, sorted(listed, key=lambda c: c[1]))
-                else:
-                    self._tc_client.report_collapsed(frm, to, listed)
+                self._tc_report_locked(frm, to, listed, exact)
+            if self._tc_own:
+                for t in [t for t in self._tc_own if t <= to]:
+                    del self._tc_own[t]
             self._tc_release_pending_locked(to)
+
+    def _tc_report_locked(self, frm, to, listed, exact):
+        """Sends the report of ``(frm, to]``: exact, or collapsed.
+
+        A history-free report whose newest tid ``to`` is this process's own
+        commit (nothing newer was committed when the poll was made) is sent
+        as two: the commit exact, ``(to - 1, to]`` with every oid it
+        changed (only it wrote rows at ``to``), after a collapsed
+        ``(frm, to - 1]`` of the rest: the rows older than ``to``, and each
+        of the commit's oids whose previous serial (the one it was stored
+        against; no change lies between it and ``to``) is past ``frm``, at
+        that serial, or, previous serial unknown (a resolved conflict, an
+        undo), at the bound ``to - 1``. So a process's own commit closes
+        the previous revisions of its oids exactly, and readers at older
+        views keep hitting them; and the sidecar keeps the commit's oids as
+        a witness of its horizon."""
+        own = None if exact else self._tc_own.get(to)
+        if own is not None:
+            oids, previous = own
+            if not all(o in oids for o, t in listed if t == to):
+                own = None  # not only this commit's rows at ``to``: collapsed
+        if own is None:
+            if exact:
+                self._tc_client.report(frm, to, sorted(listed, key=lambda c: c[1]))
+            else:
+                self._tc_client.report_collapsed(frm, to, listed)
+            return
+        before = {}
+        for o, t in listed:
+            if t < to:
+                before[o] = max(t, before.get(o, 0))
+        for o, p in previous.items():
+            if p is None:
+                p = to - 1
+            if frm < p < to:
+                before[o] = max(p, before.get(o, 0))
+        if to - 1 > frm:
+            self._tc_client.report_collapsed(frm, to - 1, sorted(before.items()))
+        self._tc_client.report(to - 1, to, [(o, to) for o in sorted(oids)])
 
     def _tc_went_back(self, since, polled, why):
         """A poll answered a tid below the one before it. With replicas,
@@ -492,23 +764,58 @@ class TideCacheRelStorage(_Joining):
         is flushed there and joined again (with a proof) from a later
         poll."""
         if self._tc_replicas:
-            logger.info("tidecache: %s: a replica answered a poll behind the one before (%s): "
-                        "not reporting until it catches up", self._tc_client.database, why)
-            return
+            primary = self._tc_primary_last()
+            with self._tc_lock:
+                reported = self._tc_reported
+            if primary is not None and (reported is None or primary >= reported):
+                logger.info("tidecache: %s: a read replica answered a poll behind the one before "
+                            "(%s); the primary is at %s: not reporting until the replica catches up",
+                            self._tc_client.database, why, tid_repr(p64(primary)))
+                return
+            why += "; the primary itself is at %s, below the newest tid reported" % (
+                tid_repr(p64(primary)) if primary is not None else "an unknown tid")
         logger.warning("tidecache: %s: the database went back in time (%s; polled %s after %s): "
                        "restored from a backup, or a pack removed its newest transaction? "
                        "Flushing the database in the sidecar.", self._tc_client.database, why,
                        tid_repr(p64(polled)) if polled is not None else "?", tid_repr(p64(since)))
         self._tc_drop("the database went back in time")
 
-    def _tc_drop(self, why):
-        """Flushes the database in the sidecar and leaves it (joined again
-        from a later poll, with a proof)."""
+    def _tc_primary_last(self):
+        """The primary's newest tid (a store connection of an instance of
+        its own); ``None`` when it cannot be read."""
+        instance = None
+        try:
+            instance = self._storage.new_instance()
+            with instance._store_connection_pool.borrowing() as conn:
+                return u64(_Primary(instance, conn).lastTransaction())
+        except Exception:
+            logger.warning("tidecache: %s: reading the primary's newest tid failed",
+                           self._tc_client.database, exc_info=True)
+            return None
+        finally:
+            if instance is not None:
+                try:
+                    instance.release()
+                except Exception:
+                    pass
+
+    def _tc_forget(self, why):
+        """Leaves the database (joined again from a later poll, with a
+        proof): nothing more is reported, stored or looked up until then."""
+        logger.info("tidecache: %s: joining the database again (%s)", self._tc_client.database, why)
         with self._tc_lock:
             self._tc_joined = False
             self._tc_reported = None
             self._tc_pending = []
+            self._tc_deleted = []
+            self._tc_own = {}
+            self._tc_epoch += 1
             self._tc_next_join = 0.0
+
+    def _tc_drop(self, why):
+        """Flushes the database in the sidecar and leaves it (joined again
+        from a later poll, with a proof)."""
+        self._tc_forget(why)
         try:
             self._tc_flush()
         except TideCacheError as e:
@@ -524,6 +831,32 @@ class TideCacheRelStorage(_Joining):
         self._tc_drop("a cache consistency error")
 
     # -- write-through --------------------------------------------------------
+
+    def _tc_deleted_at(self, tid, oids):
+        """This process's commit ``tid`` deleted ``oids``
+        (``deleteObject``): listed in the report that covers ``tid``."""
+        with self._tc_lock:
+            if self._tc_joined and self._tc_reported is not None and tid > self._tc_reported:
+                self._tc_deleted.append((tid, [u64(o) for o in oids]))
+                return
+        if self._tc_joined:
+            # Already reported without them (a poll of another thread saw
+            # the commit first). Deleted objects are unreachable (a garbage
+            # collector deletes them): their states may stay served to a
+            # load by oid until evicted, as in RelStorage's own caches.
+            logger.info("tidecache: %s: %d objects deleted at %s were reported without their "
+                        "deletion", self._tc_client.database, len(oids), tid_repr(p64(tid)))
+
+    def _tc_own_commit(self, tid, previous):
+        """This process committed ``tid``, changing the oids of
+        ``previous`` (``{oid: serial it was stored against, or None}``):
+        kept for the report that reaches ``tid`` (:meth:`_tc_report_locked`)."""
+        with self._tc_lock:
+            if not self._tc_joined or self._tc_reported is None or tid <= self._tc_reported:
+                return
+            self._tc_own[tid] = (frozenset(previous), previous)
+            if len(self._tc_own) > PENDING_COMMITS:
+                del self._tc_own[min(self._tc_own)]
 
     def _tc_committed(self, tid, written):
         """This process committed ``written`` (``{oid: state}``) at
@@ -603,9 +936,15 @@ class TideCacheRelStorage(_Joining):
 
     def pack(self, t, referencesf, *args, **kw):
         """Packs the database, then flushes it in the sidecar (packed
-        revisions must not be served any more) and joins it again."""
+        revisions must not be served any more) and joins it again. A pack
+        that removes nothing (``check_refs``: ``zodbpack --check-refs``;
+        ``prepack_only``: ``zodbpack --prepack``) does not flush."""
         r = self._storage.pack(t, referencesf, *args, **kw)
-        self._tc_drop("a pack")
+        names = ("prepack_only", "skip_prepack", "check_refs")
+        options = dict(zip(names, args))
+        options.update(kw)
+        if not (options.get("check_refs") or options.get("prepack_only")):
+            self._tc_drop("a pack")
         return r
 
     def zap_all(self, **kwargs):
@@ -664,6 +1003,10 @@ class TideCacheRelInstance:
     _tc_at = None
     #: ``{oid: state}`` stored in the commit under way; ``None`` outside one.
     _tc_written = None
+    #: oids deleted (``deleteObject``) in the commit under way.
+    _tc_deleting = None
+    #: ``{oid: serial stored against, or None}`` of the commit under way.
+    _tc_previous = None
 
     def __init__(self, root, instance):
         self._storage = instance
@@ -721,8 +1064,13 @@ class TideCacheRelInstance:
         try:
             result = self._storage.poll_invalidations()
         finally:
-            if not self._tc_root._tc_joined:
-                self._tc_root._tc_rejoin()
+            root = self._tc_root
+            if root._tc_joined and not self._tc_client.joined:
+                # Another process flushed the database (this client was
+                # told ``Stale``): joined again, with a proof.
+                root._tc_forget("another process flushed the database in the sidecar")
+            if not root._tc_joined:
+                root._tc_rejoin()
         view = self._storage._cache.highest_visible_tid
         if view is not None and view != self._tc_at:
             self._tc_set_view(view)
@@ -836,37 +1184,90 @@ class TideCacheRelInstance:
     # -- commits: write-through ---------------------------------------------------
 
     def tpc_begin(self, transaction, *args):
-        """Begins the commit; the states stored in it are collected."""
+        """Begins the commit; the states stored in it are collected, and
+        every oid it changes with the serial it was stored against."""
         r = self._storage.tpc_begin(transaction, *args)
         self._tc_written = {} if not args else None
+        self._tc_written_bytes = 0
+        self._tc_previous = {} if not args else None
         return r
+
+    def _tc_changing(self, oid, serial):
+        previous = self._tc_previous
+        if previous is not None:
+            previous[u64(oid)] = u64(serial) if serial is not None else None
+            if len(previous) > MAX_EXACT_OIDS:
+                # A bulk commit: reported collapsed, like other processes'.
+                self._tc_previous = None
 
     def store(self, oid, serial, data, version, transaction):
         """Stores on RelStorage; ``data`` is kept for the write-through."""
         r = self._storage.store(oid, serial, data, version, transaction)
+        self._tc_changing(oid, serial)
         if self._tc_written is not None and data is not None:
             self._tc_written[oid] = data
+            self._tc_written_bytes += len(data)
+            if self._tc_written_bytes > WRITE_THROUGH_MAX_BYTES:
+                # A bulk commit: written through not at all rather than
+                # held in memory whole (ZODB spools it through savepoints).
+                self._tc_written = None
         return r
 
     def storeBlob(self, oid, serial, data, blobfilename, version, transaction):
         """Stores a blob; its record is not written through."""
         r = self._storage.storeBlob(oid, serial, data, blobfilename, version, transaction)
+        self._tc_changing(oid, serial)
         if self._tc_written is not None:
             self._tc_written.pop(oid, None)
         return r
 
+    def undo(self, transaction_id, transaction):
+        """Undoes on RelStorage; the undone oids' previous serials are
+        unknown here."""
+        r = self._storage.undo(transaction_id, transaction)
+        if r:
+            for oid in r[1]:
+                self._tc_changing(oid, None)
+        return r
+
     def tpc_vote(self, transaction):
         """Votes; oids whose conflicts RelStorage resolved are not written
-        through (what was committed is not what was stored)."""
+        through (what was committed is not what was stored), and their
+        previous serial is not the one stored against. Deleted oids are
+        registered for the report of the commit's tid, known once the vote
+        locked the database (before any poll can see it)."""
         r = self._storage.tpc_vote(transaction)
+        if r:
+            for oid in r:
+                self._tc_changing(oid, None)
         if r and self._tc_written:
             for oid in r:
                 self._tc_written.pop(oid, None)
+        if self._tc_deleting:
+            lock = getattr(getattr(self._storage, "_tpc_phase", None), "committing_tid_lock", None)
+            tid = getattr(lock, "tid_int", None)
+            if tid is not None:
+                deleting, self._tc_deleting = self._tc_deleting, None
+                self._tc_root._tc_deleted_at(tid, deleting)
+        return r
+
+    def deleteObject(self, oid, oldserial, transaction):
+        """``IExternalGC.deleteObject``: the oid is listed in the report of
+        the commit's tid (no poll lists a deleted object)."""
+        r = self._storage.deleteObject(oid, oldserial, transaction)
+        self._tc_changing(oid, oldserial)
+        if self._tc_deleting is None:
+            self._tc_deleting = set()
+        self._tc_deleting.add(oid)
+        if self._tc_written is not None:
+            self._tc_written.pop(oid, None)
         return r
 
     def tpc_abort(self, transaction, *args, **kw):
         """Aborts; nothing is written through."""
         self._tc_written = None
+        self._tc_deleting = None
+        self._tc_previous = None
         return self._storage.tpc_abort(transaction, *args, **kw)
 
     def tpc_finish(self, transaction, func=None):
@@ -874,7 +1275,30 @@ class TideCacheRelInstance:
         (the next poll of this process), then are stored as open
         revisions."""
         written, self._tc_written = self._tc_written, None
-        tid = self._storage.tpc_finish(transaction, func)
+        deleting, self._tc_deleting = self._tc_deleting, None
+        previous, self._tc_previous = self._tc_previous, None
+        def finish(tid, func=func):
+            # In the commit's callback, before this thread polls past it.
+            if previous:
+                self._tc_root._tc_own_commit(u64(tid), previous)
+            if deleting:
+                # Not registered at the vote (its tid was not known then).
+                self._tc_root._tc_deleted_at(u64(tid), deleting)
+            if func is not None:
+                func(tid)
+
+        tid = self._storage.tpc_finish(transaction, finish)
+        if deleting:
+            # A history-free database shows no row of this commit (it only
+            # deleted): a poll now, whose snapshot holds it, reports it.
+            marker = self._tc_root._tc_after_commit
+            marker.tid = u64(tid)
+            try:
+                self._storage._load_connection.cursor
+            except Exception:
+                logger.debug("tidecache: the poll after a deleting commit failed", exc_info=True)
+            finally:
+                marker.tid = None
         if written:
             self._tc_root._tc_committed(u64(tid), written)
         return tid

@@ -96,6 +96,11 @@ RETRY_UNAVAILABLE = 0.25
 _STAT_KEYS = ("hits", "misses", "stores", "invalidations", "resyncs", "unavailable", "proofs", "flushes",
               "recoveries_exact", "recoveries_collapsed", "recoveries_resync", "reconnects_collapsed")
 
+#: Bound on the states one commit writes through (bytes): a larger
+#: commit (a bulk import, which ZODB spools to disk through savepoints)
+#: writes none through rather than hold its whole size in memory again.
+WRITE_THROUGH_MAX_BYTES = 4 << 20
+
 #: Live storages, for the fork hook below.
 _live = weakref.WeakSet()
 
@@ -513,6 +518,19 @@ class TideCacheStorage(_Joining, MVCCAdapter):
             self._tc_release_held_unjoined()
         finally:
             self._tc_join_lock.release()
+
+    def _tc_forgotten(self):
+        """The client was told ``Stale``: another process (or this one's
+        ``pack``) flushed the database in the sidecar since it joined. It is
+        joined again, with a proof, from this poll (:meth:`_tc_rejoin`);
+        meanwhile loads go to the base storage."""
+        with self._tc_lock:
+            if not self._tc_joined:
+                return
+            self._tc_joined = False
+            self._tc_next_join = 0.0
+        logger.info("tidecache: %s was flushed in the sidecar by another process (or a pack): "
+                    "joining it again", self._tc_client.database)
 
     def _tc_release_held_unjoined(self):
         """An attach that failed: the reports it held are passed on (not
@@ -1076,12 +1094,17 @@ class TideCacheInstance(MVCCAdapterInstance):
         """Begins the commit; the states stored in it are collected."""
         MVCCAdapterInstance.tpc_begin(self, transaction)
         self._tc_written = {}
+        self._tc_written_bytes = 0
 
     def store(self, oid, serial, data, version, transaction):
-        """Stores on the base; ``data`` is kept for the write-through."""
+        """Stores on the base; ``data`` is kept for the write-through (up to
+        ``WRITE_THROUGH_MAX_BYTES`` per commit)."""
         MVCCAdapterInstance.store(self, oid, serial, data, version, transaction)
         if self._tc_written is not None and data is not None:
             self._tc_written[oid] = data
+            self._tc_written_bytes += len(data)
+            if self._tc_written_bytes > WRITE_THROUGH_MAX_BYTES:
+                self._tc_written = None
 
     def storeBlob(self, oid, serial, data, blobfilename, version, transaction):
         """Stores a blob on the base; its record is not written through."""
@@ -1120,8 +1143,11 @@ class TideCacheInstance(MVCCAdapterInstance):
         """ZODB's poll (new transaction): moves the view to the storage's
         ``lastTransaction`` and registers or advances it with the sidecar."""
         result = MVCCAdapterInstance.poll_invalidations(self)
-        if not self._tc_base._tc_joined:
-            self._tc_base._tc_rejoin()
+        base = self._tc_base
+        if base._tc_joined and not self._tc_client.joined:
+            base._tc_forgotten()
+        if not base._tc_joined:
+            base._tc_rejoin()
         view = u64(self._start) - 1
         if self._tc_view is None:
             self._tc_view = self._tc_client.register_view(view)
