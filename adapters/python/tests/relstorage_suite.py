@@ -112,13 +112,13 @@ EXCLUDED = [
 #: Remove an entry when its bug is fixed.
 KNOWN_ADAPTER_BUGS = [
     (r"HistoryFreeRelStorageTests_\w+\.checkImplementsIExternalGC$",
-     "BUG (a wrong hit): an object deleted with deleteObject (IExternalGC, history-free) "
-     "through the wrapper is still served from the sidecar: the deletion is in no report "
-     "(RelStorage's poll lists object_state rows, and the deleted row is gone; the wrapper "
-     "reports its own commits' stores, not its deletions), so the revision cached by the "
-     "load before stays open; fails when that load's store reached the sidecar before the "
-     "load after the delete (test_relstorage_suite.py::test_delete_object_is_not_served "
-     "reproduces it every time)"),
+     "the instance's view leaves out its own delete-only commit: after deleteObject "
+     "(IExternalGC, history-free) and tpc_finish, the same instance's load answers the state "
+     "at its view (RelStorage's _cache.highest_visible_tid, which a commit leaving no row "
+     "does not move) from the sidecar, where RelStorage answers POSKeyError (its local cache "
+     "dropped the oid and it reads the database's newest snapshot); fails when the earlier "
+     "load's store reached the sidecar first; test_relstorage_suite.py::"
+     "test_delete_object_is_not_served reproduces it every time"),
     (_RS + r"\.checkBackwardTimeTravelWithoutRevertWhenStale$",
      "BUG: tidecache.relstorage._ReportingPoller forwards attribute reads to RelStorage's "
      "poller but not writes: the test's `_adapter.poller.transactions_may_go_backwards = True` "
@@ -130,6 +130,16 @@ KNOWN_ADAPTER_BUGS = [
 #: Tests that fail without tidecache too, in this environment:
 #: (regex on the test id, reason).
 BASELINE = [
+    # MySQL (Debian 12's MariaDB 10.11; bench/dbservers.py): fail unwrapped too.
+    (r"MySQL\w*RelStorageTests_\w+\.checkIsolationLevels$",
+     "MariaDB 10.11 has no @@transaction_isolation/@@transaction_read_only (MySQL 5.7.20's "
+     "names), which the test selects (the server reports 5.7.99 for RelStorage)"),
+    (r"MySQL\w*RelStorageTests_\w+\.checkTL_manualInterleavedConflictingReadCurrentDeadlock$",
+     "on MariaDB 10.11 neither of the two interleaved writers gets the deadlock error the "
+     "test expects of MySQL"),
+    (r"TestGenerateTID_\w+\.test_known_time$",
+     "RelStorage's MySQL tid procedure computes another tid for a known time on MariaDB "
+     "10.11 (275211063234119884 != 275211067529087180)"),
     (r"\.test_committed_cannot_open_for_write$",
      "runs as root here: opening a committed blob file (mode 0444) for writing "
      "succeeds, so the expected IOError is not raised"),

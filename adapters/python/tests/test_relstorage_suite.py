@@ -67,16 +67,18 @@ def test_a_failing_wrapper_is_seen():
     assert "fault injected into load" in out
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason="adapter bug, reported: deleteObject through the wrapper "
-                   "is not reported, the sidecar keeps serving the deleted object (a wrong hit); "
-                   "remove this mark, and the entry in relstorage_suite.KNOWN_ADAPTER_BUGS, "
-                   "when it is fixed")
+@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason=(
+    "reported: after a delete-only commit the instance's view stays below it, so its own "
+    "next load is served the state at that view where RelStorage answers POSKeyError; remove "
+    "this mark, and the entry in relstorage_suite.KNOWN_ADAPTER_BUGS, when it changes"))
 def test_delete_object_is_not_served(sidecar, tmp_path):
     """RelStorage's checkImplementsIExternalGC, made deterministic: an
     object loaded (so stored in the sidecar), then deleted with
-    ``deleteObject`` (IExternalGC, history-free) in a commit through the
-    same wrapper, must raise POSKeyError on the next load, as it does
-    without tidecache."""
+    ``deleteObject`` (IExternalGC, history-free) in a commit of the same
+    instance, raises POSKeyError on that instance's next load without
+    tidecache; through it, the state at the instance's view is served
+    (the view, RelStorage's ``_cache.highest_visible_tid``, does not move
+    for a commit that leaves no row)."""
     import ZODB
     from relstorage.adapters.sqlite.adapter import Sqlite3Adapter
     from relstorage.options import Options
