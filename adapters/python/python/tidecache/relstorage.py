@@ -260,6 +260,14 @@ class _ReportingPoller:
     def __getattr__(self, name):
         return getattr(self._tc_inner, name)
 
+    def __setattr__(self, name, value):
+        # RelStorage's options live on its poller (e.g.
+        # ``transactions_may_go_backwards``): set there, not on the wrapper.
+        if name.startswith("_tc_"):
+            object.__setattr__(self, name, value)
+        else:
+            setattr(self._tc_inner, name, value)
+
     def get_current_tid(self, cursor):
         """RelStorage's first poll of a coordinator: the newest tid, no
         changes ("clear your cache"). The changes past ``R`` are queried
