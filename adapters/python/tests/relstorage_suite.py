@@ -119,12 +119,6 @@ KNOWN_ADAPTER_BUGS = [
      "dropped the oid and it reads the database's newest snapshot); fails when the earlier "
      "load's store reached the sidecar first; test_relstorage_suite.py::"
      "test_delete_object_is_not_served reproduces it every time"),
-    (_RS + r"\.checkBackwardTimeTravelWithoutRevertWhenStale$",
-     "BUG: tidecache.relstorage._ReportingPoller forwards attribute reads to RelStorage's "
-     "poller but not writes: the test's `_adapter.poller.transactions_may_go_backwards = True` "
-     "lands on the wrapper, RelStorage's poller never looks for a database that went back, "
-     "and the root's newer state is served (from the sidecar) where ReadConflictError is "
-     "expected; with a forwarding __setattr__ the test passes"),
 ]
 
 #: Tests that fail without tidecache too, in this environment:
@@ -363,8 +357,8 @@ def main(argv=None):
         _skip_matching(suite, rules, counts)
         if not resumed:
             for pattern, reason in rules:
-                print("relstorage_suite: skipping %d test(s) %s: %s"
-                      % (counts.get(pattern, 0), pattern, reason), flush=True)
+                print("relstorage_suite: skipping %s (%d test(s) in every driver's layers): %s"
+                      % (pattern, counts.get(pattern, 0), reason), flush=True)
 
         from zope.testrunner.runner import Runner
 
