@@ -47,7 +47,7 @@ test-python: build
 ## and MySQL (Debian's MariaDB, PyMySQL) started for the run by
 ## bench/dbservers.py (temporary directory, Unix socket, unprivileged
 ## user; installed with apt-get when missing). `make test` runs them over
-## SQLite. Not part of `make test`: about 15 minutes on 2 cores.
+## SQLite. Not part of `make test`: about 12 minutes on 2 cores.
 test-relstorage-servers: build
 	@status=0; for backend in postgresql mysql; do \
 		TIDECACHED=$(CURDIR)/target/release/tidecached $(PY) adapters/python/tests/relstorage_suite.py \
