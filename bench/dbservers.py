@@ -39,13 +39,13 @@ second): these servers hold test data only.
 
 import contextlib
 import glob
-import grp
 import os
 import pwd
 import shutil
 import signal
 import socket as socketlib
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -182,6 +182,17 @@ def _wait_for_socket(path, proc, what, log_path, timeout=START_TIMEOUT):
     raise DatabaseServerError(
         "%s did not accept connections on %s within %.0f s" % (what, path, timeout)
         + _log_tail(log_path))
+
+
+def _remove(directory):
+    """Removes a server's directory; a few tries (a file the server wrote
+    last may appear during the first), then a warning naming what is left."""
+    for _ in range(3):
+        shutil.rmtree(directory, ignore_errors=True)
+        if not os.path.exists(directory):
+            return
+        time.sleep(0.2)
+    print("dbservers: could not remove %s; remove it by hand" % directory, file=sys.stderr)
 
 
 def _stop(proc, sig, timeout=STOP_TIMEOUT):
@@ -328,7 +339,7 @@ class PostgreSQLServer:
         if self.proc is not None:
             _stop(self.proc, signal.SIGINT)
             self.proc = None
-        shutil.rmtree(self.directory, ignore_errors=True)
+        _remove(self.directory)
 
 
 @contextlib.contextmanager
@@ -475,7 +486,7 @@ class MySQLServer:
         if self.proc is not None:
             _stop(self.proc, signal.SIGTERM)
             self.proc = None
-        shutil.rmtree(self.directory, ignore_errors=True)
+        _remove(self.directory)
 
 
 def relstorage_mariadb_compat():
