@@ -10,7 +10,7 @@ DEPS := $(VENV)/.deps-installed
 LOOM_MAX_PREEMPTIONS ?= 2
 SOAK_SECONDS ?= 300
 
-.PHONY: all build demo demo-postgresql test test-rust test-loom test-python bench clean model-long soak soak-campaign
+.PHONY: all build demo demo-postgresql test test-rust test-loom test-python bench clean model-long soak soak-campaign test-relstorage-servers
 
 all: build
 
@@ -48,6 +48,21 @@ test-loom:
 
 test-python: build
 	TIDECACHED=$(CURDIR)/target/release/tidecached $(PY) -m pytest -q adapters/python/tests
+
+## RelStorage 4.3's own test suites with every storage wrapped in tidecache
+## (adapters/python/tests/relstorage_suite.py), over PostgreSQL (psycopg2)
+## and MySQL (Debian's MariaDB, PyMySQL) started for the run by
+## bench/dbservers.py (temporary directory, Unix socket, unprivileged
+## user; installed with apt-get when missing). `make test` runs them over
+## SQLite. Not part of `make test`: about 12 minutes on 2 cores.
+test-relstorage-servers: build
+	@status=0; for backend in postgresql mysql; do \
+		TIDECACHED=$(CURDIR)/target/release/tidecached $(PY) adapters/python/tests/relstorage_suite.py \
+			--backend $$backend > target/relstorage-$$backend.log 2>&1 || status=1; \
+		grep -E '^(RELSTORAGE-SUITE|Total|(Failure|Error) in test)' target/relstorage-$$backend.log \
+			|| tail -20 target/relstorage-$$backend.log; \
+	done; \
+	if [ $$status -ne 0 ]; then echo "test-relstorage-servers FAILED: see target/relstorage-*.log"; fi; exit $$status
 
 ## A longer search of the property tests (one million cases).
 model-long:

@@ -39,13 +39,13 @@ second): these servers hold test data only.
 
 import contextlib
 import glob
-import grp
 import os
 import pwd
 import shutil
 import signal
 import socket as socketlib
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -137,10 +137,23 @@ def _log_tail(path, chars=3000):
     return "\n--- %s (tail) ---\n%s" % (path, text[-chars:])
 
 
+def _base_dir():
+    """Where the servers' directories go: ``$TIDECACHE_DBSERVERS_TMPDIR``,
+    else, when root (the servers then run as another user, who must be
+    able to reach the directory), ``/tmp`` (world-searchable; ``$TMPDIR``
+    may be a private directory of root's), else the temporary directory."""
+    explicit = os.environ.get("TIDECACHE_DBSERVERS_TMPDIR")
+    if explicit:
+        return explicit
+    if _is_root() and os.path.isdir("/tmp") and os.stat("/tmp").st_mode & 0o1777 == 0o1777:
+        return "/tmp"
+    return tempfile.gettempdir()
+
+
 def _private_dir(prefix, uid, gid):
-    """A new temporary directory owned by ``uid`` (mode 0700). Its parents
-    must be searchable by that user: the system temporary directory is."""
-    d = tempfile.mkdtemp(prefix=prefix)
+    """A new temporary directory owned by ``uid`` (mode 0700) under
+    :func:`_base_dir`, whose parents must be searchable by that user."""
+    d = tempfile.mkdtemp(prefix=prefix, dir=_base_dir())
     if _is_root():
         os.chown(d, uid, gid)
     return d
@@ -169,6 +182,17 @@ def _wait_for_socket(path, proc, what, log_path, timeout=START_TIMEOUT):
     raise DatabaseServerError(
         "%s did not accept connections on %s within %.0f s" % (what, path, timeout)
         + _log_tail(log_path))
+
+
+def _remove(directory):
+    """Removes a server's directory; a few tries (a file the server wrote
+    last may appear during the first), then a warning naming what is left."""
+    for _ in range(3):
+        shutil.rmtree(directory, ignore_errors=True)
+        if not os.path.exists(directory):
+            return
+        time.sleep(0.2)
+    print("dbservers: could not remove %s; remove it by hand" % directory, file=sys.stderr)
 
 
 def _stop(proc, sig, timeout=STOP_TIMEOUT):
@@ -255,7 +279,9 @@ class PostgreSQLServer:
         _run_as(self.uid, self.gid,
                 [os.path.join(self.bindir, "initdb"), "-D", self.datadir, "-U", self.user,
                  "--auth=trust", "--encoding=UTF8", "--locale=C", "--no-sync"],
-                "PostgreSQL initdb", cwd=self.directory)
+                "PostgreSQL initdb (as user %s, in %s: its parent directories must be "
+                "searchable by that user)" % (self.os_user, self.directory), cwd=self.directory,
+                env=dict(os.environ, TMPDIR=self.directory))
         log = open(self.log_path, "ab")
         try:
             self.proc = _popen_as(
@@ -267,7 +293,8 @@ class PostgreSQLServer:
                  "-c", "max_connections=200", "-c", "max_prepared_transactions=100",
                  # Not /dev/shm, which containers often keep small.
                  "-c", "dynamic_shared_memory_type=mmap"],
-                stdout=log, stderr=subprocess.STDOUT, cwd=self.directory)
+                stdout=log, stderr=subprocess.STDOUT, cwd=self.directory,
+                env=dict(os.environ, TMPDIR=self.directory))
         finally:
             log.close()
         _wait_for_socket(self.socket, self.proc, "PostgreSQL (%s)" % self.bindir, self.log_path)
@@ -312,7 +339,7 @@ class PostgreSQLServer:
         if self.proc is not None:
             _stop(self.proc, signal.SIGINT)
             self.proc = None
-        shutil.rmtree(self.directory, ignore_errors=True)
+        _remove(self.directory)
 
 
 @contextlib.contextmanager
@@ -400,6 +427,10 @@ class MySQLServer:
             p["passwd"] = passwd
         return p
 
+    def _env(self):
+        # The caller's TMPDIR may be private to it: the server's own.
+        return dict(os.environ, TMPDIR=self.tmpdir)
+
     def _start(self):
         os.mkdir(self.tmpdir)
         if _is_root():
@@ -408,7 +439,9 @@ class MySQLServer:
                 [self.install_db, "--no-defaults", "--datadir=%s" % self.datadir,
                  "--auth-root-authentication-method=normal", "--skip-test-db",
                  "--user=%s" % self.os_user],
-                "MariaDB mariadb-install-db", cwd=self.directory)
+                "MariaDB mariadb-install-db (as user %s, in %s: its parent directories must be "
+                "searchable by that user)" % (self.os_user, self.directory), cwd=self.directory,
+                env=self._env())
         log = open(self.log_path, "ab")
         try:
             self.proc = _popen_as(
@@ -423,7 +456,7 @@ class MySQLServer:
                  "--skip-log-bin",
                  # RelStorage takes 10.11 for a MySQL 8: see relstorage_mariadb_compat().
                  "--version=%s" % self.VERSION],
-                stdout=log, stderr=subprocess.STDOUT, cwd=self.directory)
+                stdout=log, stderr=subprocess.STDOUT, cwd=self.directory, env=self._env())
         finally:
             log.close()
         _wait_for_socket(self.socket, self.proc, "MariaDB (%s)" % self.server, self.log_path)
@@ -453,7 +486,7 @@ class MySQLServer:
         if self.proc is not None:
             _stop(self.proc, signal.SIGTERM)
             self.proc = None
-        shutil.rmtree(self.directory, ignore_errors=True)
+        _remove(self.directory)
 
 
 def relstorage_mariadb_compat():

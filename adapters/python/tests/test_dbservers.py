@@ -97,3 +97,21 @@ def test_server_processes_are_not_root():
         with open("/proc/%d/status" % my.proc.pid) as f:
             uid_line = next(line for line in f if line.startswith("Uid:"))
         assert int(uid_line.split()[1]) != 0
+
+
+def test_servers_start_under_a_private_tmpdir(monkeypatch, tmp_path):
+    """The caller's temporary directory may be private to root (mode 0700,
+    as relstorage_suite.py's is): the servers, which run as another user,
+    still start (their directories go where that user can reach them)."""
+    import os
+    import tempfile
+
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    monkeypatch.setenv("TMPDIR", str(private))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    with _server(dbservers.postgresql_server) as pg:
+        assert pg.execute("select 1").strip() == "1"
+    with _server(dbservers.mysql_server) as my:
+        assert my.execute("select 1").strip() == "1"
+    assert os.listdir(private) == []
