@@ -110,16 +110,7 @@ EXCLUDED = [
 #: (tidecache/relstorage.py), reported, skipped here until fixed so that
 #: the rest of the suites guard the adapter meanwhile: (regex, the bug).
 #: Remove an entry when its bug is fixed.
-KNOWN_ADAPTER_BUGS = [
-    (r"HistoryFreeRelStorageTests_\w+\.checkImplementsIExternalGC$",
-     "the instance's view leaves out its own delete-only commit: after deleteObject "
-     "(IExternalGC, history-free) and tpc_finish, the same instance's load answers the state "
-     "at its view (RelStorage's _cache.highest_visible_tid, which a commit leaving no row "
-     "does not move) from the sidecar, where RelStorage answers POSKeyError (its local cache "
-     "dropped the oid and it reads the database's newest snapshot); fails when the earlier "
-     "load's store reached the sidecar first; test_relstorage_suite.py::"
-     "test_delete_object_is_not_served reproduces it every time"),
-]
+KNOWN_ADAPTER_BUGS = []
 
 #: Tests that fail without tidecache too, in this environment:
 #: (regex on the test id, reason).

@@ -67,10 +67,6 @@ def test_a_failing_wrapper_is_seen():
     assert "fault injected into load" in out
 
 
-@pytest.mark.xfail(strict=True, raises=pytest.fail.Exception, reason=(
-    "reported: after a delete-only commit the instance's view stays below it, so its own "
-    "next load is served the state at that view where RelStorage answers POSKeyError; remove "
-    "this mark, and the entry in relstorage_suite.KNOWN_ADAPTER_BUGS, when it changes"))
 def test_delete_object_is_not_served(sidecar, tmp_path):
     """RelStorage's checkImplementsIExternalGC, made deterministic: an
     object loaded (so stored in the sidecar), then deleted with

@@ -9,7 +9,10 @@ instance, and hooks three places:
 
 - **Views.** An instance's view is the tid its last poll saw
   (``instance._cache.highest_visible_tid``; RelStorage's public
-  ``lastTransaction()`` can be past it after the instance's own commit).
+  ``lastTransaction()`` can be past it after the instance's own commit,
+  before the instance polls again), or its own last commit if newer once
+  it polled after it (a history-free commit that only deleted objects
+  leaves no row for the poll to see).
   RelStorage's load connection polls again by itself on its first use
   after a rollback (``afterCompletion``, a commit), so the view can move
   without ``poll_invalidations``: every load first touches the load
@@ -1072,6 +1075,20 @@ class TideCacheRelStorage(_Joining):
         return d
 
 
+def _view_of(storage):
+    """The view of a RelStorage instance whose load connection has polled:
+    the tid its poll saw (``_cache.highest_visible_tid``), or its own last
+    commit if that is newer (RelStorage's ``highest_visible_tid``): a
+    history-free commit that only deleted objects leaves no row, so the
+    poll's tid stays below it although the snapshot holds it. ``None``
+    when RelStorage has no view (an empty database, a cache it reset)."""
+    polled = storage._cache.highest_visible_tid
+    if polled is None:
+        return None
+    committed = getattr(storage, "_last_tid_i_committed_bytes", None)
+    return max(polled, u64(committed)) if committed else polled
+
+
 class TideCacheRelInstance:
     """One connection's storage: a RelStorage instance whose loads are
     looked up in the sidecar at the instance's view. Everything not
@@ -1121,7 +1138,7 @@ class TideCacheRelInstance:
         # RelStorage's own load does this first: on the first use after a
         # rollback it polls (``__on_load_first_use``) and the view moves.
         storage._load_connection.cursor
-        view = storage._cache.highest_visible_tid
+        view = _view_of(storage)
         if view is None:
             return None
         if view != self._tc_at:
@@ -1151,7 +1168,7 @@ class TideCacheRelInstance:
                 root._tc_forget("another process flushed the database in the sidecar")
             if not root._tc_joined:
                 root._tc_rejoin()
-        view = self._storage._cache.highest_visible_tid
+        view = _view_of(self._storage)
         if view is not None and view != self._tc_at:
             self._tc_set_view(view)
         return result
