@@ -15,6 +15,7 @@ The run is steered through control files (phases, pause, stop), never by
 sleeps: each wait polls, with a bound, for what the workers report.
 """
 
+import itertools
 import pathlib
 import sys
 import tempfile
@@ -58,6 +59,8 @@ def postgresql():
         server.__exit__(None, None, None)
 
 
+_DATABASE_NUMBERS = itertools.count()
+
 DATABASES = [("sqlite", False), ("sqlite", True), ("postgresql", False), ("postgresql", True)]
 
 
@@ -71,7 +74,8 @@ def database(request):
             yield {"kind": "sqlite", "data_dir": d, "keep_history": keep_history}
     else:
         pg = request.getfixturevalue("postgresql")
-        name = "procs_%s" % ("hp" if keep_history else "hf")
+        # A database of its own per test (the server is the module's).
+        name = "procs_%s_%d" % ("hp" if keep_history else "hf", next(_DATABASE_NUMBERS))
         pg.create_database(name)
         yield {"kind": "postgresql", "dsn": pg.dsn_for(name), "keep_history": keep_history}
 
