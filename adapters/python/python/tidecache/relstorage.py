@@ -916,11 +916,14 @@ class TideCacheRelStorage(_Joining):
 
     def _tc_own_commit(self, tid, previous):
         """This process committed ``tid``, changing the oids of
-        ``previous`` (``{oid: serial it was stored against, or None}``):
+        ``previous`` (``{oid: serial it was stored against, or None}``,
+        8-byte strings):
         kept for the report that reaches ``tid`` (:meth:`_tc_report_locked`)."""
         with self._tc_lock:
             if not self._tc_joined or self._tc_reported is None or tid <= self._tc_reported:
                 return
+        previous = {u64(o): (u64(s) if s is not None else None) for o, s in previous.items()}
+        with self._tc_lock:
             self._tc_own[tid] = (frozenset(previous), previous)
             if len(self._tc_own) > PENDING_COMMITS:
                 del self._tc_own[min(self._tc_own)]
@@ -1292,7 +1295,8 @@ class TideCacheRelInstance:
     def _tc_changing(self, oid, serial):
         previous = self._tc_previous
         if previous is not None:
-            previous[u64(oid)] = u64(serial) if serial is not None else None
+            # Kept as bytes (converted once, at the commit's registration).
+            previous[oid] = serial
             if len(previous) > MAX_EXACT_OIDS:
                 # A bulk commit: reported collapsed, like other processes'.
                 self._tc_previous = None
