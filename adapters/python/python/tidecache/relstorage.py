@@ -1057,26 +1057,6 @@ class TideCacheRelStorage(_Joining):
         if closing.is_set():
             self._tc_closing.set()
 
-    def cache_stats(self):
-        """Counters of this storage (as :meth:`TideCacheStorage.cache_stats`):
-        ``hits``, ``misses``, ``stores``, ``invalidations`` (changes
-        reported), ``resyncs``, ``unavailable``, ``proofs``, ``flushes``,
-        ``joined``, ``database`` and ``sidecar`` (the sidecar's counters for
-        this database, ``None`` when it is unavailable)."""
-        d = self._tc_stats.as_dict()
-        resyncs, lost = self._tc_client.outbox_counts
-        d["resyncs"] += resyncs
-        d["unavailable"] += lost
-        d["joined"] = self._tc_joined and self._tc_client.joined
-        d["database"] = self._tc_client.database
-        try:
-            self._tc_client.wait_for_stores(1000)
-            s = self._tc_client.stats()
-            d["sidecar"] = s["databases"].get(self._tc_client.database)
-        except TideCacheError:
-            d["sidecar"] = None
-        return d
-
 
 def _view_of(storage):
     """The view of a RelStorage instance whose load connection has polled:

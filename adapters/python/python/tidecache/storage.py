@@ -166,8 +166,8 @@ class _Stats:
 
 class _Joining:
     """Joining a database in the sidecar (invariant 7): the attach with its
-    proof, shared by :class:`TideCacheStorage` and
-    :class:`tidecache.relstorage.TideCacheRelStorage`. Needs ``_tc_client``,
+    proof, and the storage's counters, shared by :class:`TideCacheStorage`
+    and :class:`tidecache.relstorage.TideCacheRelStorage`. Needs ``_tc_client``,
     ``_tc_socket``, ``_tc_stats``, ``_tc_unavailable`` and
     ``_tc_behind_since``."""
 
@@ -341,6 +341,36 @@ class _Joining:
             close = getattr(it, "close", None)
             if close is not None:
                 close()
+
+    def cache_stats(self):
+        """Counters of this storage (both adapters): ``hits``, ``misses``, ``stores``,
+        ``invalidations`` (changes reported), ``resyncs``, ``unavailable``
+        (calls that found no sidecar, or a database not joined yet),
+        ``proofs`` (proofs of the sidecar's horizon tried), ``flushes``
+        (the database flushed at attach: a restored backup, a failed
+        proof), ``recoveries_exact``, ``recoveries_collapsed``,
+        ``recoveries_resync`` (how the sidecar's horizon, found behind the
+        storage at attach, was brought up: see ``_tc_recover``),
+        ``reconnects_collapsed`` (ZEO reconnects reported as a collapsed
+        report rather than a resync; the ``recoveries_*`` and this are 0
+        over RelStorage), ``joined`` (whether the database is joined in the sidecar),
+        ``database`` (the key), and
+        ``sidecar``: the sidecar's counters for this database, or ``None``
+        when it is unavailable."""
+        d = self._tc_stats.as_dict()
+        resyncs, lost = self._tc_client.outbox_counts
+        d["resyncs"] += resyncs
+        d["unavailable"] += lost
+        d["joined"] = self._tc_joined and self._tc_client.joined
+        d["database"] = self._tc_client.database
+        try:
+            self._tc_client.wait_for_stores(1000)
+            s = self._tc_client.stats()
+            d["sidecar"] = s["databases"].get(self._tc_client.database)
+        except TideCacheError:
+            d["sidecar"] = None
+        return d
+
 
 
 @zope.interface.implementer(IMVCCStorage)
@@ -1056,35 +1086,6 @@ class TideCacheStorage(_Joining, MVCCAdapter):
                                self._tc_client.database, worker.name, CLOSE_JOIN_SECONDS)
 
     # -- statistics ------------------------------------------------------------
-
-    def cache_stats(self):
-        """Counters of this storage: ``hits``, ``misses``, ``stores``,
-        ``invalidations`` (changes reported), ``resyncs``, ``unavailable``
-        (calls that found no sidecar, or a database not joined yet),
-        ``proofs`` (proofs of the sidecar's horizon tried), ``flushes``
-        (the database flushed at attach: a restored backup, a failed
-        proof), ``recoveries_exact``, ``recoveries_collapsed``,
-        ``recoveries_resync`` (how the sidecar's horizon, found behind the
-        storage at attach, was brought up: see ``_tc_recover``),
-        ``reconnects_collapsed`` (ZEO reconnects reported as a collapsed
-        report rather than a resync), ``joined`` (whether the database is joined in the sidecar),
-        ``database`` (the key), and
-        ``sidecar``: the sidecar's counters for this database, or ``None``
-        when it is unavailable."""
-        d = self._tc_stats.as_dict()
-        resyncs, lost = self._tc_client.outbox_counts
-        d["resyncs"] += resyncs
-        d["unavailable"] += lost
-        d["joined"] = self._tc_joined and self._tc_client.joined
-        d["database"] = self._tc_client.database
-        try:
-            self._tc_client.wait_for_stores(1000)
-            s = self._tc_client.stats()
-            d["sidecar"] = s["databases"].get(self._tc_client.database)
-        except TideCacheError:
-            d["sidecar"] = None
-        return d
-
 
 class TideCacheInstance(MVCCAdapterInstance):
     """One connection's storage: ZODB's ``MVCCAdapterInstance`` whose loads
