@@ -98,6 +98,11 @@ PENDING_COMMITS = 64
 #: (history-free); a larger commit is reported collapsed.
 MAX_EXACT_OIDS = 50000
 
+#: How long (seconds) a horizon may stay neither provable nor contradicted
+#: (history-free: its objects all changed since, nothing reported past it)
+#: before a joining worker takes it for not proved and flushes.
+INCONCLUSIVE_SECONDS = 10.0
+
 #: How often (seconds) the watcher thread asks a history-preserving
 #: database whether a pack made outside tidecache (``zodbpack``, another
 #: process's plain RelStorage) rewrote its history; one query, off the
@@ -410,13 +415,11 @@ class TideCacheRelStorage(_Joining):
         # {tid: (oids, {oid: previous serial or None})} of this process's
         # commits not reported yet (history-free: see _tc_report_locked).
         self._tc_own = {}
-        # The tid of a commit that deleted objects, in the thread that
-        # polls right after it (its snapshot holds the commit).
-        self._tc_after_commit = threading.local()
         # Moves at every join and drop: a report computed before one is
         # not sent after it (its rows may be another history's).
         self._tc_epoch = 0
         self._tc_packed = None
+        self._tc_inconclusive = {}
         self._tc_next_pack_check = 0.0
         self._tc_watcher = None
         self._tc_watch_connection = None
@@ -458,6 +461,17 @@ class TideCacheRelStorage(_Joining):
                 last = u64(storage.lastTransaction())
                 last, joined = self._tc_attach(storage, last, wait)
             packed = self._tc_newest_packed(instance)
+            if joined and packed and packed > self._tc_log_start():
+                # History-preserving: a pack made after the sidecar's log
+                # started, by no process of tidecache (each flushes after its
+                # own; running watchers flush after others'): the sidecar may
+                # hold revisions the pack removed.
+                logger.warning("tidecache: %s was packed (newest packed transaction %s) after the "
+                               "sidecar's log of it started, by a process without tidecache: "
+                               "flushing the database in the sidecar", self._tc_client.database,
+                               tid_repr(p64(packed)))
+                self._tc_flush()
+                last, joined = self._tc_attach(_Polling(instance), last, wait)
         finally:
             try:
                 instance.release()
@@ -493,8 +507,8 @@ class TideCacheRelStorage(_Joining):
         holds the revisions older than its copy), but one that is not is a
         contradiction, as is a witness oid without its revision at the
         horizon (history-free: a current serial at or below the horizon and
-        another: another history wrote it; one changed since says
-        nothing). Proved when there is evidence and no contradiction; not
+        another: another history wrote it; one changed or deleted since
+        says nothing). Proved when there is evidence and no contradiction; not
         proved (a flush) on a contradiction; ``None`` when there is neither
         (a history-free horizon whose objects were all changed since): the
         attach tries a later horizon, then a later poll does; never a flush
@@ -515,15 +529,17 @@ class TideCacheRelStorage(_Joining):
             else:
                 current = storage._adapter.mover.current_object_tids(
                     cursor, list(witness) + [o for o, _ in sample])
+                # An oid without a current revision was deleted since (a
+                # garbage collector's deleteObject): it says nothing.
                 for oid in witness:
                     tid = current.get(oid)
                     if tid == horizon:
                         evidence.append(oid)
-                    elif tid is None or tid < horizon:
+                    elif tid is not None and tid < horizon:
                         contradiction.append(oid)
                 for oid, serial in sample:
                     tid = current.get(oid)
-                    if tid != serial and (tid is None or tid <= horizon):
+                    if tid is not None and tid != serial and tid <= horizon:
                         contradiction.append(oid)
             if contradiction:
                 return False, ("oids %s are not at the sidecar's revisions (another history)"
@@ -532,11 +548,31 @@ class TideCacheRelStorage(_Joining):
                 return True, "%d witness oids at the horizon" % len(evidence)
             if _Changes(storage._adapter.poller).holds_tid(cursor, horizon):
                 return True, "a revision with serial at the horizon"
-            # Inconclusive: tried again at a later horizon, never a flush.
+            # Inconclusive: tried again at a later horizon. A horizon that
+            # stays so (nothing reports past it: its commits were made
+            # without tidecache, or their process died before its poll)
+            # would keep every worker out: past INCONCLUSIVE_SECONDS it is
+            # not proved (a flush; the safe side).
+            now = time.monotonic()
+            first = self._tc_inconclusive.get(horizon)
+            if first is None:
+                self._tc_inconclusive = {horizon: now}
+            elif now - first > INCONCLUSIVE_SECONDS:
+                return False, ("the horizon could not be checked for %.0f s (its objects were all "
+                               "changed since, and nothing reported past it)" % (now - first))
             return None, ("no revision at the horizon any more (its objects were all changed "
                           "since): nothing to check it against")
         except Exception as e:
             return False, "the proof failed: %r" % (e,)
+
+    def _tc_log_start(self):
+        """The tid the sidecar's log of this database starts at (a round
+        trip); 0 when it cannot be read."""
+        try:
+            stats = self._tc_client.stats()["databases"].get(self._tc_client.database)
+        except TideCacheError:
+            return 0
+        return (stats or {}).get("log_start", 0) or 0
 
     def _tc_newest_packed(self, instance):
         """The newest packed tid in ``instance``'s snapshot, ``None`` if
@@ -600,6 +636,18 @@ class TideCacheRelStorage(_Joining):
             from relstorage.adapters.connections import LoadConnection
 
             self._tc_watch_connection = LoadConnection(self._storage._adapter.connmanager)
+        with self._tc_lock:
+            deleted = bool(self._tc_deleted)
+        if deleted:
+            # Deletions whose tid another process's report passed first.
+            try:
+                horizon = self._tc_client.report_now(reported, reported, [])
+            except TideCacheError:
+                horizon = None
+            if horizon is not None:
+                with self._tc_lock:
+                    if self._tc_joined:
+                        self._tc_send_deletions_locked(horizon)
         changes_sql = _Changes(self._storage._adapter.poller)
         now = time.monotonic()
         pack_due = changes_sql.keep_history and now >= self._tc_next_pack_check
@@ -732,15 +780,6 @@ class TideCacheRelStorage(_Joining):
             self._tc_forget("another process flushed the database in the sidecar")
             self._tc_rejoin()
             return
-        deleted_at = getattr(self._tc_after_commit, "tid", None)
-        if deleted_at is not None and deleted_at > to and not changes_sql.keep_history:
-            # A poll made right after this thread's commit that deleted
-            # objects: its snapshot holds that commit, whose tid no row
-            # shows (a history-free database keeps none of a deleted
-            # object); the report reaches it, collapsed.
-            to = deleted_at
-            if since is not None and since < to:
-                since = None  # the rows of (since, polled] do not cover (polled, to]: queried
         if to <= start:
             return
         exact = False
@@ -771,14 +810,11 @@ class TideCacheRelStorage(_Joining):
             if rows is None:
                 self._tc_stats.resyncs += 1
                 self._tc_client.resync(to)
-                self._tc_deleted = [(t, oids) for t, oids in self._tc_deleted if t > to]
             else:
                 listed = [(o, t) for o, t in rows if frm < t <= to]
-                if self._tc_deleted:
-                    listed.extend((o, t) for t, oids in self._tc_deleted if frm < t <= to for o in oids)
-                    self._tc_deleted = [(t, oids) for t, oids in self._tc_deleted if t > to]
                 self._tc_stats.invalidations += len(listed)
                 self._tc_report_locked(frm, to, listed, exact)
+            self._tc_send_deletions_locked(to)
             if self._tc_own:
                 for t in [t for t in self._tc_own if t <= to]:
                     del self._tc_own[t]
@@ -841,6 +877,19 @@ class TideCacheRelStorage(_Joining):
                 return
             why += "; the primary itself is at %s, below the newest tid reported" % (
                 tid_repr(p64(primary)) if primary is not None else "an unknown tid")
+        from tidecache._native import StaleError
+
+        try:
+            # A no-op report: answered Stale if another process flushed the
+            # database since this client joined it (a zap_all or a pack
+            # through its wrapper): then only join again, no second flush.
+            self._tc_client.report_now(since, since, [])
+        except StaleError:
+            self._tc_forget("another process flushed the database in the sidecar")
+            self._tc_rejoin()
+            return
+        except TideCacheError:
+            pass  # unavailable: flushed below (the flush fails the same way and is logged)
         logger.warning("tidecache: %s: the database went back in time (%s; polled %s after %s): "
                        "restored from a backup, or a pack removed its newest transaction? "
                        "Flushing the database in the sidecar.", self._tc_client.database, why,
@@ -874,7 +923,6 @@ class TideCacheRelStorage(_Joining):
             self._tc_joined = False
             self._tc_reported = None
             self._tc_pending = []
-            self._tc_deleted = []
             self._tc_own = {}
             self._tc_epoch += 1
             self._tc_next_join = 0.0
@@ -900,19 +948,39 @@ class TideCacheRelStorage(_Joining):
     # -- write-through --------------------------------------------------------
 
     def _tc_deleted_at(self, tid, oids):
-        """This process's commit ``tid`` deleted ``oids``
-        (``deleteObject``): listed in the report that covers ``tid``."""
+        """This process's commit ``tid`` deleted ``oids`` (``deleteObject``;
+        history-free: no row shows the commit, so no poll can). Told as the
+        exact report ``(tid - 1, tid]`` listing them, true on its own (only
+        that commit has tid ``tid``, and it changed exactly these oids), once
+        the sidecar's horizon is past ``tid`` (it is then contiguous, and a
+        change at or below the horizon is still applied: the oids' open
+        revisions are closed at ``tid``): right away if this process
+        reported past it, else after the report that is
+        (:meth:`_tc_send_deletions_locked`) or the watcher's check. The
+        horizon is never moved past the database's newest row for it
+        (workers joining later could not reach it). Kept across a flush
+        (facts of the database's history, not of the sidecar's)."""
+        oids = [u64(o) for o in oids]
         with self._tc_lock:
-            if self._tc_joined and self._tc_reported is not None and tid > self._tc_reported:
-                self._tc_deleted.append((tid, [u64(o) for o in oids]))
-                return
-        if self._tc_joined:
-            # Already reported without them (a poll of another thread saw
-            # the commit first). Deleted objects are unreachable (a garbage
-            # collector deletes them): their states may stay served to a
-            # load by oid until evicted, as in RelStorage's own caches.
-            logger.info("tidecache: %s: %d objects deleted at %s were reported without their "
-                        "deletion", self._tc_client.database, len(oids), tid_repr(p64(tid)))
+            self._tc_deleted.append((tid, oids))
+            del self._tc_deleted[:-PENDING_COMMITS]
+            if self._tc_joined and self._tc_reported is not None:
+                self._tc_send_deletions_locked(self._tc_reported)
+
+    def _tc_send_deletions_locked(self, horizon):
+        """Sends the deletions of commits at or below ``horizon`` (a tid the
+        sidecar's horizon has reached, or will before these reports: they
+        follow in the same ordered queue)."""
+        if not self._tc_deleted:
+            return
+        keep = []
+        for t, oids in self._tc_deleted:
+            if t <= horizon:
+                self._tc_client.report(t - 1, t, [(o, t) for o in sorted(oids)])
+                self._tc_stats.invalidations += len(oids)
+            else:
+                keep.append((t, oids))
+        self._tc_deleted = keep
 
     def _tc_own_commit(self, tid, previous):
         """This process committed ``tid``, changing the oids of
@@ -1369,17 +1437,6 @@ class TideCacheRelInstance:
                 func(tid)
 
         tid = self._storage.tpc_finish(transaction, finish)
-        if deleting:
-            # A history-free database shows no row of this commit (it only
-            # deleted): a poll now, whose snapshot holds it, reports it.
-            marker = self._tc_root._tc_after_commit
-            marker.tid = u64(tid)
-            try:
-                self._storage._load_connection.cursor
-            except Exception:
-                logger.debug("tidecache: the poll after a deleting commit failed", exc_info=True)
-            finally:
-                marker.tid = None
         if written:
             self._tc_root._tc_committed(u64(tid), written)
         return tid
