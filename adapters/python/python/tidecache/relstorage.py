@@ -43,9 +43,10 @@ instance, and hooks three places:
   snapshot and reported with it. The host's cache is dropped only when the
   database itself says its history went back: a poll whose tid went
   backwards on a database without replicas (a restored backup, a
-  history-free pack that removed the newest transaction), or a
-  ``CacheConsistencyError``; then the database is flushed in the sidecar
-  and joined again with a proof. With read replicas (``replica-conf``), a
+  history-free pack that removed the newest transaction), the watcher
+  finding the newest tid reported gone, or a ``CacheConsistencyError``;
+  then the database is flushed in the sidecar and joined again with a
+  proof. With read replicas (``replica-conf``), a
   poll that goes back is a lagging replica: nothing is reported until it
   passes ``R`` again, and its views (below the sidecar's horizon) are
   served as any old view.
@@ -65,8 +66,12 @@ Blobs: blob records are cached like any state; blob files are read from
 RelStorage's blob directory as before (``loadBlob`` and
 ``openCommittedBlobFile`` go to RelStorage). A pack through the wrapper
 (``DB.pack``, ``storage.pack``) or ``zap_all`` flushes the database in the
-sidecar; a pack made outside it (``zodbpack``, ``zodbconvert --clear``)
-is not seen: see docs/relstorage.md for what it costs and what to do.
+sidecar. A watcher thread per process (:meth:`TideCacheRelStorage._tc_watch_once`)
+checks, off the request path, what a poll cannot cheaply: that the
+database still holds the newest tid reported (a restore under running
+workers), that no other process flushed it, and (history-preserving) that
+no pack made outside tidecache rewrote it. docs/relstorage.md has the
+events that flush and their log lines.
 """
 
 import logging
