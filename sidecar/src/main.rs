@@ -24,9 +24,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve in the foreground, logging to stderr (RUST_LOG or --log-level).
-    /// Under systemd (Type=notify) it sends READY=1 once the socket accepts
-    /// connections and STOPPING=1 on SIGTERM or SIGINT. A start that fails
-    /// leaves no arena file it created behind.
+    ///
+    /// Under a service manager (systemd Type=notify: $NOTIFY_SOCKET) it sends
+    /// READY=1 and a STATUS line once the socket accepts connections, and
+    /// STOPPING=1 on SIGTERM or SIGINT, which remove the socket and exit 0
+    /// (the arena file stays, for a warm restart). A start that fails
+    /// changes nothing: it removes an arena file it created.
     Serve {
         /// Path of the Unix socket to create (mode 0600), in an existing
         /// directory. A stale socket file is replaced; a live one (another
@@ -88,15 +91,17 @@ enum Command {
         #[arg(long, value_name = "ADDR")]
         metrics_listen: Option<String>,
     },
-    /// Print the counters of a running tidecached: json (the default: one
-    /// JSON object on one line, the sidecar's Stats answer plus, per
-    /// database, horizon_time and horizon_lag_s), text (for a person: tids
-    /// also as ISO times, the horizon's lag in seconds, hit ratios) or
-    /// prometheus (what --metrics-listen serves, less the counters only the
-    /// sidecar's own endpoint has: tidecache_resyncs_total). `clients`
-    /// does not count this command's own connection. hits and misses count
-    /// the lookups the sidecar answered over its socket, not the hits
-    /// workers read from the arena.
+    /// Print the counters of a running tidecached (json, text or prometheus).
+    ///
+    /// json (the default): one JSON object on one line, the sidecar's Stats
+    /// answer plus, per database, horizon_time (ISO 8601 UTC) and
+    /// horizon_lag_s. text: for a person, tids also as ISO times, the
+    /// horizon's lag in seconds, hit ratios. prometheus: what
+    /// --metrics-listen serves, less tidecache_resyncs_total (known inside
+    /// the sidecar only). clients does not count this command's own
+    /// connection. hits and misses count the lookups the sidecar answered
+    /// over its socket, not the hits workers read from the arena (their
+    /// cache_stats() counts those).
     Stats {
         /// Path of the running sidecar's socket.
         #[arg(long)]
@@ -105,11 +110,14 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Format::Json)]
         format: Format,
     },
-    /// Health check: connect, ask for the counters, print one line and
-    /// exit 0 (`ok: N databases, M clients, arena X% full`) or 1 (`error:
-    /// ...`: no socket, not a socket, nobody answering, no answer in
-    /// time). M does not count the check's own connection. For systemd,
-    /// Docker's HEALTHCHECK, Kubernetes' exec probes.
+    /// Health check: print one line, exit 0 if the sidecar answers, else 1.
+    ///
+    /// Connects, asks for the counters and prints `ok: N databases, M
+    /// clients, arena X% full` (exit 0) or `error: ...` (exit 1: no socket,
+    /// not a socket, nobody answering, no answer in time). M does not count
+    /// the check's own connection; X is the arena's bytes in records over
+    /// its size. For Docker's HEALTHCHECK, Kubernetes exec probes, systemd
+    /// ExecStartPost or a monitoring agent.
     Check {
         /// Path of the sidecar's socket.
         #[arg(long)]
@@ -118,13 +126,14 @@ enum Command {
         #[arg(long, default_value_t = 2000)]
         timeout_ms: u64,
     },
-    /// Remove an arena file no sidecar uses, and its <cache-file>.lock. The
-    /// file is unlinked, never truncated: workers that still map it keep
-    /// valid pages and the memory is freed when the last one lets go.
-    /// Refused, changing nothing, if a sidecar holds the file's lock (it is
-    /// running: stop it first) or if the file does not start with the
-    /// arena's magic word (not an arena, or empty). No file: nothing to do,
-    /// exit 0.
+    /// Remove an arena file no sidecar uses, and its <cache-file>.lock.
+    ///
+    /// The file is unlinked, never truncated: workers that still map it keep
+    /// valid pages, and the memory is freed when the last one unmaps it
+    /// (restart them). Refused, changing nothing (exit 1), if a sidecar
+    /// holds the file's lock (it is running: stop it first) or if the file
+    /// does not start with the arena's magic word (not an arena, or empty).
+    /// No file there: nothing to do, exit 0.
     Clean {
         /// The arena file (what `serve --cache-file` was given).
         #[arg(long, required_unless_present = "socket", conflicts_with = "socket")]
