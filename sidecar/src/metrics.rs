@@ -340,7 +340,8 @@ impl Readout {
             (
                 "tidecache_stores_refused_total",
                 "counter",
-                "Stores refused (stale by the invalidation log, detached views, a flushed history).",
+                "Revisions a store brought that the rules refused (a newer revision cached, loaded below the \
+                 log's start or past the horizon, no log yet, too large).",
                 |d, _| Some(Value::Int(d.refused)),
             ),
             (
@@ -422,7 +423,12 @@ impl Readout {
 
 /// A per-database family: name, type, help, and its sample of a
 /// database at a time (`None`: no sample, e.g. no horizon yet).
-type PerDatabase = (&'static str, &'static str, &'static str, fn(&DatabaseStats, f64) -> Option<Value>);
+type PerDatabase = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&DatabaseStats, f64) -> Option<Value>,
+);
 
 /// A sample's value.
 #[derive(Debug, Clone, Copy)]
