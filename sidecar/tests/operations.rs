@@ -527,3 +527,32 @@ fn serve_notifies_ready_and_stopping() {
     }
     assert!(!socket.exists());
 }
+
+#[test]
+fn clean_by_socket_names_the_default_arena_file() {
+    // `--socket` instead of `--cache-file`: the file `serve` would use by
+    // default, /dev/shm/tidecache-<uid>-<CRC-32 of the socket path>.arena.
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("never-served.sock");
+    let out = clean(&[os("--socket"), socket.as_os_str(), os("--dry-run")]);
+    assert!(out.status.success(), "{out:?}");
+    // SAFETY: getuid cannot fail.
+    let uid = unsafe { libc::getuid() };
+    let expected = if Path::new("/dev/shm").is_dir() {
+        format!("no file at /dev/shm/tidecache-{uid}-")
+    } else {
+        format!("no file at {}.arena", socket.display())
+    };
+    assert!(stdout(&out).starts_with(&expected), "{}", stdout(&out));
+    let both = clean(&[
+        os("--socket"),
+        socket.as_os_str(),
+        os("--cache-file"),
+        socket.as_os_str(),
+    ]);
+    assert_eq!(
+        both.status.code(),
+        Some(2),
+        "--socket and --cache-file conflict: {both:?}"
+    );
+}
