@@ -97,11 +97,11 @@ enum Command {
     /// answer plus, per database, horizon_time (ISO 8601 UTC) and
     /// horizon_lag_s. text: for a person, tids also as ISO times, the
     /// horizon's lag in seconds, hit ratios. prometheus: what
-    /// --metrics-listen serves, less tidecache_resyncs_total (known inside
-    /// the sidecar only). clients does not count this command's own
-    /// connection. hits and misses count the lookups the sidecar answered
-    /// over its socket, not the hits workers read from the arena (their
-    /// cache_stats() counts those).
+    /// --metrics-listen serves, less tidecache_resyncs_total and
+    /// tidecache_hit_hints_total (known inside the sidecar only). clients
+    /// does not count this command's own connection. hits and misses count
+    /// the lookups the sidecar answered over its socket, not the hits
+    /// workers read from the arena (their cache_stats() counts those).
     Stats {
         /// Path of the running sidecar's socket.
         #[arg(long)]

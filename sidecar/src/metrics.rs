@@ -5,9 +5,12 @@
 //! What `hits` and `misses` count: the lookups the sidecar itself answered
 //! (`Lookup` requests over the socket, made by clients that cannot map the
 //! arena, and by tools). Hits a worker reads from the mapped arena never
-//! reach the sidecar: the hit hints clients send (`Touch`) are samples of
-//! `(oid, serial)` for eviction, without counts, so they are not counted
-//! either. With every worker mapping the arena both stay near zero; the
+//! reach the sidecar. The hit hints clients send (`Touch`) are samples of
+//! `(oid, serial)` for eviction, without counts: the sidecar counts them
+//! apart ([`Inside::hit_hints`], `tidecache_hit_hints_total`), each one
+//! standing for `tidecache_client::session::TOUCH_EVERY` arena hits of a
+//! worker, less those lost with a full queue or not yet sent. With every
+//! worker mapping the arena `hits` and `misses` stay near zero; the
 //! workers' own `cache_stats()` count their hits. docs/operations.md says
 //! the same for operators.
 
@@ -41,10 +44,21 @@ pub struct Readout {
     /// When it was taken, seconds since 1970-01-01 UTC: horizon lags are
     /// measured from it.
     pub at: f64,
-    /// `Resync` requests served per database since the sidecar started:
-    /// known inside the sidecar only (the `Stats` answer does not carry
-    /// them), so `None` when read over the socket, and then not shown.
-    pub resyncs: Option<BTreeMap<String, u64>>,
+    /// Per database, what is known inside the sidecar only (the `Stats`
+    /// answer does not carry it): `None` when read over the socket, and
+    /// then not shown.
+    pub inside: Option<BTreeMap<String, Inside>>,
+}
+
+/// Counters of one database that the `Stats` answer does not carry.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Inside {
+    /// `Resync` requests served since the sidecar started.
+    pub resyncs: u64,
+    /// Hit hints received, `(oid, serial)` pairs of `Touch` requests: each
+    /// stands for `tidecache_client::session::TOUCH_EVERY` hits a worker
+    /// read from the arena.
+    pub hit_hints: u64,
 }
 
 /// Seconds since 1970-01-01 UTC, now.
@@ -62,11 +76,11 @@ pub fn lag(tid: Option<u64>, at: f64) -> Option<f64> {
 
 impl Readout {
     /// A readout of `stats` taken now.
-    pub fn new(stats: ServerStats, resyncs: Option<BTreeMap<String, u64>>) -> Self {
+    pub fn new(stats: ServerStats, inside: Option<BTreeMap<String, Inside>>) -> Self {
         Readout {
             stats,
             at: now(),
-            resyncs,
+            inside,
         }
     }
 
@@ -88,8 +102,9 @@ impl Readout {
                 if let Some(obj) = db.as_object_mut() {
                     obj.insert("horizon_time".into(), horizon.map(timestamp::iso).into());
                     obj.insert("horizon_lag_s".into(), lag(horizon, self.at).into());
-                    if let Some(r) = self.resyncs.as_ref().and_then(|r| r.get(name)) {
-                        obj.insert("resyncs".into(), (*r).into());
+                    if let Some(i) = self.inside.as_ref().and_then(|r| r.get(name)) {
+                        obj.insert("resyncs".into(), i.resyncs.into());
+                        obj.insert("hit_hints".into(), i.hit_hints.into());
                     }
                 }
             }
@@ -143,13 +158,13 @@ impl Readout {
         );
         self.text_database(&mut o, "total (all databases)", &s.total, None);
         for (name, db) in &s.databases {
-            let resyncs = self.resyncs.as_ref().and_then(|r| r.get(name)).copied();
-            self.text_database(&mut o, &format!("database {name}"), db, resyncs);
+            let inside = self.inside.as_ref().and_then(|r| r.get(name)).copied();
+            self.text_database(&mut o, &format!("database {name}"), db, inside);
         }
         o
     }
 
-    fn text_database(&self, o: &mut String, title: &str, d: &DatabaseStats, resyncs: Option<u64>) {
+    fn text_database(&self, o: &mut String, title: &str, d: &DatabaseStats, inside: Option<Inside>) {
         let _ = writeln!(o, "{title}");
         let _ = writeln!(o, "  {} revisions, {} charged", d.entries, mib(d.bytes));
         let _ = writeln!(
@@ -168,7 +183,9 @@ impl Readout {
             d.invalidations,
             d.reclaimed,
             d.evicted,
-            resyncs.map(|r| format!("; resyncs {r}")).unwrap_or_default()
+            inside
+                .map(|i| format!("; resyncs {}; hit hints {}", i.resyncs, i.hit_hints))
+                .unwrap_or_default()
         );
         let _ = writeln!(o, "  views {}, detached {}", d.views, d.detached);
         if std::ptr::eq(d, &self.stats.total) {
@@ -408,13 +425,26 @@ impl Readout {
                 .collect();
             e.family(name, kind, help, samples);
         }
-        if let Some(resyncs) = &self.resyncs {
+        if let Some(inside) = &self.inside {
             e.family(
                 "tidecache_resyncs_total",
                 "counter",
                 "Resync requests served (a client lost invalidations and asked the sidecar to \
                  restart its log).",
-                resyncs.iter().map(|(db, &n)| (database_label(db), Value::Int(n))),
+                inside.iter().map(|(db, i)| (database_label(db), Value::Int(i.resyncs))),
+            );
+            let every = tidecache_client::session::TOUCH_EVERY;
+            e.family(
+                "tidecache_hit_hints_total",
+                "counter",
+                &format!(
+                    "Hit hints received from workers: each stands for {every} hits a worker read \
+                     from the arena (1 in {every} is sent), less hints lost with a full queue or \
+                     not yet sent."
+                ),
+                inside
+                    .iter()
+                    .map(|(db, i)| (database_label(db), Value::Int(i.hit_hints))),
             );
         }
         e.out
@@ -544,7 +574,16 @@ mod tests {
         Readout {
             stats,
             at: 1_700_000_010.5,
-            resyncs: Some([("fs".to_owned(), 4)].into()),
+            inside: Some(
+                [(
+                    "fs".to_owned(),
+                    Inside {
+                        resyncs: 4,
+                        hit_hints: 5,
+                    },
+                )]
+                .into(),
+            ),
         }
     }
 
@@ -564,6 +603,7 @@ mod tests {
         // No horizon: no lag sample for that database.
         assert!(!text.contains("tidecache_horizon_lag_seconds{database=\"fs\"}"));
         assert!(text.contains("tidecache_resyncs_total{database=\"fs\"} 4\n"));
+        assert!(text.contains("tidecache_hit_hints_total{database=\"fs\"} 5\n"));
         assert!(text.contains("tidecache_build_info{version=\"0.1.0\"} 1\n"));
     }
 
@@ -576,6 +616,7 @@ mod tests {
         assert!((db["horizon_lag_s"].as_f64().unwrap() - 10.5).abs() < 1e-6);
         assert_eq!(v["databases"]["fs"]["horizon_lag_s"], serde_json::Value::Null);
         assert_eq!(v["databases"]["fs"]["resyncs"], 4);
+        assert_eq!(v["databases"]["fs"]["hit_hints"], 5);
         assert_eq!(v["total"]["hits"], 3);
     }
 

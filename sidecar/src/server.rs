@@ -139,6 +139,9 @@ struct Entry {
     /// `Resync` requests served for it (the metrics endpoint's
     /// `tidecache_resyncs_total`).
     resyncs: AtomicU64,
+    /// Hit hints received for it, `(oid, serial)` pairs in `Touch`
+    /// requests (`tidecache_hit_hints_total`).
+    hit_hints: AtomicU64,
 }
 
 /// The sidecar's state, shared by every connection thread.
@@ -427,6 +430,7 @@ impl Server {
                 db: db.clone(),
                 attached: 0,
                 resyncs: AtomicU64::new(0),
+                hit_hints: AtomicU64::new(0),
             },
         );
         Ok(db)
@@ -716,9 +720,13 @@ impl Server {
                 revisions,
                 identity,
             } => {
-                let db = self.database(&db)?;
+                let name = db;
+                let db = self.database(&name)?;
                 let _gate = self.unflushed(&db, identity)?;
                 db.cache().touch(&revisions);
+                if let Some(e) = self.databases.read().unwrap_or_else(|p| p.into_inner()).get(&name) {
+                    e.hit_hints.fetch_add(revisions.len() as u64, Ordering::Relaxed);
+                }
                 ResponseBody::Done
             }
         })
@@ -768,21 +776,27 @@ impl Server {
         }
     }
 
-    /// [`Server::stats`] with what only the sidecar knows (resyncs per
-    /// database), taken now: what `--metrics-listen` serves. Takes the
+    /// [`Server::stats`] with what only the sidecar knows (resyncs and hit
+    /// hints per database), taken now: what `--metrics-listen` serves. Takes the
     /// database map's lock for reading twice, for a copy, and the arena
     /// writer's lock once per database and once for the arena, each for
     /// a copy of counters.
     pub fn readout(&self) -> crate::metrics::Readout {
         let stats = self.stats();
-        let resyncs = self
+        let inside = self
             .databases
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .map(|(k, e)| (k.clone(), e.resyncs.load(Ordering::Relaxed)))
+            .map(|(k, e)| {
+                let counters = crate::metrics::Inside {
+                    resyncs: e.resyncs.load(Ordering::Relaxed),
+                    hit_hints: e.hit_hints.load(Ordering::Relaxed),
+                };
+                (k.clone(), counters)
+            })
             .collect();
-        crate::metrics::Readout::new(stats, Some(resyncs))
+        crate::metrics::Readout::new(stats, Some(inside))
     }
 
     /// Counters of the sidecar and every database.

@@ -176,8 +176,11 @@ fn stats_formats() {
     assert_eq!(sample(&samples, "tidecache_clients"), 1.0);
     let lag = sample(&samples, "tidecache_horizon_lag_seconds{database=\"db\"}");
     assert!((59.0..3600.0).contains(&lag), "lag {lag}");
-    // Resyncs are known inside the sidecar only: not over the socket.
-    assert!(!samples.iter().any(|(s, _)| s.starts_with("tidecache_resyncs_total")));
+    // Resyncs and hit hints are known inside the sidecar only: not over
+    // the socket.
+    assert!(!samples
+        .iter()
+        .any(|(s, _)| s.starts_with("tidecache_resyncs_total") || s.starts_with("tidecache_hit_hints_total")));
 
     let out = tidecached(&[os("stats"), os("--socket"), sock, os("--format"), os("xml")]);
     assert!(!out.status.success());
@@ -238,9 +241,20 @@ fn metrics_endpoint_serves_prometheus_text() {
     }
     assert_eq!(sample(&samples, "tidecache_hits_total{database=\"db\"}"), 1.0);
     assert_eq!(sample(&samples, "tidecache_resyncs_total{database=\"db\"}"), 1.0);
+    assert_eq!(sample(&samples, "tidecache_hit_hints_total{database=\"db\"}"), 0.0);
     // The endpoint is no client: the one connection is some_traffic's.
     assert_eq!(sample(&samples, "tidecache_clients"), 1.0);
     assert_eq!(sample(&samples, "tidecache_arena_capacity_bytes"), (16u64 << 20) as f64);
+
+    // Hit hints (what workers send of their arena hits) are counted apart.
+    let c = client(&sc.socket);
+    let h = tid_at(unix_now() - 60);
+    c.touch("db", vec![(1, h), (1, h), (2, h)]).unwrap();
+    let (_, _, body) = http(&addr, b"GET /metrics HTTP/1.1\r\n\r\n");
+    let samples = parse_exposition(&body);
+    assert_eq!(sample(&samples, "tidecache_hit_hints_total{database=\"db\"}"), 3.0);
+    assert_eq!(sample(&samples, "tidecache_hits_total{database=\"db\"}"), 1.0);
+    drop(c);
 
     let (status, _, body) = http(&addr, b"HEAD /metrics HTTP/1.0\r\n\r\n");
     assert_eq!((status, body.as_str()), (200, ""));
