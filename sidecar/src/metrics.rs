@@ -131,11 +131,11 @@ impl Readout {
             o,
             "arena {}: {} of {} in records ({:.1}% full), {} revisions, {} of states",
             a.path,
-            mib(a.record_bytes),
-            mib(a.file_bytes),
+            size(a.record_bytes),
+            size(a.file_bytes),
             percent(a.record_bytes, a.file_bytes),
             a.entries,
-            mib(a.state_bytes)
+            size(a.state_bytes)
         );
         let _ = writeln!(
             o,
@@ -166,7 +166,7 @@ impl Readout {
 
     fn text_database(&self, o: &mut String, title: &str, d: &DatabaseStats, inside: Option<Inside>) {
         let _ = writeln!(o, "{title}");
-        let _ = writeln!(o, "  {} revisions, {} charged", d.entries, mib(d.bytes));
+        let _ = writeln!(o, "  {} revisions, {} charged", d.entries, size(d.bytes));
         let _ = writeln!(
             o,
             "  lookups the sidecar answered: {} hits, {} misses ({}); hits read from the arena are \
@@ -206,6 +206,7 @@ impl Readout {
     fn tid_text(&self, tid: Option<u64>) -> String {
         match tid {
             None => "-".into(),
+            Some(0) => format!("{:#018x} (before any transaction)", 0),
             Some(t) => format!(
                 "{t:#018x} = {} ({:.3} s ago)",
                 timestamp::iso(t),
@@ -513,8 +514,18 @@ fn escape(v: &str) -> String {
     o
 }
 
-fn mib(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / 1_048_576.0)
+/// `bytes` in B, KiB, MiB or GiB, whichever reads best.
+fn size(bytes: u64) -> String {
+    let b = bytes as f64;
+    if bytes < 1 << 10 {
+        format!("{bytes} B")
+    } else if bytes < 1 << 20 {
+        format!("{:.1} KiB", b / 1024.0)
+    } else if bytes < 1 << 30 {
+        format!("{:.1} MiB", b / 1_048_576.0)
+    } else {
+        format!("{:.2} GiB", b / 1_073_741_824.0)
+    }
 }
 
 fn percent(part: u64, whole: u64) -> f64 {
