@@ -1,5 +1,5 @@
 //! The sidecar's server: a Unix socket, a thread per client connection,
-//! one [`Database`] per database key, all sharing one byte budget.
+//! one [`SharedDatabase`] per database key, all sharing one byte budget.
 
 use crate::refusal::Refusal;
 use crate::startup::{self, ArenaLock, Existing};
