@@ -332,7 +332,10 @@ pub(crate) fn setstate(py: Python<'_>, conn: &Bound<'_, PyAny>, obj: &Bound<'_, 
         t.fallback(Reason::Savepoint);
         return plain();
     }
-    if obj.is_instance(g.broken.bind(py))? {
+    // Subclass checks on the type: `isinstance` would read `__class__`
+    // through the persistent object's own `__getattribute__` when false.
+    let kind = obj.get_type();
+    if kind.is_subclass(g.broken.bind(py).downcast::<pyo3::types::PyType>()?)? {
         t.fallback(Reason::Broken);
         return plain();
     }
@@ -427,7 +430,7 @@ pub(crate) fn setstate(py: Python<'_>, conn: &Bound<'_, PyAny>, obj: &Bound<'_, 
         } => {
             // The class's `__setstate__`, called unbound: no lookup through
             // the persistent object's own `__getattribute__`.
-            let method = obj.get_type().getattr(intern!(py, "__setstate__"))?;
+            let method = kind.getattr(intern!(py, "__setstate__"))?;
             let default = method.is(g.persistent_setstate.bind(py)) && !UNSAFE_SHARE.load(Ordering::Relaxed);
             let mut r = Resolver::new(py, conn, *slots, *aliased);
             let state = r.state(root, default)?;
@@ -442,7 +445,7 @@ pub(crate) fn setstate(py: Python<'_>, conn: &Bound<'_, PyAny>, obj: &Bound<'_, 
     obj.setattr(intern!(py, "_p_estimated_size"), size)?;
     let count: u64 = conn.getattr(intern!(py, "_load_count"))?.extract()?;
     conn.setattr(intern!(py, "_load_count"), count + 1)?;
-    if obj.is_instance(g.blob.bind(py))? {
+    if kind.is_subclass(g.blob.bind(py).downcast::<pyo3::types::PyType>()?)? {
         obj.setattr(intern!(py, "_p_blob_uncommitted"), py.None())?;
         let committed = storage.call_method1(intern!(py, "loadBlob"), (&oid_bytes, &serial_bytes))?;
         obj.setattr(intern!(py, "_p_blob_committed"), committed)?;
