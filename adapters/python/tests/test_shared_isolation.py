@@ -1,0 +1,496 @@
+"""Isolation of shared unpickled state (issue 10, invariant 6): the
+connections of one process activate from one template per (oid, serial),
+and none of them ever sees another's uncommitted change, an aborted
+change, or a revision outside its view; nor writes one.
+
+Each scenario runs over connections living on threads of their own (each
+with its own transaction manager), over a real ZEO server and a real
+sidecar (the cheap scenarios also over FileStorage and RelStorage/SQLite),
+and returns the list of guarantees it saw broken. Every scenario is run
+twice: with shared state (``tidecache.DB(..., shared_state=True)``: no
+violation, and templates were hit, so that a scenario cannot pass by
+falling back to ZODB's own path) and with naive sharing
+(``tidecache._native._unsafe_share_containers(True)``: mutable
+containers shared between connections), where it must see violations:
+that is how each test is seen failing. Without the mechanism (before it
+is built) the scenarios run over plain ``ZODB.DB`` only.
+
+The reference is plain ZODB: the record the base storage's
+``loadBefore`` returns at the view, decoded as ZODB's ``ObjectReader``
+does and given to the class's ``__setstate__`` (shared_worker.py).
+"""
+
+import os
+import tempfile
+
+import pytest
+from BTrees.OOBTree import OOBTree
+from BTrees.OOBTree import OOBucket
+from conftest import Sidecar
+from conftest import ZEOServer
+from persistent.list import PersistentList
+from persistent.mapping import PersistentMapping
+
+from shared_worker import Actor
+from shared_worker import FileStorageBase
+from shared_worker import Item
+from shared_worker import Mutating
+from shared_worker import RelStorageBase
+from shared_worker import ZEOBase
+from shared_worker import check_totals
+from shared_worker import mechanism
+from shared_worker import mode_context
+from shared_worker import run_loops
+from shared_worker import setup_counters
+from shared_worker import shared_stats
+from shared_worker import thread_join
+from shared_worker import thread_spawn
+from shared_worker import value_of
+
+# -- servers (one of each for the module) ---------------------------------
+
+
+@pytest.fixture(scope="module")
+def servers():
+    with tempfile.TemporaryDirectory(prefix="shared-iso-") as d:
+        sidecar = Sidecar(d)
+        zeo = ZEOServer(d)
+        try:
+            yield d, sidecar, zeo
+        finally:
+            zeo.close()
+            sidecar.stop()
+
+
+@pytest.fixture(scope="module")
+def zeo_base(servers):
+    d, sidecar, zeo = servers
+    base = ZEOBase(zeo.address, sidecar.socket, "shared-iso-zeo")
+    try:
+        yield base
+    finally:
+        base.close()
+
+
+@pytest.fixture(scope="module")
+def fs_base(servers):
+    d, sidecar, _ = servers
+    return FileStorageBase(os.path.join(d, "fs.fs"), sidecar.socket, "shared-iso-fs")
+
+
+@pytest.fixture(scope="module")
+def rs_base(servers):
+    pytest.importorskip("relstorage")
+    d, sidecar, _ = servers
+    data_dir = os.path.join(d, "sqlite")
+    os.mkdir(data_dir)
+    base = RelStorageBase(data_dir, sidecar.socket, "shared-iso-rs")
+    try:
+        yield base
+    finally:
+        base.close()
+
+
+@pytest.fixture(params=["zeo", "filestorage", "relstorage-sqlite"])
+def any_base(request):
+    return request.getfixturevalue({"zeo": "zeo_base", "filestorage": "fs_base",
+                                    "relstorage-sqlite": "rs_base"}[request.param])
+
+
+# -- running a scenario both ways ------------------------------------------
+
+
+class Violations(list):
+    def check(self, what, ok):
+        if not ok:
+            self.append(what)
+
+
+def run_both(base, scenario, name):
+    """The scenario with shared state (no violation, templates hit) and with
+    naive sharing (violations); over plain ZODB while the mechanism is not
+    built."""
+    if not mechanism():
+        violated, _ = scenario(base, "plain", name + "-plain")
+        assert not violated, "plain ZODB: %s" % violated
+        return
+    violated, stats = scenario(base, "shared", name + "-shared")
+    assert not violated, "shared state broke isolation: %s (stats %s)" % (violated, stats)
+    assert stats["hits"] > 0, "no template was hit: the scenario fell back (%s)" % stats
+    violated, _ = scenario(base, "naive", name + "-naive")
+    assert violated, "naive sharing of containers went unnoticed by the scenario"
+
+
+def scenario(fn):
+    """``fn(base, db, mode, key, v)`` run in a fresh database of ``mode``;
+    returns ``(violations, shared stats)``."""
+
+    def run(base, mode, key):
+        v = Violations()
+        db = base.open(mode)
+        actors = []
+        try:
+            with mode_context(mode):
+                fn(base, db, key, v, actors)
+            stats = shared_stats(db) if mode != "plain" else None
+        finally:
+            for a in actors:
+                a.close()
+            db.close()
+        return v, stats
+
+    return run
+
+
+def val(key):
+    return lambda a: value_of(a.root()[key])
+
+
+def fresh(key):
+    def read(a):
+        a.conn.cacheMinimize()
+        return value_of(a.root()[key])
+
+    return read
+
+
+def abort(a):
+    a.tm.abort()
+
+
+def commit(a):
+    a.tm.commit()
+
+
+# -- the leak scenario, per kind of mutable state ------------------------
+
+
+def changed(o):
+    o._p_changed = True
+
+
+def attr_touch(o):
+    o.touched = getattr(o, "touched", 0) + 1
+
+
+def item_touch(o):
+    o["touched"] = 1
+
+
+def list_touch(o):
+    o.append("touched")
+
+
+def append_to(get):
+    def mutate(o, x):
+        get(o).append(x)
+        changed(o)
+
+    return mutate
+
+
+def set_in(get):
+    def mutate(o, x):
+        get(o)[x] = 1
+        changed(o)
+
+    return mutate
+
+
+def mutate_set(o, x):
+    o.s.add(x)
+    changed(o)
+
+
+def mutate_bytearray(o, x):
+    o.ba.extend(x.encode())
+    changed(o)
+
+
+def mutate_mapping(o, x):
+    o["k"].append(x)  # a nested list, in place
+    o[x] = 1  # the mapping's own dict
+
+
+#: kind: (make, mutate in place with a marker, an unrelated change)
+KINDS = {
+    "list": (lambda: Item(tags=["a", "b"], n=0), append_to(lambda o: o.tags), attr_touch),
+    "dict": (lambda: Item(meta={"k": 1}), set_in(lambda o: o.meta), attr_touch),
+    "dict-of-lists": (lambda: Item(meta={"k": ["a"]}), append_to(lambda o: o.meta["k"]), attr_touch),
+    "set": (lambda: Item(s={"a", "b"}), mutate_set, attr_touch),
+    "bytearray": (lambda: Item(ba=bytearray(b"ab")), mutate_bytearray, attr_touch),
+    "list-in-tuple": (lambda: Item(t=(1, ["a"], "z")), append_to(lambda o: o.t[1]), attr_touch),
+    "OOBTree-lists": (lambda: OOBTree({"k": ["a"], "j": ["b"]}), append_to(lambda o: o["k"]), item_touch),
+    "OOBTree-dicts": (lambda: OOBTree({"k": {"a": 1}, "j": {}}), set_in(lambda o: o["k"]), item_touch),
+    "OOBucket-lists": (lambda: OOBucket({"k": ["a"], "j": ["b"]}), append_to(lambda o: o["k"]), item_touch),
+    "PersistentMapping": (lambda: PersistentMapping(k=["a"], n=1), mutate_mapping, item_touch),
+    "PersistentList": (lambda: PersistentList(["a", ["b"]]), lambda o, x: o.append(x), list_touch),
+    "custom-setstate": (lambda: Mutating(tags=["a"]), append_to(lambda o: o.tags), attr_touch),
+}
+
+
+def leak(kind):
+    make, mutate, touch = KINDS[kind]
+
+    @scenario
+    def run(base, db, key, v, actors):
+        with db.transaction() as c:
+            c.root()[key] = make()
+        tid0 = base.last(db)
+        A, B = Actor(db, "A"), Actor(db, "B")
+        actors += [A, B]
+        oid = A.run(lambda a: a.root()[key]._p_oid)
+        ref0 = base.reference(oid, tid0)
+        v.check("A activates the stored state", A.run(val(key)) == ref0)
+        v.check("B activates the stored state", B.run(val(key)) == ref0)
+
+        A.run(lambda a: mutate(a.root()[key], "LEAK-A"))
+        assert "LEAK-A" in repr(A.run(val(key))), "the test's mutation did not reach A's own object"
+        v.check("B (activated) does not see A's uncommitted change", B.run(val(key)) == ref0)
+        v.check("B (activated again) does not see A's uncommitted change", B.run(fresh(key)) == ref0)
+        C = Actor(db, "C")
+        actors.append(C)
+        v.check("a new connection does not see A's uncommitted change", C.run(val(key)) == ref0)
+
+        A.run(abort)
+        v.check("A, after its abort, activates the stored state", A.run(val(key)) == ref0)
+        v.check("B, after A's abort, activates the stored state", B.run(fresh(key)) == ref0)
+        v.check("C, after A's abort, still holds the stored state", C.run(val(key)) == ref0)
+
+        def b_commits(b):
+            touch(b.root()[key])
+            b.tm.commit()
+
+        B.run(b_commits)
+        stored = base.reference(oid, base.last(db))
+        assert stored != ref0, "B's commit did not change the record"
+        v.check("B's unrelated commit did not write A's aborted change", "LEAK" not in repr(stored))
+        C.run(abort)
+        v.check("C sees B's commit", C.run(fresh(key)) == stored)
+
+        def a_commits(a):
+            mutate(a.root()[key], "A-COMMITTED")
+            a.tm.commit()
+
+        A.run(abort)  # a new transaction: A's view passes B's commit
+        A.run(a_commits)
+        stored2 = base.reference(oid, base.last(db))
+        assert "A-COMMITTED" in repr(stored2)
+        for X in (B, C):
+            X.run(abort)
+            v.check("%s sees A's commit" % X.name, X.run(val(key)) == stored2)
+            v.check("%s activates A's commit" % X.name, X.run(fresh(key)) == stored2)
+
+    return run
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_no_connection_sees_or_writes_another_connections_changes(zeo_base, kind):
+    """A mutates a nested container in place (uncommitted): B (activated
+    before, and again) and a new connection C do not see it; after A's
+    abort nobody does, A included; B's next unrelated commit does not
+    write it; A's commit is seen by all after their next transaction."""
+    run_both(zeo_base, leak(kind), "leak-" + kind)
+
+
+@pytest.mark.parametrize("kind", ["list", "list-in-tuple", "OOBTree-lists", "PersistentMapping", "custom-setstate"])
+def test_leak_scenario_over_every_base(any_base, kind):
+    """The same over FileStorage and RelStorage/SQLite (and ZEO)."""
+    run_both(any_base, leak(kind), "bases-%s-%s" % (any_base.name, kind))
+
+
+# -- aliasing --------------------------------------------------------------
+
+
+@scenario
+def aliasing(base, db, key, v, actors):
+    with db.transaction() as c:
+        shared = ["x"]
+        c.root()[key] = Item(a=shared, b=shared, t=(shared, 1), d={"in": shared})
+    A, B = Actor(db, "A"), Actor(db, "B")
+    actors += [A, B]
+
+    def lists(a):
+        o = a.root()[key]
+        return o.a, o.b, o.t[0], o.d["in"]
+
+    def aliased(ls):
+        return all(x is ls[0] for x in ls)
+
+    la, lb = A.run(lists), B.run(lists)
+    v.check("one list in A's state", aliased(la))
+    v.check("one list in B's state", aliased(lb))
+    v.check("A's list is not B's", la[0] is not lb[0])
+    A.run(lambda a: (a.root()[key].a.append("LEAK-A"), changed(a.root()[key])))
+    v.check("A's change is seen through every alias in A", all(x[-1] == "LEAK-A" for x in A.run(lists)))
+    v.check("B does not see A's change", all(x == ["x"] for x in B.run(lists)))
+    B.run(lambda b: b.conn.cacheMinimize())
+    lb = B.run(lists)
+    v.check("one list in B's state, activated again", aliased(lb) and lb[0] == ["x"])
+    A.run(abort)
+    la = A.run(lists)
+    v.check("one list in A's state after the abort", aliased(la) and la[0] == ["x"])
+    v.check("A's list is still not B's", la[0] is not lb[0])
+
+
+def test_aliasing_is_kept_per_connection_and_never_shared(zeo_base):
+    """The same list four times in a state (attribute, attribute, in a
+    tuple, in a dict) is one list after activation in each connection,
+    and a different one in each."""
+    run_both(zeo_base, aliasing, "aliasing")
+
+
+# -- savepoints ------------------------------------------------------------
+
+
+@scenario
+def savepoints(base, db, key, v, actors):
+    with db.transaction() as c:
+        c.root()[key] = Item(tags=["a"], n=0)
+    tid0 = base.last(db)
+    A, B = Actor(db, "A"), Actor(db, "B")
+    actors += [A, B]
+    oid = A.run(lambda a: a.root()[key]._p_oid)
+    ref0 = base.reference(oid, tid0)
+    v.check("B activates the stored state", B.run(val(key)) == ref0)
+
+    def a_savepoint(a):
+        o = a.root()[key]
+        o.tags.append("SP-A")
+        o.n = 1
+        a.sp = a.tm.savepoint()
+        a.conn.cacheMinimize()  # activated again from the savepoint's TmpStore
+        return value_of(a.root()[key])
+
+    in_savepoint = A.run(a_savepoint)
+    assert "SP-A" in repr(in_savepoint), "A does not see its savepoint's data: %r" % (in_savepoint,)
+    v.check("B does not see A's savepoint", B.run(val(key)) == ref0)
+    v.check("B, activated again, does not see A's savepoint", B.run(fresh(key)) == ref0)
+    C = Actor(db, "C")
+    actors.append(C)
+    v.check("a new connection does not see A's savepoint", C.run(val(key)) == ref0)
+
+    def a_after_savepoint(a):
+        o = a.root()[key]
+        o.tags.append("AFTER-SP")
+        changed(o)
+        return value_of(o)
+
+    assert "AFTER-SP" in repr(A.run(a_after_savepoint))
+    v.check("B does not see A's change after the savepoint", B.run(fresh(key)) == ref0)
+
+    def a_rollback(a):
+        a.sp.rollback()
+        return value_of(a.root()[key])
+
+    v.check("A's rollback restores the savepoint's data", A.run(a_rollback) == in_savepoint)
+    v.check("A, activated again after the rollback, sees the savepoint's data", A.run(fresh(key)) == in_savepoint)
+    v.check("B does not see A's savepoint after its rollback", B.run(fresh(key)) == ref0)
+    A.run(commit)
+    stored = base.reference(oid, base.last(db))
+    v.check("A's commit wrote the savepoint's data", stored == in_savepoint)
+    v.check("A's commit did not write the rolled-back change", "AFTER-SP" not in repr(stored))
+    v.check("B, in its old transaction, holds the old state", B.run(fresh(key)) == ref0)
+    B.run(abort)
+    v.check("B sees A's commit", B.run(fresh(key)) == stored)
+    v.check("A sees its commit", A.run(fresh(key)) == stored)
+
+
+def test_savepoint_data_is_seen_by_its_connection_only(zeo_base):
+    """A changes, takes a savepoint, is activated again from it (TmpStore,
+    the normal path): A sees its savepoint's data, B and a new connection
+    never do; a change after the savepoint is rolled back; A commits the
+    savepoint's data, which B sees after its next transaction."""
+    run_both(zeo_base, savepoints, "savepoints")
+    if mechanism():
+        db = zeo_base.open("shared")
+        try:
+            A = Actor(db, "A")
+            try:
+                def activate_in_savepoint(a):
+                    o = a.root()["savepoints-shared"]
+                    o.n += 1
+                    a.tm.savepoint()
+                    a.conn.cacheMinimize()
+                    return value_of(a.root()["savepoints-shared"])
+
+                A.run(activate_in_savepoint)
+            finally:
+                A.close()
+            assert shared_stats(db)["fallback_savepoint"] > 0, shared_stats(db)
+        finally:
+            db.close()
+
+
+# -- MVCC ----------------------------------------------------------------
+
+
+@scenario
+def mvcc(base, db, key, v, actors):
+    with db.transaction() as c:
+        c.root()[key] = Item(tags=["a"], n=0, meta={"k": ["a"]})
+    tid0 = base.last(db)
+    A, B, E = Actor(db, "A"), Actor(db, "B"), Actor(db, "E")
+    actors += [A, B, E]
+    oid = A.run(lambda a: a.root()[key]._p_oid)
+    ref0 = base.reference(oid, tid0)
+    v.check("B activates the stored state", B.run(val(key)) == ref0)
+    # E opened its view before A's commit but activates the object after it.
+    E.run(lambda e: e.root())
+
+    def a_commits(a):
+        o = a.root()[key]
+        o.tags.append("NEW")
+        o.meta["k"].append("NEW")
+        o.n = 1
+        changed(o)
+        a.tm.commit()
+
+    A.run(a_commits)
+    tid1 = base.last(db)
+    ref1 = base.reference(oid, tid1)
+    assert ref1 != ref0
+    v.check("B keeps its old view", B.run(val(key)) == ref0)
+    v.check("B, activated again, gets the old revision", B.run(fresh(key)) == ref0)
+    v.check("E, activating after the commit at its old view, gets the old revision", E.run(val(key)) == ref0)
+    D = Actor(db, "D")
+    actors.append(D)
+    v.check("a new connection gets the new revision", D.run(val(key)) == ref1)
+    v.check("B, activated again after D, still gets the old revision", B.run(fresh(key)) == ref0)
+    v.check("A holds the new revision", A.run(fresh(key)) == ref1)
+    for X in (B, E):
+        X.run(abort)
+        v.check("%s, in its next transaction, sees the new revision" % X.name, X.run(val(key)) == ref1)
+        v.check("%s, activated again, gets the new revision" % X.name, X.run(fresh(key)) == ref1)
+
+
+def test_old_views_keep_their_revision(zeo_base):
+    """B keeps its old view while A commits (an in-place change): B, and
+    E (whose view predates the commit but who activates after it), get the
+    old revision even after cacheMinimize and after a new connection
+    activated the new one; after their next transaction, the new one."""
+    run_both(zeo_base, mvcc, "mvcc")
+
+
+# -- threads ---------------------------------------------------------------
+
+
+def test_threads_read_their_views_while_others_commit(zeo_base):
+    """4 writer threads (read-modify-commit of 4 counters' nested
+    containers, conflicts retried) and 2 reader threads: every value read
+    equals plain ZODB's at the reader's view and is consistent; every
+    committed entry is in its counter once."""
+    mode = "shared" if mechanism() else "plain"
+    db = zeo_base.open(mode, pool_size=10)
+    try:
+        setup_counters(db, "threads-")
+        result = run_loops(db, zeo_base.reference, "threads-", writers=4, readers=2, commits=15, seed=1,
+                           spawn=thread_spawn, join=thread_join)
+        assert not result["failures"], "\n".join(result["failures"][:10])
+        assert result["commits"] == 60
+        assert result["reads"] > 0
+        assert not check_totals(db, "threads-", result["written"])
+        if mode == "shared":
+            assert shared_stats(db)["hits"] > 0, shared_stats(db)
+    finally:
+        db.close()
