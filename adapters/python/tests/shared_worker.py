@@ -15,11 +15,14 @@ for threads, greenlets and processes.
 
 As a script (a worker process over one ZEO server and one sidecar)::
 
-    shared_worker.py threads|gevent ZEO_SOCKET SIDECAR_SOCKET MODE WRITERS READERS COMMITS SEED
+    shared_worker.py threads|gevent zeo|relstorage WHERE SIDECAR_SOCKET MODE WRITERS READERS COMMITS SEED
 
+(``WHERE``: the ZEO server's socket, or RelStorage's SQLite directory)
 prints one JSON document (``run_loops``' result) on stdout. ``gevent``
 monkey-patches first, before anything imports ``threading`` or
-``socket``.
+``socket``, and opens RelStorage with its gevent SQLite driver (ZEO's
+client runs an asyncio loop in a thread of its own, which gevent's
+patched threading cannot host).
 """
 
 import sys
@@ -132,20 +135,28 @@ def value_of(obj):
     return norm(obj.__getstate__())
 
 
-def value_of_record(data):
+def object_of_record(data):
     """What a plain ZODB connection holds after activating ``data``: a fresh
-    object of the record's class given the record's state (its own
-    ``__setstate__`` run, as ZODB runs it), normalised."""
+    object of the record's class (no jar) given the record's state (its
+    own ``__setstate__`` run, as ZODB runs it), references as ``Ref``."""
     klass, state = decode_record(data)
     obj = klass.__new__(klass)
     obj.__setstate__(state)
-    return norm(obj.__getstate__())
+    return obj
+
+
+def value_of_record(data):
+    """``object_of_record``'s value, normalised."""
+    return norm(object_of_record(data).__getstate__())
 
 
 def view_of(conn):
     """The tid a connection's current transaction reads at."""
-    start = conn._storage._start
-    return u64(start) - 1
+    instance = conn._normal_storage
+    if callable(getattr(type(instance), "_tc_view", None)):  # tidecache's RelStorage instance
+        return instance._tc_view()
+    # In a savepoint, conn._storage is the TmpStore over the instance.
+    return u64(conn._normal_storage._start) - 1
 
 
 # -- bases ---------------------------------------------------------------
@@ -229,8 +240,8 @@ class RelStorageBase(Base):
 
     name = "relstorage-sqlite"
 
-    def __init__(self, data_dir, sidecar, database):
-        self.spec = {"kind": "sqlite", "data_dir": data_dir, "keep_history": True}
+    def __init__(self, data_dir, sidecar, database, driver="sqlite3"):
+        self.spec = {"kind": "sqlite", "data_dir": data_dir, "keep_history": True, "driver": driver}
         self.sidecar, self.database = sidecar, database
         self.plain = None
 
@@ -425,7 +436,7 @@ def run_loops(db, reference, prefix, writers, readers, commits, seed, spawn, joi
         mine = written.setdefault(str(w), [])
         try:
             for i in range(commits):
-                entry = "%s-w%d-%d" % (prefix, w, i)
+                entry = "%s-s%d-w%d-%d" % (prefix, seed, w, i)
                 k = rnd.randrange(OBJECTS)
                 for _ in range(50):
                     try:
@@ -526,11 +537,14 @@ def thread_join(t):
 
 
 def main(argv):
-    kind, zeo, sidecar, mode, writers, readers, commits, seed = argv[1:9]
+    kind, where_kind, where, sidecar, mode, writers, readers, commits, seed = argv[1:10]
     writers, readers, commits, seed = int(writers), int(readers), int(commits), int(seed)
-    prefix = "p%d-" % seed if kind != "gevent" else "g%d-" % seed
-    prefix = os.environ.get("SHARED_PREFIX", prefix)
-    base = ZEOBase(zeo, sidecar, "shared-isolation")
+    prefix = os.environ.get("SHARED_PREFIX", "p-")
+    if where_kind == "zeo":
+        base = ZEOBase(where, sidecar, os.environ.get("SHARED_DATABASE", "shared-isolation"))
+    else:
+        driver = "gevent sqlite3" if kind == "gevent" else "sqlite3"
+        base = RelStorageBase(where, sidecar, os.environ.get("SHARED_DATABASE", "shared-isolation-rs"), driver)
     db = base.open(mode, pool_size=writers + readers + 2)
     if kind == "gevent":
         import gevent
