@@ -110,7 +110,11 @@ def decode_record(data):
 
 def norm(v):
     """A comparable, type-tagged form of a value; a persistent object (or a
-    ``Ref``) becomes its oid."""
+    ``Ref``, or a ``WeakRef``) becomes its oid."""
+    from persistent.wref import WeakRef
+
+    if isinstance(v, WeakRef):
+        return ("ref", v.oid)
     if isinstance(v, Persistent):
         return ("ref", v._p_oid)
     if isinstance(v, Ref):
@@ -176,6 +180,15 @@ class Base:
         storage = TideCacheStorage(self.base(), socket=self.sidecar, database=self.database, timeout_ms=2000)
         return make_db(storage, mode, **kw)
 
+    def record(self, oid, tid):
+        """The record ``loadBefore(oid, tid + 1)`` returns (a plain
+        storage's)."""
+        return self.load_before(oid, tid)[0]
+
+    def serial(self, oid, tid):
+        """Its serial."""
+        return self.load_before(oid, tid)[1]
+
     def reference(self, oid, tid):
         return value_of_record(self.record(oid, tid))
 
@@ -201,14 +214,14 @@ class ZEOBase(Base):
 
         return ClientStorage(self.address, wait_timeout=30)
 
-    def record(self, oid, tid):
+    def load_before(self, oid, tid):
         # The plain client learns of commits asynchronously; its cache would
         # take a record for current past a commit it has not heard of yet.
         deadline = time.time() + 30
         while u64(self.plain.lastTransaction()) < tid:
             assert time.time() < deadline, "the reference ZEO client never reached %x" % tid
             time.sleep(0.01)
-        return self.plain.loadBefore(oid, p64(tid + 1))[0]
+        return self.plain.loadBefore(oid, p64(tid + 1))
 
     def close(self):
         self.plain.close()
@@ -230,8 +243,8 @@ class FileStorageBase(Base):
         self.current = ZODB.FileStorage.FileStorage(self.path)
         return self.current
 
-    def record(self, oid, tid):
-        return self.current.loadBefore(oid, p64(tid + 1))[0]
+    def load_before(self, oid, tid):
+        return self.current.loadBefore(oid, p64(tid + 1))
 
 
 class RelStorageBase(Base):
@@ -260,10 +273,10 @@ class RelStorageBase(Base):
         instance.poll_invalidations()
         return instance
 
-    def record(self, oid, tid):
+    def load_before(self, oid, tid):
         instance = self._instance()
         try:
-            return instance.loadBefore(oid, p64(tid + 1))[0]
+            return instance.loadBefore(oid, p64(tid + 1))
         finally:
             instance.release()
 

@@ -30,6 +30,8 @@ from conftest import Sidecar
 from conftest import ZEOServer
 from persistent.list import PersistentList
 from persistent.mapping import PersistentMapping
+from persistent.wref import WeakRef
+from ZODB.utils import p64
 
 from shared_worker import Actor
 from shared_worker import FileStorageBase
@@ -106,10 +108,16 @@ class Violations(list):
             self.append(what)
 
 
-#: Kinds of containers that ``_unsafe_share_containers(True)`` still copies
-#: (so that the naive run cannot show the scenario failing): the test
-#: switch should share them too.
-NAIVE_SWITCH_COPIES = {"set"}
+#: Scenarios that ``_unsafe_share_containers(True)`` cannot make fail, as
+#: it still copies their containers: the naive run of these is an xfail.
+NAIVE_SWITCH_COPIES = {
+    # The switch shares lists, dicts and bytearrays; it should share sets too.
+    "set": "the test switch copies sets",
+    # Even the naive switch builds a container holding a reference per
+    # connection (the reference resolves through its pickle cache).
+    "list-of-references": "a container holding references is built per connection even by the naive switch",
+    "references": "a container holding references is built per connection even by the naive switch",
+}
 
 
 def run_both(base, scenario, name, kind=None):
@@ -125,7 +133,7 @@ def run_both(base, scenario, name, kind=None):
     assert stats["hits"] > 0, "no template was hit: the scenario fell back (%s)" % stats
     violated, _ = scenario(base, "naive", name + "-naive")
     if not violated and kind in NAIVE_SWITCH_COPIES:
-        pytest.xfail("_unsafe_share_containers(True) does not share %s: the naive run cannot fail" % kind)
+        pytest.xfail("the naive run cannot fail: %s" % NAIVE_SWITCH_COPIES[kind])
     assert violated, "naive sharing of containers went unnoticed by the scenario"
 
 
@@ -239,6 +247,7 @@ KINDS = {
     "PersistentMapping": (lambda: PersistentMapping(k=["a"], n=1), mutate_mapping, item_touch),
     "PersistentList": (lambda: PersistentList(["a", ["b"]]), mutate_list, list_touch),
     "custom-setstate": (lambda: Mutating(tags=["a"]), append_to(lambda o: o.tags), attr_touch),
+    "list-of-references": (lambda: Item(refs=[Item(n=1), Item(n=2)]), append_to(lambda o: o.refs), attr_touch),
 }
 
 
@@ -351,6 +360,43 @@ def test_aliasing_is_kept_per_connection_and_never_shared(zeo_base):
     tuple, in a dict) is one list after activation in each connection,
     and a different one in each."""
     run_both(zeo_base, aliasing, "aliasing")
+
+
+# -- references ------------------------------------------------------------
+
+
+@scenario
+def references(base, db, key, v, actors):
+    with db.transaction() as c:
+        target = Item(n=1)
+        c.root()[key] = Item(ref=target, refs=[target, Item(n=2)], pair=(target, 1), w=WeakRef(target),
+                             d={"t": target})
+    A, B = Actor(db, "A"), Actor(db, "B")
+    actors += [A, B]
+
+    def targets(a):
+        o = a.root()[key]
+        return o.ref, o.refs[0], o.pair[0], o.w(), o.d["t"], o.refs[1]
+
+    def own(a, ts):
+        return all(t._p_jar is a.conn for t in ts) and all(t is ts[0] for t in ts[:5])
+
+    ta, tb = A.run(targets), B.run(targets)
+    v.check("A's references resolve to A's objects, one object per oid", A.run(lambda a: own(a, ta)))
+    v.check("B's references resolve to B's objects, one object per oid", B.run(lambda b: own(b, tb)))
+    v.check("A's referenced objects are not B's", ta[0] is not tb[0] and ta[5] is not tb[5])
+    A.run(lambda a: (a.root()[key].refs.append("LEAK-A"), changed(a.root()[key])))
+    v.check("B does not see A's change of a list of references", len(B.run(lambda b: b.root()[key].refs)) == 2)
+    B.run(lambda b: b.conn.cacheMinimize())
+    tb = B.run(targets)
+    v.check("B, activated again, resolves to its own objects", B.run(lambda b: own(b, tb)))
+    v.check("B, activated again, does not see A's change", len(B.run(lambda b: b.root()[key].refs)) == 2)
+
+
+def test_references_resolve_through_each_connections_cache(zeo_base):
+    """References (attribute, in a list, in a tuple, weak, in a dict)
+    resolve to the activating connection's own objects, one per oid."""
+    run_both(zeo_base, references, "references", "references")
 
 
 # -- savepoints ------------------------------------------------------------
@@ -471,6 +517,17 @@ def mvcc(base, db, key, v, actors):
     v.check("a new connection gets the new revision", D.run(val(key)) == ref1)
     v.check("B, activated again after D, still gets the old revision", B.run(fresh(key)) == ref0)
     v.check("A holds the new revision", A.run(fresh(key)) == ref1)
+    serial = lambda a: a.root()[key]._p_serial  # noqa: E731
+    v.check("B's _p_serial is the old revision's", B.run(serial) == base.serial(oid, tid0))
+    v.check("D's _p_serial is the new revision's", D.run(serial) == base.serial(oid, tid1))
+    historical = db.open(at=p64(tid0))
+    try:
+        historical.cacheMinimize()
+        h = historical.root()[key]
+        v.check("a historical connection at the old tid gets the old revision", value_of(h) == ref0)
+        v.check("its _p_serial is the old revision's", h._p_serial == base.serial(oid, tid0))
+    finally:
+        historical.close()
     for X in (B, E):
         X.run(abort)
         v.check("%s, in its next transaction, sees the new revision" % X.name, X.run(val(key)) == ref1)

@@ -27,6 +27,7 @@ from BTrees.OOBTree import OOBTree
 from persistent.list import PersistentList
 from persistent.mapping import PersistentMapping
 from ZODB.POSException import ConflictError
+from ZODB.utils import u64
 
 from shared_worker import Actor
 from shared_worker import Item
@@ -160,11 +161,14 @@ def run_model(base, db, seed, steps, prefix):
         def do(a):
             o = a.root()[prefix][key]
             got = value_of(o)
-            return view_of(a.conn), got, not isinstance(o, Item) or o.al is o.al2
+            return view_of(a.conn), got, not isinstance(o, Item) or o.al is o.al2, o._p_serial
 
-        view, got, aliased = c.actor.run(do)
+        view, got, aliased, serial = c.actor.run(do)
         want = expected(c, key, view)
         counts["reads"] += 1
+        if key not in c.local and serial != base.serial(oids[key], view):
+            fail(step, "%s reads %s at view %x with _p_serial %x, loadBefore's serial is %x"
+                 % (c.name, key, view, u64(serial), u64(base.serial(oids[key], view))))
         if not aliased:
             fail(step, "%s's %s lost its aliasing (al is not al2)" % (c.name, key))
         if got != want:
