@@ -32,6 +32,8 @@ if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "gevent":
 
     monkey.patch_all()
 
+import array  # noqa: E402
+import collections  # noqa: E402
 import contextlib  # noqa: E402
 import io  # noqa: E402
 import json  # noqa: E402
@@ -71,6 +73,31 @@ class Mutating(Persistent):
         state["tags"].append("set")
         state["activations"] = state.get("activations", 0) + 1
         Persistent.__setstate__(self, state)
+
+
+class Plain:
+    """A non-persistent object held in a persistent state (pickled by
+    value, mutable)."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+    def __eq__(self, other):
+        return type(other) is Plain and vars(self) == vars(other)
+
+    def __repr__(self):
+        return "Plain(%r)" % (vars(self),)
+
+
+class Slotted(Persistent):
+    """A persistent object with slots: its state is ``(None, {slot:
+    value})``."""
+
+    __slots__ = ("tags", "n")
+
+    def __init__(self, tags, n=0):
+        self.tags = tags
+        self.n = n
 
 
 # -- the reference: a record decoded as ZODB reads it ------------------------
@@ -129,6 +156,10 @@ def norm(v):
         return (type(v).__name__, tuple(sorted((norm(x) for x in v), key=repr)))
     if isinstance(v, bytearray):
         return ("bytearray", bytes(v))
+    if isinstance(v, Plain):
+        return ("Plain", norm(vars(v)))
+    if isinstance(v, (collections.deque, array.array)):
+        return (type(v).__name__, norm(list(v)))
     return v
 
 
