@@ -278,6 +278,26 @@ class FileStorageBase(Base):
         return self.current.loadBefore(oid, p64(tid + 1))
 
 
+class ExactZEOBase(ZEOBase):
+    """A ZEO client not wrapped in tidecache: shared state's exact mode
+    (templates by ``(oid, serial)`` as the storage's ``load`` names
+    them)."""
+
+    name = "exact-zeo"
+
+    def open(self, mode, **kw):
+        return make_db(self.base(), mode, **kw)
+
+
+class ExactFileStorageBase(FileStorageBase):
+    """A FileStorage not wrapped in tidecache (exact mode)."""
+
+    name = "exact-filestorage"
+
+    def open(self, mode, **kw):
+        return make_db(self.base(), mode, **kw)
+
+
 class RelStorageBase(Base):
     """RelStorage over SQLite, history-preserving; the reference is a plain
     RelStorage instance of its own, polled before each read."""
@@ -337,11 +357,19 @@ def mechanism():
 
 
 def make_db(storage, mode, **kw):
-    """A database in ``mode``: ``plain``, ``shared`` or ``naive`` (the
+    """A database in ``mode``: ``plain``, ``shared``, ``installed``
+    (``tidecache.shared.install`` on a ``ZODB.DB``) or ``naive`` (the
     caller turns naive sharing on with ``naive_sharing()``)."""
     if mode == "plain":
         return ZODB.DB(storage, **kw)
     import tidecache
+
+    if mode == "installed":
+        from tidecache import shared
+
+        db = ZODB.DB(storage, **kw)
+        shared.install(db)
+        return db
 
     return tidecache.DB(storage, shared_state=True, **kw)
 

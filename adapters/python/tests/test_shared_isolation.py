@@ -37,6 +37,8 @@ from persistent.wref import WeakRef
 from ZODB.utils import p64
 
 from shared_worker import Actor
+from shared_worker import ExactFileStorageBase
+from shared_worker import ExactZEOBase
 from shared_worker import FileStorageBase
 from shared_worker import Item
 from shared_worker import Mutating
@@ -99,10 +101,29 @@ def rs_base(servers):
         base.close()
 
 
-@pytest.fixture(params=["zeo", "filestorage", "relstorage-sqlite"])
+@pytest.fixture(scope="module")
+def exact_zeo_base(servers):
+    d, sidecar, zeo = servers
+    base = ExactZEOBase(zeo.address, sidecar.socket, None)
+    try:
+        yield base
+    finally:
+        base.close()
+
+
+@pytest.fixture(scope="module")
+def exact_fs_base(servers):
+    d, sidecar, _ = servers
+    return ExactFileStorageBase(os.path.join(d, "exact.fs"), sidecar.socket, None)
+
+
+BASES = {"zeo": "zeo_base", "filestorage": "fs_base", "relstorage-sqlite": "rs_base",
+         "exact-zeo": "exact_zeo_base", "exact-filestorage": "exact_fs_base"}
+
+
+@pytest.fixture(params=list(BASES))
 def any_base(request):
-    return request.getfixturevalue({"zeo": "zeo_base", "filestorage": "fs_base",
-                                    "relstorage-sqlite": "rs_base"}[request.param])
+    return request.getfixturevalue(BASES[request.param])
 
 
 # -- running a scenario both ways ------------------------------------------
@@ -362,8 +383,21 @@ def test_states_of_other_types_never_leak(zeo_base, kind):
 
 @pytest.mark.parametrize("kind", ["list", "list-in-tuple", "OOBTree-lists", "PersistentMapping", "custom-setstate"])
 def test_leak_scenario_over_every_base(any_base, kind):
-    """The same over FileStorage and RelStorage/SQLite (and ZEO)."""
+    """The same over FileStorage and RelStorage/SQLite (and ZEO) in
+    tidecache, and over ZEO and FileStorage without it (exact mode)."""
     run_both(any_base, leak(kind), "bases-%s-%s" % (any_base.name, kind), kind)
+
+
+@pytest.mark.parametrize("scenario_name", ["leak", "savepoints", "mvcc"])
+def test_installed_on_an_existing_db(zeo_base, scenario_name):
+    """``tidecache.shared.install`` on a ``ZODB.DB`` (whose pool already
+    holds the connection that created the root): the same guarantees."""
+    if not mechanism():
+        pytest.skip("the shared-state mechanism is not built")
+    run = {"leak": leak("list"), "savepoints": savepoints, "mvcc": mvcc}[scenario_name]
+    violated, stats = run(zeo_base, "installed", "installed-" + scenario_name)
+    assert not violated, "%s (stats %s)" % (violated, stats)
+    assert stats["hits"] > 0, stats
 
 
 # -- aliasing --------------------------------------------------------------
