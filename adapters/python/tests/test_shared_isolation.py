@@ -534,6 +534,12 @@ def savepoints(base, db, key, v, actors):
     v.check("A sees its commit", A.run(fresh(key)) == stored)
 
 
+@pytest.mark.parametrize("name", ["savepoints", "mvcc", "aliasing"])
+def test_savepoints_mvcc_and_aliasing_over_every_base(any_base, name):
+    run_both(any_base, {"savepoints": savepoints, "mvcc": mvcc, "aliasing": aliasing}[name],
+             "bases-%s-%s" % (any_base.name, name))
+
+
 def test_savepoint_data_is_seen_by_its_connection_only(zeo_base):
     """A changes, takes a savepoint, is activated again from it (TmpStore,
     the normal path): A sees its savepoint's data, B and a new connection
@@ -619,6 +625,81 @@ def test_old_views_keep_their_revision(zeo_base):
     old revision even after cacheMinimize and after a new connection
     activated the new one; after their next transaction, the new one."""
     run_both(zeo_base, mvcc, "mvcc")
+
+
+# -- an old view under churn, templates evicted ---------------------------------
+
+CHURN_COMMITS = 12
+CHURN_OBJECTS = 20
+
+
+def churn(capacity_mb):
+    @scenario
+    def run(base, db, key, v, actors):
+        with db.transaction() as c:
+            for i in range(CHURN_OBJECTS):
+                c.root()["%s-%d" % (key, i)] = Item(tags=["a"], n=0, blob=["x" * 2000] * 20)
+        tid0 = base.last(db)
+        A, B, D = Actor(db, "A"), Actor(db, "B"), Actor(db, "D")
+        actors += [A, B, D]
+        keys = ["%s-%d" % (key, i) for i in range(CHURN_OBJECTS)]
+        oids = A.run(lambda a: [a.root()[k]._p_oid for k in keys])
+        refs0 = [base.reference(oid, tid0) for oid in oids]
+        v.check("B activates the stored states", B.run(lambda b: [value_of(b.root()[k]) for k in keys]) == refs0)
+
+        def a_commits(i):
+            def commit(a):
+                a.tm.abort()
+                for k in keys[i % 3::3]:
+                    o = a.root()[k]
+                    o.tags.append("c%d" % i)
+                    o.n += 1
+                    changed(o)
+                a.tm.commit()
+
+            return commit
+
+        def d_reads(d):
+            d.tm.abort()
+            d.conn.cacheMinimize()
+            return [value_of(d.root()[k]) for k in keys]
+
+        for i in range(CHURN_COMMITS):
+            A.run(a_commits(i))
+            tid = base.last(db)
+            got = D.run(d_reads)
+            v.check("D reads commit %d" % i, got == [base.reference(oid, tid) for oid in oids])
+            if i % 4 == 3:
+                v.check("B, activated again after commit %d, keeps its old view" % i,
+                        B.run(lambda b: (b.conn.cacheMinimize(), [value_of(b.root()[k]) for k in keys])[1]) == refs0)
+        B.run(abort)
+        tid = base.last(db)
+        v.check("B, in its next transaction, reads the newest",
+                B.run(lambda b: [value_of(b.root()[k]) for k in keys]) == [base.reference(oid, tid) for oid in oids])
+
+    def open_and_run(base, mode, key):
+        if mode == "plain":
+            return run(base, mode, key)
+        original = base.open
+
+        def open_small(mode, **kw):
+            return original(mode, shared_state_mb=capacity_mb, **kw)
+
+        base.open = open_small
+        try:
+            return run(base, mode, key)
+        finally:
+            del base.open
+
+    return open_and_run
+
+
+@pytest.mark.parametrize("capacity_mb", [64, 1])
+def test_an_old_view_keeps_its_revisions_under_churn(zeo_base, capacity_mb):
+    """B keeps its view while A commits 12 changes to 20 objects and D
+    reads each commit; B, activated again, still reads its revisions; with
+    1 MiB of templates (about 40 KB per state: evictions), the same."""
+    run_both(zeo_base, churn(capacity_mb), "churn-%d" % capacity_mb)
 
 
 # -- threads ---------------------------------------------------------------
