@@ -2,8 +2,9 @@
 4 connections of one process (each on a thread of its own, with its own
 transaction manager) over a real ZEO server and sidecar: read, mutate
 nested containers in place, commit (conflicts aborted), abort,
-savepoint, rollback, cacheMinimize, a new connection; a connection that
-is left alone keeps its old view.
+savepoint, rollback, cacheMinimize, a new connection, a commit by
+another ZEO client (learnt of through ZEO's invalidations only); a
+connection that is left alone keeps its old view.
 
 The reference is plain ZODB. Every value a connection reads equals, for
 an object it has not changed in its transaction, the record the base
@@ -41,8 +42,8 @@ from shared_worker import view_of
 from test_shared_isolation import servers  # noqa: F401 (a fixture)
 from test_shared_isolation import zeo_base  # noqa: F401 (a fixture)
 
-SEEDS = [int(s) for s in os.environ.get("SHARED_MODEL_SEEDS", "1,2,3").split(",") if s.strip()]
-STEPS = int(os.environ.get("SHARED_MODEL_STEPS", "150"))
+SEEDS = [int(s) for s in os.environ.get("SHARED_MODEL_SEEDS", "1,2,3,4,5").split(",") if s.strip()]
+STEPS = int(os.environ.get("SHARED_MODEL_STEPS", "300"))
 CONNECTIONS = 4
 ITEMS = 4
 
@@ -136,7 +137,9 @@ class Failure(AssertionError):
     pass
 
 
-def run_model(base, db, seed, steps, prefix):
+def run_model(base, db, seed, steps, prefix, outsider=None):
+    """``outsider``: a plain ``ZODB.DB`` of another ZEO client, whose
+    commits this process learns of by ZEO's invalidations only."""
     rnd = random.Random(seed)
     with db.transaction() as c:
         root = c.root()
@@ -177,8 +180,8 @@ def run_model(base, db, seed, steps, prefix):
     try:
         for step in range(steps):
             c = rnd.choice(conns)
-            op = rnd.choices(["read", "mutate", "commit", "abort", "savepoint", "rollback", "minimize", "new"],
-                             [30, 25, 10, 6, 6, 5, 10, 3])[0]
+            op = rnd.choices(["read", "mutate", "commit", "abort", "savepoint", "rollback", "minimize", "new",
+                              "outside"], [30, 25, 10, 6, 6, 5, 10, 3, 5 if outsider else 0])[0]
             key = rnd.choice(keys)
             log.append("%s %s %s" % (c.name, op, key if op in ("read", "mutate") else ""))
             if op == "read":
@@ -230,6 +233,10 @@ def run_model(base, db, seed, steps, prefix):
                 log[-1] += " to %d" % i
             elif op == "minimize":
                 c.actor.run(lambda a: a.conn.cacheMinimize())
+            elif op == "outside":
+                with outsider.transaction() as oc:
+                    mutate(oc.root()[prefix][key], "out-%d" % step, random.Random(rnd.random()))
+                log[-1] += "%s -> %x" % (key, u64(outsider.lastTransaction()))
             elif op == "new":
                 c.actor.close()
                 conns[conns.index(c)] = Conn(db, c.name + "'")
@@ -244,12 +251,17 @@ def run_model(base, db, seed, steps, prefix):
 
 
 def run_seed(base, mode, seed, steps):
+    import ZODB
+    from ZEO.ClientStorage import ClientStorage
+
     db = base.open(mode, pool_size=CONNECTIONS * 2)
+    outsider = ZODB.DB(ClientStorage(base.address, wait_timeout=30))
     try:
         with mode_context(mode):
-            counts = run_model(base, db, seed, steps, "model-%s-%d" % (mode, seed))
+            counts = run_model(base, db, seed, steps, "model-%s-%d" % (mode, seed), outsider)
         return counts, (shared_stats(db) if mode != "plain" else None)
     finally:
+        outsider.close()
         db.close()
 
 
