@@ -197,6 +197,14 @@ def norm_written(o):
     return norm(fresh_obj.__getstate__())
 
 
+def estimated_size(n):
+    """``_p_estimated_size`` after ZODB sets it to ``n`` (kept in units of
+    64 bytes)."""
+    p = Item()
+    p._p_estimated_size = n
+    return p._p_estimated_size
+
+
 def val(key):
     return lambda a: value_of(a.root()[key])
 
@@ -319,6 +327,9 @@ def leak(kind):
         ref0 = base.reference(oid, tid0)
         v.check("A activates the stored state", A.run(val(key)) == ref0)
         v.check("B activates the stored state", B.run(val(key)) == ref0)
+        v.check("_p_serial and _p_estimated_size are ZODB's",
+                B.run(lambda b: (b.root()[key]._p_serial, b.root()[key]._p_estimated_size))
+                == (base.serial(oid, tid0), estimated_size(len(base.record(oid, tid0)))))
 
         before = A.run(val(key))
         A.run(lambda a: mutate(a.root()[key], "LEAK-A"))
@@ -724,3 +735,56 @@ def test_threads_read_their_views_while_others_commit(zeo_base):
             assert shared_stats(db)["hits"] > 0, shared_stats(db)
     finally:
         db.close()
+
+
+# -- cross-database references ---------------------------------------------
+
+
+def test_cross_database_references_resolve_per_connection(zeo_base, tmp_path):
+    """A multi-database (``one`` over ZEO in tidecache, ``two`` a
+    FileStorage, exact mode): a state of ``one`` holding references into
+    ``two`` (an attribute and in a list) resolves them through each
+    connection's own connection to ``two``; a change of the list in A is
+    not seen by B."""
+    import ZODB.FileStorage
+
+    from shared_worker import make_db
+
+    mode = "shared" if mechanism() else "plain"
+    databases = {}
+    one = zeo_base.open(mode, database_name="one", databases=databases)
+    two = make_db(ZODB.FileStorage.FileStorage(str(tmp_path / "two.fs")), mode, database_name="two",
+                  databases=databases)
+    actors = []
+    try:
+        with one.transaction() as c:
+            target = Item(n=1)
+            c.get_connection("two").root()["t"] = target
+            c.get_connection("two").add(target)
+            c.root()["xdb"] = Item(ref=target, refs=[target, "s"])
+        A, B = Actor(one, "A"), Actor(one, "B")
+        actors += [A, B]
+
+        def targets(a):
+            o = a.root()["xdb"]
+            return o.ref, o.refs[0], a.conn.get_connection("two")
+
+        ta, tb = A.run(targets), B.run(targets)
+        for name, (ref, in_list, conn_two) in (("A", ta), ("B", tb)):
+            assert ref._p_jar is conn_two, "%s's reference into two is not its own connection's" % name
+            assert in_list is ref, "%s: one object per oid" % name
+            assert ref.n == 1
+        assert ta[0] is not tb[0]
+        A.run(lambda a: (a.root()["xdb"].refs.append("LEAK-A"), changed(a.root()["xdb"])))
+        assert B.run(lambda b: list(b.root()["xdb"].refs[1:])) == ["s"]
+        B.run(lambda b: b.conn.cacheMinimize())
+        ref, in_list, conn_two = B.run(targets)
+        assert ref._p_jar is conn_two and in_list is ref
+        assert B.run(lambda b: list(b.root()["xdb"].refs[1:])) == ["s"]
+        if mode == "shared":
+            assert shared_stats(one)["hits"] > 0, shared_stats(one)
+    finally:
+        for a in actors:
+            a.close()
+        one.close()
+        two.close()
