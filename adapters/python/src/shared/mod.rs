@@ -55,7 +55,14 @@ pub(crate) struct TemplateCache {
     no_view: AtomicU64,
     log_restarts: AtomicU64,
     fallbacks: [AtomicU64; Reason::ALL.len()],
+    /// When reclamation last ran, milliseconds since `born`.
+    reclaimed_at: AtomicU64,
+    born: std::time::Instant,
 }
+
+/// Reclamation scans every template, so it runs at most this often (ms);
+/// between runs the size bound alone limits memory.
+const RECLAIM_EVERY_MS: u64 = 1000;
 
 impl TemplateCache {
     /// An empty cache bounded to `capacity_bytes` (templates' estimated
@@ -71,6 +78,8 @@ impl TemplateCache {
             no_view: AtomicU64::new(0),
             log_restarts: AtomicU64::new(0),
             fallbacks: Default::default(),
+            reclaimed_at: AtomicU64::new(0),
+            born: std::time::Instant::now(),
         }
     }
 
@@ -94,9 +103,20 @@ impl TemplateCache {
 
     fn after(&self, r: Result<Tid, CoreError>, to: u64, low_water: Option<u64>) {
         match r {
-            Ok(_) => {
-                if let Some(lw) = low_water {
-                    self.cache.reclaim(Tid(lw));
+            Ok(horizon) => {
+                // What no open connection of the process can see goes, and
+                // the log below it (invariant 5). With no connection open,
+                // the horizon bounds every later view but a lagging one,
+                // which then only misses: reclaiming removes, never serves.
+                let now = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+                let last = self.reclaimed_at.load(Ordering::Relaxed);
+                if now.saturating_sub(last) >= RECLAIM_EVERY_MS
+                    && self
+                        .reclaimed_at
+                        .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                        .is_ok()
+                {
+                    self.cache.reclaim(Tid(low_water.unwrap_or(horizon.0)));
                 }
             }
             Err(CoreError::Gap { .. }) => {
