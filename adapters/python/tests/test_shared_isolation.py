@@ -788,3 +788,138 @@ def test_cross_database_references_resolve_per_connection(zeo_base, tmp_path):
             a.close()
         one.close()
         two.close()
+
+
+# -- faults: the sidecar killed, ZEO restarted under commits -----------------
+
+
+def wait_until(cond, what, timeout=30):
+    """Polls an observable condition with a bound (not a synchronisation by
+    time)."""
+    import time
+
+    deadline = time.time() + timeout
+    while not cond():
+        assert time.time() < deadline, "timed out waiting for %s" % what
+        time.sleep(0.02)
+
+
+def reads_everything_right(base, db, keys, v, label):
+    """A new connection reads every object as plain ZODB does at its
+    view."""
+    from shared_worker import view_of
+
+    conn = db.open()
+    try:
+        conn.cacheMinimize()
+        view = view_of(conn)
+        for k in keys:
+            o = conn.root()[k]
+            got = value_of(o)
+            want = base.reference(o._p_oid, view)
+            v.check("%s: %s at %x is %r, plain ZODB reads %r" % (label, k, view, got, want), got == want)
+    finally:
+        conn.close()
+
+
+def test_commits_while_the_sidecar_is_down_are_never_hidden(sidecar, zeo_server):
+    """Templates are fed the process's reports: with the sidecar killed,
+    then restarted, commits of this process and of another ZEO client must
+    still close the templates of the revisions they replace."""
+    import ZODB
+    from ZEO.ClientStorage import ClientStorage
+
+    base = ZEOBase(zeo_server.address, sidecar.socket, "faults")
+    mode = "shared" if mechanism() else "plain"
+    db = base.open(mode)
+    outsider = ZODB.DB(ClientStorage(zeo_server.address, wait_timeout=30))
+    v = Violations()
+    keys = ["f%d" % i for i in range(4)]
+    try:
+        with db.transaction() as c:
+            for k in keys:
+                c.root()[k] = Item(tags=["a"], n=0)
+        B = Actor(db, "B")
+        try:
+            B.run(lambda b: [value_of(b.root()[k]) for k in keys])
+            reads_everything_right(base, db, keys, v, "before")
+
+            def change(k, x):
+                o = c.root()[k]
+                o.tags.append(x)
+                o.n += 1
+                changed(o)
+
+            for phase, act in (("killed", sidecar.kill), ("restarted", sidecar.start)):
+                act()
+                for i, k in enumerate(keys):
+                    if i % 2:
+                        with outsider.transaction() as c:
+                            change(k, phase + "-outside")
+                        last = outsider.lastTransaction()
+                        wait_until(lambda: db.lastTransaction() >= last, "the invalidation of %s" % k)
+                    else:
+                        with db.transaction() as c:
+                            change(k, phase + "-inside")
+                    reads_everything_right(base, db, keys, v, "sidecar %s, after a commit of %s" % (phase, k))
+                B.run(abort)
+                got = B.run(lambda b: [value_of(b.root()[k]) for k in keys])
+                tid = base.last(db)
+                v.check("B after the commits (sidecar %s)" % phase,
+                        got == [base.reference(B.run(lambda b: b.root()[k]._p_oid), tid) for k in keys])
+        finally:
+            B.close()
+        assert not v, v
+        if mode == "shared":
+            assert shared_stats(db)["hits"] > 0, shared_stats(db)
+    finally:
+        outsider.close()
+        db.close()
+        base.close()
+
+
+def test_commits_while_zeo_is_down_are_never_hidden(sidecar, zeo_server):
+    """ZEO stops; two transactions reach its FileStorage directly; ZEO
+    starts again and the client reconnects (quick verification: the
+    changed oids at the newest tid, then ``invalidateCache``): every
+    connection then reads what plain ZODB reads, though templates of the
+    old revisions were open."""
+    import ZODB.FileStorage
+
+    base = ZEOBase(zeo_server.address, sidecar.socket, "zeo-restart")
+    mode = "shared" if mechanism() else "plain"
+    db = base.open(mode)
+    v = Violations()
+    keys = ["z%d" % i for i in range(4)]
+    try:
+        with db.transaction() as c:
+            for k in keys:
+                c.root()[k] = Item(tags=["a"], n=0)
+        for _ in range(2):  # templates of every object, hit
+            reads_everything_right(base, db, keys, v, "before")
+        zeo_server.stop()
+        direct = ZODB.DB(ZODB.FileStorage.FileStorage(zeo_server.path))
+        for k in keys[:2]:
+            with direct.transaction() as c:
+                c.root()[k].tags.append("direct")
+                c.root()[k]._p_changed = True
+        last = direct.lastTransaction()
+        direct.close()
+        zeo_server.start()
+        storage = db.storage
+        wait_until(lambda: storage._storage.is_connected() and storage.lastTransaction() >= last,
+                   "the ZEO client to catch up")
+        base.plain.close()
+        from ZEO.ClientStorage import ClientStorage
+
+        base.plain = ClientStorage(zeo_server.address, wait_timeout=30)
+        reads_everything_right(base, db, keys, v, "after the reconnect")
+        with db.transaction() as c:
+            c.root()[keys[3]].n = 5
+        reads_everything_right(base, db, keys, v, "after the next commit")
+        assert not v, v
+        if mode == "shared":
+            assert shared_stats(db)["hits"] > 0, shared_stats(db)
+    finally:
+        db.close()
+        base.close()
