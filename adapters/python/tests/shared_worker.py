@@ -20,9 +20,10 @@ As a script (a worker process over one ZEO server and one sidecar)::
 (``WHERE``: the ZEO server's socket, or RelStorage's SQLite directory)
 prints one JSON document (``run_loops``' result) on stdout. ``gevent``
 monkey-patches first, before anything imports ``threading`` or
-``socket``, and opens RelStorage with its gevent SQLite driver (ZEO's
-client runs an asyncio loop in a thread of its own, which gevent's
-patched threading cannot host).
+``socket``; it opens RelStorage with its gevent SQLite driver, and reads
+ZEO's reference through the wrapped storage's own client (a second ZEO
+client in a monkey-patched process fails: "Cannot run the event loop
+while another loop is running").
 """
 
 import sys
@@ -232,30 +233,42 @@ class Base:
 
 
 class ZEOBase(Base):
+    """A ZEO server. The reference is a plain ZEO client of its own, or,
+    with ``same_client`` (gevent: ZEO cannot run two clients in one
+    monkey-patched process), the wrapped storage's own ZEO client, read
+    past tidecache."""
+
     name = "zeo"
 
-    def __init__(self, address, sidecar, database):
-        from ZEO.ClientStorage import ClientStorage
-
+    def __init__(self, address, sidecar, database, same_client=False):
         self.address, self.sidecar, self.database = address, sidecar, database
-        self.plain = ClientStorage(address, wait_timeout=30)
+        self.current = None
+        self.plain = None
+        if not same_client:
+            from ZEO.ClientStorage import ClientStorage
+
+            self.plain = ClientStorage(address, wait_timeout=30)
 
     def base(self):
         from ZEO.ClientStorage import ClientStorage
 
-        return ClientStorage(self.address, wait_timeout=30)
+        self.current = ClientStorage(self.address, wait_timeout=30)
+        return self.current
 
     def load_before(self, oid, tid):
-        # The plain client learns of commits asynchronously; its cache would
-        # take a record for current past a commit it has not heard of yet.
+        client = self.plain if self.plain is not None else self.current
+        # A client learns of other clients' commits asynchronously; its
+        # cache would take a record for current past a commit it has not
+        # heard of yet.
         deadline = time.time() + 30
-        while u64(self.plain.lastTransaction()) < tid:
+        while u64(client.lastTransaction()) < tid:
             assert time.time() < deadline, "the reference ZEO client never reached %x" % tid
             time.sleep(0.01)
-        return self.plain.loadBefore(oid, p64(tid + 1))
+        return client.loadBefore(oid, p64(tid + 1))
 
     def close(self):
-        self.plain.close()
+        if self.plain is not None:
+            self.plain.close()
 
 
 class FileStorageBase(Base):
@@ -613,7 +626,8 @@ def main(argv):
     writers, readers, commits, seed = int(writers), int(readers), int(commits), int(seed)
     prefix = os.environ.get("SHARED_PREFIX", "p-")
     if where_kind == "zeo":
-        base = ZEOBase(where, sidecar, os.environ.get("SHARED_DATABASE", "shared-isolation"))
+        base = ZEOBase(where, sidecar, os.environ.get("SHARED_DATABASE", "shared-isolation"),
+                       same_client=kind == "gevent")
     else:
         driver = "gevent sqlite3" if kind == "gevent" else "sqlite3"
         base = RelStorageBase(where, sidecar, os.environ.get("SHARED_DATABASE", "shared-isolation-rs"), driver)

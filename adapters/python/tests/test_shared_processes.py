@@ -14,6 +14,7 @@ from shared_worker import Item  # noqa: F401 (the counters' class, pickled by mo
 from shared_worker import check_totals
 from shared_worker import mechanism
 from shared_worker import setup_counters
+from test_shared_isolation import rs_base  # noqa: F401 (a fixture)
 from test_shared_isolation import servers  # noqa: F401 (a fixture)
 from test_shared_isolation import zeo_base  # noqa: F401 (a fixture)
 
@@ -63,3 +64,8 @@ def run_workers(base, kind, where, prefix, processes, writers, readers, commits)
 
 def test_processes_read_their_views_while_others_commit(zeo_base):  # noqa: F811
     run_workers(zeo_base, "threads", "zeo", "procs-", PROCESSES, WRITERS, READERS, COMMITS)
+
+
+def test_processes_over_relstorage(rs_base):  # noqa: F811
+    """The same over RelStorage/SQLite."""
+    run_workers(rs_base, "threads", "relstorage", "rs-procs-", processes=3, writers=2, readers=1, commits=6)
