@@ -525,3 +525,29 @@ def test_relstorage_views_and_hits(rsdb):
     assert old.root()["o"].v == "two" and old.root()["o"].tags == ["a", "b"]
     s = shared.stats(rsdb)
     assert s["hits"] >= 1 and s["horizon"] is not None and s["fallbacks"] == 0
+
+
+@pytest.mark.parametrize("log", ["not started", "behind"])
+def test_without_a_sidecar_a_revision_is_decoded_once(tmp_path, log):
+    """No sidecar: the process never joins and reports nothing, so the
+    template log never starts or stays behind (a serial past its horizon);
+    every MVCC store is refused. The templates are kept by serial so that
+    each revision is still decoded once, not at every activation (seen
+    failing with the log behind: decoded grew with every activation)."""
+    st = TideCacheStorage(FileStorage(str(tmp_path / "Data.fs")), socket=str(tmp_path / "absent.sock"))
+    db = tidecache.DB(st)
+    if log == "behind":
+        db._tc_shared.start_log(1)
+    try:
+        o = Obj()
+        o.v = "x"
+        commit_root(db, o=o)
+        for _ in range(4):
+            _, c = fresh(db)
+            assert c.root()["o"].v == "x"
+            c.close()
+        s = shared.stats(db)
+        assert s["decoded"] <= 3 and s["hits"] >= 3, s
+        assert s["exact_entries"] >= 2
+    finally:
+        db.close()
