@@ -551,3 +551,24 @@ def test_without_a_sidecar_a_revision_is_decoded_once(tmp_path, log):
         assert s["exact_entries"] >= 2
     finally:
         db.close()
+
+
+def test_templates_stay_within_their_bound():
+    """shared-state-mb bounds the templates (seen failing: 2.8x the bound
+    while moka's batch of evictions waited)."""
+    db = tidecache.DB(MappingStorage(), shared_state_mb=1)
+    try:
+        t = tm()
+        c = db.open(t)
+        for i in range(300):
+            o = Obj()
+            o.data = ["x" * 100] * 100
+            c.root()["o%d" % i] = o
+        t.commit()
+        _, c2 = fresh(db)
+        for i in range(300):
+            assert len(c2.root()["o%d" % i].data) == 100
+        s = shared.stats(db)
+        assert s["evicted"] > 0 and s["bytes"] <= s["capacity"], s
+    finally:
+        db.close()

@@ -184,6 +184,16 @@ impl TemplateCache {
     /// when current at `view`) when a view is given and the log accepts it
     /// (invariant 3), else by serial only.
     fn keep(&self, oid: u64, serial: u64, end: Option<u64>, view: Option<u64>, tpl: &Arc<Template>) {
+        self.keep_unbounded(oid, serial, end, view, tpl);
+        // moka applies the bound in batches; with few, large templates the
+        // batch may wait too long: apply it now once over the budget.
+        let (c, e) = (self.cache.stats(), self.exact.stats());
+        if c.bytes + e.bytes > c.capacity {
+            self.cache.run_pending_tasks();
+        }
+    }
+
+    fn keep_unbounded(&self, oid: u64, serial: u64, end: Option<u64>, view: Option<u64>, tpl: &Arc<Template>) {
         let (o, s) = (Oid(oid), Tid(serial));
         if let Some(v) = view {
             if let Ok(StoreOutcome::Open | StoreOutcome::Closed(_)) =
