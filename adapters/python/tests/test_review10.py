@@ -1,0 +1,173 @@
+"""Review of issue 10 (shared unpickled state): a connection must get
+exactly the state ZODB's own ``Connection.setstate`` gives it. Each
+defect found is a minimal repro marked ``xfail(strict=True)``: it passes
+once fixed. Probes that held are kept as plain tests."""
+
+import importlib
+import os
+import pickle
+import sys
+import tempfile
+import textwrap
+
+import persistent
+import pytest
+import transaction
+import ZODB
+from BTrees.Length import Length
+from BTrees.OOBTree import OOBTree
+from persistent.list import PersistentList
+from persistent.mapping import PersistentMapping
+from ZODB.FileStorage import FileStorage
+from ZODB.MappingStorage import MappingStorage
+
+import tidecache
+from tidecache import TideCacheStorage
+from tidecache import shared
+
+
+class Obj(persistent.Persistent):
+    pass
+
+
+class Slotted(persistent.Persistent):
+    __slots__ = ("a", "b", "__dict__")
+
+
+class Keeper(persistent.Persistent):
+    """A __setstate__ that keeps its argument as its own __dict__ items."""
+
+    def __setstate__(self, state):
+        self.__dict__["kept"] = state
+        persistent.Persistent.__setstate__(self, state)
+
+
+def tm():
+    return transaction.TransactionManager()
+
+
+def fresh(db):
+    t = tm()
+    c = db.open(t)
+    c.cacheMinimize()
+    return t, c
+
+
+def commit_root(db, **items):
+    t = tm()
+    c = db.open(t)
+    c.root().update(items)
+    t.commit()
+    c.close()
+
+
+def plain_and_shared(build):
+    """``build(db)`` commits into a MappingStorage; returns the root of a
+    fresh connection of plain ZODB and of tidecache.DB over equal data."""
+    plain = ZODB.DB(MappingStorage())
+    tc = tidecache.DB(MappingStorage())
+    for db in (plain, tc):
+        build(db)
+    return plain, tc
+
+
+@pytest.fixture
+def mdb():
+    db = tidecache.DB(MappingStorage())
+    yield db
+    db.close()
+
+
+def store_record(db, oid, serial, data):
+    """Writes ``data`` as the record of ``oid`` at the storage level (a
+    record written by another pickler than ZODB's)."""
+    st = db.storage
+    tx = transaction.Transaction()
+    st.tpc_begin(tx)
+    st.store(oid, serial, data, "", tx)
+    st.tpc_vote(tx)
+    st.tpc_finish(tx)
+
+
+def record(klass, state, protocol):
+    """A ZODB record (class pickle, state pickle) written by the stdlib's
+    pickler with ``protocol``."""
+    import io
+
+    f = io.BytesIO()
+    p = pickle.Pickler(f, protocol)
+    p.dump((klass, None))
+    p.dump(state)
+    return f.getvalue()
+
+
+# -- bound builtin methods are classified as immutable leaves ----------------
+
+
+@pytest.mark.xfail(strict=True, reason="a bound builtin method (getattr(list, 'append') in a record) is "
+                   "a shared leaf: its __self__ is the template's list; aliasing lost, changes leak")
+def test_bound_builtin_method_keeps_aliasing_and_is_per_connection(mdb):
+    o = Obj()
+    commit_root(mdb, o=o)
+    items = []
+    # ZODB's protocol-3 pickler refuses a bound method; a record written
+    # otherwise (protocol 2 here, or a __reduce__ returning getattr) has it.
+    data = record(Obj, {"items": items, "add": items.append}, 2)
+    store_record(mdb, o._p_oid, o._p_serial, data)
+    (_, c1), (_, c2) = fresh(mdb), fresh(mdb)
+    a, b = c1.root()["o"], c2.root()["o"]
+    a.add("mine")
+    # Plain ZODB: one list reached twice; connection 2 has its own.
+    assert b.add.__self__ == [], "connection 2 sees connection 1's uncommitted append"
+    assert a.items == ["mine"], "the bound method no longer appends to o.items"
+
+
+# -- a DAG of shared immutable tuples is walked as a tree ---------------------
+
+
+@pytest.mark.xfail(strict=True, reason="is_leaf walks a DAG of memoised tuples as a tree: 2**depth "
+                   "visits and weight for a 150-byte record (depth 40 never returns)")
+def test_dag_of_shared_tuples_is_decoded_in_linear_time():
+    db = tidecache.DB(MappingStorage(), shared_state_mb=4096)
+    o = Obj()
+    x = ("leaf",)
+    for _ in range(20):
+        x = (x, x)  # the pickle memoises each tuple: 20 levels, ~150 bytes
+    o.dag = x
+    commit_root(db, o=o)
+    _, c = fresh(db)
+    assert c.root()["o"].dag[0][1][0] == x[0][1][0]
+    # The template's estimated weight counts 2**20 tuple visits (~160 MB)
+    # for a 150-byte record: the walk is exponential in the depth, and the
+    # estimate evicts every other template of a 64 MiB cache.
+    assert shared.stats(db)["bytes"] < 1 << 20
+    db.close()
+
+
+# -- a class held as a value, replaced at run time -----------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="a class held as a value is the object decoded first: after the "
+                   "module is reloaded ZODB gives the new class, the template the old one")
+def test_class_value_replaced_at_run_time(mdb, tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(sys, "dont_write_bytecode", True)
+    (tmp_path / "r10kind.py").write_text("class Kind:\n    gen = 1\n")
+    importlib.invalidate_caches()
+    import r10kind
+
+    o = Obj()
+    o.kind = r10kind.Kind
+    commit_root(mdb, o=o)
+    _, c = fresh(mdb)
+    assert c.root()["o"].kind.gen == 1
+    # Code reloaded (a deployment, importlib.reload, a plugin system).
+    (tmp_path / "r10kind.py").write_text("class Kind:\n    gen = 22\n")
+    importlib.invalidate_caches()
+    monkeypatch.delitem(sys.modules, "r10kind")
+    import r10kind as reloaded
+
+    _, c2 = fresh(mdb)
+    kind = c2.root()["o"].kind
+    # ZODB's unpickler looks the global up again: the class now in the module.
+    assert kind is reloaded.Kind and kind.gen == 22
