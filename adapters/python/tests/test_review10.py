@@ -1,9 +1,12 @@
 """Review of issue 10 (shared unpickled state): a connection must get
-exactly the state ZODB's own ``Connection.setstate`` gives it. Each
-defect found is a minimal repro marked ``xfail(strict=True)``: it fails
-now (each was run and seen failing) and passes once fixed; the two fixed
-on main meanwhile (385c749) are plain regression tests. What held is
-listed in the review report, not kept here (the suite stays fast)."""
+exactly the state ZODB's own ``Connection.setstate`` gives it. Each test is
+a defect the review found, seen failing, then fixed: bound builtin methods
+shared as leaves, a DAG of tuples walked as a tree, a class value kept
+after its module was reloaded (globals are now looked up at every
+activation), a connection class's own ``ObjectReader`` or ``setstate``
+bypassed and ``ZODB.DB.DB.classFactory`` patched at run time (those now
+take ZODB's own path, ``fallback_custom_connection`` and
+``fallback_class_factory``)."""
 
 import importlib
 import pickle
@@ -120,8 +123,6 @@ def test_dag_of_shared_tuples_is_decoded_in_linear_time():
 # -- a class held as a value, replaced at run time -----------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="a class held as a value is the object decoded first: after the "
-                   "module is reloaded ZODB gives the new class, the template the old one")
 def test_class_value_replaced_at_run_time(mdb, tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(sys, "dont_write_bytecode", True)
@@ -155,7 +156,7 @@ class _Audited(ZODB.Connection.Connection):
     loads = 0
 
     def setstate(self, obj):
-        type(self).loads += 1
+        _Audited.loads += 1  # not type(self): install() subclasses the klass
         return super().setstate(obj)
 
 
@@ -190,8 +191,6 @@ def _open_with_klass(klass, shared_state):
     return db, c
 
 
-@pytest.mark.xfail(strict=True, reason="install() puts SharedStateMixin first in the MRO: a klass's own "
-                   "setstate is never called (only on fallbacks)")
 def test_custom_klass_setstate_is_called():
     _Audited.loads = 0
     db, c = _open_with_klass(_Audited, shared_state=False)
@@ -204,8 +203,6 @@ def test_custom_klass_setstate_is_called():
     assert _Audited.loads == plain, "the connection class's own setstate was bypassed"
 
 
-@pytest.mark.xfail(strict=True, reason="templates decode with ZODB's unpickler, not the connection's "
-                   "_reader: a klass with an ObjectReader of its own gets another state")
 def test_custom_klass_reader_is_used():
     _, c = _open_with_klass(_ReaderConnection, shared_state=False)
     assert c.root()["o"].v == "LOW"  # plain ZODB
@@ -224,8 +221,6 @@ class _NewKind:
     gen = "new"
 
 
-@pytest.mark.xfail(strict=True, reason="_default_factory compares ZODB.DB.DB.classFactory with itself: "
-                   "a factory patched on the class is taken for ZODB's and bypassed")
 def test_class_factory_patched_on_the_db_class(mdb, monkeypatch):
     db_class = sys.modules["ZODB.DB"].DB
     original = db_class.classFactory

@@ -52,11 +52,41 @@ logger = logging.getLogger("tidecache.shared")
 DEFAULT_CAPACITY_MB = 64
 
 
+#: ZODB's own ``DB.classFactory``, as this module found it.
+_ZODB_CLASS_FACTORY = vars(_ZODB_DB)["classFactory"]
+
+
 def _default_factory(db):
     """Whether ``db`` uses ZODB's own class factory (templates resolve
-    classes with it, without a connection)."""
+    classes with it, without a connection): neither the instance, nor its
+    class, nor ``ZODB.DB`` itself (patched at run time) has another."""
+    if "classFactory" in vars(db):
+        return False
     factory = getattr(type(db), "classFactory", None)
-    return factory is _ZODB_DB.classFactory and "classFactory" not in vars(db)
+    return (factory is _ZODB_CLASS_FACTORY
+            and getattr(factory, "__module__", None) == "ZODB.DB"
+            and getattr(factory, "__qualname__", None) == "DB.classFactory")
+
+
+def _plain_reason(conn, db):
+    """Why every object of ``conn`` must take ZODB's own path, or
+    ``None``: a class factory of the database's own (``class_factory``),
+    or a connection class whose ``setstate`` or ``ObjectReader`` is not
+    ZODB's (``custom_connection``: they may change what a state is)."""
+    if not _default_factory(db):
+        return "class_factory"
+    from ZODB.serialize import ObjectReader
+
+    if type(conn._reader) is not ObjectReader:
+        return "custom_connection"
+    mro = type(conn).__mro__
+    after = mro[mro.index(SharedStateMixin) + 1:]
+    for klass in after:
+        if "setstate" in vars(klass):
+            if klass is not Connection:
+                return "custom_connection"
+            break
+    return None
 
 
 def install(db, capacity_mb=DEFAULT_CAPACITY_MB, decode_first=True):
@@ -149,7 +179,7 @@ class SharedStateMixin:
             states = install(db, configured or DEFAULT_CAPACITY_MB,
                              getattr(db.storage, "_tc_shared_decode_first", True))
         self._tc_states = states
-        self._tc_plain = None if _default_factory(db) else "class_factory"
+        self._tc_plain = _plain_reason(self, db)
         kind = type(self._normal_storage)
         if not hasattr(kind, "_tc_shared_view"):
             self._tc_mvcc = 0

@@ -369,8 +369,13 @@ pub(crate) fn setstate(py: Python<'_>, conn: &Bound<'_, PyAny>, obj: &Bound<'_, 
     };
     let t = &*states.get().inner;
     bump(&t.activations);
-    if !conn.getattr(intern!(py, "_tc_plain"))?.is_none() {
-        t.fallback(Reason::ClassFactory);
+    let plain_reason = conn.getattr(intern!(py, "_tc_plain"))?;
+    if !plain_reason.is_none() {
+        t.fallback(if plain_reason.eq("class_factory")? {
+            Reason::ClassFactory
+        } else {
+            Reason::CustomConnection
+        });
         return plain();
     }
     if !conn.getattr(intern!(py, "_savepoint_storage"))?.is_none() {

@@ -12,8 +12,9 @@
 //!
 //! - **leaves**, immutable and shared by every activation: `str`, `bytes`,
 //!   `int`, `float`, `complex`, `bool`, `None`, datetime values, `Decimal`,
-//!   `UUID`, classes and functions (globals: the very objects ZODB's
-//!   unpickler would return), and tuples and frozensets made only of leaves;
+//!   `UUID`, and tuples and frozensets made only of leaves;
+//! - **globals** (classes, functions the record names), looked up with the
+//!   class factory at every activation as ZODB's unpickling does;
 //! - **containers**, copied at every activation: `list`, `dict`, `set`,
 //!   `bytearray`, and tuples or frozensets holding containers or
 //!   references; the same container twice in a state is one [`Node::Alias`]
@@ -52,18 +53,22 @@ pub(crate) enum Reason {
     ClassFactory,
     /// The object's class is Broken, or the state names a missing class.
     Broken,
+    /// The connection class has a `setstate` or an `ObjectReader` of its
+    /// own.
+    CustomConnection,
     /// The class pickle holds a persistent reference (a persistent class).
     PersistentClass,
 }
 
 impl Reason {
     /// Every reason, in the order of [`Reason::name`].
-    pub(crate) const ALL: [Reason; 6] = [
+    pub(crate) const ALL: [Reason; 7] = [
         Reason::Savepoint,
         Reason::UnknownType,
         Reason::DecodeError,
         Reason::ClassFactory,
         Reason::Broken,
+        Reason::CustomConnection,
         Reason::PersistentClass,
     ];
 
@@ -75,6 +80,7 @@ impl Reason {
             Reason::DecodeError => "decode_error",
             Reason::ClassFactory => "class_factory",
             Reason::Broken => "broken",
+            Reason::CustomConnection => "custom_connection",
             Reason::PersistentClass => "persistent_class",
         }
     }
@@ -130,6 +136,10 @@ pub(crate) enum Node {
     ByteArray { slot: u32, proto: Py<PyByteArray> },
     /// A persistent reference.
     Ref(Ref),
+    /// A global (a class, a function) as the record names it: looked up
+    /// with ZODB's class factory at every activation, as ZODB's unpickling
+    /// does, so a class replaced or gone since the decoding is seen.
+    Global { module: PyObject, name: PyObject },
     /// The container of `slot`, met again (aliasing, or a cycle).
     Alias(u32),
 }
@@ -414,8 +424,11 @@ impl<'py> Builder<'py> {
             self.leaf_tuples.insert(addr, leaf);
             return Ok(leaf);
         }
+        if self.names.contains_key(&(obj.as_ptr() as usize)) {
+            return Ok(false); // a global: `Node::Global`, looked up again each time
+        }
         if obj.is_instance_of::<PyType>() {
-            return Ok(true); // a global: the object ZODB's unpickler returns too
+            return Ok(true); // a type not named by the record (a builtin's)
         }
         let Ok(g) = Globals::get(py) else {
             return Err(Reason::DecodeError);
@@ -447,6 +460,12 @@ impl<'py> Builder<'py> {
             }
             self.aliased = true;
             return Ok(Node::Alias(slot));
+        }
+        if let Some((module, name)) = self.names.get(&(obj.as_ptr() as usize)) {
+            return Ok(Node::Global {
+                module: module.clone_ref(self.py),
+                name: name.clone_ref(self.py),
+            });
         }
         if self.is_leaf(obj, depth)? {
             return Ok(Node::Leaf(obj.clone().unbind()));
