@@ -118,7 +118,7 @@ BTREES_DB_TESTS = frozenset([
 PACKAGES = ("ZODB", "BTrees")
 
 #: The summary's counters (tidecache.shared.stats keys).
-COUNTERS = ("hits", "misses", "decoded", "stores", "refused", "fallbacks")
+COUNTERS = ("activations", "hits", "misses", "decoded", "stores", "refused", "fallbacks")
 
 
 # -- the swap and the activation counters ----------------------------------------
