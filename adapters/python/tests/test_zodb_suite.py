@@ -116,3 +116,45 @@ def test_baseline_harness_runs_a_few_tests():
     assert s["ran"] >= 50 and s["dbs"] > 0 and s["shared-class-dbs"] == 0, line
     if os.geteuid() == 0:
         assert s["emulated-owner-open"] == 4, line
+
+
+@needs_shared
+def test_persistent_class_activates_through_shared_state():
+    """ZODB's testpersistentclass.class_with_circular_ref_to_self and
+    persistentclass.rst, made direct: a persistent class (an instance of
+    ``ZODB.persistentclass.PersistentMetaClass``) loaded in a second
+    connection, then its uncommitted change aborted. The native
+    ``setstate`` calls the class's ``__setstate__`` looked up on the type
+    unbound; for a persistent class that is PersistentMetaClass's
+    ``_p_MethodDescr``, whose ``__get__(None, cls)`` returns the metaclass
+    itself, so the call became ``PersistentMetaClass(C, state)``
+    (TypeError: missing 'cdict'), and the abort's reload failed, leaving
+    the uncommitted method in place."""
+    import transaction
+    from ZODB.DB import DB
+    from ZODB.MappingStorage import MappingStorage
+    from ZODB.persistentclass import PersistentMetaClass
+
+    from tidecache import shared
+
+    db = DB(MappingStorage())
+    shared.install(db)
+    try:
+        C = PersistentMetaClass("C", (object,), {"__module__": "__zodb__"})
+        C.me = C
+        tm1 = transaction.TransactionManager()
+        conn1 = db.open(transaction_manager=tm1)
+        conn1.root()["C"] = C
+        tm1.commit()
+
+        tm2 = transaction.TransactionManager()
+        conn2 = db.open(transaction_manager=tm2)
+        C2 = conn2.root()["C"]
+        assert C2.me is C2 and C2.__name__ == "C" and C2() is not None
+
+        C2.baz = lambda self: "uncommitted"
+        tm2.abort()
+        assert not hasattr(C2, "baz")
+        assert C2.me is C2
+    finally:
+        db.close()

@@ -28,8 +28,8 @@ B those that are; the details say which connection class ran, how many
 databases were built, and the shared path's counters summed over them
 (``tidecache.shared.stats``). The exit status is 0 only when F and E are
 0 and, with the swap, the shared path really served activations
-(``decoded`` and ``hits`` both above 0): a run in which the class did not
-take effect fails.
+(``activations`` above ``fallbacks``, and ``decoded`` above 0): a run in
+which the class did not take effect fails.
 
 ``-t PATTERN`` (repeatable) and everything after ``--`` go to
 zope.testrunner (``-t`` is its test-name regex; ``-vv`` lists the tests).
@@ -453,12 +453,15 @@ def main(argv=None):
         ok = failures == 0 and errors == 0
         notes = []
         if mode == "shared":
-            if not (totals.get("decoded", 0) > 0 and totals.get("hits", 0) > 0):
+            served = totals.get("activations", 0) - totals.get("fallbacks", 0)
+            if not (served > 0 and totals.get("decoded", 0) > 0):
                 ok = False
-                notes.append("the shared path activated nothing (decoded=%d hits=%d over %d "
-                             "databases, %d with the shared class): the swap did not take "
-                             "effect" % (totals.get("decoded", 0), totals.get("hits", 0),
-                                         activations.dbs, activations.shared_class))
+                notes.append("the shared path activated nothing (activations=%d fallbacks=%d "
+                              "decoded=%d over %d databases, %d with the shared class): the "
+                              "swap did not take effect" % (
+                                  totals.get("activations", 0), totals.get("fallbacks", 0),
+                                  totals.get("decoded", 0), activations.dbs,
+                                  activations.shared_class))
         if runner.ran == 0:
             ok = False
             notes.append("no test ran")
