@@ -22,17 +22,6 @@ import pytest
 HERE = pathlib.Path(__file__).resolve().parent
 SUITE = HERE / "zodb_suite.py"
 
-try:
-    import tidecache.shared  # noqa: F401
-
-    HAVE_SHARED = True
-except ImportError:
-    HAVE_SHARED = False
-
-needs_shared = pytest.mark.skipif(
-    not HAVE_SHARED, reason="tidecache.shared (issue 10's mechanism) is not in this build yet")
-
-
 def _run(*args, timeout=900):
     proc = subprocess.run([sys.executable, str(SUITE)] + list(args), cwd=str(HERE),
                           capture_output=True, text=True, timeout=timeout,
@@ -52,7 +41,6 @@ def _problems(out):
     return "\n".join(re.findall(r"^(?:(?:Failure|Error) in test .*|zodb_suite: .*)$", out, re.M))
 
 
-@needs_shared
 def test_zodb_suite_with_shared_state():
     code, s, line, out = _run()
     print(line)
@@ -83,7 +71,6 @@ INJECTION_TESTS = [
 ]
 
 
-@needs_shared
 @pytest.mark.parametrize("inject", ["share-containers", "corrupt-states"])
 def test_an_activation_bug_is_seen(inject):
     code, s, line, out = _run("--inject", inject, *INJECTION_TESTS)
@@ -95,7 +82,6 @@ def test_an_activation_bug_is_seen(inject):
     assert s["ran"] > 0 and s["decoded"] > 0, line
 
 
-@needs_shared
 def test_a_swap_that_did_not_take_effect_is_seen():
     code, s, line, out = _run("--inject", "no-swap", *INJECTION_TESTS)
     print(line)
@@ -118,7 +104,6 @@ def test_baseline_harness_runs_a_few_tests():
         assert s["emulated-owner-open"] == 4, line
 
 
-@needs_shared
 def test_persistent_class_activates_through_shared_state():
     """ZODB's testpersistentclass.class_with_circular_ref_to_self and
     persistentclass.rst, made direct: a persistent class (an instance of
