@@ -326,6 +326,7 @@ pub(crate) fn decode(py: Python<'_>, pickle: &Bound<'_, PyBytes>) -> Template {
         names,
         seen: HashMap::new(),
         building_tuples: Vec::new(),
+        leaf_tuples: HashMap::new(),
         slots: 0,
         aliased: false,
         weight: 0,
@@ -351,6 +352,9 @@ struct Builder<'py> {
     seen: HashMap<usize, u32>,
     /// Tuples being built (a tuple met inside itself cannot be rebuilt).
     building_tuples: Vec<usize>,
+    /// Whether each tuple or frozenset met is a leaf, by address: a state
+    /// that shares sub-tuples (a DAG) is classified in linear time.
+    leaf_tuples: HashMap<usize, bool>,
     slots: u32,
     aliased: bool,
     weight: usize,
@@ -382,23 +386,33 @@ impl<'py> Builder<'py> {
             self.weight += leaf_weight(obj);
             return Ok(true);
         }
-        if let Ok(t) = obj.downcast_exact::<PyTuple>() {
-            for item in t.iter() {
-                if !self.is_leaf(&item, depth + 1)? {
-                    return Ok(false);
-                }
+        let tuple = obj.downcast_exact::<PyTuple>().ok();
+        let frozen = obj.downcast_exact::<PyFrozenSet>().ok();
+        if tuple.is_some() || frozen.is_some() {
+            let addr = obj.as_ptr() as usize;
+            if let Some(&known) = self.leaf_tuples.get(&addr) {
+                return Ok(known);
             }
-            self.weight += 40 + 8 * t.len();
-            return Ok(true);
-        }
-        if let Ok(f) = obj.downcast_exact::<PyFrozenSet>() {
-            for item in f.iter() {
-                if !self.is_leaf(&item, depth + 1)? {
-                    return Ok(false);
+            let mut leaf = true;
+            if let Some(t) = tuple {
+                for item in t.iter() {
+                    if !self.is_leaf(&item, depth + 1)? {
+                        leaf = false;
+                        break;
+                    }
                 }
+                self.weight += 40 + 8 * t.len();
+            } else if let Some(f) = frozen {
+                for item in f.iter() {
+                    if !self.is_leaf(&item, depth + 1)? {
+                        leaf = false;
+                        break;
+                    }
+                }
+                self.weight += 200 + 16 * f.len();
             }
-            self.weight += 200 + 16 * f.len();
-            return Ok(true);
+            self.leaf_tuples.insert(addr, leaf);
+            return Ok(leaf);
         }
         if obj.is_instance_of::<PyType>() {
             return Ok(true); // a global: the object ZODB's unpickler returns too
@@ -408,7 +422,12 @@ impl<'py> Builder<'py> {
         };
         let ty = obj.get_type();
         if g.function_types.iter().any(|t| ty.is(t.bind(py))) {
-            return Ok(true);
+            // A function, or a builtin bound to a module; a builtin method
+            // bound to an object (`some_list.append`) shares that object.
+            return Ok(match obj.getattr("__self__") {
+                Ok(owner) => owner.is_none() || owner.is_instance_of::<pyo3::types::PyModule>(),
+                Err(_) => true,
+            });
         }
         if g.leaf_types.iter().any(|t| ty.is(t.bind(py))) {
             self.weight += 48;
@@ -449,6 +468,11 @@ impl<'py> Builder<'py> {
                 items.push(n);
             }
             self.weight += 56 + 8 * l.len();
+            if all_leaves {
+                // Copied from the prototype: the nodes are not kept.
+                self.weight -= items.len() * std::mem::size_of::<Node>();
+                items.clear();
+            }
             return Ok(Node::List {
                 slot,
                 items: items.into_boxed_slice(),
@@ -466,6 +490,10 @@ impl<'py> Builder<'py> {
                 items.push((kn, vn));
             }
             self.weight += 64 + 40 * d.len();
+            if all_leaves {
+                self.weight -= 2 * items.len() * std::mem::size_of::<Node>();
+                items.clear();
+            }
             return Ok(Node::Dict {
                 slot,
                 items: items.into_boxed_slice(),
