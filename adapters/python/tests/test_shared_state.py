@@ -572,3 +572,25 @@ def test_templates_stay_within_their_bound():
         assert s["evicted"] > 0 and s["bytes"] <= s["capacity"], s
     finally:
         db.close()
+
+
+def test_decode_first_off_leaves_a_revisions_first_read_to_zodb():
+    db = tidecache.DB(MappingStorage(), shared_state_decode_first=False)
+    try:
+        o = Obj()
+        o.tags = ["a"]
+        commit_root(db, o=o)
+        views = []
+        for _ in range(3):
+            _, c = fresh(db)
+            views.append(c.root()["o"])
+            assert views[-1].tags == ["a"]
+        s = shared.stats(db)
+        # The root and o: first activations ZODB's, second ones decoded,
+        # third ones template hits.
+        assert s["first_reads"] == 2 and s["decoded"] == 2 and s["hits"] >= 2, s
+        assert views[1].tags is not views[2].tags and views[1].tags == views[2].tags == ["a"]
+        views[1].tags.append("mine")
+        assert views[2].tags == ["a"]
+    finally:
+        db.close()
