@@ -141,5 +141,8 @@ def test_persistent_class_activates_through_shared_state():
         tm2.abort()
         assert not hasattr(C2, "baz")
         assert C2.me is C2
+        from tidecache import shared
+
+        assert shared.stats(db)["fallback_persistent_class"] >= 1  # ZODB's path, counted
     finally:
         db.close()

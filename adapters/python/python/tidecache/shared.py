@@ -194,11 +194,7 @@ class SharedStateMixin:
         does. Raises what ``Connection.setstate`` raises
         (``ConnectionStateError``, ``ReadConflictError``, ``POSKeyError``,
         errors of ``__setstate__``)."""
-        # A persistent class (ZODB.persistentclass) is activated by ZODB's
-        # own path: its __setstate__, looked up on the metaclass unbound as
-        # the native call does, is a descriptor that returns the metaclass
-        # (the call would build a class); not counted in the stats.
-        if self._tc_states is not None and not isinstance(obj, type):
+        if self._tc_states is not None:
             try:
                 if _setstate(self, obj):
                     return

@@ -385,6 +385,12 @@ pub(crate) fn setstate(py: Python<'_>, conn: &Bound<'_, PyAny>, obj: &Bound<'_, 
     // Subclass checks on the type: `isinstance` would read `__class__`
     // through the persistent object's own `__getattribute__` when false.
     let kind = obj.get_type();
+    if obj.is_instance_of::<pyo3::types::PyType>() {
+        // A persistent class (ZODB.persistentclass): its metaclass's
+        // `__setstate__` is a descriptor of its own; ZODB's path.
+        t.fallback(Reason::PersistentClass);
+        return plain();
+    }
     if kind.is_subclass(g.broken.bind(py).downcast::<pyo3::types::PyType>()?)? {
         t.fallback(Reason::Broken);
         return plain();
@@ -528,13 +534,21 @@ fn finish<'py>(
             Template::Shared {
                 root, slots, aliased, ..
             } => {
-                // The class's `__setstate__`, called unbound: no lookup through
-                // the persistent object's own `__getattribute__`.
+                // The class's `__setstate__`, called unbound when it is a
+                // plain function or a C method (no lookup through the
+                // persistent object's own `__getattribute__`); any other
+                // descriptor is bound through the object, as Python would.
                 let method = kind.getattr(intern!(py, "__setstate__"))?;
                 let default = method.is(g.persistent_setstate.bind(py)) && !UNSAFE_SHARE.load(Ordering::Relaxed);
                 let mut r = Resolver::new(py, conn, *slots, *aliased);
                 let state = r.state(root, default)?;
-                method.call1((obj, state))?;
+                let unbound = method.is_instance_of::<pyo3::types::PyFunction>()
+                    || method.get_type().is(&g.persistent_setstate.bind(py).get_type());
+                if unbound {
+                    method.call1((obj, state))?;
+                } else {
+                    obj.call_method1(intern!(py, "__setstate__"), (state,))?;
+                }
             }
         }
     }

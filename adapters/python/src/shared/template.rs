@@ -56,7 +56,8 @@ pub(crate) enum Reason {
     /// The connection class has a `setstate` or an `ObjectReader` of its
     /// own.
     CustomConnection,
-    /// The class pickle holds a persistent reference (a persistent class).
+    /// The class pickle holds a persistent reference, or the object is
+    /// itself a persistent class.
     PersistentClass,
 }
 
