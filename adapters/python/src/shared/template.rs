@@ -59,11 +59,16 @@ pub(crate) enum Reason {
     /// The class pickle holds a persistent reference, or the object is
     /// itself a persistent class.
     PersistentClass,
+    /// A BTrees bucket, tree or set of numbers only (`IIBTree`,
+    /// `LLTreeSet`, ...): its `__setstate__` copies every item into C
+    /// arrays per connection, so a template would share nothing and only
+    /// add the decoded numbers; the pickle is kept instead.
+    NumericBTree,
 }
 
 impl Reason {
     /// Every reason, in the order of [`Reason::name`].
-    pub(crate) const ALL: [Reason; 7] = [
+    pub(crate) const ALL: [Reason; 8] = [
         Reason::Savepoint,
         Reason::UnknownType,
         Reason::DecodeError,
@@ -71,6 +76,7 @@ impl Reason {
         Reason::Broken,
         Reason::CustomConnection,
         Reason::PersistentClass,
+        Reason::NumericBTree,
     ];
 
     /// The reason's name in the stats (`fallback_<name>`).
@@ -82,6 +88,7 @@ impl Reason {
             Reason::ClassFactory => "class_factory",
             Reason::Broken => "broken",
             Reason::CustomConnection => "custom_connection",
+            Reason::NumericBTree => "numeric_btree",
             Reason::PersistentClass => "persistent_class",
         }
     }
@@ -316,9 +323,12 @@ pub(crate) fn decode(py: Python<'_>, pickle: &Bound<'_, PyBytes>) -> Template {
             g.unpickler
                 .bind(py)
                 .call1((hooks.getattr("find_global")?, hooks.getattr("persistent_load")?, file))?;
-        unpickler.call_method0("load")?; // the class pickle
+        let meta = unpickler.call_method0("load")?; // the class pickle
         if hooks.borrow().references > 0 {
             return Ok(Err(Reason::PersistentClass));
+        }
+        if numeric_btree(&meta) {
+            return Ok(Err(Reason::NumericBTree));
         }
         let state = unpickler.call_method0("load")?;
         if hooks.borrow().broken {
@@ -352,6 +362,29 @@ pub(crate) fn decode(py: Python<'_>, pickle: &Bound<'_, PyBytes>) -> Template {
         },
         Err(reason) => fallback(reason),
     }
+}
+
+/// Whether a record's class (`meta`: the class, or `(class, args)`) is a
+/// BTrees type whose keys and values are both numbers: `IIBTree`,
+/// `LFBucket`, `QQTreeSet`, ... (families I, L, U, Q, F; `O` holds
+/// objects).
+fn numeric_btree(meta: &Bound<'_, PyAny>) -> bool {
+    let class = match meta.downcast::<PyTuple>() {
+        Ok(t) => match t.get_item(0) {
+            Ok(c) => c,
+            Err(_) => return false,
+        },
+        Err(_) => meta.clone(),
+    };
+    let (Ok(module), Ok(name)) = (class.getattr("__module__"), class.getattr("__name__")) else {
+        return false;
+    };
+    let (Ok(module), Ok(name)) = (module.extract::<String>(), name.extract::<String>()) else {
+        return false;
+    };
+    let numeric = |c: Option<char>| matches!(c, Some('I' | 'L' | 'U' | 'Q' | 'F'));
+    let mut chars = name.chars();
+    module.starts_with("BTrees.") && numeric(chars.next()) && numeric(chars.next())
 }
 
 /// Classifies a decoded tree.
