@@ -2,11 +2,18 @@
 connection per request, serving searches and section views; or the writer,
 which edits sections and reindexes them. Writes a JSON result file.
 
-    workload.py reader|writer BASE SIDECAR_SOCKET|none SECONDS WORDS.json OUT.json [SEED]
+    workload.py reader|writer BASE SIDECAR_SOCKET|none SECONDS WORDS.json OUT.json [SEED [shared]]
 
 BASE is the ZEO server's socket, or ``zconfig:PATH``: a ZConfig file with
-one storage section (RelStorage, plain or inside ``<tidecache>``; then
-SIDECAR_SOCKET only says which of the two it is, for the figures).
+one storage section (RelStorage, plain or inside ``<tidecache>``, with or
+without ``shared-state on``; then SIDECAR_SOCKET only says which it is, for
+the figures). ``shared`` (ZEO): the database is
+``tidecache.DB(..., shared_state=True)`` (issue 10), the connections of the
+process activating from one template per revision.
+
+The result holds the process's memory when the run ends (``VmRSS``,
+``RssAnon`` and the peak ``VmHWM`` of ``/proc/self/status``, KiB) and,
+with shared state, ``tidecache.shared.stats``.
 """
 
 import bisect
@@ -76,7 +83,18 @@ def timed_instances(storage):
     storage.new_instance = timed_new_instance
 
 
-def open_db(zeo, sidecar):
+def memory_kib():
+    """``VmRSS``, ``RssAnon`` and ``VmHWM`` of this process, KiB."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key = line.split(":", 1)[0]
+            if key in ("VmRSS", "RssAnon", "VmHWM"):
+                out[key] = int(line.split()[1])
+    return out
+
+
+def open_db(zeo, sidecar, shared=False):
     if zeo.startswith("zconfig:"):
         with open(zeo[len("zconfig:"):]) as f:
             storage = ZODB.config.storageFromString(f.read())
@@ -91,6 +109,10 @@ def open_db(zeo, sidecar):
         from tidecache.storage import TideCacheInstance
         timed(TideCacheInstance)
         storage = TideCacheStorage(base, socket=sidecar, database="demo")
+        if shared:
+            import tidecache
+            return storage, tidecache.DB(storage, shared_state=True, pool_size=THREADS,
+                                         cache_size=CONNECTION_CACHE)
     return storage, ZODB.DB(storage, pool_size=THREADS, cache_size=CONNECTION_CACHE)
 
 
@@ -184,7 +206,8 @@ def writer(db, deadline, pop_path, seed, out):
 def main():
     role, zeo, sidecar, seconds, pop_path, out_path = sys.argv[1:7]
     seed = int(sys.argv[7]) if len(sys.argv) > 7 else 1
-    storage, db = open_db(zeo, sidecar)
+    shared = len(sys.argv) > 8 and sys.argv[8] == "shared"
+    storage, db = open_db(zeo, sidecar, shared)
     out = {"role": role}
     deadline = time.time() + float(seconds)
     started = time.time()
@@ -197,6 +220,11 @@ def main():
     local = getattr(storage, "_cache", None)  # RelStorage's own (process-local) cache
     if zeo.startswith("zconfig:") and local is not None:
         out["relstorage_cache"] = {k: v for k, v in local.stats().items() if k in ("hits", "misses", "sets")}
+    out["memory_kib"] = memory_kib()
+    out["shared_state"] = None
+    if getattr(db, "_tc_shared", None) is not None:
+        import tidecache.shared
+        out["shared_state"] = dict(tidecache.shared.stats(db))
     db.close()
     with open(out_path, "w") as f:
         json.dump(out, f)
