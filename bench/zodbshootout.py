@@ -44,10 +44,20 @@ so every tidecache read is a read on a new host; plain ZEO iterations
 interleave with them. The figure per iteration is the slowest process's
 time, as zodbshootout's (``max``).
 
+**Shared state** (issue 10): on ZEO, when the tree's ``<tidecache>`` has
+the ``shared-state`` key, the ZConfig file gets a third database,
+``shared``: the ``tidecache`` database's ``<zeoclient>`` inside
+``<tidecache>`` with ``shared-state on`` (its connections activate objects
+from one template per revision in the process). zodbshootout runs the
+three databases in that order in every phase; the truly cold run restarts
+the sidecar before each of its iterations too. ``--without-shared`` leaves
+it out. The goal: hot at least 2x faster than plain ZEO. A quick run of
+that phase alone: ``zodbshootout.py --phases hot --skip-truly-cold``.
+
 Writes ``bench-results/zodbshootout.json`` (per phase and concurrency: the
 values, mean and stdev of each contender, and the ratio tidecache / plain
-of the means; the truly cold run the same way), prints a table, and
-rebuilds docs/benchmarks.md.
+of the means, with shared state ``ratio_shared``; the truly cold run the
+same way), prints a table, and rebuilds docs/benchmarks.md.
 
 **RelStorage** (``--base relstorage-postgresql`` or ``relstorage-sqlite``;
 issue 9): the same zodbshootout run over RelStorage 4
@@ -65,7 +75,7 @@ cold run; written to ``bench-results/zodbshootout-BASE.json``.
                     [--concurrency 2 4] [--values 3] [--fast-processes 3] [--warmups 1]
                     [--phases add update cold warm hot steamin] [--cold-iterations 8]
                     [--own-storages] [--skip-shootout] [--skip-truly-cold] [--output PATH]
-                    [--no-report] [--profile PHASE ...]
+                    [--no-report] [--profile PHASE ...] [--without-shared]
 """
 
 import argparse
