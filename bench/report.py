@@ -697,9 +697,10 @@ def shared_state_section(ss):
         out.append("")
         arrays = [(k, r) for k, r in mem.items() if "c_arrays_bytes" in r]
         if arrays:
-            out += ["Integer BTrees keep their keys and values in C arrays that `__setstate__` allocates for",
-                    "each connection (BTrees' `_bucket_setstate`: a C int is 4 bytes, an object 8; glibc's",
-                    "chunk overhead counted), whatever the template shares:", ""]
+            out += ["BTrees keep their keys and values in C arrays that `__setstate__` allocates for each",
+                    "connection (BTrees' `_bucket_setstate`: a C int is 4 bytes, an object pointer 8; for the",
+                    "integer kinds with glibc's chunk overhead; for the demo's working set its BTrees' and",
+                    "`IITreeSet`s' items only, a lower bound), whatever the template shares:", ""]
             for kind, r in arrays:
                 out.append("- %s: %.1f MB of C arrays in %d connections, %s." % (
                     SHARED_KINDS[kind], r["c_arrays_bytes"] / 2 ** 20, ss["connections"],

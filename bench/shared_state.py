@@ -381,6 +381,17 @@ def c_array_bytes(kind):
     return malloc_chunk(key * INT_ITEMS) + malloc_chunk(value * INT_ITEMS)
 
 
+def demo_c_arrays(conn):
+    """Bytes of C arrays (keys and values) the demo's BTrees hold in one
+    connection, at least (their items; no chunk overhead, no inner nodes):
+    the modules' ``OOBTree`` and the index's (two pointers an item), the
+    sections' ``IOBTree`` (a C int and a pointer), each ``IITreeSet`` (a C
+    int)."""
+    root = conn.root()
+    total = len(root["modules"]) * 16 + len(root["sections"]) * 12 + len(root["index"]) * 16
+    return total + sum(len(postings) * 4 for postings in root["index"].values())
+
+
 def memory_child(args):
     """In a fresh process: the RSS of ``args.connections`` connections of
     ``args.contender`` over ``args.kind``'s working set; prints JSON."""
@@ -398,7 +409,9 @@ def memory_child(args):
     gc.collect()
     rss1, anon1 = status_kib()
     out = {"rss_kib": rss1 - rss0, "anon_kib": anon1 - anon0, "activated": activated[0],
-           "rss_before_kib": rss0}
+           "rss_before_kib": rss0,
+           "c_arrays_per_connection": demo_c_arrays(conns[0]) if args.kind == "demo"
+           else c_array_bytes(args.kind) * len(oids)}
     if args.contender == "shared":
         st = shared_stats(db)
         out["shared_stats"] = st
@@ -434,9 +447,8 @@ def memory(path, socket, oids_path, contenders, args):
         for c in contenders:
             if c != "zodb":
                 r["share_" + c] = r[c]["rss_kib"] / r["zodb"]["rss_kib"]
-        per_object = c_array_bytes(kind)
-        if per_object:
-            total = per_object * args.memory_objects * args.connections
+        if kind in C_ITEM or kind == "demo":
+            total = r["zodb"]["c_arrays_per_connection"] * args.connections
             r["c_arrays_bytes"] = total
             for c in contenders:
                 r["c_arrays_share_" + c] = total / (r[c]["rss_kib"] * 1024)
