@@ -658,8 +658,8 @@ def shared_state_section(ss):
             out.append(line)
         fallbacks = {k: (r.get("shared_stats") or {}).get("fallbacks") for k, r in act.items()}
         if have_shared and any(fallbacks.values()):
-            out += ["", "Fallbacks to ZODB's own `setstate` counted by the template cache (cumulative over the"
-                    " kinds): %s." % ", ".join("%s %s" % kv for kv in fallbacks.items())]
+            out += ["", "Fallbacks to ZODB's own `setstate` counted by the template cache, per kind: %s."
+                    % ", ".join("%s %s" % kv for kv in fallbacks.items())]
         out.append("")
     mem = ss.get("memory")
     if mem:

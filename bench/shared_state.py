@@ -217,6 +217,7 @@ def activation(path, socket, oids, contenders, args):
     """``{kind: {contender: us per object, ...}}``: best of ``args.rounds``."""
     out = {}
     dbs = {c: open_db(c, path, socket, args.shared_mb, cache_size=args.objects * 4) for c in contenders}
+    before = {}
     try:
         for kind in args.kinds:
             chosen = oids[kind][: args.objects]
@@ -245,7 +246,11 @@ def activation(path, socket, oids, contenders, args):
                 if c != "zodb":
                     r["ratio_" + c] = r["zodb"] / r[c]
             if "shared" in contenders:
-                r["shared_stats"] = shared_stats(dbs["shared"])
+                # This kind's part of the DB's counters (they add up over the kinds).
+                after = shared_stats(dbs["shared"]) or {}
+                r["shared_stats"] = {k: v - before.get(k, 0) if k not in ("entries", "bytes", "capacity") else v
+                                     for k, v in after.items() if isinstance(v, (int, float))}
+                before = after
             if "tidecache" in contenders:
                 st = dbs["tidecache"].storage.cache_stats()
                 r["tidecache_loads"] = {"hits": st["hits"], "misses": st["misses"]}
@@ -467,19 +472,19 @@ def print_tables(results):
         print()
         print("activation (Connection.setstate via _p_activate), us per object, best of %d rounds of %d objects; "
               "ratio: plain ZODB / contender" % (results["rounds"], results["objects"]))
-        print("%-10s" % "kind" + "".join("%24s" % TITLES[c] for c in contenders))
+        print("%-10s" % "kind" + "".join("%26s" % TITLES[c] for c in contenders))
         for kind, r in results["activation"].items():
             cells = ["%.2f" % r[c] + ("" if c == "zodb" else " (%.2fx)" % r["ratio_" + c]) for c in contenders]
-            print("%-10s" % kind + "".join("%24s" % x for x in cells))
+            print("%-10s" % kind + "".join("%26s" % x for x in cells))
     if results.get("memory"):
         print()
         print("memory of %d connections x %d objects per kind: RSS added, MB (share of plain ZODB's)"
               % (results["connections"], results["memory_objects"]))
-        print("%-10s" % "kind" + "".join("%24s" % TITLES[c] for c in contenders))
+        print("%-10s" % "kind" + "".join("%26s" % TITLES[c] for c in contenders))
         for kind, r in results["memory"].items():
             cells = ["%.1f" % (r[c]["rss_kib"] / 1024) + ("" if c == "zodb" else " (%.0f%%)" % (100 * r["share_" + c]))
                      for c in contenders]
-            print("%-10s" % kind + "".join("%24s" % x for x in cells))
+            print("%-10s" % kind + "".join("%26s" % x for x in cells))
             if "c_arrays_bytes" in r:
                 print("%-10s C arrays kept per connection: %.1f MB (%s)" % (
                     "", r["c_arrays_bytes"] / 2 ** 20,
