@@ -599,7 +599,7 @@ def demo_shared_notes(p, t, sh):
     out += ["A worker keeps at most 400 objects per connection (4 connections): its RSS is mostly",
             "Python, ZODB, ZEO's client and their modules, and the template cache is one more layer",
             "in the process. The memory of 16 connections over the demo's whole working set is",
-            "measured by `bench/shared_state.py` (row `demo` of its memory table).", ""]
+            "measured by `bench/shared_state.py` (row `demo` of its memory table)."]
     return out
 
 
