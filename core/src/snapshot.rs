@@ -152,6 +152,19 @@ impl<S: StateWeight + Send + Sync + 'static> SnapshotCache<S> {
         hit
     }
 
+    /// The state and end (`None` while open) of the revision `(oid,
+    /// serial)` if it is cached, whatever its validity; no counter moves.
+    /// For a caller that already knows the serial visible at its view from
+    /// the authority (the sidecar or the storage) and only needs the state:
+    /// the in-process template cache of the Python adapter uses it to
+    /// decode a revision once (invariant 6).
+    pub fn get_exact(&self, oid: Oid, serial: Tid) -> Option<(Arc<S>, Option<Tid>)> {
+        self.index.get(oid.0, serial.0, |slot| {
+            let end = slot.end();
+            (slot.state.clone(), (end != OPEN).then_some(Tid(end)))
+        })
+    }
+
     /// Stores the revision `(oid, serial)` loaded at view `view`.
     ///
     /// With `end = Some(t)` (from `loadBefore`) the revision is closed and
@@ -398,5 +411,31 @@ impl<S: StateWeight + Send + Sync + 'static> SnapshotCache<S> {
             reclaimed: read(&c.reclaimed),
             evicted: read(&c.evicted),
         }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn get_exact_finds_only_the_serial_asked_for_with_its_end() {
+        let c: SnapshotCache<Vec<u8>> = SnapshotCache::new(1 << 20);
+        c.start_log(Tid(10));
+        assert_eq!(
+            c.store(Oid(1), Tid(5), None, Tid(10), Arc::new(b"a".to_vec())).unwrap(),
+            StoreOutcome::Open
+        );
+        c.store(Oid(1), Tid(2), Some(Tid(5)), Tid(3), Arc::new(b"b".to_vec()))
+            .unwrap();
+        let (s, end) = c.get_exact(Oid(1), Tid(5)).unwrap();
+        assert_eq!((&s[..], end), (&b"a"[..], None));
+        let (s, end) = c.get_exact(Oid(1), Tid(2)).unwrap();
+        assert_eq!((&s[..], end), (&b"b"[..], Some(Tid(5))));
+        assert!(c.get_exact(Oid(1), Tid(4)).is_none());
+        assert!(c.get_exact(Oid(2), Tid(5)).is_none());
+        let before = c.stats();
+        c.get_exact(Oid(1), Tid(5));
+        assert_eq!(c.stats(), before, "no counter moves");
     }
 }

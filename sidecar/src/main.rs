@@ -5,7 +5,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 use tidecache_client::{Client, ClientConfig};
-use tidecache_sidecar::{Server, ServerConfig};
+use tidecache_sidecar::clean::{clean, Cleaned};
+use tidecache_sidecar::metrics::{self, Format, Readout};
+use tidecache_sidecar::scrape::MetricsEndpoint;
+use tidecache_sidecar::{readiness, Server, ServerConfig};
 
 /// tidecached: one per host beside the ZODB or RelStorage app servers. It
 /// holds every object revision once for all worker processes and tracks each
@@ -21,6 +24,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve in the foreground, logging to stderr (RUST_LOG or --log-level).
+    ///
+    /// Under a service manager (systemd Type=notify: $NOTIFY_SOCKET) it sends
+    /// READY=1 and a STATUS line once the socket accepts connections, and
+    /// STOPPING=1 on SIGTERM or SIGINT, which remove the socket and exit 0
+    /// (the arena file stays, for a warm restart). A start that fails
+    /// changes nothing: it removes an arena file it created.
     Serve {
         /// Path of the Unix socket to create (mode 0600), in an existing
         /// directory. A stale socket file is replaced; a live one (another
@@ -73,12 +82,70 @@ enum Command {
         /// Log level when RUST_LOG is not set (error, warn, info, debug, trace).
         #[arg(long, default_value = "info")]
         log_level: String,
+        /// Serve Prometheus metrics over HTTP at ADDR: GET /metrics, any
+        /// other path 404. Off by default. ADDR is host:port (127.0.0.1:9187,
+        /// [::1]:9187; 0.0.0.0:9187 for every interface) or a port alone,
+        /// which listens on the loopback interface only. Bound before the
+        /// arena is touched: a bad or busy address fails the start with
+        /// nothing changed.
+        #[arg(long, value_name = "ADDR")]
+        metrics_listen: Option<String>,
     },
-    /// Print the counters of a running tidecached as one JSON object.
+    /// Print the counters of a running tidecached (json, text or prometheus).
+    ///
+    /// json (the default): one JSON object on one line, the sidecar's Stats
+    /// answer plus, per database, horizon_time (ISO 8601 UTC) and
+    /// horizon_lag_s. text: for a person, tids also as ISO times, the
+    /// horizon's lag in seconds, hit ratios. prometheus: what
+    /// --metrics-listen serves, less tidecache_resyncs_total and
+    /// tidecache_hit_hints_total (known inside the sidecar only). clients
+    /// does not count this command's own connection. hits and misses count
+    /// the lookups the sidecar answered over its socket, not the hits
+    /// workers read from the arena (their cache_stats() counts those).
     Stats {
         /// Path of the running sidecar's socket.
         #[arg(long)]
         socket: PathBuf,
+        /// Output format.
+        #[arg(long, value_enum, default_value_t = Format::Json)]
+        format: Format,
+    },
+    /// Health check: print one line, exit 0 if the sidecar answers, else 1.
+    ///
+    /// Connects, asks for the counters and prints `ok: N databases, M
+    /// clients, arena X% full` (exit 0) or `error: ...` (exit 1: no socket,
+    /// not a socket, nobody answering, no answer in time). M does not count
+    /// the check's own connection; X is the arena's bytes in records over
+    /// its size. For Docker's HEALTHCHECK, Kubernetes exec probes, systemd
+    /// ExecStartPost or a monitoring agent.
+    Check {
+        /// Path of the sidecar's socket.
+        #[arg(long)]
+        socket: PathBuf,
+        /// How long to wait for the connection and the answer, ms.
+        #[arg(long, default_value_t = 2000)]
+        timeout_ms: u64,
+    },
+    /// Remove an arena file no sidecar uses, and its <cache-file>.lock.
+    ///
+    /// The file is unlinked, never truncated: workers that still map it keep
+    /// valid pages, and the memory is freed when the last one unmaps it
+    /// (restart them). Refused, changing nothing (exit 1), if a sidecar
+    /// holds the file's lock (it is running: stop it first) or if the file
+    /// does not start with the arena's magic word (not an arena, or empty).
+    /// No file there: nothing to do, exit 0.
+    Clean {
+        /// The arena file (what `serve --cache-file` was given).
+        #[arg(long, required_unless_present = "socket", conflicts_with = "socket")]
+        cache_file: Option<PathBuf>,
+        /// Instead of --cache-file: the --socket of a sidecar that ran
+        /// without --cache-file, whose default arena file is removed
+        /// (/dev/shm/tidecache-<uid>-<hash of the socket path>.arena).
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Say what would be removed; change nothing.
+        #[arg(long)]
+        dry_run: bool,
     },
 }
 
@@ -94,6 +161,7 @@ fn main() -> ExitCode {
             reclaim_interval_ms,
             max_log_changes,
             log_level,
+            metrics_listen,
         } => {
             let filter = tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(log_level));
@@ -118,6 +186,14 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
+            // Bound first: a bad address changes nothing.
+            let endpoint = match metrics_listen.as_deref().map(MetricsEndpoint::bind).transpose() {
+                Ok(e) => e,
+                Err(e) => {
+                    eprintln!("tidecached: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
             let cache_file = cache_file.unwrap_or_else(|| default_cache_file(&socket));
             let server = Server::new(ServerConfig {
                 socket: socket.clone(),
@@ -136,37 +212,95 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
+            let mut status = format!(
+                "serving {}, arena {} ({} MiB)",
+                socket.display(),
+                server.arena_info().path,
+                memory_mb
+            );
+            if let Some(endpoint) = endpoint {
+                let addr = endpoint.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                let me = server.clone();
+                if let Err(e) = endpoint.spawn(move || me.readout()) {
+                    eprintln!("tidecached: cannot start the metrics thread: {e}");
+                    server.discard();
+                    return ExitCode::FAILURE;
+                }
+                tracing::info!(address = %addr, "metrics served at http://{addr}/metrics");
+                status.push_str(&format!(", metrics at http://{addr}/metrics"));
+            }
             let listener = match server.bind() {
                 Ok(l) => l,
                 Err(e) => {
                     eprintln!("tidecached: {e}");
+                    server.discard();
                     return ExitCode::FAILURE;
                 }
             };
-            if let Err(e) = remove_socket_on_signal(socket) {
+            if let Err(e) = remove_socket_on_signal(socket.clone()) {
                 eprintln!("tidecached: cannot install signal handlers: {e}");
+                let _ = std::fs::remove_file(&socket);
+                server.discard();
                 return ExitCode::FAILURE;
             }
+            // The socket listens: connections queue from here on.
+            readiness::ready(&status);
             server.serve(listener);
             ExitCode::SUCCESS
         }
-        Command::Stats { socket } => {
-            let mut config = ClientConfig::new(&socket);
-            config.timeout = Duration::from_secs(5);
-            config.name = "tidecached stats".into();
-            match Client::new(config).stats() {
-                Ok(stats) => match serde_json::to_string(&stats) {
-                    Ok(json) => {
-                        println!("{json}");
-                        ExitCode::SUCCESS
-                    }
-                    Err(e) => {
-                        eprintln!("tidecached stats: {e}");
-                        ExitCode::FAILURE
-                    }
-                },
+        Command::Stats { socket, format } => match ask_stats(&socket, Duration::from_secs(5)) {
+            Ok(readout) => {
+                print!("{}", readout.render(format));
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("tidecached stats: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Check { socket, timeout_ms } => match ask_stats(&socket, Duration::from_millis(timeout_ms.max(1))) {
+            Ok(r) => {
+                println!(
+                    "ok: {} databases, {} clients, arena {:.1}% full",
+                    r.stats.databases.len(),
+                    r.stats.clients,
+                    metrics::arena_fill(&r.stats)
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                println!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Clean {
+            cache_file,
+            socket,
+            dry_run,
+        } => {
+            let Some(path) = cache_file.or_else(|| socket.as_deref().map(default_cache_file)) else {
+                eprintln!("tidecached clean: give --cache-file or --socket");
+                return ExitCode::FAILURE;
+            };
+            match clean(&path, dry_run) {
+                Ok(Cleaned::Nothing) => {
+                    println!("no file at {}: nothing to remove", path.display());
+                    ExitCode::SUCCESS
+                }
+                Ok(Cleaned::WouldRemove { bytes }) => {
+                    println!(
+                        "would remove {} ({} MiB) and its .lock file; no sidecar uses it",
+                        path.display(),
+                        bytes >> 20
+                    );
+                    ExitCode::SUCCESS
+                }
+                Ok(Cleaned::Removed { bytes }) => {
+                    println!("removed {} ({} MiB) and its .lock file", path.display(), bytes >> 20);
+                    ExitCode::SUCCESS
+                }
                 Err(e) => {
-                    eprintln!("tidecached stats: {e}");
+                    eprintln!("tidecached clean: {e}");
                     ExitCode::FAILURE
                 }
             }
@@ -174,12 +308,45 @@ fn main() -> ExitCode {
     }
 }
 
-/// On SIGTERM or SIGINT: log, remove the socket file, exit 0.
+/// Why `stats` or `check` got no counters.
+#[derive(Debug, thiserror::Error)]
+enum AskError {
+    /// Nothing at the socket's path.
+    #[error("no socket at {0} (is tidecached running, and is --socket its path?)")]
+    NoSocket(PathBuf),
+    /// Something else than a socket at the path.
+    #[error("{0} is not a socket (is --socket the path tidecached serve was given?)")]
+    NotASocket(PathBuf),
+    /// The sidecar is unavailable or refused.
+    #[error("{0}")]
+    Client(#[from] tidecache_client::ClientError),
+}
+
+/// The counters of the sidecar at `socket`, `clients` less this
+/// connection.
+fn ask_stats(socket: &std::path::Path, timeout: Duration) -> Result<Readout, AskError> {
+    use std::os::unix::fs::FileTypeExt;
+    match std::fs::metadata(socket) {
+        Err(_) => return Err(AskError::NoSocket(socket.to_path_buf())),
+        Ok(m) if !m.file_type().is_socket() => return Err(AskError::NotASocket(socket.to_path_buf())),
+        Ok(_) => {}
+    }
+    let mut config = ClientConfig::new(socket);
+    config.timeout = timeout;
+    config.name = format!("tidecached stats pid {}", std::process::id());
+    let mut stats = Client::new(config).stats()?;
+    stats.clients = stats.clients.saturating_sub(1);
+    Ok(Readout::new(stats, None))
+}
+
+/// On SIGTERM or SIGINT: STOPPING=1 to a service manager, log, remove the
+/// socket file, exit 0 (the arena file stays, for a warm restart).
 fn remove_socket_on_signal(socket: PathBuf) -> std::io::Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
     std::thread::Builder::new().name("signals".into()).spawn(move || {
         if let Some(sig) = signals.forever().next() {
+            readiness::stopping();
             tracing::info!(signal = sig, "stopping; removing the socket file");
             let _ = std::fs::remove_file(&socket);
             std::process::exit(0);

@@ -1,5 +1,5 @@
 //! The sidecar's server: a Unix socket, a thread per client connection,
-//! one [`Database`] per database key, all sharing one byte budget.
+//! one [`SharedDatabase`] per database key, all sharing one byte budget.
 
 use crate::refusal::Refusal;
 use crate::startup::{self, ArenaLock, Existing};
@@ -136,6 +136,12 @@ type Db = Arc<SharedDatabase>;
 struct Entry {
     db: Db,
     attached: usize,
+    /// `Resync` requests served for it (the metrics endpoint's
+    /// `tidecache_resyncs_total`).
+    resyncs: AtomicU64,
+    /// Hit hints received for it, `(oid, serial)` pairs in `Touch`
+    /// requests (`tidecache_hit_hints_total`).
+    hit_hints: AtomicU64,
 }
 
 /// The sidecar's state, shared by every connection thread.
@@ -151,6 +157,9 @@ pub struct Server {
     flush_gate: RwLock<()>,
     clients: AtomicU64,
     started: Instant,
+    /// This run created the arena file (none was there, or it replaced an
+    /// empty or discarded one): [`Server::discard`] may remove it.
+    created: bool,
 }
 
 impl Server {
@@ -193,8 +202,13 @@ impl Server {
         let mut lock = ArenaLock::take(&config.cache_file, &config.socket)?;
         // Under the lock: what lies there now is what this run works on.
         let existing = startup::existing_arena(&config.cache_file)?;
-        let arena = open_arena(&config, geometry, existing)?;
-        lock.hold_arena(&config.cache_file)?;
+        let (arena, created) = open_arena(&config, geometry, existing)?;
+        if let Err(e) = lock.hold_arena(&config.cache_file) {
+            if created {
+                remove_new_arena(&config.cache_file, &lock);
+            }
+            return Err(e);
+        }
         let incarnation = arena.writer().incarnation();
         Ok(Arc::new(Server {
             arena_info: ArenaInfo {
@@ -208,7 +222,20 @@ impl Server {
             flush_gate: RwLock::default(),
             clients: AtomicU64::new(0),
             started: Instant::now(),
+            created,
         }))
+    }
+
+    /// Undoes a start that failed after [`Server::new`] (the socket could
+    /// not be bound, the signal handlers not installed): removes the arena
+    /// file if this run created it, and its lock file, so a failed start
+    /// leaves no arena behind. No client can have mapped it yet (the
+    /// socket was never served). An arena file re-attached from a previous
+    /// run is kept: it is that run's warm cache.
+    pub fn discard(&self) {
+        if self.created {
+            remove_new_arena(&self.config.cache_file, &self._lock);
+        }
     }
 
     /// Binds the socket, mode 0600. A stale socket file (nobody answers on
@@ -402,6 +429,8 @@ impl Server {
             Entry {
                 db: db.clone(),
                 attached: 0,
+                resyncs: AtomicU64::new(0),
+                hit_hints: AtomicU64::new(0),
             },
         );
         Ok(db)
@@ -643,6 +672,9 @@ impl Server {
                 let _gate = self.unflushed(&db, identity)?;
                 self.mark_attached(conn, &name);
                 let restarted = db.resync(Tid(tid));
+                if let Some(e) = self.databases.read().unwrap_or_else(|p| p.into_inner()).get(&name) {
+                    e.resyncs.fetch_add(1, Ordering::Relaxed);
+                }
                 if restarted {
                     tracing::info!(db = %name, tid = %Tid(tid), "log restarted; open revisions dropped");
                 }
@@ -688,9 +720,13 @@ impl Server {
                 revisions,
                 identity,
             } => {
-                let db = self.database(&db)?;
+                let name = db;
+                let db = self.database(&name)?;
                 let _gate = self.unflushed(&db, identity)?;
                 db.cache().touch(&revisions);
+                if let Some(e) = self.databases.read().unwrap_or_else(|p| p.into_inner()).get(&name) {
+                    e.hit_hints.fetch_add(revisions.len() as u64, Ordering::Relaxed);
+                }
                 ResponseBody::Done
             }
         })
@@ -738,6 +774,29 @@ impl Server {
             Some(id) if id != db.cache().slot().identity => Err(Refusal::Stale),
             _ => Ok(gate),
         }
+    }
+
+    /// [`Server::stats`] with what only the sidecar knows (resyncs and hit
+    /// hints per database), taken now: what `--metrics-listen` serves. Takes the
+    /// database map's lock for reading twice, for a copy, and the arena
+    /// writer's lock once per database and once for the arena, each for
+    /// a copy of counters.
+    pub fn readout(&self) -> crate::metrics::Readout {
+        let stats = self.stats();
+        let inside = self
+            .databases
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, e)| {
+                let counters = crate::metrics::Inside {
+                    resyncs: e.resyncs.load(Ordering::Relaxed),
+                    hit_hints: e.hit_hints.load(Ordering::Relaxed),
+                };
+                (k.clone(), counters)
+            })
+            .collect();
+        crate::metrics::Readout::new(stats, Some(inside))
     }
 
     /// Counters of the sidecar and every database.
@@ -810,7 +869,12 @@ impl Server {
 /// discards it (logging why) and creates a new one. `existing` is what
 /// [`startup::existing_arena`] found there: anything but an arena or an
 /// empty file was refused before.
-fn open_arena(config: &ServerConfig, geometry: Geometry, existing: Existing) -> Result<Arc<SharedArena>, SidecarError> {
+/// Also says whether this run created the file (`false`: re-attached).
+fn open_arena(
+    config: &ServerConfig,
+    geometry: Geometry,
+    existing: Existing,
+) -> Result<(Arc<SharedArena>, bool), SidecarError> {
     let path = &config.cache_file;
     let incarnation = fastrand::u64(1..);
     let mut discarded = None;
@@ -843,7 +907,7 @@ fn open_arena(config: &ServerConfig, geometry: Geometry, existing: Existing) -> 
                      open revisions and horizons were dropped and only closed revisions whose CRC \
                      verifies were kept; each database's log restarts when its first client attaches"
                 );
-                return Ok(SharedArena::new(writer));
+                return Ok((SharedArena::new(writer), false));
             }
             Ok((writer, found)) => {
                 tracing::info!(
@@ -852,7 +916,7 @@ fn open_arena(config: &ServerConfig, geometry: Geometry, existing: Existing) -> 
                     ms = started.elapsed().as_millis() as u64,
                     "re-attached the arena file left by the previous run; verifying its records in the background"
                 );
-                return Ok(SharedArena::new(writer));
+                return Ok((SharedArena::new(writer), false));
             }
             Err(reason) => {
                 tracing::warn!(cache_file = %path.display(), %reason, "discarding the arena file; starting empty");
@@ -882,13 +946,27 @@ fn open_arena(config: &ServerConfig, geometry: Geometry, existing: Existing) -> 
     if let Err(e) = writer.memory().persist(layout::HEADER_WORDS * 8) {
         tracing::warn!(cache_file = %path.display(), error = %e, "cannot write the arena header to the disk");
     }
-    Ok(SharedArena::new(writer))
+    Ok((SharedArena::new(writer), true))
+}
+
+/// Removes the arena file this run created at `path` and its lock file,
+/// while `lock` is still held (a start waiting on the lock file finds it
+/// gone and takes a new one: see [`ArenaLock::take`]). Errors are logged:
+/// the start is failing already.
+fn remove_new_arena(path: &std::path::Path, lock: &ArenaLock) {
+    match std::fs::remove_file(path) {
+        Ok(()) => tracing::info!(cache_file = %path.display(), "start failed: removed the arena file it created"),
+        Err(e) => {
+            tracing::warn!(cache_file = %path.display(), error = %e, "start failed: cannot remove the arena file it created")
+        }
+    }
+    lock.remove_lock_file();
 }
 
 /// Clears the LIVE word of a discarded arena file (replaced by a new one
 /// at its path), so processes that still map it stop reading it (their
 /// lookups miss).
-fn retire(old: &std::fs::File) {
+pub(crate) fn retire(old: &std::fs::File) {
     use std::os::unix::fs::FileExt;
     let offset = layout::header::LIVE as u64 * 8;
     if old.metadata().map(|m| m.len() >= offset + 8).unwrap_or(false) {
@@ -936,50 +1014,10 @@ fn not_in_the_future(what: &'static str, tid: u64) -> Result<(), Refusal> {
     Err(Refusal::FutureTid { what, tid, limit })
 }
 
-/// The ZODB tid of the UTC second `unix_secs` (`ZODB.TimeStamp`): the high
-/// 32 bits count minutes as
-/// `((((year - 1900) * 12 + month - 1) * 31 + day - 1) * 24 + hour) * 60 + minute`,
-/// the low 32 bits the seconds in units of `60 / 2^32` s.
-pub fn tid_at(unix_secs: u64) -> u64 {
-    let days = (unix_secs / 86_400) as i64;
-    let rem = unix_secs % 86_400;
-    // Days since 1970-01-01 to a civil date (H. Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    let minutes = ((((year - 1900) * 12 + month - 1) * 31 + day - 1) * 24 + (rem / 3600) as i64) * 60
-        + ((rem % 3600) / 60) as i64;
-    let seconds = rem % 60;
-    ((minutes.max(0) as u64) << 32) | ((seconds << 32) / 60)
-}
+pub use crate::timestamp::tid_at;
 
 fn reply(stream: &mut &UnixStream, id: u64, body: ResponseBody) -> io::Result<()> {
     let bytes = encode(&Response { id, body }).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     protocol::write_frame(stream, &bytes)?;
     stream.flush()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Values of `u64(ZODB.TimeStamp.TimeStamp(*time.gmtime(t)[:6]).raw())`.
-    #[test]
-    fn tids_are_zodb_timestamps() {
-        for (t, tid) in [
-            (0, 161_050_965_678_489_600),
-            (951_782_400, 230_437_708_533_596_160),
-            (1_700_000_000, 284_992_955_789_694_293),
-            (1_795_400_000, 291_945_648_848_459_093),
-            (4_102_531_199, 460_151_800_905_579_451),
-        ] {
-            assert_eq!(tid_at(t), tid, "unix time {t}");
-        }
-    }
 }

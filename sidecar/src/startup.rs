@@ -215,6 +215,8 @@ fn mount_of(dir: &Path) -> PathBuf {
 #[derive(Debug)]
 pub struct ArenaLock {
     _file: File,
+    /// The lock file's path.
+    path: PathBuf,
     arena: Option<File>,
 }
 
@@ -267,34 +269,68 @@ impl ArenaLock {
     /// [`SidecarError::Locked`] if another process holds it,
     /// [`SidecarError::Io`] if the lock file cannot be opened.
     pub fn take(cache_file: &Path, socket: &Path) -> Result<Self, SidecarError> {
+        Self::take_as(
+            cache_file,
+            &format!("pid {}, socket {}", std::process::id(), socket.display()),
+        )
+    }
+
+    /// [`ArenaLock::take`] recording `holder` (`pid N, socket S` for a
+    /// sidecar; `tidecached clean` says what it is doing) in the lock file.
+    /// The lock file may be removed by the holder before it lets go
+    /// ([`ArenaLock::remove_lock_file`]): a lock taken on a file that is no
+    /// longer at the path is let go and taken again on the new one.
+    ///
+    /// # Errors
+    /// As [`ArenaLock::take`].
+    pub fn take_as(cache_file: &Path, holder: &str) -> Result<Self, SidecarError> {
         let path = Self::path_for(&real_path(cache_file));
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(&path)
-            .map_err(|e| io_error(format!("opening the lock file {}", path.display()), e))?;
-        // SAFETY: a valid open descriptor.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let e = io::Error::last_os_error();
-            if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
-                return Err(io_error(format!("locking {}", path.display()), e));
+        let mut attempts = 0;
+        let file = loop {
+            let mut file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(&path)
+                .map_err(|e| io_error(format!("opening the lock file {}", path.display()), e))?;
+            // SAFETY: a valid open descriptor.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                    return Err(io_error(format!("locking {}", path.display()), e));
+                }
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim();
+                return Err(SidecarError::Locked {
+                    lock: path.clone(),
+                    cache_file: cache_file.to_path_buf(),
+                    holder: if holder.is_empty() {
+                        "unknown".to_owned()
+                    } else {
+                        holder.to_owned()
+                    },
+                });
             }
-            let mut holder = String::new();
-            let _ = file.read_to_string(&mut holder);
-            let holder = holder.trim();
-            return Err(SidecarError::Locked {
-                lock: path.clone(),
-                cache_file: cache_file.to_path_buf(),
-                holder: if holder.is_empty() {
-                    "unknown".to_owned()
-                } else {
-                    holder.to_owned()
-                },
-            });
-        }
+            // The previous holder may have removed the file between our
+            // open and our lock: then this lock guards nothing.
+            let same = match (file.metadata(), std::fs::metadata(&path)) {
+                (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+                _ => false,
+            };
+            if same {
+                break file;
+            }
+            attempts += 1;
+            if attempts >= 10 {
+                return Err(io_error(
+                    format!("locking {}", path.display()),
+                    io::Error::other("the lock file keeps being replaced"),
+                ));
+            }
+        };
         // The arena file itself: another name of it (a hard link) has
         // another lock file, not another inode.
         let arena = match flock_file(cache_file)? {
@@ -308,11 +344,52 @@ impl ArenaLock {
             Some(Some(f)) => Some(f),
             None => None,
         };
-        let me = format!("pid {}, socket {}\n", std::process::id(), socket.display());
+        let me = format!("{holder}\n");
         file.set_len(0)
             .and_then(|()| std::os::unix::fs::FileExt::write_all_at(&file, me.as_bytes(), 0))
             .map_err(|e| io_error(format!("writing the lock file {}", path.display()), e))?;
-        Ok(ArenaLock { _file: file, arena })
+        Ok(ArenaLock {
+            _file: file,
+            path,
+            arena,
+        })
+    }
+
+    /// Whether a process holds the lock of the arena file at `cache_file`
+    /// (its lock file or the file itself), changing nothing: the lock file
+    /// is not created, and a lock it gets is let go at once. `Some(holder)`
+    /// as the holder wrote it; `None` if free.
+    ///
+    /// # Errors
+    /// [`SidecarError::Io`] if a file cannot be opened.
+    pub fn holder(cache_file: &Path) -> Result<Option<String>, SidecarError> {
+        let path = Self::path_for(&real_path(cache_file));
+        if let Some(None) = flock_file(&path)? {
+            let holder = std::fs::read_to_string(&path).unwrap_or_default();
+            let holder = holder.trim();
+            return Ok(Some(if holder.is_empty() {
+                "unknown".to_owned()
+            } else {
+                holder.to_owned()
+            }));
+        }
+        if let Some(None) = flock_file(cache_file)? {
+            return Ok(Some(
+                "a sidecar using this file under another name (a hard link)".to_owned(),
+            ));
+        }
+        Ok(None)
+    }
+
+    /// Removes the lock file while the lock is held (a failed start that
+    /// removed its new arena, `tidecached clean`): nothing is left at the
+    /// path. Errors are logged.
+    pub fn remove_lock_file(&self) {
+        if let Err(e) = std::fs::remove_file(&self.path) {
+            if e.kind() != io::ErrorKind::NotFound {
+                tracing::warn!(lock = %self.path.display(), error = %e, "cannot remove the lock file");
+            }
+        }
     }
 
     /// Holds a `flock` on the arena file now at `cache_file` (a new one

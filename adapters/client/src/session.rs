@@ -382,6 +382,14 @@ impl Session {
         id
     }
 
+    /// The oldest view this process has open now (a tid), `None` when it
+    /// has none: the low-water mark of the process's own connections,
+    /// which the in-process template cache of the Python adapter reclaims
+    /// below (invariant 5). No system call.
+    pub fn lowest_view(&self) -> Option<u64> {
+        self.senders().views.minimum()
+    }
+
     /// Moves view `id` to `tid` (an unknown id is ignored). No system call
     /// unless the oldest view went down.
     pub fn advance_view(&self, id: u64, tid: u64) {

@@ -8,6 +8,8 @@
 //! they queue for the session's background thread, in microseconds, and
 //! keep the GIL.
 
+mod shared;
+
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
@@ -122,6 +124,9 @@ struct PyClient {
     session: Session,
     /// What the last `attach` answered `"prove"` asks about.
     proof: std::sync::Mutex<Option<ProofRequest>>,
+    /// The process's template cache of this database (shared state), fed
+    /// every report, resync and flush before they are queued.
+    shared: std::sync::Mutex<Option<std::sync::Arc<shared::TemplateCache>>>,
 }
 
 /// `(horizon, witness oids, open sample [(oid, serial)])` of a `"prove"`
@@ -139,6 +144,7 @@ impl PyClient {
         PyClient {
             session: Session::new(config, database),
             proof: std::sync::Mutex::new(None),
+            shared: std::sync::Mutex::new(None),
         }
     }
 
@@ -300,6 +306,9 @@ impl PyClient {
     /// resync, and `horizon` moves when the answer comes. (Before queued
     /// reports, this raised `GapError`; `report_now` still does.)
     fn report(&self, from_tid: u64, to_tid: u64, changes: Vec<(u64, u64)>) {
+        if let Some(t) = self.templates() {
+            t.report(from_tid, to_tid, &changes, self.session.lowest_view());
+        }
         self.session.report(from_tid, to_tid, changes)
     }
 
@@ -307,6 +316,9 @@ impl PyClient {
     /// returns the sidecar's horizon. Raises `GapError` when `from_tid` is
     /// past the horizon, `Unavailable`, `RefusedError`.
     fn report_now(&self, py: Python<'_>, from_tid: u64, to_tid: u64, changes: Vec<(u64, u64)>) -> PyResult<u64> {
+        if let Some(t) = self.templates() {
+            t.report(from_tid, to_tid, &changes, self.session.lowest_view());
+        }
         py.allow_threads(|| self.session.report_now(from_tid, to_tid, changes))
             .map_err(to_py)
     }
@@ -318,6 +330,9 @@ impl PyClient {
     /// Applied conservatively. Returns at once and raises nothing, as
     /// `report` (a gap or a loss is followed by a resync).
     fn report_collapsed(&self, frm: u64, to: u64, changes: Vec<(u64, u64)>) {
+        if let Some(t) = self.templates() {
+            t.report_collapsed(frm, to, &changes, self.session.lowest_view());
+        }
         self.session.report_collapsed(frm, to, changes)
     }
 
@@ -325,13 +340,31 @@ impl PyClient {
     /// the sidecar's horizon. Raises `GapError` when `frm` is past the
     /// horizon, `Unavailable`, `RefusedError`.
     fn report_collapsed_now(&self, py: Python<'_>, frm: u64, to: u64, changes: Vec<(u64, u64)>) -> PyResult<u64> {
+        if let Some(t) = self.templates() {
+            t.report_collapsed(frm, to, &changes, self.session.lowest_view());
+        }
         py.allow_threads(|| self.session.report_collapsed_now(frm, to, changes))
             .map_err(to_py)
+    }
+
+    /// Feeds `states` (a `SharedStates`, the process's template cache of
+    /// this database) every report, collapsed report, resync and flush
+    /// made through this client from now on, in the caller's order, before
+    /// they are queued for the sidecar: the in-process layer and the
+    /// sidecar follow one chain of reports (shared state, issue 10). The
+    /// caller starts its log (`states.start_log(tid)`) at the tid after
+    /// which it reports everything, under the lock its reports are made
+    /// under.
+    fn share_states(&self, states: &Bound<'_, shared::PySharedStates>) {
+        *self.shared.lock().unwrap_or_else(|p| p.into_inner()) = Some(states.get().inner.clone());
     }
 
     /// Queues a resync: invalidations up to `tid` were lost. Returns at
     /// once; raises nothing.
     fn resync(&self, tid: u64) {
+        if let Some(t) = self.templates() {
+            t.resync(tid);
+        }
         self.session.resync(tid)
     }
 
@@ -373,6 +406,9 @@ impl PyClient {
     /// Drops every revision of this database in the sidecar. Raises
     /// `Unavailable`.
     fn flush(&self, py: Python<'_>) -> PyResult<()> {
+        if let Some(t) = self.templates() {
+            t.flush();
+        }
         py.allow_threads(|| self.session.flush()).map_err(to_py)
     }
 
@@ -396,6 +432,10 @@ impl PyClient {
 }
 
 impl PyClient {
+    fn templates(&self) -> Option<std::sync::Arc<shared::TemplateCache>> {
+        self.shared.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     /// A lookup over the socket is for a joined, connected client whose
     /// arena cannot be mapped; otherwise `Unavailable` at once (it would
     /// wait for the connection's lock, which a call in progress holds).
@@ -436,6 +476,9 @@ impl PyClient {
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyClient>()?;
+    m.add_class::<shared::PySharedStates>()?;
+    m.add_function(wrap_pyfunction!(shared::setstate, m)?)?;
+    m.add_function(wrap_pyfunction!(shared::share_containers_naively, m)?)?;
     let py = m.py();
     m.add("TideCacheError", py.get_type::<TideCacheError>())?;
     m.add("Unavailable", py.get_type::<Unavailable>())?;

@@ -19,6 +19,10 @@ or in ZConfig::
       </tidecache>
     </zodb>
 
+``tidecache.DB(storage, shared_state=True)`` (or ``shared-state on`` in the
+section) also shares unpickled states between the connections of a process
+(:mod:`tidecache.shared`).
+
 ``Client`` is the raw client of the sidecar's protocol, for tools and
 benchmarks.
 """
@@ -34,12 +38,14 @@ from tidecache._native import StaleError
 from tidecache._native import TideCacheError
 from tidecache._native import Unavailable
 from tidecache._native import UnknownViewError
+from tidecache.shared import DB
 from tidecache.storage import TideCacheStorage
 from tidecache.storage import database_key
 
 __all__ = [
     "BadRequestError",
     "Client",
+    "DB",
     "FutureTidError",
     "GapError",
     "LimitError",

@@ -7,6 +7,8 @@ that wraps any storage section (as ``zc.zlibstorage`` does)::
         socket /run/tidecached.sock
         # database zeo:main        (optional; default derived from the base)
         # timeout-ms 50            (optional)
+        # shared-state on          (optional: shared unpickled state)
+        # shared-state-mb 64       (optional: its bound per process)
         <zeoclient>
           server /run/zeo.sock
         </zeoclient>
@@ -24,10 +26,19 @@ class TideCacheStorageFactory(BaseConfig):
     def open(self):
         from tidecache.storage import TideCacheStorage
 
-        base = self.config.base.open()
-        return TideCacheStorage(
+        config = self.config
+        if config.shared_state and config.shared_state_mb <= 0:
+            raise ValueError("shared-state-mb must be positive, got %r" % (config.shared_state_mb,))
+        base = config.base.open()
+        storage = TideCacheStorage(
             base,
-            socket=self.config.socket,
-            database=self.config.database,
-            timeout_ms=self.config.timeout_ms,
+            socket=config.socket,
+            database=config.database,
+            timeout_ms=config.timeout_ms,
         )
+        if config.shared_state:
+            from tidecache.shared import _configure_globally
+
+            storage._tc_shared_state_mb = config.shared_state_mb
+            _configure_globally()
+        return storage

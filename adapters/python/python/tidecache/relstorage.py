@@ -1261,17 +1261,34 @@ class TideCacheRelInstance:
         database, at the same snapshot), then queued as an open store seen
         at the view. Raises what RelStorage's ``load`` raises
         (``POSKeyError``)."""
+        state, serial, _, _ = self._tc_load_revision(oid)
+        return state, serial
+
+    def _tc_shared_view(self):
+        """The view (a tid as an int) ``load`` reads at now (touching the
+        load connection first, as ``load`` does), ``None`` when there is
+        none or it cannot be known: shared state looks templates up at it."""
+        try:
+            return self._tc_view()
+        except Exception:
+            return None
+
+    def _tc_load_revision(self, oid):
+        """``load`` with what shared state needs to keep the revision:
+        ``(state, serial, None, view)``, ``view`` the tid it was read at
+        (current there), ``None`` when not known. Raises as ``load``."""
         try:
             view = self._tc_view()
         except Exception:
             # Let RelStorage raise its own error (closed, disconnected).
-            return self._storage.load(oid)
+            state, serial = self._storage.load(oid)
+            return state, serial, None, None
         o = u64(oid)
         if view is not None and self._tc_root._tc_joined:
             prefetched = self._tc_prefetched.pop(o, None)
             if prefetched is not None and self._tc_prefetched_at == view:
                 self._tc_stats.misses += 1
-                return prefetched[0], p64(prefetched[1])
+                return prefetched[0], p64(prefetched[1]), None, view
             try:
                 hit = self._tc_client.lookup(o, view)
             except TideCacheError:
@@ -1279,7 +1296,7 @@ class TideCacheRelInstance:
                 hit = None
             if hit is not None:
                 self._tc_stats.hits += 1
-                return hit[1], p64(hit[0])
+                return hit[1], p64(hit[0]), None, view
             self._tc_stats.misses += 1
         else:
             self._tc_stats.unavailable += 1
@@ -1291,7 +1308,7 @@ class TideCacheRelInstance:
         if view is not None and state and self._tc_root._tc_joined:
             if self._tc_client.store_later(o, u64(serial), None, state, view):
                 self._tc_stats.stores += 1
-        return state, serial
+        return state, serial, None, view
 
     def _tc_check_consistency(self, error):
         from relstorage.cache.interfaces import CacheConsistencyError
@@ -1469,6 +1486,16 @@ class TideCacheHistoricalInstance:
 
     def load(self, oid, version=""):
         """``(state, serial)`` of ``oid`` at ``before - 1``."""
+        data, serial, _, _ = self._tc_load_revision(oid)
+        return data, serial
+
+    def _tc_shared_view(self):
+        """The view of this historical instance, ``before - 1``."""
+        return self._tc_before - 1
+
+    def _tc_load_revision(self, oid):
+        """``load`` as ``(state, serial, end, view)`` (see
+        ``TideCacheRelInstance._tc_load_revision``)."""
         view = self._tc_before - 1
         o = u64(oid)
         if self._tc_root._tc_joined:
@@ -1478,7 +1505,7 @@ class TideCacheHistoricalInstance:
                 hit = None
             if hit is not None:
                 self._tc_stats.hits += 1
-                return hit[1], p64(hit[0])
+                return hit[1], p64(hit[0]), None, view
             self._tc_stats.misses += 1
         # HistoricalStorageAdapter's own storage: RelStorage's instance.
         inner = getattr(self._storage, "_storage", self._storage)
@@ -1491,7 +1518,7 @@ class TideCacheHistoricalInstance:
         if data and self._tc_root._tc_joined:
             if self._tc_client.store_later(o, u64(serial), u64(end) if end else None, data, view):
                 self._tc_stats.stores += 1
-        return data, serial
+        return data, serial, u64(end) if end else None, view
 
     def prefetch(self, oids):
         """Nothing to prefetch at a fixed historical view."""

@@ -342,6 +342,22 @@ class _Joining:
             if close is not None:
                 close()
 
+    #: MiB of shared-state templates asked for by the ZConfig section's
+    #: ``shared-state on`` (``None``: not asked; see tidecache.shared).
+    _tc_shared_state_mb = None
+
+    def _tc_share(self, states):
+        """Feeds ``states`` (the process's ``SharedStates`` of this
+        database, see :mod:`tidecache.shared`) every report this storage
+        makes from now on, and starts its log at the newest tid reported:
+        under ``_tc_lock``, which every report is made under, so the chain
+        is contiguous. Before the first attach nothing was reported: the
+        log starts at the first report."""
+        with self._tc_lock:
+            self._tc_client.share_states(states)
+            if self._tc_reported is not None:
+                states.start_log(self._tc_reported)
+
     def cache_stats(self):
         """Counters of this storage (both adapters): ``hits``, ``misses``, ``stores``,
         ``invalidations`` (changes reported), ``resyncs``, ``unavailable``
@@ -1195,6 +1211,25 @@ class TideCacheInstance(MVCCAdapterInstance):
         sidecar on a hit; else from ``loadBefore`` of the base storage, then
         queued as a store. Raises ``ReadConflictError`` as ZODB's
         ``MVCCAdapterInstance.load`` does when the oid has no revision there."""
+        data, serial, _, _ = self._tc_load_revision(oid)
+        return data, serial
+
+    #: Shared state reads the view from ``_start`` itself (see
+    #: ``_tc_shared_view``).
+    _tc_view_is_start = True
+
+    def _tc_shared_view(self):
+        """The view (a tid as an int) ``load`` reads at now, ``None`` before
+        the connection's first poll: shared state looks templates up at it
+        (natively, as ``_start - 1``: keep the two the same)."""
+        start = self._start
+        return None if start is None else u64(start) - 1
+
+    def _tc_load_revision(self, oid):
+        """``load`` with what shared state needs to keep the revision:
+        ``(state, serial, end, view)``: ``end`` the tid that ended it (an
+        int; ``None`` when it is current at ``view`` or not known), ``view``
+        the tid it was read at. Raises as ``load``."""
         assert self._start is not None
         view = u64(self._start) - 1
         o = u64(oid)
@@ -1205,7 +1240,7 @@ class TideCacheInstance(MVCCAdapterInstance):
             hit = None
         if hit is not None:
             self._tc_stats.hits += 1
-            return hit[1], p64(hit[0])
+            return hit[1], p64(hit[0]), None, view
         self._tc_stats.misses += 1
         r = self._storage.loadBefore(oid, self._start)
         if r is None:
@@ -1218,4 +1253,4 @@ class TideCacheInstance(MVCCAdapterInstance):
             s = u64(serial)
             if self._tc_client.store_later(o, s, u64(end) if end else None, data, view):
                 self._tc_stats.stores += 1
-        return data, serial
+        return data, serial, u64(end) if end else None, view

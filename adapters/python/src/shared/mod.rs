@@ -1,0 +1,423 @@
+//! Shared unpickled state (issue 10, persistent issue #93): the connections
+//! of one process activate their objects from one immutable template per
+//! `(oid, serial)`, copy-on-write.
+//!
+//! - [`template`]: a record decoded once, references kept symbolic.
+//! - [`materialise`]: a connection's state built from a template.
+//! - [`TemplateCache`]: the per-process, per-database cache of templates:
+//!   core's [`SnapshotCache`] (Arc-shared, epoch-reclaimed, the MVCC rules
+//!   of the sidecar), fed the very invalidation reports the process sends
+//!   to the sidecar (the binding's `Client.report`, `report_collapsed`,
+//!   `resync` and `flush` apply them here first, in the caller's order).
+//! - [`setstate`]: the native `Connection.setstate`.
+//!
+//! Two ways to find a template:
+//!
+//! - **MVCC mode** (the connection's storage is a tidecache instance,
+//!   `_tc_mvcc` true): the template of the revision visible at the
+//!   connection's view (`_tc_shared_view()`), with no storage load at all.
+//!   On a miss the instance loads the revision (`_tc_load_revision`: the
+//!   sidecar's arena, else the base storage) with its validity, and the
+//!   template is stored against the log (invariant 3). Open revisions are
+//!   visible only up to the template log's horizon (invariant 2): a view
+//!   past it misses, never guesses.
+//! - **Exact mode** (any other storage): the storage's `load` gives the
+//!   serial; the template of exactly `(oid, serial)` is used, stored as the
+//!   closed interval `[serial, serial + 1)`, a true part of its validity.
+//!
+//! Everything runs with the GIL held: templates are immutable once
+//! published, so any number of threads or greenlets materialise from one
+//! at once; no call blocks on I/O except the storage's own load on a miss.
+
+pub(crate) mod materialise;
+pub(crate) mod template;
+
+use materialise::{Resolver, UNSAFE_SHARE};
+use pyo3::intern;
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyTuple};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use template::{decode, Globals, Reason, Template};
+use tidecache_core::{CoreError, Oid, SnapshotCache, StoreOutcome, Tid};
+
+fn bump(c: &AtomicU64) {
+    c.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The templates of one database in one process, and its counters.
+pub(crate) struct TemplateCache {
+    cache: SnapshotCache<Template>,
+    activations: AtomicU64,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    decoded: AtomicU64,
+    no_view: AtomicU64,
+    log_restarts: AtomicU64,
+    fallbacks: [AtomicU64; Reason::ALL.len()],
+}
+
+impl TemplateCache {
+    /// An empty cache bounded to `capacity_bytes` (templates' estimated
+    /// bytes plus core's per-revision overhead). Its log starts at the
+    /// first report, or at [`TemplateCache::start_log`].
+    pub(crate) fn new(capacity_bytes: u64) -> Self {
+        TemplateCache {
+            cache: SnapshotCache::new(capacity_bytes),
+            activations: AtomicU64::new(0),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            decoded: AtomicU64::new(0),
+            no_view: AtomicU64::new(0),
+            log_restarts: AtomicU64::new(0),
+            fallbacks: Default::default(),
+        }
+    }
+
+    /// Applies an exact report of `(from, to]`. A report that does not
+    /// follow the log (a gap: the process reported nothing here for a
+    /// while, e.g. while it was not joined to the sidecar) restarts the log
+    /// at `to`, which drops every open template; a malformed one flushes.
+    pub(crate) fn report(&self, from: u64, to: u64, changes: &[(u64, u64)], low_water: Option<u64>) {
+        let changes: Vec<(Oid, Tid)> = changes.iter().map(|&(o, t)| (Oid(o), Tid(t))).collect();
+        let r = self.cache.report(Tid(from), Tid(to), &changes);
+        self.after(r, to, low_water);
+    }
+
+    /// Applies a collapsed report (see `SnapshotCache::report_collapsed`);
+    /// a gap or a malformed report as [`TemplateCache::report`].
+    pub(crate) fn report_collapsed(&self, from: u64, to: u64, changes: &[(u64, u64)], low_water: Option<u64>) {
+        let changes: Vec<(Oid, Tid)> = changes.iter().map(|&(o, t)| (Oid(o), Tid(t))).collect();
+        let r = self.cache.report_collapsed(Tid(from), Tid(to), &changes);
+        self.after(r, to, low_water);
+    }
+
+    fn after(&self, r: Result<Tid, CoreError>, to: u64, low_water: Option<u64>) {
+        match r {
+            Ok(_) => {
+                if let Some(lw) = low_water {
+                    self.cache.reclaim(Tid(lw));
+                }
+            }
+            Err(CoreError::Gap { .. }) => {
+                bump(&self.log_restarts);
+                self.cache.start_log(Tid(to));
+            }
+            Err(_) => {
+                bump(&self.log_restarts);
+                self.cache.flush();
+                self.cache.start_log(Tid(to));
+            }
+        }
+    }
+
+    /// Invalidations up to `tid` were lost, or the history may have
+    /// changed under the process (a reconnect to a restored server): every
+    /// template is dropped, closed ones too, and the log restarts at `tid`.
+    pub(crate) fn resync(&self, tid: u64) {
+        bump(&self.log_restarts);
+        self.cache.flush();
+        self.cache.start_log(Tid(tid));
+    }
+
+    /// The history changed (a failed proof, a pack, a restore): drops
+    /// every template and stops the log until the next report.
+    pub(crate) fn flush(&self) {
+        self.cache.flush();
+    }
+
+    /// Starts the log at `at`: every change after `at` will be reported.
+    pub(crate) fn start_log(&self, at: u64) {
+        self.cache.start_log(Tid(at));
+    }
+
+    fn fallback(&self, reason: Reason) {
+        bump(&self.fallbacks[reason.index()]);
+    }
+
+    /// Stores `tpl` as `(oid, serial)` with validity `end` seen at `view`
+    /// (MVCC), or as `[serial, serial + 1)` when there is no view or the
+    /// log refuses it (exact). An exact entry already there is replaced by
+    /// a store with a view, so that later lookups at views find it.
+    fn keep(
+        &self,
+        oid: u64,
+        serial: u64,
+        end: Option<u64>,
+        view: Option<u64>,
+        tpl: &Arc<Template>,
+        exact_before: bool,
+    ) {
+        let (o, s) = (Oid(oid), Tid(serial));
+        if let Some(v) = view {
+            if exact_before {
+                self.cache.evict(o, s);
+            }
+            match self.cache.store(o, s, end.map(Tid), Tid(v), tpl.clone()) {
+                Ok(StoreOutcome::Open | StoreOutcome::Closed(_)) => return,
+                Ok(StoreOutcome::Refused(_)) | Err(_) => {}
+            }
+        }
+        if let Some(next) = serial.checked_add(1) {
+            let _ = self.cache.store(o, s, Some(Tid(next)), s, tpl.clone());
+        }
+    }
+
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        let c = self.cache.stats();
+        let read = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        d.set_item("activations", read(&self.activations))?;
+        d.set_item("hits", read(&self.hits))?;
+        d.set_item("misses", read(&self.misses))?;
+        d.set_item("decoded", read(&self.decoded))?;
+        d.set_item("entries", c.entries)?;
+        d.set_item("bytes", c.bytes)?;
+        d.set_item("capacity", c.capacity)?;
+        d.set_item("stores", c.stores)?;
+        d.set_item("refused", c.refused)?;
+        d.set_item("invalidations", c.invalidations)?;
+        d.set_item("reclaimed", c.reclaimed)?;
+        d.set_item("evicted", c.evicted)?;
+        d.set_item("log_restarts", read(&self.log_restarts))?;
+        d.set_item("horizon", self.cache.horizon().map(|t| t.0))?;
+        let mut total = 0;
+        for r in Reason::ALL {
+            let n = read(&self.fallbacks[r.index()]);
+            total += n;
+            d.set_item(format!("fallback_{}", r.name()), n)?;
+        }
+        let no_view = read(&self.no_view);
+        d.set_item("fallback_no_view", no_view)?;
+        d.set_item("fallbacks", total)?;
+        Ok(d)
+    }
+}
+
+/// `SharedStates(capacity_bytes)`: the template cache of one database in
+/// this process (`tidecache.shared` makes one per `ZODB.DB`). Bounded to
+/// `capacity_bytes` (estimated bytes of the decoded templates).
+#[pyclass(name = "SharedStates", module = "tidecache._native", frozen)]
+pub(crate) struct PySharedStates {
+    pub(crate) inner: Arc<TemplateCache>,
+}
+
+#[pymethods]
+impl PySharedStates {
+    #[new]
+    fn new(capacity_bytes: u64) -> Self {
+        PySharedStates {
+            inner: Arc::new(TemplateCache::new(capacity_bytes.max(1))),
+        }
+    }
+
+    /// Starts (or restarts) the log at tid `at`: the caller will report
+    /// every change after it. Drops open templates.
+    fn start_log(&self, at: u64) {
+        self.inner.start_log(at)
+    }
+
+    /// Drops every template (the history changed).
+    fn flush(&self) {
+        self.inner.flush()
+    }
+
+    /// Applies an exact report `(from_tid, to_tid, [(oid, tid)])` to the
+    /// templates only: what a process that is not joined to the sidecar
+    /// learns of commits (the client's `report` applies here too).
+    fn report(&self, from_tid: u64, to_tid: u64, changes: Vec<(u64, u64)>) {
+        self.inner.report(from_tid, to_tid, &changes, None)
+    }
+
+    /// The log's horizon (a tid), `None` before it starts.
+    #[getter]
+    fn horizon(&self) -> Option<u64> {
+        self.inner.cache.horizon().map(|t| t.0)
+    }
+
+    /// Counters as a dict: `activations`, `hits` (templates found),
+    /// `misses` (a load was needed), `decoded`, `entries`, `bytes`,
+    /// `capacity`, `stores`, `refused`, `invalidations`, `reclaimed`,
+    /// `evicted`, `log_restarts`, `horizon`, `fallbacks` and
+    /// `fallback_<reason>` per reason (`savepoint`, `unknown_type`,
+    /// `decode_error`, `class_factory`, `broken`, `persistent_class`),
+    /// and `fallback_no_view` (activations in MVCC mode before the
+    /// connection had a view: decoded, kept exact).
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        self.inner.stats(py)
+    }
+}
+
+/// `u64` of an 8-byte oid or tid.
+fn u64_of(b: &Bound<'_, PyAny>) -> PyResult<u64> {
+    let b = b.downcast::<PyBytes>()?.as_bytes();
+    let a: [u8; 8] = b
+        .try_into()
+        .map_err(|_| pyo3::exceptions::PyValueError::new_err("an oid or tid is 8 bytes"))?;
+    Ok(u64::from_be_bytes(a))
+}
+
+/// `setstate(conn, obj) -> bool`: `ZODB.Connection.Connection.setstate`
+/// for a connection with shared state (`tidecache.shared.SharedStateMixin`):
+/// the template of `obj`'s revision at the connection's view, materialised
+/// and handed to `obj.__setstate__`; then what ZODB's `setstate` does
+/// besides: `_p_serial`, the pickle cache's size estimation,
+/// `_p_estimated_size`, `_load_count`, and a blob's committed file.
+///
+/// Reads on `conn`: `opened`, `_tc_states` (a `SharedStates`), `_tc_plain`
+/// (a reason to use ZODB's own path for every object, or None), `_tc_mvcc`,
+/// `_savepoint_storage`, `_storage`, `_cache`, `_reader`, `_load_count`.
+/// Returns `False` when ZODB's own `setstate` must run instead (the caller
+/// runs it): a closed connection (it raises `ConnectionStateError`),
+/// savepoint data, Broken classes (each counted); a record that cannot be
+/// shared is activated here by ZODB's `ObjectReader` from the pickle kept
+/// (counted). Raises what the storage's load raises
+/// (`ReadConflictError`, `POSKeyError`) and what `__setstate__` raises.
+#[pyfunction]
+pub(crate) fn setstate(py: Python<'_>, conn: &Bound<'_, PyAny>, obj: &Bound<'_, PyAny>) -> PyResult<bool> {
+    let g = Globals::get(py)?;
+    let plain = || -> PyResult<bool> { Ok(false) };
+    if conn.getattr(intern!(py, "opened"))?.is_none() {
+        return plain();
+    }
+    let states = conn.getattr(intern!(py, "_tc_states"))?;
+    let Ok(states) = states.downcast::<PySharedStates>() else {
+        return plain();
+    };
+    let t = &*states.get().inner;
+    bump(&t.activations);
+    if !conn.getattr(intern!(py, "_tc_plain"))?.is_none() {
+        t.fallback(Reason::ClassFactory);
+        return plain();
+    }
+    if !conn.getattr(intern!(py, "_savepoint_storage"))?.is_none() {
+        t.fallback(Reason::Savepoint);
+        return plain();
+    }
+    if obj.is_instance(g.broken.bind(py))? {
+        t.fallback(Reason::Broken);
+        return plain();
+    }
+    let storage = conn.getattr(intern!(py, "_storage"))?;
+    let oid_bytes = obj.getattr(intern!(py, "_p_oid"))?;
+    let oid = u64_of(&oid_bytes)?;
+    // 0: exact mode; 1: MVCC, the view is the instance's `_start` minus
+    // one (ZODB's MVCCAdapterInstance, read here without a Python call);
+    // 2: MVCC, the instance's `_tc_shared_view()` says (RelStorage).
+    let mode: u8 = conn.getattr(intern!(py, "_tc_mvcc"))?.extract()?;
+    let mvcc = mode != 0;
+
+    let mut found: Option<(Arc<Template>, u64)> = None;
+    let mut view = None;
+    if mvcc {
+        let v = if mode == 1 {
+            let start = storage.getattr(intern!(py, "_start"))?;
+            if start.is_none() {
+                start
+            } else {
+                u64_of(&start)?.checked_sub(1).into_pyobject(py)?.into_any()
+            }
+        } else {
+            storage.call_method0(intern!(py, "_tc_shared_view"))?
+        };
+        if v.is_none() {
+            bump(&t.no_view);
+        } else {
+            let v: u64 = v.extract()?;
+            view = Some(v);
+            if let Some(hit) = t.cache.lookup(Oid(oid), Tid(v)) {
+                found = Some((hit.state, hit.serial.0));
+            }
+        }
+    }
+    let (tpl, serial) = match found {
+        Some(f) => {
+            bump(&t.hits);
+            f
+        }
+        None => {
+            // A load: the instance's (arena, then base) in MVCC mode with
+            // the revision's validity; the storage's own otherwise.
+            let (data, serial, end, seen_at) = if mvcc {
+                let r = storage.call_method1(intern!(py, "_tc_load_revision"), (&oid_bytes,))?;
+                let r = r.downcast::<PyTuple>()?;
+                let end: Option<u64> = r.get_item(2)?.extract()?;
+                let seen_at: Option<u64> = r.get_item(3)?.extract()?;
+                (r.get_item(0)?, r.get_item(1)?, end, seen_at.or(view))
+            } else {
+                let r = storage.call_method1(intern!(py, "load"), (&oid_bytes,))?;
+                let r = r.downcast::<PyTuple>()?;
+                (r.get_item(0)?, r.get_item(1)?, None, None)
+            };
+            let Ok(data) = data.downcast::<PyBytes>() else {
+                // No record (a blob-only or deleted object): ZODB's path.
+                t.fallback(Reason::DecodeError);
+                return plain();
+            };
+            let s = u64_of(&serial)?;
+            let (tpl, exact_before) = match t.cache.get_exact(Oid(oid), Tid(s)) {
+                Some((tpl, end_now)) => {
+                    bump(&t.hits);
+                    (tpl, end_now == s.checked_add(1).map(Tid))
+                }
+                None => {
+                    bump(&t.misses);
+                    bump(&t.decoded);
+                    let tpl = Arc::new(decode(py, data));
+                    t.keep(oid, s, end, seen_at.filter(|_| mvcc), &tpl, false);
+                    (tpl, false)
+                }
+            };
+            let below_horizon = t.cache.horizon().is_some_and(|h| s <= h.0);
+            if exact_before && mvcc && seen_at.is_some() && below_horizon {
+                t.keep(oid, s, end, seen_at, &tpl, true);
+            }
+            (tpl, s)
+        }
+    };
+
+    match &*tpl {
+        Template::Fallback { pickle, reason } => {
+            t.fallback(*reason);
+            conn.getattr(intern!(py, "_reader"))?
+                .call_method1(intern!(py, "setGhostState"), (obj, pickle.bind(py)))?;
+        }
+        Template::Shared {
+            root, slots, aliased, ..
+        } => {
+            // The class's `__setstate__`, called unbound: no lookup through
+            // the persistent object's own `__getattribute__`.
+            let method = obj.get_type().getattr(intern!(py, "__setstate__"))?;
+            let default = method.is(g.persistent_setstate.bind(py)) && !UNSAFE_SHARE.load(Ordering::Relaxed);
+            let mut r = Resolver::new(py, conn, *slots, *aliased);
+            let state = r.state(root, default)?;
+            method.call1((obj, state))?;
+        }
+    }
+    let serial_bytes = PyBytes::new(py, &serial.to_be_bytes());
+    obj.setattr(intern!(py, "_p_serial"), &serial_bytes)?;
+    let size = tpl.size(py);
+    conn.getattr(intern!(py, "_cache"))?
+        .call_method1(intern!(py, "update_object_size_estimation"), (&oid_bytes, size))?;
+    obj.setattr(intern!(py, "_p_estimated_size"), size)?;
+    let count: u64 = conn.getattr(intern!(py, "_load_count"))?.extract()?;
+    conn.setattr(intern!(py, "_load_count"), count + 1)?;
+    if obj.is_instance(g.blob.bind(py))? {
+        obj.setattr(intern!(py, "_p_blob_uncommitted"), py.None())?;
+        let committed = storage.call_method1(intern!(py, "loadBlob"), (&oid_bytes, &serial_bytes))?;
+        obj.setattr(intern!(py, "_p_blob_committed"), committed)?;
+    }
+    Ok(true)
+}
+
+/// Test switch (`tidecache._native._unsafe_share_containers(flag)`): with
+/// `True`, lists, dicts and bytearrays of leaves are shared between
+/// connections instead of copied, and top-level dicts are handed to every
+/// `__setstate__`: the naive sharing that leaks one connection's
+/// uncommitted change into the others. Only for tests that must be seen
+/// failing; returns the previous setting.
+#[pyfunction]
+#[pyo3(name = "_unsafe_share_containers")]
+pub(crate) fn share_containers_naively(flag: bool) -> bool {
+    UNSAFE_SHARE.swap(flag, Ordering::Relaxed)
+}
