@@ -42,9 +42,11 @@ latencies = []
 loads = itertools.count()
 
 
-def timed(cls):
-    """Times ``cls.load`` (the storage load of a connection), microseconds."""
-    inner = cls.__dict__["load"]
+def timed(cls, name="load"):
+    """Times ``cls.<name>`` (the storage load of a connection), microseconds.
+    tidecache's instances: ``_tc_load_revision``, what ``load`` calls and
+    what shared state calls on a template miss (it never calls ``load``)."""
+    inner = cls.__dict__[name]
 
     def load(self, oid):
         t = time.perf_counter()
@@ -54,19 +56,22 @@ def timed(cls):
             latencies.append((time.perf_counter() - t) * 1e6)
             next(loads)
 
-    cls.load = load
+    setattr(cls, name, load)
 
 
 def timed_instances(storage):
     """Times the ``load`` of every instance ``storage`` (an IMVCCStorage
     root: RelStorage, or tidecache's wrapper of it) makes for ZODB's
     connections. RelStorage copies its methods onto each instance, so the
-    class cannot be patched: the root's ``new_instance`` wraps each one."""
+    class cannot be patched: the root's ``new_instance`` wraps each one.
+    tidecache's instances: ``_tc_load_revision`` (what ``load`` calls, and
+    shared state on a template miss)."""
     new_instance = storage.new_instance
 
     def timed_new_instance(*args, **kwargs):
         instance = new_instance(*args, **kwargs)
-        inner = instance.load
+        name = "_tc_load_revision" if hasattr(instance, "_tc_load_revision") else "load"
+        inner = getattr(instance, name)
 
         @functools.wraps(inner)
         def load(oid, *rest):
@@ -77,7 +82,7 @@ def timed_instances(storage):
                 latencies.append((time.perf_counter() - t) * 1e6)
                 next(loads)
 
-        instance.load = load
+        setattr(instance, name, load)
         return instance
 
     storage.new_instance = timed_new_instance
@@ -107,7 +112,7 @@ def open_db(zeo, sidecar, shared=False):
     else:
         from tidecache import TideCacheStorage
         from tidecache.storage import TideCacheInstance
-        timed(TideCacheInstance)
+        timed(TideCacheInstance, "_tc_load_revision")
         storage = TideCacheStorage(base, socket=sidecar, database="demo")
         if shared:
             import tidecache
