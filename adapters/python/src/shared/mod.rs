@@ -22,8 +22,11 @@
 //!   visible only up to the template log's horizon (invariant 2): a view
 //!   past it misses, never guesses.
 //! - **Exact mode** (any other storage): the storage's `load` gives the
-//!   serial; the template of exactly `(oid, serial)` is used, stored as the
-//!   closed interval `[serial, serial + 1)`, a true part of its validity.
+//!   serial; the template of exactly `(oid, serial)` is used, kept in a
+//!   second cache that is only ever read by serial (never at a view). MVCC
+//!   mode keeps a template there too when the log refuses it (no log yet,
+//!   a serial past the horizon while the process is not joined to the
+//!   sidecar): later activations then pay the load, not the decoding.
 //!
 //! Everything runs with the GIL held: templates are immutable once
 //! published, so any number of threads or greenlets materialise from one
@@ -47,7 +50,14 @@ fn bump(c: &AtomicU64) {
 
 /// The templates of one database in one process, and its counters.
 pub(crate) struct TemplateCache {
+    /// Templates with their validity, looked up at views (MVCC mode).
     cache: SnapshotCache<Template>,
+    /// Templates by exactly `(oid, serial)`, for a caller that learnt the
+    /// serial from its storage (exact mode, and MVCC stores the log
+    /// refuses): never looked up at a view, so its log never starts and
+    /// every entry is kept as `[serial, serial + 1)`. Shares the byte
+    /// budget with `cache`.
+    exact: SnapshotCache<Template>,
     activations: AtomicU64,
     hits: AtomicU64,
     misses: AtomicU64,
@@ -55,15 +65,24 @@ pub(crate) struct TemplateCache {
     no_view: AtomicU64,
     log_restarts: AtomicU64,
     fallbacks: [AtomicU64; Reason::ALL.len()],
+    /// When reclamation last ran, milliseconds since `born`.
+    reclaimed_at: AtomicU64,
+    born: std::time::Instant,
 }
+
+/// Reclamation scans every template, so it runs at most this often (ms);
+/// between runs the size bound alone limits memory.
+const RECLAIM_EVERY_MS: u64 = 1000;
 
 impl TemplateCache {
     /// An empty cache bounded to `capacity_bytes` (templates' estimated
     /// bytes plus core's per-revision overhead). Its log starts at the
     /// first report, or at [`TemplateCache::start_log`].
     pub(crate) fn new(capacity_bytes: u64) -> Self {
+        let bound = tidecache_core::SizeBound::new(capacity_bytes);
         TemplateCache {
-            cache: SnapshotCache::new(capacity_bytes),
+            cache: SnapshotCache::within(&bound),
+            exact: SnapshotCache::within(&bound),
             activations: AtomicU64::new(0),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
@@ -71,6 +90,8 @@ impl TemplateCache {
             no_view: AtomicU64::new(0),
             log_restarts: AtomicU64::new(0),
             fallbacks: Default::default(),
+            reclaimed_at: AtomicU64::new(0),
+            born: std::time::Instant::now(),
         }
     }
 
@@ -94,9 +115,20 @@ impl TemplateCache {
 
     fn after(&self, r: Result<Tid, CoreError>, to: u64, low_water: Option<u64>) {
         match r {
-            Ok(_) => {
-                if let Some(lw) = low_water {
-                    self.cache.reclaim(Tid(lw));
+            Ok(horizon) => {
+                // What no open connection of the process can see goes, and
+                // the log below it (invariant 5). With no connection open,
+                // the horizon bounds every later view but a lagging one,
+                // which then only misses: reclaiming removes, never serves.
+                let now = u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX);
+                let last = self.reclaimed_at.load(Ordering::Relaxed);
+                if now.saturating_sub(last) >= RECLAIM_EVERY_MS
+                    && self
+                        .reclaimed_at
+                        .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                        .is_ok()
+                {
+                    self.cache.reclaim(Tid(low_water.unwrap_or(horizon.0)));
                 }
             }
             Err(CoreError::Gap { .. }) => {
@@ -106,6 +138,7 @@ impl TemplateCache {
             Err(_) => {
                 bump(&self.log_restarts);
                 self.cache.flush();
+                self.exact.flush();
                 self.cache.start_log(Tid(to));
             }
         }
@@ -117,6 +150,7 @@ impl TemplateCache {
     pub(crate) fn resync(&self, tid: u64) {
         bump(&self.log_restarts);
         self.cache.flush();
+        self.exact.flush();
         self.cache.start_log(Tid(tid));
     }
 
@@ -124,6 +158,7 @@ impl TemplateCache {
     /// every template and stops the log until the next report.
     pub(crate) fn flush(&self) {
         self.cache.flush();
+        self.exact.flush();
     }
 
     /// Starts the log at `at`: every change after `at` will be reported.
@@ -135,50 +170,53 @@ impl TemplateCache {
         bump(&self.fallbacks[reason.index()]);
     }
 
-    /// Stores `tpl` as `(oid, serial)` with validity `end` seen at `view`
-    /// (MVCC), or as `[serial, serial + 1)` when there is no view or the
-    /// log refuses it (exact). An exact entry already there is replaced by
-    /// a store with a view, so that later lookups at views find it.
-    fn keep(
-        &self,
-        oid: u64,
-        serial: u64,
-        end: Option<u64>,
-        view: Option<u64>,
-        tpl: &Arc<Template>,
-        exact_before: bool,
-    ) {
+    /// The template of exactly `(oid, serial)`, if held, and whether it is
+    /// held only by serial (not yet with a validity).
+    fn get_exact(&self, oid: u64, serial: u64) -> Option<(Arc<Template>, bool)> {
+        let (o, s) = (Oid(oid), Tid(serial));
+        if let Some((tpl, _)) = self.cache.get_exact(o, s) {
+            return Some((tpl, false));
+        }
+        self.exact.get_exact(o, s).map(|(tpl, _)| (tpl, true))
+    }
+
+    /// Keeps `tpl` as `(oid, serial)`: with its validity (`end`, `None`
+    /// when current at `view`) when a view is given and the log accepts it
+    /// (invariant 3), else by serial only.
+    fn keep(&self, oid: u64, serial: u64, end: Option<u64>, view: Option<u64>, tpl: &Arc<Template>) {
         let (o, s) = (Oid(oid), Tid(serial));
         if let Some(v) = view {
-            if exact_before {
-                self.cache.evict(o, s);
-            }
-            match self.cache.store(o, s, end.map(Tid), Tid(v), tpl.clone()) {
-                Ok(StoreOutcome::Open | StoreOutcome::Closed(_)) => return,
-                Ok(StoreOutcome::Refused(_)) | Err(_) => {}
+            if let Ok(StoreOutcome::Open | StoreOutcome::Closed(_)) =
+                self.cache.store(o, s, end.map(Tid), Tid(v), tpl.clone())
+            {
+                return;
             }
         }
-        if let Some(next) = serial.checked_add(1) {
-            let _ = self.cache.store(o, s, Some(Tid(next)), s, tpl.clone());
+        if self.exact.get_exact(o, s).is_none() {
+            if let Some(next) = serial.checked_add(1) {
+                let _ = self.exact.store(o, s, Some(Tid(next)), s, tpl.clone());
+            }
         }
     }
 
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
         let c = self.cache.stats();
+        let e = self.exact.stats();
         let read = |a: &AtomicU64| a.load(Ordering::Relaxed);
         d.set_item("activations", read(&self.activations))?;
         d.set_item("hits", read(&self.hits))?;
         d.set_item("misses", read(&self.misses))?;
         d.set_item("decoded", read(&self.decoded))?;
-        d.set_item("entries", c.entries)?;
-        d.set_item("bytes", c.bytes)?;
+        d.set_item("entries", c.entries + e.entries)?;
+        d.set_item("exact_entries", e.entries)?;
+        d.set_item("bytes", c.bytes + e.bytes)?;
         d.set_item("capacity", c.capacity)?;
-        d.set_item("stores", c.stores)?;
+        d.set_item("stores", c.stores + e.stores)?;
         d.set_item("refused", c.refused)?;
         d.set_item("invalidations", c.invalidations)?;
         d.set_item("reclaimed", c.reclaimed)?;
-        d.set_item("evicted", c.evicted)?;
+        d.set_item("evicted", c.evicted + e.evicted)?;
         d.set_item("log_restarts", read(&self.log_restarts))?;
         d.set_item("horizon", self.cache.horizon().map(|t| t.0))?;
         let mut total = 0;
@@ -355,23 +393,25 @@ pub(crate) fn setstate(py: Python<'_>, conn: &Bound<'_, PyAny>, obj: &Bound<'_, 
                 return plain();
             };
             let s = u64_of(&serial)?;
-            let (tpl, exact_before) = match t.cache.get_exact(Oid(oid), Tid(s)) {
-                Some((tpl, end_now)) => {
+            let seen_at = seen_at.filter(|_| mvcc);
+            let tpl = match t.get_exact(oid, s) {
+                Some((tpl, by_serial_only)) => {
                     bump(&t.hits);
-                    (tpl, end_now == s.checked_add(1).map(Tid))
+                    if by_serial_only && seen_at.is_some() {
+                        // Held by serial only: give it its validity now,
+                        // if the log accepts it.
+                        t.keep(oid, s, end, seen_at, &tpl);
+                    }
+                    tpl
                 }
                 None => {
                     bump(&t.misses);
                     bump(&t.decoded);
                     let tpl = Arc::new(decode(py, data));
-                    t.keep(oid, s, end, seen_at.filter(|_| mvcc), &tpl, false);
-                    (tpl, false)
+                    t.keep(oid, s, end, seen_at, &tpl);
+                    tpl
                 }
             };
-            let below_horizon = t.cache.horizon().is_some_and(|h| s <= h.0);
-            if exact_before && mvcc && seen_at.is_some() && below_horizon {
-                t.keep(oid, s, end, seen_at, &tpl, true);
-            }
             (tpl, s)
         }
     };
