@@ -606,7 +606,9 @@ def demo_shared_notes(p, t, sh):
             "default): with pickle caches this small the templates outnumber what the connections",
             "hold, and a reader's RSS grows with shared state instead of shrinking. The memory of 16",
             "connections that each hold the working set is measured by `bench/shared_state.py` (row",
-            "`demo` of its memory table)."]
+            "`demo` of its memory table). This demo run measured the mechanism as first merged",
+            "(main at cd72848); the later changes (reclamation at most once a second, refused",
+            "templates kept by serial) were measured by bench/shared_state.py and zodbshootout only."]
     return out
 
 
@@ -737,11 +739,14 @@ def shared_state_section(ss):
 #: rebuilt from the JSON; the breakdowns were measured on the same machine,
 #: with this program's processes, beside the run of the tables).
 SHARED_NOTES = [
-    "What the figures show:", "",
+    "What the figures show (the tables: main at e3848a1; the breakdowns and profiles below were",
+    "measured by hand on the same machine with the mechanism as first merged, main at cd72848):", "",
     "- **Activation** is at least 3x faster than plain ZODB's for every kind: on a template hit",
     "  there is no storage load and no unpickling; strings are the template's, the containers",
     "  are built in Rust. The template cache counted no fallback (every activation took the",
-    "  shared path).",
+    "  shared path). The BTree of references varied most between runs on this loaded machine:",
+    "  3.45x in this table, 8.05x in the earlier run, 4.58x in a run of that kind alone",
+    "  (`--skip-memory --kinds btree persistent`).",
     "- **A template miss costs more than ZODB's own path**: the record is decoded into a",
     "  template, published, and the state materialised from it. cProfile of one zodbshootout",
     "  cold process per contender (`--skip-shootout --phases warm --profile warm cold",
@@ -782,19 +787,23 @@ SHARED_NOTES = [
 
 #: The shared contender of zodbshootout on ZEO, kept by hand.
 SHARED_SHOOTOUT_NOTES = [
-    "The shared-state contender (issue 10). Its **hot** read is a template hit per object:",
-    "with 2 processes it meets the 2x goal. With 4 processes on the 2 cores (other jobs ran on",
-    "the machine: load average 5 to 7) every contender's hot figure is dominated by waiting for",
-    "a core (stdevs of 20 to 40%); a second run of the hot phase alone (`--phases hot",
-    "--concurrency 4 --skip-truly-cold --profile hot`) gave 127.7 +- 41.8 ms plain, 70.1 +- 15.8",
-    "tidecache, 48.3 +- 12.9 shared (2.6x), and its cProfile of one process per contender, one",
-    "process at a time, timed the hot iteration at 106.7 ms plain, 80.0 tidecache and 11.6 ms",
-    "shared (9x). **Cold** and **warm** are template misses (a new process reads each object",
-    "once), which cost more than ZODB's own unpickling (see the shared-state section below).",
-    "**Steamin** loads nothing (the objects stay in the pickle cache), so shared state's",
-    "activation is not in it; its sub-millisecond values ranged from 0.4 to 1.6 ms over the",
-    "contenders in this run (with 4 processes, shared 1.87x plain's, stdevs of 27-29%; not",
-    "investigated further). **Truly cold**: every load is a miss of the new sidecar first.", ""]
+    "The shared-state contender (issue 10). Its **hot** read is a template hit per object. The",
+    "machine was loaded by other jobs during this run (load average 8 to 11 on the 2 cores;",
+    "every figure about twice an idle run's, stdevs of 20 to 60%). An earlier run of the same",
+    "command (the mechanism as first merged, load average 5 to 7) gave hot 2.58x plain's with",
+    "2 processes and 1.23x with 4; the hot phase alone again (`--phases hot --concurrency 4",
+    "--skip-truly-cold --profile hot`) 127.7 +- 41.8 ms plain, 70.1 +- 15.8 tidecache, 48.3 +-",
+    "12.9 shared (2.6x), and its cProfile of one process per contender, one process at a time,",
+    "timed the hot iteration at 106.7 ms plain, 80.0 tidecache and 11.6 ms shared (9x). **Cold**",
+    "and **warm** are template misses (a new process reads each object once), which cost more",
+    "than ZODB's own unpickling (the shared-state section below). **Steamin** loads nothing",
+    "(the objects stay in the pickle cache) and its values are below 4 ms: the shared",
+    "contender's were higher than plain's in both runs (1.10x and 1.87x in the earlier one),",
+    "yet the same loop in one process (1,000 zodbshootout `PObject`s in a `PersistentMapping`",
+    "over FileStorage, read 10 times, best of 7) took 0.70 ms plain, 0.72 tidecache and 0.42",
+    "shared: objects activated from templates are not slower to read; the difference in",
+    "zodbshootout was not explained. **Truly cold**: every load is a miss of the new sidecar",
+    "first.", ""]
 
 
 def relstorage_section():
