@@ -25,8 +25,9 @@ build: $(DEPS)
 	cd adapters/python && VIRTUAL_ENV=$(VENV) $(VENV)/bin/maturin develop --release --quiet
 
 ## The main job: ZEO + tidecached + a ZODB application over the stdlib's
-## sources, with and without tidecache, side by side; then the same over
-## RelStorage/SQLite (plain RelStorage beside RelStorage in <tidecache>).
+## sources, with and without tidecache, and with tidecache's shared state
+## (issue 10), side by side; then the same over RelStorage/SQLite (plain
+## RelStorage beside RelStorage in <tidecache>, and with shared-state on).
 ## `make demo-postgresql`: the RelStorage run over a PostgreSQL server
 ## started for it.
 demo: build
@@ -108,7 +109,10 @@ soak-campaign:
 ## and zodbshootout over RelStorage/PostgreSQL and /SQLite, 4 processes,
 ## add cold warm hot (about 7 minutes each on 2 shared cores; rs_newworker.py
 ## and rs_memory.py about 2 each); the last rebuilds
-## docs/benchmarks.md.
+## docs/benchmarks.md. Shared state (issue 10): shared_state.py (activation
+## per object kind and the memory of 16 connections, beside plain ZODB),
+## and zodbshootout.py over ZEO runs a third database, <tidecache> with
+## shared-state on, when the tree has it.
 bench: build
 	cargo bench -p tidecache-core --bench snapshot
 	$(PY) bench/eviction.py
@@ -117,6 +121,7 @@ bench: build
 	$(PY) bench/boundaries.py
 	$(PY) bench/run_bench.py
 	$(PY) bench/latestart.py
+	$(PY) bench/shared_state.py --no-report
 	$(PY) bench/zodbshootout.py
 	$(PY) bench/rs_newworker.py
 	$(PY) bench/rs_memory.py

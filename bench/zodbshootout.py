@@ -44,10 +44,20 @@ so every tidecache read is a read on a new host; plain ZEO iterations
 interleave with them. The figure per iteration is the slowest process's
 time, as zodbshootout's (``max``).
 
+**Shared state** (issue 10): on ZEO, when the tree's ``<tidecache>`` has
+the ``shared-state`` key, the ZConfig file gets a third database,
+``shared``: the ``tidecache`` database's ``<zeoclient>`` inside
+``<tidecache>`` with ``shared-state on`` (its connections activate objects
+from one template per revision in the process). zodbshootout runs the
+three databases in that order in every phase; the truly cold run restarts
+the sidecar before each of its iterations too. ``--without-shared`` leaves
+it out. The goal: hot at least 2x faster than plain ZEO. A quick run of
+that phase alone: ``zodbshootout.py --phases hot --skip-truly-cold``.
+
 Writes ``bench-results/zodbshootout.json`` (per phase and concurrency: the
 values, mean and stdev of each contender, and the ratio tidecache / plain
-of the means; the truly cold run the same way), prints a table, and
-rebuilds docs/benchmarks.md.
+of the means, with shared state ``ratio_shared``; the truly cold run the
+same way), prints a table, and rebuilds docs/benchmarks.md.
 
 **RelStorage** (``--base relstorage-postgresql`` or ``relstorage-sqlite``;
 issue 9): the same zodbshootout run over RelStorage 4
@@ -65,7 +75,7 @@ cold run; written to ``bench-results/zodbshootout-BASE.json``.
                     [--concurrency 2 4] [--values 3] [--fast-processes 3] [--warmups 1]
                     [--phases add update cold warm hot steamin] [--cold-iterations 8]
                     [--own-storages] [--skip-shootout] [--skip-truly-cold] [--output PATH]
-                    [--no-report] [--profile PHASE ...]
+                    [--no-report] [--profile PHASE ...] [--without-shared]
 """
 
 import argparse
@@ -93,7 +103,13 @@ OBJECTS = 1000
 PHASES = ("add", "update", "cold", "warm", "hot", "steamin")
 #: Phases whose value is cheap: more pyperf worker processes.
 FAST_PHASES = ("hot", "steamin")
-CONTENDERS = ("plain", "tidecache")
+#: The databases of the ZConfig file, in zodbshootout's order. ``shared``
+#: (issue 10: ``<tidecache>`` with ``shared-state on``) is added by
+#: :func:`main` on ZEO when the tree has the mechanism.
+CONTENDERS = ["plain", "tidecache"]
+#: The contenders that go through ``<tidecache>`` (the truly cold run
+#: restarts the sidecar before each of their iterations).
+TIDECACHE_CONTENDERS = ("tidecache", "shared")
 #: --base: what the contenders run on, and the column titles of the table.
 BASES = {
     "zeo": ("plain ZEO", "ZEO + tidecache"),
@@ -121,9 +137,38 @@ def summary(values):
             "stdev": statistics.stdev(values) if len(values) > 1 else 0.0}
 
 
-def side_by_side(plain, tidecache):
+def side_by_side(plain, tidecache, shared=None):
+    """The contenders' summaries and the ratios of their means to plain's:
+    ``ratio`` (tidecache / plain) and, with ``shared``, ``ratio_shared``."""
     p, t = summary(plain), summary(tidecache)
-    return {"plain": p, "tidecache": t, "ratio": t["mean"] / p["mean"]}
+    r = {"plain": p, "tidecache": t, "ratio": t["mean"] / p["mean"]}
+    if shared is not None:
+        r["shared"] = summary(shared)
+        r["ratio_shared"] = r["shared"]["mean"] / p["mean"]
+    return r
+
+
+def shared_state_available():
+    """Whether this tree's ``<tidecache>`` has the ``shared-state`` key
+    (issue 10)."""
+    import importlib.util
+    spec = importlib.util.find_spec("tidecache")
+    if spec is None or importlib.util.find_spec("tidecache.shared") is None:
+        return False
+    component = pathlib.Path(spec.origin).parent / "component.xml"
+    return component.exists() and "shared-state" in component.read_text()
+
+
+def shared_section(host):
+    """A third ZConfig database for the ZEO host: ``shared``, the
+    ``tidecache`` contender's ``<zeoclient>`` inside ``<tidecache>`` with
+    ``shared-state on``."""
+    return ("<zodb shared>\n"
+            "  <tidecache>\n"
+            "    socket %s\n"
+            "    shared-state on\n" % host.sidecar_socket
+            + host.zeoclient_section("tidecache", indent="    ")
+            + "  </tidecache>\n</zodb>\n")
 
 
 def run_shootout(host, conf, concurrency, phases, processes, loops, args):
@@ -147,7 +192,8 @@ def run_shootout(host, conf, concurrency, phases, processes, loops, args):
         suite = pyperf.BenchmarkSuite.load(os.path.join(os.path.splitext(out)[0] + ".d",
                                                         "%s_%d.json" % (db, OBJECTS)))
         per_db[db] = {b.get_name(): list(b.get_values()) for b in suite.get_benchmarks()}
-    return {phase: side_by_side(per_db["plain"][phase], per_db["tidecache"][phase])
+    return {phase: side_by_side(per_db["plain"][phase], per_db["tidecache"][phase],
+                                per_db["shared"][phase] if "shared" in per_db else None)
             for phase in phases if phase in per_db["plain"]}
 
 
@@ -168,7 +214,7 @@ def _cold_worker(number, concurrency, conf, iterations, barrier, results):
     worker = ForkedSpeedTestWorker(number, SpeedTestData(concurrency, OBJECTS, 300))
     worker.inner_loops = 1  # one cold read per call: the barrier comes before each
     times = {db: [] for db in CONTENDERS}
-    loads = {"hits": 0, "misses": 0}
+    loads = {}
     for _ in range(iterations):
         for db in CONTENDERS:
             opened = []
@@ -181,9 +227,10 @@ def _cold_worker(number, concurrency, conf, iterations, barrier, results):
                 return database
             times[db].append(worker.bench_cold_read(1, gated_open))
             stats = getattr(opened[0], "_tc_stats", None)
-            if stats is not None:  # the tidecache contender: were its loads misses?
-                loads["hits"] += stats.hits
-                loads["misses"] += stats.misses
+            if stats is not None:  # a tidecache contender: were its loads misses?
+                counted = loads.setdefault(db, {"hits": 0, "misses": 0})
+                counted["hits"] += stats.hits
+                counted["misses"] += stats.misses
     results.put((number, times, loads))
 
 
@@ -210,7 +257,7 @@ def truly_cold(host, conf, concurrency, iterations):
         for _ in range(iterations):
             for db in CONTENDERS:
                 barrier.wait()
-                if db == "tidecache":
+                if db in TIDECACHE_CONTENDERS:
                     host.restart_sidecar()
                 barrier.wait()
         per_worker = [results.get(timeout=300) for _ in procs]
@@ -221,12 +268,15 @@ def truly_cold(host, conf, concurrency, iterations):
                 p.kill()
     slowest = {db: [max(times[db][i] for _, times, _ in per_worker) for i in range(iterations)]
                for db in CONTENDERS}
-    r = side_by_side(slowest["plain"], slowest["tidecache"])
+    r = side_by_side(slowest["plain"], slowest["tidecache"], slowest.get("shared"))
     # Loads of the tidecache reads that were sidecar hits: the objects the
     # processes share (root, the mappings above each process's own), which
     # one process stores and another may find, and the root's second load in
     # a process (DB() loads it, then the connection); never the 1,000 objects.
-    r["tidecache_loads"] = {k: sum(loads[k] for _, _, loads in per_worker) for k in ("hits", "misses")}
+    for db in CONTENDERS:
+        if db in TIDECACHE_CONTENDERS:
+            key = "tidecache_loads" if db == "tidecache" else "%s_loads" % db
+            r[key] = {k: sum(loads[db][k] for _, _, loads in per_worker) for k in ("hits", "misses")}
     return r
 
 
@@ -258,7 +308,9 @@ def _profile_worker(conf, concurrency, phase, db, results):
     def open_db():
         database = factory.open()
         opened.append(database.storage)  # DB.close() deletes DB.storage
+        databases.append(database)
         return database
+    databases = []
     prof = cProfile.Profile()
     seconds = prof.runcall(getattr(worker, PHASE_METHODS[phase]), 1, open_db)
     out = io.StringIO()
@@ -267,6 +319,10 @@ def _profile_worker(conf, concurrency, phase, db, results):
             stats = storage.cache_stats()
             out.write("tidecache: %d hits, %d misses, %d stores\n" % (stats["hits"], stats["misses"],
                                                                      stats["stores"]))
+    if db == "shared":
+        import tidecache.shared
+        for database in databases:
+            out.write("shared state: %s\n" % tidecache.shared.stats(database))
     stats = pstats.Stats(prof, stream=out)
     stats.sort_stats("tottime").print_stats(15)
     stats.sort_stats("cumulative").print_stats(25)
@@ -319,16 +375,25 @@ def ms(s):
 
 def print_table(results):
     print()
+    shared = "shared" in results.get("contenders", ())
     print("zodbshootout 0.8, %d objects, ms per phase (mean +- stdev of pyperf's values), "
-          "ratio tidecache / plain" % OBJECTS)
-    print("%-10s %4s %22s %22s %9s" % (("phase", "c") + BASES[results.get("base", "zeo")] + ("ratio",)))
+          "ratio tidecache / plain%s" % (OBJECTS, " and shared state / plain" if shared else ""))
+    titles = BASES[results.get("base", "zeo")]
+    if shared:
+        print("%-10s %4s %22s %22s %9s %22s %9s" % (("phase", "c") + titles + ("ratio", "+ shared state", "ratio")))
+    else:
+        print("%-10s %4s %22s %22s %9s" % (("phase", "c") + titles + ("ratio",)))
     rows = [(phase, c, r) for c, phases in results["shootout"].items() for phase, r in phases.items()]
     rows += [("truly cold", c, r) for c, r in results.get("truly_cold", {}).items()]
     order = {p: i for i, p in enumerate(PHASES + ("truly cold",))}
     for phase, c, r in sorted(rows, key=lambda x: (order[x[0]], int(x[1]))):
         p, t = r["plain"], r["tidecache"]
-        print("%-10s %4s %22s %22s %8.2fx" % (phase, c, "%s +- %s" % (ms(p["mean"]), ms(p["stdev"])),
-                                              "%s +- %s" % (ms(t["mean"]), ms(t["stdev"])), r["ratio"]))
+        line = "%-10s %4s %22s %22s %8.2fx" % (phase, c, "%s +- %s" % (ms(p["mean"]), ms(p["stdev"])),
+                                               "%s +- %s" % (ms(t["mean"]), ms(t["stdev"])), r["ratio"])
+        if "shared" in r:
+            line += " %22s %8.2fx" % ("%s +- %s" % (ms(r["shared"]["mean"]), ms(r["shared"]["stdev"])),
+                                      r["ratio_shared"])
+        print(line)
 
 
 def main():
@@ -358,6 +423,9 @@ def main():
                          "(concurrency: the last of --concurrency); the top functions are printed and kept "
                          "in the results")
     ap.add_argument("--no-report", action="store_true", help="do not rebuild docs/benchmarks.md")
+    ap.add_argument("--without-shared", action="store_true",
+                    help="ZEO: leave out the third database, <tidecache> with shared-state on (issue 10; "
+                         "left out anyway when the tree has no shared state)")
     ap.add_argument("--output", help="default bench-results/zodbshootout.json "
                     "(zodbshootout-own-storages.json with --own-storages)")
     args = ap.parse_args()
@@ -373,8 +441,14 @@ def main():
                 else "zodbshootout-own-storages.json" if args.own_storages else "zodbshootout.json")
         args.output = str(ROOT / "bench-results" / name)
 
+    if not relstorage and not args.without_shared and shared_state_available():
+        CONTENDERS.append("shared")
+    elif not relstorage and not args.without_shared:
+        print("this tree's <tidecache> has no shared-state key: the shared contender is left out", flush=True)
+
     started = time.perf_counter()
-    results = {"base": args.base, "objects": OBJECTS, "processes": {p: args.fast_processes if p in FAST_PHASES else 1
+    results = {"base": args.base, "contenders": list(CONTENDERS),
+               "command": "python bench/zodbshootout.py " + " ".join(sys.argv[1:]), "objects": OBJECTS, "processes": {p: args.fast_processes if p in FAST_PHASES else 1
                                                  for p in args.phases}, "values": args.values,
                "warmups": args.warmups,
                "loops": {p: "calibrated" if p in FAST_PHASES else 1 for p in args.phases}, "own_storages": args.own_storages,
@@ -387,7 +461,10 @@ def main():
         host = Host(own_storages=args.own_storages)
     try:
         conf = host.write_zconfig()
-        print("ZConfig (%s):\n%s" % (conf, host.zconfig()), flush=True)
+        if "shared" in CONTENDERS:
+            with open(conf, "a") as f:
+                f.write(shared_section(host))
+        print("ZConfig (%s):\n%s" % (conf, open(conf).read()), flush=True)
         if not args.skip_shootout:
             for c in args.concurrency:
                 slow = [p for p in args.phases if p not in FAST_PHASES]

@@ -4,16 +4,21 @@
    ``tidecached``.
 2. Loads the Python standard library's own sources into a ZODB
    application (demo/corpus.py).
-3. Runs the same workload with and without tidecache, side by side in this
-   one invocation, in interleaved rounds (plain ZODB over ZEO, then ZODB with
-   TideCacheStorage, again and again) so that the machine's drift falls on
-   both: 4 worker processes x 4 connections serving searches and section
-   views (word popularity from the corpus's own frequencies) while a writer
-   edits and reindexes sections. The sidecar is started anew for every
-   round, so both sides start with cold processes.
-4. Prints requests/s, loads/s, sidecar hit ratio, p50/p99 load latency and
-   sidecar memory for both, and checks every read transaction's snapshot:
-   a document's checksum must match its sections read in the same
+3. Runs the same workload on three sides, side by side in this one
+   invocation, in interleaved rounds (plain ZODB over ZEO, then ZODB with
+   TideCacheStorage, then the same with shared state, again and again) so
+   that the machine's drift falls on all: 4 worker processes x 4
+   connections serving searches and section views (word popularity from the
+   corpus's own frequencies) while a writer edits and reindexes sections.
+   The sidecar is started anew for every tidecache round, so every side
+   starts with cold processes. The third side (issue 10) is
+   ``tidecache.DB(..., shared_state=True)``: the 4 connections of a worker
+   activate from one template per revision; it is left out when the tree
+   has no shared state (or with ``--without-shared``).
+4. Prints requests/s, loads/s, sidecar hit ratio, p50/p99 load latency,
+   the readers' memory when they end (RSS, mean per reader process) and
+   sidecar memory for every side, and checks every read transaction's
+   snapshot: a document's checksum must match its sections read in the same
    transaction. Exits non-zero if any check fails.
 
 ``--base`` chooses the storage under both sides: ``zeo`` (the default:
@@ -23,8 +28,9 @@ run) or ``relstorage-postgresql`` (RelStorage over a PostgreSQL server
 started for the run by bench/dbservers.py). With RelStorage, the two sides
 are plain RelStorage (its own process-local cache, default settings) and
 the same ``<relstorage>`` section wrapped in ``<tidecache>``, each opened
-by the workers from a ZConfig file; the same workload, the same checks.
-The sidecar is restarted on a new arena before every tidecache round.
+by the workers from a ZConfig file; the third side adds ``shared-state on``
+to that ``<tidecache>`` section. The same workload, the same checks. The
+sidecar is restarted on a new arena before every tidecache round.
 
 Environment: DEMO_SECONDS (default 20) per side in all, DEMO_ROUNDS (default
 2) rounds it is split into, DEMO_MODULES (default: all),
@@ -70,28 +76,42 @@ def rss_kib(pid):
     return 0
 
 
-#: --base: what the two sides run on, as the table's column titles say.
+#: --base: what the sides run on, as the table's column titles say
+#: (plain, tidecache, tidecache with shared state), and the base's name.
 BASES = {
-    "zeo": ("plain ZODB", "ZODB + tidecache", "ZEO"),
-    "relstorage-sqlite": ("RelStorage", "RS + tidecache", "RelStorage/SQLite"),
-    "relstorage-postgresql": ("RelStorage", "RS + tidecache", "RelStorage/PostgreSQL"),
+    "zeo": ("plain ZODB", "ZODB + tidecache", "+ shared state", "ZEO"),
+    "relstorage-sqlite": ("RelStorage", "RS + tidecache", "+ shared state", "RelStorage/SQLite"),
+    "relstorage-postgresql": ("RelStorage", "RS + tidecache", "+ shared state", "RelStorage/PostgreSQL"),
 }
+SIDES = ("plain", "tidecache", "shared")
+
+
+def shared_state_available():
+    """Whether this tree has shared state (issue 10: ``tidecache.DB``)."""
+    try:
+        import tidecache
+        import tidecache.shared  # noqa: F401
+    except ImportError:
+        return False
+    return hasattr(tidecache, "DB")
 
 
 def run(mode, zeo, sidecar, words_path, tmp, seconds):
     """One run: WORKERS readers and one writer for ``seconds``; returns the
-    readers' and the writer's result documents. ``zeo``: the ZEO socket or
-    ``zconfig:PATH``; ``sidecar``: None (plain), or anything with a
-    ``socket``."""
+    readers' and the writer's result documents. ``mode``: a side of
+    :data:`SIDES` (``shared``: the workers' ``DB`` has shared state);
+    ``zeo``: the ZEO socket or ``zconfig:PATH``; ``sidecar``: None (plain),
+    or anything with a ``socket``."""
     sock = sidecar.socket if sidecar else "none"
+    flags = ["shared"] if mode == "shared" else []
     procs = []
     for i in range(WORKERS):
         out = os.path.join(tmp, "%s-reader-%d.json" % (mode, i))
         procs.append((out, subprocess.Popen([sys.executable, str(HERE / "workload.py"), "reader", zeo, sock,
-                                             str(seconds), words_path, out, str(i + 1)], cwd=HERE)))
+                                             str(seconds), words_path, out, str(i + 1)] + flags, cwd=HERE)))
     out = os.path.join(tmp, "%s-writer.json" % mode)
     procs.append((out, subprocess.Popen([sys.executable, str(HERE / "workload.py"), "writer", zeo, sock,
-                                         str(seconds), words_path, out, "99"], cwd=HERE)))
+                                         str(seconds), words_path, out, "99"] + flags, cwd=HERE)))
     for _, p in procs:
         if p.wait() != 0:
             raise SystemExit("a %s worker failed with exit code %d" % (mode, p.returncode))
@@ -131,6 +151,22 @@ def summarize(mode, rounds, sidecar_stats):
         "failures": [f for r in readers for f in r["failures"]],
         "commits": sum(w["commits"] for w in writers),
     }
+    # Each reader's memory when its run ended: the mean per reader process.
+    mem = [r["memory_kib"] for r in readers if r.get("memory_kib")]
+    for key, name in (("VmRSS", "reader_rss_kib"), ("RssAnon", "reader_anon_kib"), ("VmHWM", "reader_hwm_kib")):
+        values = [m[key] for m in mem if key in m]
+        row[name] = sum(values) / len(values) if values else None
+    shared = [r["shared_state"] for r in readers if r.get("shared_state")]
+    if shared:
+        row["shared_state"] = {k: sum(s.get(k, 0) for s in shared)
+                               for k in ("hits", "misses", "decoded", "stores", "refused", "fallbacks")}
+        row["shared_state"]["bytes_mean"] = sum(s.get("bytes", 0) for s in shared) / len(shared)
+        row["shared_state"]["entries_mean"] = sum(s.get("entries", 0) for s in shared) / len(shared)
+        row["shared_state"]["fallback_reasons"] = {
+            k: sum(s.get(k, 0) for s in shared)
+            for k in sorted({k for s in shared for k in s if k.startswith("fallback_")})}
+        looked_up = row["shared_state"]["hits"] + row["shared_state"]["misses"]
+        row["template_hit_ratio"] = row["shared_state"]["hits"] / looked_up if looked_up else None
     if sidecar_stats:
         row["sidecar_entries"] = max(s["entries"] for s in sidecar_stats)
         row["sidecar_bytes"] = max(s["bytes"] for s in sidecar_stats)
@@ -145,8 +181,8 @@ class _SidecarOf:
         self.socket = host.sidecar_socket
 
 
-def rounds_relstorage(base, t0):
-    """The RelStorage demo: ``(plain, cached)`` summaries."""
+def rounds_relstorage(base, t0, sides):
+    """The RelStorage demo: ``{side: summary}`` for ``sides``."""
     backend = base.split("-", 1)[1]
     host = RelStorageHost(backend, databases=("demo",), prefix="tidecache-demo-rs-")
     tmp = host.dir
@@ -166,26 +202,34 @@ def rounds_relstorage(base, t0):
         print("corpus: %d modules, %d sections, %d indexed words (%.0f s)"
               % (len(modules), n_sections, n_words, time.time() - t0))
         confs = {}
-        for mode, cached in (("plain", False), ("tidecache", True)):
+        for mode in sides:
+            text = host.storage_zconfig("demo", tidecache=mode != "plain")
+            if mode == "shared":  # the same <tidecache> section, with shared state
+                head, tail = text.split("<tidecache>\n", 1)
+                text = head + "<tidecache>\n  shared-state on\n" + tail
             confs[mode] = os.path.join(tmp, "%s.conf" % mode)
             with open(confs[mode], "w") as f:
-                f.write(host.storage_zconfig("demo", tidecache=cached))
-        print("plain side:\n%s\ntidecache side:\n%s" % (open(confs["plain"]).read(), open(confs["tidecache"]).read()))
+                f.write(text)
+            print("%s side:\n%s" % (mode, text))
         per_round = SECONDS / ROUNDS
-        plain_rounds, cached_rounds, sidecar_stats = [], [], []
+        rounds = {mode: [] for mode in sides}
+        sidecar_stats = {mode: [] for mode in sides}
         for n in range(1, ROUNDS + 1):
-            print("round %d/%d: plain RelStorage, %d workers x 4 connections + 1 writer, %.0f s ..."
-                  % (n, ROUNDS, WORKERS, per_round))
-            plain_rounds.append(run("plain", "zconfig:" + confs["plain"], None, words_path, tmp, per_round))
-            host.restart_sidecar()
-            print("round %d/%d: RelStorage + tidecache (a new tidecached on %s), same workload ..."
-                  % (n, ROUNDS, host.sidecar_socket))
-            cached_rounds.append(run("tidecache", "zconfig:" + confs["tidecache"], _SidecarOf(host), words_path, tmp,
-                                     per_round))
-            stats = host.sidecar_stats()["total"]
-            stats["rss_kib"] = rss_kib(host.sidecar.pid)
-            sidecar_stats.append(stats)
-        return summarize("plain", plain_rounds, None), summarize("tidecache", cached_rounds, sidecar_stats)
+            for mode in sides:
+                if mode == "plain":
+                    print("round %d/%d: plain RelStorage, %d workers x 4 connections + 1 writer, %.0f s ..."
+                          % (n, ROUNDS, WORKERS, per_round))
+                    rounds[mode].append(run("plain", "zconfig:" + confs["plain"], None, words_path, tmp, per_round))
+                    continue
+                host.restart_sidecar()
+                print("round %d/%d: RelStorage + tidecache%s (a new tidecached on %s), same workload ..."
+                      % (n, ROUNDS, " with shared state" if mode == "shared" else "", host.sidecar_socket))
+                rounds[mode].append(run(mode, "zconfig:" + confs[mode], _SidecarOf(host), words_path, tmp,
+                                        per_round))
+                stats = host.sidecar_stats()["total"]
+                stats["rss_kib"] = rss_kib(host.sidecar.pid)
+                sidecar_stats[mode].append(stats)
+        return {mode: summarize(mode, rounds[mode], sidecar_stats[mode] or None) for mode in sides}
     finally:
         host.stop()
 
@@ -193,18 +237,23 @@ def rounds_relstorage(base, t0):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--base", choices=sorted(BASES), default="zeo",
-                    help="the storage under both sides (default zeo)")
+                    help="the storage under every side (default zeo)")
+    ap.add_argument("--without-shared", action="store_true",
+                    help="leave out the third side, tidecache with shared state")
     args = ap.parse_args()
     t0 = time.time()
+    sides = [s for s in SIDES if s != "shared" or (not args.without_shared and shared_state_available())]
+    if "shared" not in sides and not args.without_shared:
+        print("this tree has no shared state (tidecache.DB): the third side is left out")
     if args.base != "zeo":
-        plain, cached = rounds_relstorage(args.base, t0)
+        summaries = rounds_relstorage(args.base, t0, sides)
     else:
-        plain, cached = rounds_zeo(t0)
-    return report(args.base, plain, cached, t0)
+        summaries = rounds_zeo(t0, sides)
+    return report(args.base, summaries, t0)
 
 
-def rounds_zeo(t0):
-    """The ZEO demo: ``(plain, cached)`` summaries."""
+def rounds_zeo(t0, sides):
+    """The ZEO demo: ``{side: summary}`` for ``sides``."""
     with tempfile.TemporaryDirectory(prefix="tidecache-demo-") as tmp:
         print("tidecache demo in %s" % tmp)
         zeo = ZEOServer(tmp)
@@ -225,36 +274,42 @@ def rounds_zeo(t0):
                   % (len(modules), n_sections, n_words, time.time() - t0))
 
             per_round = SECONDS / ROUNDS
-            plain_rounds, cached_rounds, sidecar_stats = [], [], []
+            rounds = {mode: [] for mode in sides}
+            sidecar_stats = {mode: [] for mode in sides}
             for n in range(1, ROUNDS + 1):
-                print("round %d/%d: plain ZODB over ZEO, %d workers x 4 connections + 1 writer, %.0f s ..."
-                      % (n, ROUNDS, WORKERS, per_round))
-                plain_rounds.append(run("plain", zeo.address, None, words_path, tmp, per_round))
-                sidecar = Sidecar(tmp, memory_mb=256)
-                print("round %d/%d: ZODB + tidecache (a new tidecached on %s), same workload ..."
-                      % (n, ROUNDS, sidecar.socket))
-                cached_rounds.append(run("tidecache", zeo.address, sidecar, words_path, tmp, per_round))
-                stats = sidecar.stats()["total"]
-                stats["rss_kib"] = rss_kib(sidecar.proc.pid)
-                sidecar_stats.append(stats)
-                sidecar.stop()
-                sidecar = None
-            plain = summarize("plain", plain_rounds, None)
-            cached = summarize("tidecache", cached_rounds, sidecar_stats)
+                for mode in sides:
+                    if mode == "plain":
+                        print("round %d/%d: plain ZODB over ZEO, %d workers x 4 connections + 1 writer, %.0f s ..."
+                              % (n, ROUNDS, WORKERS, per_round))
+                        rounds[mode].append(run("plain", zeo.address, None, words_path, tmp, per_round))
+                        continue
+                    sidecar = Sidecar(tmp, memory_mb=256)
+                    print("round %d/%d: ZODB + tidecache%s (a new tidecached on %s), same workload ..."
+                          % (n, ROUNDS, " with shared state" if mode == "shared" else "", sidecar.socket))
+                    rounds[mode].append(run(mode, zeo.address, sidecar, words_path, tmp, per_round))
+                    stats = sidecar.stats()["total"]
+                    stats["rss_kib"] = rss_kib(sidecar.proc.pid)
+                    sidecar_stats[mode].append(stats)
+                    sidecar.stop()
+                    sidecar = None
+            summaries = {mode: summarize(mode, rounds[mode], sidecar_stats[mode] or None) for mode in sides}
         finally:
             if sidecar:
                 sidecar.stop()
             zeo.close()
-    return plain, cached
+    return summaries
 
 
-def report(base, plain, cached, t0):
+def report(base, summaries, t0):
     """Prints the table, writes the results; the exit code."""
+    plain, cached = summaries["plain"], summaries["tidecache"]
+    sides = [s for s in SIDES if s in summaries]
     rows = [
         ("requests/s", "%.0f", "requests_per_s"),
         ("requests/s by round", "%s", "requests_per_s_by_round"),
         ("loads/s (storage loads)", "%.0f", "loads_per_s"),
         ("sidecar hit ratio", "%s", "hit_ratio"),
+        ("template hit ratio", "%s", "template_hit_ratio"),
         ("RelStorage cache hit ratio", "%s", "relstorage_hit_ratio"),
         ("p50 load latency (us)", "%.1f", "p50_us"),
         ("p99 load latency (us)", "%.1f", "p99_us"),
@@ -264,39 +319,60 @@ def report(base, plain, cached, t0):
         ("sidecar revisions", "%s", "sidecar_entries"),
         ("sidecar state bytes", "%s", "sidecar_bytes"),
         ("sidecar RSS (KiB)", "%s", "sidecar_rss_kib"),
+        ("reader RSS at end (MiB)", "%.1f", "reader_rss_mib"),
+        ("reader RssAnon at end (MiB)", "%.1f", "reader_anon_mib"),
+        ("reader peak RSS (MiB)", "%.1f", "reader_hwm_mib"),
     ]
+    for r in summaries.values():
+        for key in ("rss", "anon", "hwm"):
+            v = r.get("reader_%s_kib" % key)
+            r["reader_%s_mib" % key] = None if v is None else v / 1024
     if base == "zeo":
         rows = [r for r in rows if r[2] != "relstorage_hit_ratio"]
     print()
-    print("on %s:" % BASES[base][2])
-    print("%-28s %16s %16s" % ("", BASES[base][0], BASES[base][1]))
+    if "shared" not in sides:
+        rows = [r for r in rows if r[2] != "template_hit_ratio"]
+    print("on %s:" % BASES[base][3])
+    print("%-28s" % "" + "".join("%17s" % BASES[base][SIDES.index(s)] for s in sides))
     for label, fmt, key in rows:
         cells = []
-        for r in (plain, cached):
+        for r in (summaries[s] for s in sides):
             v = r.get(key)
             if key == "failures":
                 v = len(v)
             if key == "requests_per_s_by_round":
                 v = " ".join("%.0f" % x for x in v)
-            if key in ("hit_ratio", "relstorage_hit_ratio") and v is not None:
+            if key in ("hit_ratio", "relstorage_hit_ratio", "template_hit_ratio") and v is not None:
                 cells.append("%.1f%%" % (100 * v))
             elif v is None:
                 cells.append("-")
             else:
                 cells.append(fmt % v)
-        print("%-28s %16s %16s" % (label, cells[0], cells[1]))
+        print("%-28s" % label + "".join("%17s" % c for c in cells))
+    if "shared" in summaries:
+        p_rss, s_rss = plain.get("reader_rss_kib"), summaries["shared"].get("reader_rss_kib")
+        t_rss = cached.get("reader_rss_kib")
+        if p_rss and s_rss and t_rss:
+            print("reader RSS with shared state: %.0f%% of plain's, %.0f%% of tidecache's; requests/s: %.2fx plain's"
+                  % (100 * s_rss / p_rss, 100 * s_rss / t_rss,
+                     summaries["shared"]["requests_per_s"] / plain["requests_per_s"]))
+        st = summaries["shared"].get("shared_state")
+        if st:
+            print("shared state (all readers): %d hits, %d misses, %d decoded, %d fallbacks %s"
+                  % (st["hits"], st["misses"], st["decoded"], st["fallbacks"], st["fallback_reasons"]))
     print()
     default = "demo.json" if base == "zeo" else "demo-%s.json" % base
     results = pathlib.Path(os.environ.get("DEMO_RESULTS") or ROOT / "bench-results" / default)
     results.parent.mkdir(parents=True, exist_ok=True)
     with open(results, "w") as f:
-        json.dump({"base": base, "plain": plain, "tidecache": cached, "seconds": SECONDS, "rounds": ROUNDS,
-                   "workers": WORKERS},
-                  f, indent=1)
-    if cached["failures"] or (plain["failures"] and base == "zeo"):
-        failures = plain["failures"] + cached["failures"]
-        print("CONSISTENCY CHECK FAILED: %d torn snapshots (%d plain, %d with tidecache), e.g. %s"
-              % (len(failures), len(plain["failures"]), len(cached["failures"]), failures[0]))
+        json.dump(dict({"base": base, "seconds": SECONDS, "rounds": ROUNDS, "workers": WORKERS,
+                        "sides": sides}, **summaries), f, indent=1)
+    shared = summaries.get("shared", {"failures": [], "views_checked": 0})
+    if cached["failures"] or shared["failures"] or (plain["failures"] and base == "zeo"):
+        failures = plain["failures"] + cached["failures"] + shared["failures"]
+        print("CONSISTENCY CHECK FAILED: %d torn snapshots (%d plain, %d with tidecache, %d with shared state), e.g. %s"
+              % (len(failures), len(plain["failures"]), len(cached["failures"]), len(shared["failures"]),
+                 failures[0]))
         return 1
     if plain["failures"]:
         # Plain RelStorage 4.3 with its process-local cache has shown torn
@@ -306,12 +382,15 @@ def report(base, plain, cached, t0):
         print("PLAIN RELSTORAGE'S OWN CONSISTENCY CHECK FAILED: %d torn snapshots without tidecache, e.g. %s"
               % (len(plain["failures"]), plain["failures"][0]))
         print("consistency with tidecache: every one of %d section views saw its document's checksum match "
-              "its sections" % cached["views_checked"])
+              "its sections" % (cached["views_checked"] + shared["views_checked"]))
     else:
         print("consistency: every one of %d section views saw its document's checksum match its sections"
-              % (plain["views_checked"] + cached["views_checked"]))
+              % (plain["views_checked"] + cached["views_checked"] + shared["views_checked"]))
     if not cached["hit_ratio"]:
         print("CHECK FAILED: the tidecache run never hit the sidecar")
+        return 1
+    if "shared" in summaries and not summaries["shared"].get("template_hit_ratio"):
+        print("CHECK FAILED: the shared-state run never activated an object from a template")
         return 1
     print("figures written to %s (%.0f s in all)" % (results, time.time() - t0))
     return 0

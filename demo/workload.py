@@ -2,11 +2,18 @@
 connection per request, serving searches and section views; or the writer,
 which edits sections and reindexes them. Writes a JSON result file.
 
-    workload.py reader|writer BASE SIDECAR_SOCKET|none SECONDS WORDS.json OUT.json [SEED]
+    workload.py reader|writer BASE SIDECAR_SOCKET|none SECONDS WORDS.json OUT.json [SEED [shared]]
 
 BASE is the ZEO server's socket, or ``zconfig:PATH``: a ZConfig file with
-one storage section (RelStorage, plain or inside ``<tidecache>``; then
-SIDECAR_SOCKET only says which of the two it is, for the figures).
+one storage section (RelStorage, plain or inside ``<tidecache>``, with or
+without ``shared-state on``; then SIDECAR_SOCKET only says which it is, for
+the figures). ``shared`` (ZEO): the database is
+``tidecache.DB(..., shared_state=True)`` (issue 10), the connections of the
+process activating from one template per revision.
+
+The result holds the process's memory when the run ends (``VmRSS``,
+``RssAnon`` and the peak ``VmHWM`` of ``/proc/self/status``, KiB) and,
+with shared state, ``tidecache.shared.stats``.
 """
 
 import bisect
@@ -35,9 +42,11 @@ latencies = []
 loads = itertools.count()
 
 
-def timed(cls):
-    """Times ``cls.load`` (the storage load of a connection), microseconds."""
-    inner = cls.__dict__["load"]
+def timed(cls, name="load"):
+    """Times ``cls.<name>`` (the storage load of a connection), microseconds.
+    tidecache's instances: ``_tc_load_revision``, what ``load`` calls and
+    what shared state calls on a template miss (it never calls ``load``)."""
+    inner = cls.__dict__[name]
 
     def load(self, oid):
         t = time.perf_counter()
@@ -47,19 +56,22 @@ def timed(cls):
             latencies.append((time.perf_counter() - t) * 1e6)
             next(loads)
 
-    cls.load = load
+    setattr(cls, name, load)
 
 
 def timed_instances(storage):
     """Times the ``load`` of every instance ``storage`` (an IMVCCStorage
     root: RelStorage, or tidecache's wrapper of it) makes for ZODB's
     connections. RelStorage copies its methods onto each instance, so the
-    class cannot be patched: the root's ``new_instance`` wraps each one."""
+    class cannot be patched: the root's ``new_instance`` wraps each one.
+    tidecache's instances: ``_tc_load_revision`` (what ``load`` calls, and
+    shared state on a template miss)."""
     new_instance = storage.new_instance
 
     def timed_new_instance(*args, **kwargs):
         instance = new_instance(*args, **kwargs)
-        inner = instance.load
+        name = "_tc_load_revision" if hasattr(instance, "_tc_load_revision") else "load"
+        inner = getattr(instance, name)
 
         @functools.wraps(inner)
         def load(oid, *rest):
@@ -70,13 +82,24 @@ def timed_instances(storage):
                 latencies.append((time.perf_counter() - t) * 1e6)
                 next(loads)
 
-        instance.load = load
+        setattr(instance, name, load)
         return instance
 
     storage.new_instance = timed_new_instance
 
 
-def open_db(zeo, sidecar):
+def memory_kib():
+    """``VmRSS``, ``RssAnon`` and ``VmHWM`` of this process, KiB."""
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key = line.split(":", 1)[0]
+            if key in ("VmRSS", "RssAnon", "VmHWM"):
+                out[key] = int(line.split()[1])
+    return out
+
+
+def open_db(zeo, sidecar, shared=False):
     if zeo.startswith("zconfig:"):
         with open(zeo[len("zconfig:"):]) as f:
             storage = ZODB.config.storageFromString(f.read())
@@ -89,8 +112,12 @@ def open_db(zeo, sidecar):
     else:
         from tidecache import TideCacheStorage
         from tidecache.storage import TideCacheInstance
-        timed(TideCacheInstance)
+        timed(TideCacheInstance, "_tc_load_revision")
         storage = TideCacheStorage(base, socket=sidecar, database="demo")
+        if shared:
+            import tidecache
+            return storage, tidecache.DB(storage, shared_state=True, pool_size=THREADS,
+                                         cache_size=CONNECTION_CACHE)
     return storage, ZODB.DB(storage, pool_size=THREADS, cache_size=CONNECTION_CACHE)
 
 
@@ -184,7 +211,8 @@ def writer(db, deadline, pop_path, seed, out):
 def main():
     role, zeo, sidecar, seconds, pop_path, out_path = sys.argv[1:7]
     seed = int(sys.argv[7]) if len(sys.argv) > 7 else 1
-    storage, db = open_db(zeo, sidecar)
+    shared = len(sys.argv) > 8 and sys.argv[8] == "shared"
+    storage, db = open_db(zeo, sidecar, shared)
     out = {"role": role}
     deadline = time.time() + float(seconds)
     started = time.time()
@@ -197,6 +225,11 @@ def main():
     local = getattr(storage, "_cache", None)  # RelStorage's own (process-local) cache
     if zeo.startswith("zconfig:") and local is not None:
         out["relstorage_cache"] = {k: v for k, v in local.stats().items() if k in ("hits", "misses", "sets")}
+    out["memory_kib"] = memory_kib()
+    out["shared_state"] = None
+    if getattr(db, "_tc_shared", None) is not None:
+        import tidecache.shared
+        out["shared_state"] = dict(tidecache.shared.stats(db))
     db.close()
     with open(out_path, "w") as f:
         json.dump(out, f)
