@@ -10,7 +10,7 @@ DEPS := $(VENV)/.deps-installed
 LOOM_MAX_PREEMPTIONS ?= 2
 SOAK_SECONDS ?= 300
 
-.PHONY: all build demo demo-postgresql test test-rust test-loom test-python bench clean model-long soak soak-campaign test-relstorage-servers
+.PHONY: all build demo demo-postgresql test test-rust test-loom test-python bench clean model-long soak soak-campaign test-relstorage-servers dist
 
 all: build
 
@@ -23,6 +23,23 @@ $(DEPS): requirements-dev.txt
 build: $(DEPS)
 	cargo build --release -p tidecache-sidecar
 	cd adapters/python && VIRTUAL_ENV=$(VENV) $(VENV)/bin/maturin develop --release --quiet
+
+## Wheels, for installing without a compiler (docs/operations.md,
+## "Installing"): tidecache (the adapter: one wheel per CPython version, for
+## each of DIST_PYTHONS) and tidecached (the daemon alone, maturin's "bin"
+## bindings), manylinux2014 (glibc 2.17, linked by zig from the ziglang
+## package of requirements-dev.txt), into dist/.
+## adapters/python/tests/test_wheels.py installs them into a fresh venv:
+## `make dist test`. DIST_PYTHONS: every python3.9 ... python3.13 on PATH
+## that runs (the venv's python3 at least).
+DIST_PYTHONS ?= $(or $(shell for v in 3.9 3.10 3.11 3.12 3.13; do python$$v -c '' 2>/dev/null && echo python$$v; done),python3)
+dist: $(DEPS)
+	rm -f dist/tidecache-*.whl dist/tidecached-*.whl
+	cd adapters/python && PATH=$(VENV)/bin:$$PATH $(VENV)/bin/maturin build --release --quiet \
+		--zig --compatibility manylinux2014 --out $(CURDIR)/dist -i $(DIST_PYTHONS)
+	cd sidecar && PATH=$(VENV)/bin:$$PATH $(VENV)/bin/maturin build --release --quiet \
+		--zig --compatibility manylinux2014 --out $(CURDIR)/dist
+	@ls -1 dist/*.whl
 
 ## The main job: ZEO + tidecached + a ZODB application over the stdlib's
 ## sources, with and without tidecache, and with tidecache's shared state

@@ -14,8 +14,11 @@ use tidecache_sidecar::{readiness, Server, ServerConfig};
 /// holds every object revision once for all worker processes and tracks each
 /// connection's MVCC view, so a hit is always the state the connection's
 /// snapshot must see.
+///
+/// Its version (--version) is the workspace's, the same as `stats` reports
+/// and as the Python adapter's `tidecache.__version__`.
 #[derive(Parser)]
-#[command(version, about, long_about)]
+#[command(name = "tidecached", version, about, long_about)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -94,7 +97,7 @@ enum Command {
     /// Print the counters of a running tidecached (json, text or prometheus).
     ///
     /// json (the default): one JSON object on one line, the sidecar's Stats
-    /// answer plus, per database, horizon_time (ISO 8601 UTC) and
+    /// answer plus its version (as --version prints it) and, per database, horizon_time (ISO 8601 UTC) and
     /// horizon_lag_s. text: for a person, tids also as ISO times, the
     /// horizon's lag in seconds, hit ratios. prometheus: what
     /// --metrics-listen serves, less tidecache_resyncs_total and

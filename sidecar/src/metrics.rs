@@ -96,6 +96,9 @@ impl Readout {
     /// [`Format::Json`], one line with its newline.
     pub fn json(&self) -> String {
         let mut v = serde_json::to_value(&self.stats).unwrap_or_default();
+        if let Some(obj) = v.as_object_mut() {
+            obj.insert("version".into(), version(&self.stats).into());
+        }
         if let Some(dbs) = v.get_mut("databases").and_then(|d| d.as_object_mut()) {
             for (name, db) in dbs.iter_mut() {
                 let horizon = self.stats.databases.get(name).and_then(|d| d.horizon);
@@ -222,7 +225,7 @@ impl Readout {
         let s = &self.stats;
         let a = &s.arena;
         let mut e = Exposition::default();
-        let version = s.server.rsplit(' ').next().unwrap_or("");
+        let version = version(s);
         e.family(
             "tidecache_build_info",
             "gauge",
@@ -555,6 +558,13 @@ fn duration(secs: u64) -> String {
     }
 }
 
+/// The sidecar's version (the workspace's `version`, as in `tidecached
+/// --version`): the last word of [`ServerStats::server`],
+/// `"tidecached <version>"`.
+pub fn version(stats: &ServerStats) -> &str {
+    stats.server.rsplit(' ').next().unwrap_or("")
+}
+
 /// The arena's fill, percent of its size taken by records (what `check`
 /// prints).
 pub fn arena_fill(stats: &ServerStats) -> f64 {
@@ -629,6 +639,7 @@ mod tests {
         assert_eq!(v["databases"]["fs"]["resyncs"], 4);
         assert_eq!(v["databases"]["fs"]["hit_hints"], 5);
         assert_eq!(v["total"]["hits"], 3);
+        assert_eq!(v["version"], "0.1.0");
     }
 
     #[test]

@@ -491,5 +491,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("ProtocolError", py.get_type::<ProtocolError>())?;
     m.add("StaleError", py.get_type::<StaleError>())?;
     m.add("PROTOCOL_VERSION", tidecache_client::protocol::PROTOCOL_VERSION)?;
+    // The workspace's version (root Cargo.toml), the one `tidecached
+    // --version` and `stats` show; re-exported as `tidecache.__version__`.
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

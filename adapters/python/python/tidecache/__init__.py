@@ -38,6 +38,7 @@ from tidecache._native import StaleError
 from tidecache._native import TideCacheError
 from tidecache._native import Unavailable
 from tidecache._native import UnknownViewError
+from tidecache._native import __version__
 from tidecache.shared import DB
 from tidecache.storage import TideCacheStorage
 from tidecache.storage import database_key
@@ -56,5 +57,6 @@ __all__ = [
     "TideCacheStorage",
     "Unavailable",
     "UnknownViewError",
+    "__version__",
     "database_key",
 ]

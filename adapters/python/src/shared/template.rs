@@ -605,7 +605,9 @@ impl<'py> Builder<'py> {
 /// Approximate bytes of a leaf (CPython's object sizes).
 fn leaf_weight(obj: &Bound<'_, PyAny>) -> usize {
     if let Ok(s) = obj.downcast_exact::<PyString>() {
-        return 49 + s.to_str().map(str::len).unwrap_or(0);
+        // to_cow, not to_str: the limited API (abi3-py39) has no borrowed
+        // UTF-8 view before Python 3.10.
+        return 49 + s.to_cow().map(|t| t.len()).unwrap_or(0);
     }
     if let Ok(b) = obj.downcast_exact::<PyBytes>() {
         return 33 + b.as_bytes().len();
@@ -626,7 +628,7 @@ fn reference(py: Python<'_>, r: &Bound<'_, PyAny>, names: &HashMap<usize, (PyObj
         }
         // ZODB: "this happens when all bytes in the oid are < 0x80".
         let s = o.downcast_exact::<PyString>().ok()?;
-        let text = s.to_str().ok()?;
+        let text = s.to_cow().ok()?;
         text.is_ascii().then(|| PyBytes::new(py, text.as_bytes()).unbind())
     };
     if let Ok(t) = r.downcast_exact::<PyTuple>() {
