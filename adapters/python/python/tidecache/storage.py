@@ -131,18 +131,28 @@ if hasattr(os, "register_at_fork"):
 
 
 def database_key(base):
-    """The key naming ``base``'s database in the sidecar (invariant 7).
+    """The key naming ``base``'s database in the sidecar (invariant 7): a
+    readable string, the ``database`` label of the sidecar's metrics.
 
-    ZEO ``ClientStorage``: ``zeo:<address>:<storage name>``; FileStorage:
-    ``file:<absolute path>``; any other storage: ``<class>:<getName()>``,
-    with the process id for in-memory storages (``MappingStorage``,
-    ``DemoStorage``) that no other process can share. Pass ``database=`` to
-    ``TideCacheStorage`` where two spellings name one database (two
-    addresses of one ZEO server).
+    - ZEO ``ClientStorage``: ``zeo:<addresses>:<storage name>``, each
+      address a Unix socket's absolute path (``zeo:/run/zeo.sock:1``) or
+      ``host:port`` (``zeo:db.example:8100:1``, an IPv6 host in brackets:
+      ``zeo:[::1]:8100:1``), several joined with ``,`` in the order given
+      (``zeo:db1:8100,db2:8100:1``); see :func:`zeo_database_key`;
+    - FileStorage: ``file:<absolute path>`` (``file:/var/zodb/Data.fs``);
+    - any other storage: ``<class>:<getName()>``, with the process id for
+      in-memory storages (``MappingStorage``, ``DemoStorage``) that no
+      other process can share.
+
+    Pass ``database=`` to ``TideCacheStorage`` where two spellings name
+    one database (two addresses of one ZEO server). A key that changes
+    (an upgrade that spells it differently, a changed ``database``) names
+    a new database in the sidecar: its cache starts cold, it never hits
+    another key's revisions.
     """
     cls = type(base).__name__
     if hasattr(base, "_server_addr") or cls == "ClientStorage":
-        return "zeo:%s:%s" % (getattr(base, "_addr", "?"), getattr(base, "_storage", "1"))
+        return zeo_database_key(getattr(base, "_addr", None), getattr(base, "_storage", "1"))
     file_name = getattr(base, "_file_name", None)
     if file_name:
         return "file:" + os.path.abspath(file_name)
@@ -150,6 +160,45 @@ def database_key(base):
     if cls in ("MappingStorage", "DemoStorage"):
         return "%s:%s:pid %d:%x" % (cls, name, os.getpid(), id(base))
     return "%s:%s" % (cls, name)
+
+
+def _escaped(text, chars):
+    """``text`` with ``%`` and each of ``chars`` written ``%XX``: the
+    separators of a key never occur inside one of its parts."""
+    for c in "%" + chars:
+        text = text.replace(c, "%%%02X" % ord(c))
+    return text
+
+
+def zeo_database_key(addr, storage="1"):
+    """The key of ZEO storage ``storage`` at ``addr`` (as ``ClientStorage``
+    takes it or keeps it in ``_addr``: a Unix socket path, a ``(host,
+    port)`` pair, a port alone, or a list of these):
+    ``zeo:<address>[,<address>...]:<storage>``. A Unix socket's path is made
+    absolute; ``%``, ``,`` and ``:`` inside a path or the storage name, and
+    ``%`` and ``,`` inside a host, are written ``%25``, ``%2C``, ``%3A``, so
+    the storage name is what follows the last ``:`` and two keys are equal
+    only for the same addresses and storage."""
+    if addr is None:
+        addrs = []
+    elif isinstance(addr, (str, int)) or (isinstance(addr, tuple) and len(addr) == 2
+                                          and isinstance(addr[1], int)):
+        addrs = [addr]
+    else:
+        addrs = list(addr)
+    shown = []
+    for a in addrs:
+        if isinstance(a, int):
+            a = ("127.0.0.1", a)
+        if isinstance(a, str):
+            shown.append(_escaped(os.path.abspath(a), ",:"))
+        else:
+            host, port = a[0], a[1]
+            host = _escaped(str(host), ",")
+            if ":" in host:
+                host = "[%s]" % host
+            shown.append("%s:%s" % (host, port))
+    return "zeo:%s:%s" % (",".join(shown) or "?", _escaped(str(storage), ",:"))
 
 
 class _Stats:
