@@ -1,10 +1,20 @@
 """What an operator sees of the adapter (issue 11, "See whether it
-works"): readable database keys."""
+works"): readable database keys, and a ``cache_stats()`` that never waits
+for the sidecar."""
+
+import signal
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
 import ZODB
 import ZODB.FileStorage
+from persistent.mapping import PersistentMapping
 
+import tidecache.storage
+from tidecache import TideCacheStorage
 from tidecache import database_key
 from tidecache.storage import zeo_database_key
 
@@ -74,3 +84,167 @@ def test_the_key_of_a_relstorage_is_readable(tmp_path):
     finally:
         base.close()
     assert key == "relstorage:sqlite:%s" % data_dir
+
+
+# -- cache_stats() never waits for the sidecar --------------------------------------
+
+
+class RecordingClient:
+    """Stands in for a storage's native client: records on which thread
+    ``stats`` and ``wait_for_stores`` are called; ``stats`` waits (bounded)
+    for ``release`` before asking the sidecar; everything else goes to the
+    native client."""
+
+    def __init__(self, inner):
+        self._inner = inner
+        self.lock = threading.Lock()
+        self.calls = []
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self.finished = 0
+        self.release = threading.Event()
+        self.release.set()
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def wait_for_stores(self, *args):
+        with self.lock:
+            self.calls.append(("wait_for_stores", threading.current_thread()))
+        return self._inner.wait_for_stores(*args)
+
+    def stats(self):
+        with self.lock:
+            self.calls.append(("stats", threading.current_thread()))
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        try:
+            assert self.release.wait(30)
+            return self._inner.stats()
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+                self.finished += 1
+
+    def on(self, thread):
+        with self.lock:
+            return [name for name, t in self.calls if t is thread]
+
+
+def poll(condition, what, seconds=20.0):
+    """Waits, bounded, for an observable condition (a process's state)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for " + what
+        time.sleep(0.01)
+
+
+def open_db(tmp_path, socket):
+    storage = TideCacheStorage(ZODB.FileStorage.FileStorage(str(tmp_path / "Data.fs")), socket=socket)
+    recording = RecordingClient(storage._tc_client)
+    storage._tc_client = recording  # before ZODB.DB: its instances take the storage's client
+    db = ZODB.DB(storage, cache_size=0)
+    with db.transaction() as c:
+        c.root()["doc"] = PersistentMapping(x=1)
+    return storage, recording, db
+
+
+def read(db, key="doc"):
+    conn = db.open()
+    try:
+        conn.cacheMinimize()
+        return conn.root()[key]["x"]
+    finally:
+        conn.close()
+
+
+def test_cache_stats_never_asks_a_stopped_sidecar_on_the_callers_thread(tmp_path, sidecar, monkeypatch):
+    storage, recording, db = open_db(tmp_path, sidecar.socket)
+    me = threading.current_thread()
+    try:
+        assert read(db) == 1
+        storage.cache_stats()
+        assert recording.on(me) == [], "cache_stats() asked the sidecar on the caller's thread"
+        poll(lambda: storage.cache_stats()["sidecar_age_s"] is not None, "a first answer")
+        answered = storage.cache_stats()
+        assert answered["sidecar"]["entries"] >= 1
+        monkeypatch.setattr(tidecache.storage, "SIDECAR_STATS_INTERVAL", 0.0)
+        sidecar.proc.send_signal(signal.SIGSTOP)
+        try:
+            before = recording.finished
+            ages = []
+            for _ in range(20):
+                s = storage.cache_stats()
+                ages.append(s["sidecar_age_s"])
+                # The last answer, however old: the stopped sidecar cannot
+                # answer a refresh.
+                assert s["sidecar"] == answered["sidecar"]
+                assert s["hits"] >= 0 and s["database"] == storage._tc_client.database
+            assert ages == sorted(ages)
+            # Refreshes were tried, off this thread (each bounded by the
+            # client's timeout, in the background).
+            poll(lambda: recording.finished > before, "a refresh of the stopped sidecar to end")
+        finally:
+            sidecar.proc.send_signal(signal.SIGCONT)
+        assert recording.on(me) == [], "cache_stats() asked the sidecar on the caller's thread"
+        assert {name for name, _ in recording.calls} == {"stats"}
+    finally:
+        db.close()
+
+
+def test_one_refresh_at_a_time_and_close_waits_for_it(tmp_path, sidecar, monkeypatch):
+    storage, recording, db = open_db(tmp_path, sidecar.socket)
+    monkeypatch.setattr(tidecache.storage, "SIDECAR_STATS_INTERVAL", 0.0)
+    recording.release.clear()  # the first refresh's stats() waits
+    try:
+        callers = [threading.Thread(target=lambda: [storage.cache_stats() for _ in range(50)])
+                   for _ in range(4)]
+        for t in callers:
+            t.start()
+        for t in callers:
+            t.join(30)
+        poll(lambda: recording.in_flight >= 1, "the refresh to start")
+        assert len(recording.calls) == 1 and recording.most_in_flight == 1
+        assert storage.cache_stats()["sidecar"] is None  # no answer yet
+        recording.release.set()
+        poll(lambda: storage.cache_stats()["sidecar"] is not None, "the refresh's answer")
+        assert recording.most_in_flight == 1
+    finally:
+        recording.release.set()
+        db.close()
+    counters = storage.__dict__["_tc_sidecar_counters"]
+    assert counters._thread is not None and not counters._thread.is_alive()
+    assert recording.in_flight == 0
+
+
+EXITING = r"""
+import sys, ZODB, ZODB.FileStorage
+from tidecache import TideCacheStorage
+storage = TideCacheStorage(ZODB.FileStorage.FileStorage(sys.argv[1]), socket=sys.argv[2])
+storage.cache_stats()  # starts a refresh, which may answer while the interpreter finalizes
+print("exiting", flush=True)
+"""
+
+
+def test_a_process_exiting_during_a_refresh_exits_cleanly(tmp_path, sidecar):
+    """Processes that exit (without closing their storage) right after
+    ``cache_stats()`` started a refresh: the refresh is joined at exit. A
+    daemon thread that comes back from the native client while the
+    interpreter finalizes aborts it ("FATAL: exception not rethrown",
+    status -6; seen in 4 of 6 such exits without the join)."""
+    for i in range(6):
+        out = subprocess.run([sys.executable, "-c", EXITING, str(tmp_path / ("Data%d.fs" % i)), sidecar.socket],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.strip() == "exiting"
+
+
+def test_cache_stats_wait_asks_the_sidecar_now(tmp_path, sidecar):
+    storage, recording, db = open_db(tmp_path, sidecar.socket)
+    try:
+        assert read(db) == 1
+        s = storage.cache_stats(wait=True)
+        assert s["sidecar"]["entries"] >= 1 and s["sidecar_age_s"] is not None
+        assert recording.on(threading.current_thread()) == ["wait_for_stores", "stats"]
+    finally:
+        db.close()

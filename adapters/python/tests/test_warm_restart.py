@@ -40,7 +40,7 @@ def populate_and_cache(tmp_path, sidecar):
             c.root()[k] = PersistentMapping(x=0)
     for k in KEYS:
         assert read_fresh(db, k) == 0
-    assert storage.cache_stats()["sidecar"]["entries"] >= len(KEYS)
+    assert storage.cache_stats(wait=True)["sidecar"]["entries"] >= len(KEYS)
     db.close()
 
 

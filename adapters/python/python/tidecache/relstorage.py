@@ -1112,6 +1112,7 @@ class TideCacheRelStorage(_Joining):
             for worker in (self._tc_worker, self._tc_watcher):
                 if worker is not None and worker is not threading.current_thread():
                     worker.join(30.0)
+            self._tc_join_stats_refresh()
             self._tc_client.close()
             self._storage.close()
         finally:

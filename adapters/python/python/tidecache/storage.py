@@ -34,6 +34,7 @@ If the sidecar is absent, dead or slow, every lookup is a miss and the
 application runs from its base storage (invariant 8 of docs/invariants.md).
 """
 
+import atexit
 import logging
 import os
 import threading
@@ -95,6 +96,10 @@ RETRY_UNAVAILABLE = 0.25
 
 _STAT_KEYS = ("hits", "misses", "stores", "invalidations", "resyncs", "unavailable", "proofs", "flushes",
               "recoveries_exact", "recoveries_collapsed", "recoveries_resync", "reconnects_collapsed")
+
+#: ``cache_stats()`` asks the sidecar for its counters in the background
+#: at most once per this many seconds (see ``_SidecarCounters``).
+SIDECAR_STATS_INTERVAL = 1.0
 
 #: Bound on the states one commit writes through (bytes): a larger
 #: commit (a bulk import, which ZODB spools to disk through savepoints)
@@ -211,6 +216,103 @@ class _Stats:
 
     def as_dict(self):
         return {k: getattr(self, k) for k in _STAT_KEYS}
+
+
+#: ``_SidecarCounters`` that started a refresh thread, joined at exit.
+_refreshing = weakref.WeakSet()
+_exiting = False
+
+
+def _join_refreshes_at_exit():
+    """``atexit``: waits for the refresh threads of ``cache_stats`` (each
+    bounded by its client's timeout) and starts no more. A daemon thread
+    still inside the native client when the interpreter finalizes would
+    abort the process ("FATAL: exception not rethrown")."""
+    global _exiting
+    _exiting = True
+    for counters in list(_refreshing):
+        counters.join(CLOSE_JOIN_SECONDS)
+
+
+atexit.register(_join_refreshes_at_exit)
+
+
+class _SidecarCounters:
+    """The sidecar's counters of one database as a background refresh last
+    got them, for :meth:`_Joining.cache_stats`, which never asks the
+    sidecar on the caller's thread. At most one refresh runs at a time, in
+    a daemon thread of its own (``tidecache-stats``) that
+    :meth:`join` waits for (the storage's ``close`` and, at exit,
+    ``_join_refreshes_at_exit``); a refresh starts at most once per
+    ``SIDECAR_STATS_INTERVAL`` seconds."""
+
+    def __init__(self):
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._thread = None
+        self._asked_at = None
+        #: The database's counters in the last answer (``None``: no
+        #: answer yet, or the sidecar did not know the database).
+        self.answer = None
+        #: ``time.monotonic()`` of the last answer, ``None`` before one.
+        self.answered_at = None
+
+    def refresh_later(self, client, closing):
+        """Starts a refresh unless one runs, the last started less than
+        ``SIDECAR_STATS_INTERVAL`` seconds ago, or ``closing`` is set.
+        Never waits (only for this object's lock, held for a few
+        statements)."""
+        if self._pid != os.getpid():
+            # A forked child: the parent's thread is not here and its lock
+            # may have been copied held.
+            self._pid = os.getpid()
+            self._lock = threading.Lock()
+            self._thread = None
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            if closing.is_set() or _exiting:
+                return
+            if self._thread is not None and self._thread.is_alive():
+                return
+            now = time.monotonic()
+            if self._asked_at is not None and now - self._asked_at < SIDECAR_STATS_INTERVAL:
+                return
+            self._asked_at = now
+            thread = threading.Thread(target=self._refresh, args=(client,), name="tidecache-stats",
+                                      daemon=True)
+            self._thread = thread
+            _refreshing.add(self)
+            thread.start()
+        finally:
+            self._lock.release()
+
+    def _refresh(self, client):
+        try:
+            s = client.stats()
+        except TideCacheError as e:
+            logger.debug("tidecache: %s: no counters from the sidecar: %s", client.database, e)
+            return
+        except Exception:
+            logger.exception("tidecache: %s: asking the sidecar for its counters failed",
+                             client.database)
+            return
+        self.remember(s, client.database)
+
+    def remember(self, stats, database):
+        """Keeps ``database``'s part of ``stats`` (a ``Stats`` answer)."""
+        self.answer = stats["databases"].get(database)
+        self.answered_at = time.monotonic()
+
+    def join(self, timeout):
+        """Waits up to ``timeout`` seconds for a refresh in flight (call
+        after setting the storage's ``_tc_closing``: none starts then)."""
+        if self._pid != os.getpid():
+            return
+        with self._lock:
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
 
 
 class _Joining:
@@ -407,34 +509,67 @@ class _Joining:
             if self._tc_reported is not None:
                 states.start_log(self._tc_reported)
 
-    def cache_stats(self):
-        """Counters of this storage (both adapters): ``hits``, ``misses``, ``stores``,
+    def cache_stats(self, wait=False):
+        """Counters of this storage (both adapters), returned at once: the
+        sidecar is never asked on the caller's thread (unless ``wait``).
+
+        This process's own: ``hits``, ``misses``, ``stores``,
         ``invalidations`` (changes reported), ``resyncs``, ``unavailable``
-        (calls that found no sidecar, or a database not joined yet),
-        ``proofs`` (proofs of the sidecar's horizon tried), ``flushes``
-        (the database flushed at attach: a restored backup, a failed
-        proof), ``recoveries_exact``, ``recoveries_collapsed``,
-        ``recoveries_resync`` (how the sidecar's horizon, found behind the
-        storage at attach, was brought up: see ``_tc_recover``),
-        ``reconnects_collapsed`` (ZEO reconnects reported as a collapsed
-        report rather than a resync; the ``recoveries_*`` and this are 0
-        over RelStorage), ``joined`` (whether the database is joined in the sidecar),
-        ``database`` (the key), and
-        ``sidecar``: the sidecar's counters for this database, or ``None``
-        when it is unavailable."""
+        (lookups that found no sidecar to ask, or a database not joined
+        yet, and went to the base storage; and queued messages dropped
+        while the sidecar was away), ``proofs`` (proofs of the sidecar's
+        horizon tried), ``flushes`` (the database flushed at attach: a
+        restored backup, a failed proof), ``recoveries_exact``,
+        ``recoveries_collapsed``, ``recoveries_resync`` (how the sidecar's
+        horizon, found behind the storage at attach, was brought up: see
+        ``_tc_recover``), ``reconnects_collapsed`` (ZEO reconnects
+        reported as a collapsed report rather than a resync; the
+        ``recoveries_*`` and this are 0 over RelStorage), ``joined``
+        (whether the database is joined in the sidecar), ``database`` (the
+        key).
+
+        The sidecar's: ``sidecar``, its counters of this database (a dict:
+        ``entries``, ``bytes``, ``hits``, ``misses``, ``stores``, ... as
+        in ``tidecached stats``) from the last answer a background refresh
+        got, ``None`` before any answer; ``sidecar_age_s``, that answer's
+        age in seconds (``None`` without one): a sidecar that stopped
+        answering shows as a growing age. Each call starts a refresh in a
+        daemon thread unless one runs or one started less than
+        ``SIDECAR_STATS_INTERVAL`` (1 s) ago; ``close`` waits for it.
+
+        With ``wait=True`` (scripts and tests, never a request path) the
+        sidecar is asked on this thread, after this process's queued
+        stores were sent (up to 1 s, then the client's timeout), and
+        ``sidecar`` is ``None`` if it does not answer."""
         d = self._tc_stats.as_dict()
         resyncs, lost = self._tc_client.outbox_counts
         d["resyncs"] += resyncs
         d["unavailable"] += lost
         d["joined"] = self._tc_joined and self._tc_client.joined
         d["database"] = self._tc_client.database
-        try:
-            self._tc_client.wait_for_stores(1000)
-            s = self._tc_client.stats()
-            d["sidecar"] = s["databases"].get(self._tc_client.database)
-        except TideCacheError:
-            d["sidecar"] = None
+        counters = self.__dict__.get("_tc_sidecar_counters")
+        if counters is None:
+            counters = self.__dict__.setdefault("_tc_sidecar_counters", _SidecarCounters())
+        if wait:
+            try:
+                self._tc_client.wait_for_stores(1000)
+                counters.remember(self._tc_client.stats(), self._tc_client.database)
+            except TideCacheError:
+                d["sidecar"], d["sidecar_age_s"] = None, None
+                return d
+        else:
+            counters.refresh_later(self._tc_client, self._tc_closing)
+        at = counters.answered_at
+        d["sidecar"] = counters.answer if at is not None else None
+        d["sidecar_age_s"] = None if at is None else max(0.0, time.monotonic() - at)
         return d
+
+    def _tc_join_stats_refresh(self, timeout=CLOSE_JOIN_SECONDS):
+        """Waits for a background refresh of :meth:`cache_stats` (bounded
+        by the client's timeout); call with ``_tc_closing`` set."""
+        counters = self.__dict__.get("_tc_sidecar_counters")
+        if counters is not None:
+            counters.join(timeout)
 
 
 
@@ -1122,6 +1257,7 @@ class TideCacheStorage(_Joining, MVCCAdapter):
         try:
             self._tc_closing.set()
             self._tc_join_worker()
+            self._tc_join_stats_refresh()
             if not self.closed:
                 self._tc_client.close()
             MVCCAdapter.close(self)
