@@ -1,7 +1,10 @@
 """What an operator sees of the adapter (issue 11, "See whether it
-works"): readable database keys, and a ``cache_stats()`` that never waits
-for the sidecar."""
+works"): readable database keys, a ``cache_stats()`` that never waits for
+the sidecar, and the log lines of a client that falls back to its storage
+and is served again."""
 
+import logging
+import os
 import signal
 import subprocess
 import sys
@@ -248,3 +251,123 @@ def test_cache_stats_wait_asks_the_sidecar_now(tmp_path, sidecar):
         assert recording.on(threading.current_thread()) == ["wait_for_stores", "stats"]
     finally:
         db.close()
+
+
+# -- a client falling back logs once, and once when served again ---------------
+
+
+class FakeClient:
+    database = "file:/x/Data.fs"
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def monotonic(self):
+        return self.now
+
+
+def fallback_records(caplog):
+    return [(r.levelname, r.getMessage()) for r in caplog.records
+            if r.name == "tidecache" and ("fall back" in r.getMessage() or "served by" in r.getMessage())]
+
+
+def test_fallback_warnings_are_rate_limited(caplog, monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(tidecache.storage.time, "monotonic", clock.monotonic)
+    caplog.set_level(logging.INFO, logger="tidecache")
+    stats = tidecache.storage._Stats()
+    client = FakeClient()
+    for _ in range(100):
+        stats.fell_back(client, "not connected")
+    assert stats.unavailable == 100 and stats.falling_back
+    clock.now += 2.5
+    stats.served(client)
+    stats.served(client)
+    assert fallback_records(caplog) == [
+        ("WARNING", "tidecache: file:/x/Data.fs: lookups fall back to the base storage (not connected); "
+                    "the application goes on uncached until the sidecar serves it again"),
+        ("INFO", "tidecache: file:/x/Data.fs: served by the sidecar again after 2.5 s "
+                 "(100 lookups fell back to the base storage meanwhile)"),
+    ]
+    caplog.clear()
+    # Within the minute: two more runs, neither logged.
+    for _ in range(2):
+        clock.now += 10
+        stats.fell_back(client, "not connected")
+        clock.now += 1
+        stats.served(client)
+    assert fallback_records(caplog) == []
+    # A run that outlasts the minute is warned about once it has.
+    clock.now += 10
+    stats.fell_back(client, "timed out")
+    assert fallback_records(caplog) == []
+    clock.now += 30
+    stats.fell_back(client, "timed out")
+    stats.fell_back(client, "timed out")
+    assert fallback_records(caplog) == [
+        ("WARNING", "tidecache: file:/x/Data.fs: lookups fall back to the base storage (timed out); "
+                    "the application goes on uncached until the sidecar serves it again "
+                    "(2 more fallbacks since the previous warning, not logged)"),
+    ]
+    stats.served(client)
+    assert fallback_records(caplog)[-1] == (
+        "INFO", "tidecache: file:/x/Data.fs: served by the sidecar again after 30.0 s "
+                "(3 lookups fell back to the base storage meanwhile)")
+
+
+def commit_and_read(db, value):
+    with db.transaction() as c:
+        c.root()["doc"]["x"] = value
+    assert read(db) == value
+
+
+def test_a_killed_and_restarted_sidecar_logs_one_warning_and_one_info(tmp_path, sidecar, caplog):
+    caplog.set_level(logging.INFO, logger="tidecache")
+    storage, recording, db = open_db(tmp_path, sidecar.socket)
+    value = [1]
+
+    def step():
+        value[0] += 1
+        commit_and_read(db, value[0])
+
+    def until(what, condition):
+        deadline = time.monotonic() + 20
+        while not condition():
+            assert time.monotonic() < deadline, "timed out waiting for " + what
+            step()
+            time.sleep(0.01)
+
+    try:
+        assert read(db) == 1
+        caplog.clear()
+        sidecar.kill()
+        until("the fallback warning", lambda: any(level == "WARNING" for level, _ in fallback_records(caplog)))
+        assert storage.cache_stats()["falling_back"]
+        for _ in range(20):
+            step()  # falls back again: not logged again
+        sidecar.start()
+        until("the served-again line", lambda: any(level == "INFO" for level, _ in fallback_records(caplog)))
+        records = fallback_records(caplog)
+        assert [level for level, _ in records] == ["WARNING", "INFO"], records
+        assert storage._tc_client.database in records[0][1]
+        assert "lookups fall back to the base storage" in records[0][1]
+        assert "served by the sidecar again after" in records[1][1]
+        assert not storage.cache_stats()["falling_back"]
+    finally:
+        db.close()
+
+
+def test_an_absent_sidecar_at_start_is_warned_about_once(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="tidecache")
+    storage, recording, db = open_db(tmp_path, str(tmp_path / "nobody.sock"))
+    try:
+        for _ in range(5):
+            assert read(db) == 1
+        warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+        assert len(warnings) == 1 and "sidecar unavailable" in warnings[0], warnings
+        assert storage.cache_stats()["falling_back"]
+    finally:
+        db.close()
+    assert os.path.basename(storage._tc_socket) == "nobody.sock"

@@ -97,6 +97,10 @@ RETRY_UNAVAILABLE = 0.25
 _STAT_KEYS = ("hits", "misses", "stores", "invalidations", "resyncs", "unavailable", "proofs", "flushes",
               "recoveries_exact", "recoveries_collapsed", "recoveries_resync", "reconnects_collapsed")
 
+#: At most one WARNING per this many seconds per storage when its lookups
+#: start falling back to the base storage (see ``_Stats.fell_back``).
+FALLBACK_WARNING_INTERVAL = 60.0
+
 #: ``cache_stats()`` asks the sidecar for its counters in the background
 #: at most once per this many seconds (see ``_SidecarCounters``).
 SIDECAR_STATS_INTERVAL = 1.0
@@ -207,15 +211,89 @@ def zeo_database_key(addr, storage="1"):
 
 
 class _Stats:
-    """Counters of one storage; ``+=`` under the GIL is good enough for
-    statistics."""
+    """Counters of one storage (shared by its connections' instances);
+    ``+=`` under the GIL is good enough for statistics. Also whether its
+    lookups fall back to the base storage (:meth:`fell_back`,
+    :meth:`served`), for the log."""
+
+    #: Whether the last lookup fell back (read without a lock on the hot
+    #: path: :meth:`served` is called only when it is true).
+    falling_back = False
 
     def __init__(self):
         for k in _STAT_KEYS:
             setattr(self, k, 0)
+        self._fallback_lock = threading.Lock()
+        self._fallback_since = None
+        self._fallback_lookups = 0
+        self._fallback_warned = False
+        self._last_warning = None
+        self._suppressed = 0
 
     def as_dict(self):
         return {k: getattr(self, k) for k in _STAT_KEYS}
+
+    def fell_back(self, client, why):
+        """A lookup found no sidecar to ask (``Unavailable``: not connected,
+        the database not joined, a timeout) and goes to the base storage.
+        The first of a run of them logs a WARNING, at most one per
+        ``FALLBACK_WARNING_INTERVAL`` seconds per storage: a run that
+        starts sooner is counted, named in the next WARNING, and warned
+        about itself once the interval has passed if it still lasts."""
+        self.unavailable += 1
+        with self._fallback_lock:
+            now = time.monotonic()
+            if not self.falling_back:
+                self.falling_back = True
+                self._fallback_since = now
+                self._fallback_lookups = 0
+                self._fallback_warned = False
+            self._fallback_lookups += 1
+            if self._fallback_warned:
+                return
+            if self._last_warning is not None and now - self._last_warning < FALLBACK_WARNING_INTERVAL:
+                return
+            suppressed, self._suppressed = self._suppressed, 0
+            self._last_warning = now
+            self._fallback_warned = True
+        logger.warning(
+            "tidecache: %s: lookups fall back to the base storage (%s); the application goes on "
+            "uncached until the sidecar serves it again%s",
+            client.database, why,
+            "" if not suppressed else
+            " (%d more fallback%s since the previous warning, not logged)" % (
+                suppressed, "" if suppressed == 1 else "s"))
+
+    def warned_at_attach(self):
+        """The first attach found no sidecar and said so at WARNING: that
+        line starts the run of fallbacks (its lookups log no second
+        WARNING; the INFO line still ends it)."""
+        with self._fallback_lock:
+            now = time.monotonic()
+            if not self.falling_back:
+                self.falling_back = True
+                self._fallback_since = now
+                self._fallback_lookups = 0
+            self._fallback_warned = True
+            self._last_warning = now
+
+    def served(self, client):
+        """A lookup was answered by the sidecar (hit or miss) while
+        :attr:`falling_back`: one INFO line ends the run (if its WARNING
+        was logged; a run not warned about is counted for the next
+        WARNING instead)."""
+        with self._fallback_lock:
+            if not self.falling_back:
+                return
+            self.falling_back = False
+            seconds = time.monotonic() - self._fallback_since
+            lookups = self._fallback_lookups
+            if not self._fallback_warned:
+                self._suppressed += 1
+                return
+        logger.info("tidecache: %s: served by the sidecar again after %.1f s (%d lookup%s fell back "
+                    "to the base storage meanwhile)", client.database, seconds, lookups,
+                    "" if lookups == 1 else "s")
 
 
 #: ``_SidecarCounters`` that started a refresh thread, joined at exit.
@@ -422,6 +500,8 @@ class _Joining:
             # at the first attach.
             (logger.warning if wait else logger.debug)(
                 "tidecache: sidecar unavailable, running from the base storage: %s", e)
+            if wait:
+                self._tc_stats.warned_at_attach()
             self._tc_unavailable = True
             return last, False
 
@@ -525,8 +605,9 @@ class _Joining:
         ``_tc_recover``), ``reconnects_collapsed`` (ZEO reconnects
         reported as a collapsed report rather than a resync; the
         ``recoveries_*`` and this are 0 over RelStorage), ``joined``
-        (whether the database is joined in the sidecar), ``database`` (the
-        key).
+        (whether the database is joined in the sidecar), ``falling_back``
+        (whether the last lookup went to the base storage for want of a
+        sidecar), ``database`` (the key).
 
         The sidecar's: ``sidecar``, its counters of this database (a dict:
         ``entries``, ``bytes``, ``hits``, ``misses``, ``stores``, ... as
@@ -546,6 +627,7 @@ class _Joining:
         d["resyncs"] += resyncs
         d["unavailable"] += lost
         d["joined"] = self._tc_joined and self._tc_client.joined
+        d["falling_back"] = self._tc_stats.falling_back
         d["database"] = self._tc_client.database
         counters = self.__dict__.get("_tc_sidecar_counters")
         if counters is None:
@@ -1418,15 +1500,19 @@ class TideCacheInstance(MVCCAdapterInstance):
         assert self._start is not None
         view = u64(self._start) - 1
         o = u64(oid)
+        stats = self._tc_stats
         try:
             hit = self._tc_client.lookup(o, view)
-        except TideCacheError:
-            self._tc_stats.unavailable += 1
+        except TideCacheError as e:
+            stats.fell_back(self._tc_client, e)
             hit = None
+        else:
+            if stats.falling_back:
+                stats.served(self._tc_client)
         if hit is not None:
-            self._tc_stats.hits += 1
+            stats.hits += 1
             return hit[1], p64(hit[0]), None, view
-        self._tc_stats.misses += 1
+        stats.misses += 1
         r = self._storage.loadBefore(oid, self._start)
         if r is None:
             # As MVCCAdapterInstance.load: deleted, or packed away.
