@@ -9,6 +9,7 @@ that wraps any storage section (as ``zc.zlibstorage`` does)::
         # timeout-ms 50            (optional)
         # shared-state on          (optional: shared unpickled state)
         # shared-state-mb 64       (optional: its bound per process)
+        # shared-state-decode-first off  (optional: decode at a second read)
         <zeoclient>
           server /run/zeo.sock
         </zeoclient>
@@ -40,5 +41,6 @@ class TideCacheStorageFactory(BaseConfig):
             from tidecache.shared import _configure_globally
 
             storage._tc_shared_state_mb = config.shared_state_mb
+            storage._tc_shared_decode_first = config.shared_state_decode_first
             _configure_globally()
         return storage

@@ -52,20 +52,54 @@ logger = logging.getLogger("tidecache.shared")
 DEFAULT_CAPACITY_MB = 64
 
 
+#: ZODB's own ``DB.classFactory``, as this module found it.
+_ZODB_CLASS_FACTORY = vars(_ZODB_DB)["classFactory"]
+
+
 def _default_factory(db):
     """Whether ``db`` uses ZODB's own class factory (templates resolve
-    classes with it, without a connection)."""
+    classes with it, without a connection): neither the instance, nor its
+    class, nor ``ZODB.DB`` itself (patched at run time) has another."""
+    if "classFactory" in vars(db):
+        return False
     factory = getattr(type(db), "classFactory", None)
-    return factory is _ZODB_DB.classFactory and "classFactory" not in vars(db)
+    return (factory is _ZODB_CLASS_FACTORY
+            and getattr(factory, "__module__", None) == "ZODB.DB"
+            and getattr(factory, "__qualname__", None) == "DB.classFactory")
 
 
-def install(db, capacity_mb=DEFAULT_CAPACITY_MB):
+def _plain_reason(conn, db):
+    """Why every object of ``conn`` must take ZODB's own path, or
+    ``None``: a class factory of the database's own (``class_factory``),
+    or a connection class whose ``setstate`` or ``ObjectReader`` is not
+    ZODB's (``custom_connection``: they may change what a state is)."""
+    if not _default_factory(db):
+        return "class_factory"
+    from ZODB.serialize import ObjectReader
+
+    if type(conn._reader) is not ObjectReader:
+        return "custom_connection"
+    mro = type(conn).__mro__
+    after = mro[mro.index(SharedStateMixin) + 1:]
+    for klass in after:
+        if "setstate" in vars(klass):
+            if klass is not Connection:
+                return "custom_connection"
+            break
+    return None
+
+
+def install(db, capacity_mb=DEFAULT_CAPACITY_MB, decode_first=True):
     """Installs shared state on ``db`` (a ``ZODB.DB``) and returns its
     ``SharedStates``: connections opened from now on use a class mixing
     :class:`SharedStateMixin` into ``db.klass``; the template cache is
     bounded to ``capacity_mb`` MiB (estimated bytes of decoded templates)
     and, when ``db.storage`` is a tidecache storage, fed the invalidation
-    reports it sends the sidecar. Connections already in the pool (ZODB's
+    reports it sends the sidecar. With ``decode_first=False`` a
+    revision's first activation in the process is ZODB's own and only a
+    second one decodes it into a template (a decode costs more than
+    unpickling: for processes that mostly read a revision once).
+    Connections already in the pool (ZODB's
     DB opens one to create the root) are switched to the new class; they
     hold no template yet. Idempotent: a second call returns the first's
     states. Raises ``ValueError`` for a non-positive ``capacity_mb``."""
@@ -74,7 +108,7 @@ def install(db, capacity_mb=DEFAULT_CAPACITY_MB):
         return states
     if capacity_mb <= 0:
         raise ValueError("shared-state-mb must be positive, got %r" % (capacity_mb,))
-    states = SharedStates(int(capacity_mb * 1024 * 1024))
+    states = SharedStates(int(capacity_mb * 1024 * 1024), decode_first)
     share = getattr(db.storage, "_tc_share", None)
     if share is not None:
         share(states)
@@ -142,9 +176,10 @@ class SharedStateMixin:
             configured = getattr(db.storage, "_tc_shared_state_mb", None)
             if configured is None and not self._tc_always:
                 return
-            states = install(db, configured or DEFAULT_CAPACITY_MB)
+            states = install(db, configured or DEFAULT_CAPACITY_MB,
+                             getattr(db.storage, "_tc_shared_decode_first", True))
         self._tc_states = states
-        self._tc_plain = None if _default_factory(db) else "class_factory"
+        self._tc_plain = _plain_reason(self, db)
         kind = type(self._normal_storage)
         if not hasattr(kind, "_tc_shared_view"):
             self._tc_mvcc = 0
@@ -208,12 +243,14 @@ def _configure_globally():
 class DB(_ZODB_DB):
     """``ZODB.DB`` with shared state (``shared_state=True``, the default),
     its templates bounded to ``shared_state_mb`` MiB per process. With
-    ``shared_state=False`` it is exactly ``ZODB.DB``. Other arguments are
-    ``ZODB.DB``'s."""
+    ``shared_state=False`` it is exactly ``ZODB.DB``;
+    ``shared_state_decode_first`` as :func:`install`'s ``decode_first``.
+    Other arguments are ``ZODB.DB``'s."""
 
-    def __init__(self, storage, *args, shared_state=True, shared_state_mb=DEFAULT_CAPACITY_MB, **kw):
+    def __init__(self, storage, *args, shared_state=True, shared_state_mb=DEFAULT_CAPACITY_MB,
+                 shared_state_decode_first=True, **kw):
         if shared_state and shared_state_mb <= 0:
             raise ValueError("shared_state_mb must be positive, got %r" % (shared_state_mb,))
         super().__init__(storage, *args, **kw)
         if shared_state:
-            install(self, shared_state_mb)
+            install(self, shared_state_mb, shared_state_decode_first)

@@ -96,6 +96,10 @@ impl<'a, 'py> Resolver<'a, 'py> {
         Ok(match node {
             Node::Leaf(o) => o.bind(py).clone(),
             Node::Ref(r) => self.resolve(r)?,
+            Node::Global { module, name } => super::template::Globals::get(py)?
+                .find_global
+                .bind(py)
+                .call1((module.bind(py), name.bind(py)))?,
             Node::Alias(slot) => match self.memo.get(*slot as usize) {
                 Some(Some(o)) => o.bind(py).clone(),
                 _ => {

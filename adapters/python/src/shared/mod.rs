@@ -65,10 +65,22 @@ pub(crate) struct TemplateCache {
     no_view: AtomicU64,
     log_restarts: AtomicU64,
     fallbacks: [AtomicU64; Reason::ALL.len()],
+    /// Whether a revision is decoded at its first activation in the
+    /// process (else at its second: the doorkeeper).
+    decode_first: bool,
+    /// Activations that were a revision's first in this process (ZODB's
+    /// own path, not decoded).
+    first_reads: AtomicU64,
+    /// Hashes of the revisions activated once (lossy: a collision only
+    /// decodes a revision at its first activation, or at its third).
+    doorkeeper: Box<[AtomicU64]>,
     /// When reclamation last ran, milliseconds since `born`.
     reclaimed_at: AtomicU64,
     born: std::time::Instant,
 }
+
+/// Slots of the doorkeeper (8 bytes each).
+const DOORKEEPER_SLOTS: usize = 1 << 16;
 
 /// Reclamation scans every template, so it runs at most this often (ms);
 /// between runs the size bound alone limits memory.
@@ -78,7 +90,7 @@ impl TemplateCache {
     /// An empty cache bounded to `capacity_bytes` (templates' estimated
     /// bytes plus core's per-revision overhead). Its log starts at the
     /// first report, or at [`TemplateCache::start_log`].
-    pub(crate) fn new(capacity_bytes: u64) -> Self {
+    pub(crate) fn new(capacity_bytes: u64, decode_first: bool) -> Self {
         let bound = tidecache_core::SizeBound::new(capacity_bytes);
         TemplateCache {
             cache: SnapshotCache::within(&bound),
@@ -90,6 +102,9 @@ impl TemplateCache {
             no_view: AtomicU64::new(0),
             log_restarts: AtomicU64::new(0),
             fallbacks: Default::default(),
+            decode_first,
+            first_reads: AtomicU64::new(0),
+            doorkeeper: (0..DOORKEEPER_SLOTS).map(|_| AtomicU64::new(0)).collect(),
             reclaimed_at: AtomicU64::new(0),
             born: std::time::Instant::now(),
         }
@@ -170,6 +185,20 @@ impl TemplateCache {
         bump(&self.fallbacks[reason.index()]);
     }
 
+    /// Whether `(oid, serial)` was activated before in this process (its
+    /// first activation goes ZODB's way; the second decodes): records it
+    /// otherwise. The admission filter of TinyLFU's "doorkeeper", so that
+    /// revisions read once (a cold read, a read after another process's
+    /// write) never pay the decoding.
+    fn seen_before(&self, oid: u64, serial: u64) -> bool {
+        let h = (oid ^ serial.rotate_left(32))
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .rotate_left(17)
+            | 1;
+        let slot = &self.doorkeeper[(h as usize) & (DOORKEEPER_SLOTS - 1)];
+        slot.swap(h, Ordering::Relaxed) == h
+    }
+
     /// The template of exactly `(oid, serial)`, if held, and whether it is
     /// held only by serial (not yet with a validity).
     fn get_exact(&self, oid: u64, serial: u64) -> Option<(Arc<Template>, bool)> {
@@ -218,6 +247,7 @@ impl TemplateCache {
         d.set_item("hits", read(&self.hits))?;
         d.set_item("misses", read(&self.misses))?;
         d.set_item("decoded", read(&self.decoded))?;
+        d.set_item("first_reads", read(&self.first_reads))?;
         d.set_item("entries", c.entries + e.entries)?;
         d.set_item("exact_entries", e.entries)?;
         d.set_item("bytes", c.bytes + e.bytes)?;
@@ -242,9 +272,13 @@ impl TemplateCache {
     }
 }
 
-/// `SharedStates(capacity_bytes)`: the template cache of one database in
-/// this process (`tidecache.shared` makes one per `ZODB.DB`). Bounded to
-/// `capacity_bytes` (estimated bytes of the decoded templates).
+/// `SharedStates(capacity_bytes, decode_first=True)`: the template cache
+/// of one database in this process (`tidecache.shared` makes one per
+/// `ZODB.DB`). Bounded to `capacity_bytes` (estimated bytes of the decoded
+/// templates). With `decode_first=False` a revision's first activation in
+/// the process is ZODB's own and only a second one decodes it (for
+/// workloads that mostly read revisions once: a decode costs more than an
+/// unpickling).
 #[pyclass(name = "SharedStates", module = "tidecache._native", frozen)]
 pub(crate) struct PySharedStates {
     pub(crate) inner: Arc<TemplateCache>,
@@ -253,9 +287,10 @@ pub(crate) struct PySharedStates {
 #[pymethods]
 impl PySharedStates {
     #[new]
-    fn new(capacity_bytes: u64) -> Self {
+    #[pyo3(signature = (capacity_bytes, decode_first = true))]
+    fn new(capacity_bytes: u64, decode_first: bool) -> Self {
         PySharedStates {
-            inner: Arc::new(TemplateCache::new(capacity_bytes.max(1))),
+            inner: Arc::new(TemplateCache::new(capacity_bytes.max(1), decode_first)),
         }
     }
 
@@ -334,8 +369,13 @@ pub(crate) fn setstate(py: Python<'_>, conn: &Bound<'_, PyAny>, obj: &Bound<'_, 
     };
     let t = &*states.get().inner;
     bump(&t.activations);
-    if !conn.getattr(intern!(py, "_tc_plain"))?.is_none() {
-        t.fallback(Reason::ClassFactory);
+    let plain_reason = conn.getattr(intern!(py, "_tc_plain"))?;
+    if !plain_reason.is_none() {
+        t.fallback(if plain_reason.eq("class_factory")? {
+            Reason::ClassFactory
+        } else {
+            Reason::CustomConnection
+        });
         return plain();
     }
     if !conn.getattr(intern!(py, "_savepoint_storage"))?.is_none() {
@@ -345,6 +385,12 @@ pub(crate) fn setstate(py: Python<'_>, conn: &Bound<'_, PyAny>, obj: &Bound<'_, 
     // Subclass checks on the type: `isinstance` would read `__class__`
     // through the persistent object's own `__getattribute__` when false.
     let kind = obj.get_type();
+    if obj.is_instance_of::<pyo3::types::PyType>() {
+        // A persistent class (ZODB.persistentclass): its metaclass's
+        // `__setstate__` is a descriptor of its own; ZODB's path.
+        t.fallback(Reason::PersistentClass);
+        return plain();
+    }
     if kind.is_subclass(g.broken.bind(py).downcast::<pyo3::types::PyType>()?)? {
         t.fallback(Reason::Broken);
         return plain();
@@ -417,6 +463,16 @@ pub(crate) fn setstate(py: Python<'_>, conn: &Bound<'_, PyAny>, obj: &Bound<'_, 
                     }
                     tpl
                 }
+                None if !t.decode_first && !t.seen_before(oid, s) => {
+                    // Without `decode_first`, a revision's first activation
+                    // in this process is ZODB's own (decoding costs more
+                    // than unpickling): one read only is never decoded; a
+                    // second one is.
+                    bump(&t.misses);
+                    bump(&t.first_reads);
+                    return finish(py, conn, obj, &storage, &oid_bytes, s, Source::Pickle(data.clone()), t)
+                        .map(|_| true);
+                }
                 None => {
                     bump(&t.misses);
                     bump(&t.decoded);
@@ -429,38 +485,86 @@ pub(crate) fn setstate(py: Python<'_>, conn: &Bound<'_, PyAny>, obj: &Bound<'_, 
         }
     };
 
-    match &*tpl {
-        Template::Fallback { pickle, reason } => {
-            t.fallback(*reason);
+    finish(py, conn, obj, &storage, &oid_bytes, serial, Source::Template(tpl), t)?;
+    Ok(true)
+}
+
+/// What an activation builds the state from.
+enum Source<'py> {
+    /// A template (shared, or a fallback keeping its pickle).
+    Template(Arc<Template>),
+    /// The record itself, unpickled by ZODB's `ObjectReader`.
+    Pickle(Bound<'py, PyBytes>),
+}
+
+/// The state set on `obj` from `source`, then what ZODB's `setstate`
+/// does besides (`_p_serial`, sizes, `_load_count`, blobs).
+#[allow(clippy::too_many_arguments)]
+fn finish<'py>(
+    py: Python<'py>,
+    conn: &Bound<'py, PyAny>,
+    obj: &Bound<'py, PyAny>,
+    storage: &Bound<'py, PyAny>,
+    oid_bytes: &Bound<'py, PyAny>,
+    serial: u64,
+    source: Source<'py>,
+    t: &TemplateCache,
+) -> PyResult<()> {
+    let g = Globals::get(py)?;
+    let kind = obj.get_type();
+    let size = match &source {
+        Source::Template(tpl) => tpl.size(py),
+        Source::Pickle(p) => p.as_bytes().len(),
+    };
+    let tpl = match source {
+        Source::Pickle(p) => {
             conn.getattr(intern!(py, "_reader"))?
-                .call_method1(intern!(py, "setGhostState"), (obj, pickle.bind(py)))?;
+                .call_method1(intern!(py, "setGhostState"), (obj, p))?;
+            None
         }
-        Template::Shared {
-            root, slots, aliased, ..
-        } => {
-            // The class's `__setstate__`, called unbound: no lookup through
-            // the persistent object's own `__getattribute__`.
-            let method = kind.getattr(intern!(py, "__setstate__"))?;
-            let default = method.is(g.persistent_setstate.bind(py)) && !UNSAFE_SHARE.load(Ordering::Relaxed);
-            let mut r = Resolver::new(py, conn, *slots, *aliased);
-            let state = r.state(root, default)?;
-            method.call1((obj, state))?;
+        Source::Template(tpl) => Some(tpl),
+    };
+    if let Some(tpl) = tpl {
+        match &*tpl {
+            Template::Fallback { pickle, reason } => {
+                t.fallback(*reason);
+                conn.getattr(intern!(py, "_reader"))?
+                    .call_method1(intern!(py, "setGhostState"), (obj, pickle.bind(py)))?;
+            }
+            Template::Shared {
+                root, slots, aliased, ..
+            } => {
+                // The class's `__setstate__`, called unbound when it is a
+                // plain function or a C method (no lookup through the
+                // persistent object's own `__getattribute__`); any other
+                // descriptor is bound through the object, as Python would.
+                let method = kind.getattr(intern!(py, "__setstate__"))?;
+                let default = method.is(g.persistent_setstate.bind(py)) && !UNSAFE_SHARE.load(Ordering::Relaxed);
+                let mut r = Resolver::new(py, conn, *slots, *aliased);
+                let state = r.state(root, default)?;
+                let unbound = method.is_instance_of::<pyo3::types::PyFunction>()
+                    || method.get_type().is(&g.persistent_setstate.bind(py).get_type());
+                if unbound {
+                    method.call1((obj, state))?;
+                } else {
+                    obj.call_method1(intern!(py, "__setstate__"), (state,))?;
+                }
+            }
         }
     }
     let serial_bytes = PyBytes::new(py, &serial.to_be_bytes());
     obj.setattr(intern!(py, "_p_serial"), &serial_bytes)?;
-    let size = tpl.size(py);
     conn.getattr(intern!(py, "_cache"))?
-        .call_method1(intern!(py, "update_object_size_estimation"), (&oid_bytes, size))?;
+        .call_method1(intern!(py, "update_object_size_estimation"), (oid_bytes, size))?;
     obj.setattr(intern!(py, "_p_estimated_size"), size)?;
     let count: u64 = conn.getattr(intern!(py, "_load_count"))?.extract()?;
     conn.setattr(intern!(py, "_load_count"), count + 1)?;
     if kind.is_subclass(g.blob.bind(py).downcast::<pyo3::types::PyType>()?)? {
         obj.setattr(intern!(py, "_p_blob_uncommitted"), py.None())?;
-        let committed = storage.call_method1(intern!(py, "loadBlob"), (&oid_bytes, &serial_bytes))?;
+        let committed = storage.call_method1(intern!(py, "loadBlob"), (oid_bytes, &serial_bytes))?;
         obj.setattr(intern!(py, "_p_blob_committed"), committed)?;
     }
-    Ok(true)
+    Ok(())
 }
 
 /// Test switch (`tidecache._native._unsafe_share_containers(flag)`): with

@@ -12,8 +12,9 @@
 //!
 //! - **leaves**, immutable and shared by every activation: `str`, `bytes`,
 //!   `int`, `float`, `complex`, `bool`, `None`, datetime values, `Decimal`,
-//!   `UUID`, classes and functions (globals: the very objects ZODB's
-//!   unpickler would return), and tuples and frozensets made only of leaves;
+//!   `UUID`, and tuples and frozensets made only of leaves;
+//! - **globals** (classes, functions the record names), looked up with the
+//!   class factory at every activation as ZODB's unpickling does;
 //! - **containers**, copied at every activation: `list`, `dict`, `set`,
 //!   `bytearray`, and tuples or frozensets holding containers or
 //!   references; the same container twice in a state is one [`Node::Alias`]
@@ -52,18 +53,23 @@ pub(crate) enum Reason {
     ClassFactory,
     /// The object's class is Broken, or the state names a missing class.
     Broken,
-    /// The class pickle holds a persistent reference (a persistent class).
+    /// The connection class has a `setstate` or an `ObjectReader` of its
+    /// own.
+    CustomConnection,
+    /// The class pickle holds a persistent reference, or the object is
+    /// itself a persistent class.
     PersistentClass,
 }
 
 impl Reason {
     /// Every reason, in the order of [`Reason::name`].
-    pub(crate) const ALL: [Reason; 6] = [
+    pub(crate) const ALL: [Reason; 7] = [
         Reason::Savepoint,
         Reason::UnknownType,
         Reason::DecodeError,
         Reason::ClassFactory,
         Reason::Broken,
+        Reason::CustomConnection,
         Reason::PersistentClass,
     ];
 
@@ -75,6 +81,7 @@ impl Reason {
             Reason::DecodeError => "decode_error",
             Reason::ClassFactory => "class_factory",
             Reason::Broken => "broken",
+            Reason::CustomConnection => "custom_connection",
             Reason::PersistentClass => "persistent_class",
         }
     }
@@ -130,6 +137,10 @@ pub(crate) enum Node {
     ByteArray { slot: u32, proto: Py<PyByteArray> },
     /// A persistent reference.
     Ref(Ref),
+    /// A global (a class, a function) as the record names it: looked up
+    /// with ZODB's class factory at every activation, as ZODB's unpickling
+    /// does, so a class replaced or gone since the decoding is seen.
+    Global { module: PyObject, name: PyObject },
     /// The container of `slot`, met again (aliasing, or a cycle).
     Alias(u32),
 }
@@ -326,6 +337,7 @@ pub(crate) fn decode(py: Python<'_>, pickle: &Bound<'_, PyBytes>) -> Template {
         names,
         seen: HashMap::new(),
         building_tuples: Vec::new(),
+        leaf_tuples: HashMap::new(),
         slots: 0,
         aliased: false,
         weight: 0,
@@ -351,6 +363,9 @@ struct Builder<'py> {
     seen: HashMap<usize, u32>,
     /// Tuples being built (a tuple met inside itself cannot be rebuilt).
     building_tuples: Vec<usize>,
+    /// Whether each tuple or frozenset met is a leaf, by address: a state
+    /// that shares sub-tuples (a DAG) is classified in linear time.
+    leaf_tuples: HashMap<usize, bool>,
     slots: u32,
     aliased: bool,
     weight: usize,
@@ -382,33 +397,51 @@ impl<'py> Builder<'py> {
             self.weight += leaf_weight(obj);
             return Ok(true);
         }
-        if let Ok(t) = obj.downcast_exact::<PyTuple>() {
-            for item in t.iter() {
-                if !self.is_leaf(&item, depth + 1)? {
-                    return Ok(false);
-                }
+        let tuple = obj.downcast_exact::<PyTuple>().ok();
+        let frozen = obj.downcast_exact::<PyFrozenSet>().ok();
+        if tuple.is_some() || frozen.is_some() {
+            let addr = obj.as_ptr() as usize;
+            if let Some(&known) = self.leaf_tuples.get(&addr) {
+                return Ok(known);
             }
-            self.weight += 40 + 8 * t.len();
-            return Ok(true);
+            let mut leaf = true;
+            if let Some(t) = tuple {
+                for item in t.iter() {
+                    if !self.is_leaf(&item, depth + 1)? {
+                        leaf = false;
+                        break;
+                    }
+                }
+                self.weight += 40 + 8 * t.len();
+            } else if let Some(f) = frozen {
+                for item in f.iter() {
+                    if !self.is_leaf(&item, depth + 1)? {
+                        leaf = false;
+                        break;
+                    }
+                }
+                self.weight += 200 + 16 * f.len();
+            }
+            self.leaf_tuples.insert(addr, leaf);
+            return Ok(leaf);
         }
-        if let Ok(f) = obj.downcast_exact::<PyFrozenSet>() {
-            for item in f.iter() {
-                if !self.is_leaf(&item, depth + 1)? {
-                    return Ok(false);
-                }
-            }
-            self.weight += 200 + 16 * f.len();
-            return Ok(true);
+        if self.names.contains_key(&(obj.as_ptr() as usize)) {
+            return Ok(false); // a global: `Node::Global`, looked up again each time
         }
         if obj.is_instance_of::<PyType>() {
-            return Ok(true); // a global: the object ZODB's unpickler returns too
+            return Ok(true); // a type not named by the record (a builtin's)
         }
         let Ok(g) = Globals::get(py) else {
             return Err(Reason::DecodeError);
         };
         let ty = obj.get_type();
         if g.function_types.iter().any(|t| ty.is(t.bind(py))) {
-            return Ok(true);
+            // A function, or a builtin bound to a module; a builtin method
+            // bound to an object (`some_list.append`) shares that object.
+            return Ok(match obj.getattr("__self__") {
+                Ok(owner) => owner.is_none() || owner.is_instance_of::<pyo3::types::PyModule>(),
+                Err(_) => true,
+            });
         }
         if g.leaf_types.iter().any(|t| ty.is(t.bind(py))) {
             self.weight += 48;
@@ -428,6 +461,12 @@ impl<'py> Builder<'py> {
             }
             self.aliased = true;
             return Ok(Node::Alias(slot));
+        }
+        if let Some((module, name)) = self.names.get(&(obj.as_ptr() as usize)) {
+            return Ok(Node::Global {
+                module: module.clone_ref(self.py),
+                name: name.clone_ref(self.py),
+            });
         }
         if self.is_leaf(obj, depth)? {
             return Ok(Node::Leaf(obj.clone().unbind()));
@@ -449,6 +488,11 @@ impl<'py> Builder<'py> {
                 items.push(n);
             }
             self.weight += 56 + 8 * l.len();
+            if all_leaves {
+                // Copied from the prototype: the nodes are not kept.
+                self.weight -= items.len() * std::mem::size_of::<Node>();
+                items.clear();
+            }
             return Ok(Node::List {
                 slot,
                 items: items.into_boxed_slice(),
@@ -466,6 +510,10 @@ impl<'py> Builder<'py> {
                 items.push((kn, vn));
             }
             self.weight += 64 + 40 * d.len();
+            if all_leaves {
+                self.weight -= 2 * items.len() * std::mem::size_of::<Node>();
+                items.clear();
+            }
             return Ok(Node::Dict {
                 slot,
                 items: items.into_boxed_slice(),
