@@ -124,7 +124,7 @@ def test_hits_are_the_views_states_across_processes_commits(sidecar, data_dir, k
         assert b.storage.cache_stats()["hits"] > 0
         # A fresh connection in b hits what b stored.
         b.pool.clear()
-        before = b.storage.cache_stats()["hits"]
+        before = b.storage.cache_stats(wait=True)["hits"]
         with b.transaction() as conn:
             assert conn.root()["x"]["v"] == 5
             assert conn.root()["y"]["v"] == 1
@@ -261,7 +261,7 @@ def test_prefetch_is_served_by_lookup_many(sidecar, data_dir, keep_history):
             conn.prefetch(objs)
             assert [o["v"] for o in objs] == list(range(20))
         db.pool.clear()
-        hits = db.storage.cache_stats()["hits"]
+        hits = db.storage.cache_stats(wait=True)["hits"]
         with db.transaction() as conn:
             objs = [conn.root()["k%d" % i] for i in range(20)]
             conn.prefetch(objs)
@@ -400,7 +400,7 @@ def test_zconfig_tidecache_wraps_relstorage(sidecar, data_dir, keep_history):
         with db.transaction() as conn:
             assert conn.root()["x"]["v"] == 1
         db.pool.clear()
-        hits = db.storage.cache_stats()["hits"]
+        hits = db.storage.cache_stats(wait=True)["hits"]
         with db.transaction() as conn:
             assert conn.root()["x"]["v"] == 1
         assert db.storage.cache_stats()["hits"] > hits

@@ -79,7 +79,7 @@ def test_a_connection_changes_its_own_copy_never_the_shared_state(tmp_path, side
     c1, c2 = db.open(tm1), db.open(tm2)
     c1.cacheMinimize()
     c2.cacheMinimize()
-    hits = storage.cache_stats()["hits"]
+    hits = storage.cache_stats(wait=True)["hits"]
     d1, d2 = c1.root()["doc"], c2.root()["doc"]
     assert d1["items"] == d2["items"] == [1, 2]
     assert storage.cache_stats()["hits"] > hits, "both read the cached revision"
@@ -136,7 +136,7 @@ def test_a_dead_sidecar_degrades_to_misses_and_a_restarted_one_is_used_again(tmp
         with db.transaction() as c:
             c.root()["doc"]["x"] += 1
         value = read_fresh(db)
-        hits = storage.cache_stats()["hits"]
+        hits = storage.cache_stats(wait=True)["hits"]
         assert value == read_fresh(db)
         s = storage.cache_stats(wait=True)
         if s["hits"] > hits and s["sidecar"] is not None:
