@@ -124,7 +124,7 @@ def test_hits_are_the_views_states_across_processes_commits(sidecar, data_dir, k
         assert b.storage.cache_stats()["hits"] > 0
         # A fresh connection in b hits what b stored.
         b.pool.clear()
-        before = b.storage.cache_stats()["hits"]
+        before = b.storage.cache_stats(wait=True)["hits"]
         with b.transaction() as conn:
             assert conn.root()["x"]["v"] == 5
             assert conn.root()["y"]["v"] == 1
@@ -198,7 +198,7 @@ def test_own_commits_are_written_through_after_their_report(sidecar, data_dir, k
         # a's next poll reports the commit and releases its write-through.
         with a.transaction() as conn:
             conn.root()
-        a.storage.cache_stats()  # waits for the stores
+        a.storage.cache_stats(wait=True)  # waits for the stores
         stats = b.storage.cache_stats()
         hits = stats["hits"]
         with b.transaction() as conn:
@@ -261,7 +261,7 @@ def test_prefetch_is_served_by_lookup_many(sidecar, data_dir, keep_history):
             conn.prefetch(objs)
             assert [o["v"] for o in objs] == list(range(20))
         db.pool.clear()
-        hits = db.storage.cache_stats()["hits"]
+        hits = db.storage.cache_stats(wait=True)["hits"]
         with db.transaction() as conn:
             objs = [conn.root()["k%d" % i] for i in range(20)]
             conn.prefetch(objs)
@@ -400,7 +400,7 @@ def test_zconfig_tidecache_wraps_relstorage(sidecar, data_dir, keep_history):
         with db.transaction() as conn:
             assert conn.root()["x"]["v"] == 1
         db.pool.clear()
-        hits = db.storage.cache_stats()["hits"]
+        hits = db.storage.cache_stats(wait=True)["hits"]
         with db.transaction() as conn:
             assert conn.root()["x"]["v"] == 1
         assert db.storage.cache_stats()["hits"] > hits
@@ -653,7 +653,7 @@ def test_deleted_objects_are_not_served(sidecar, data_dir):
         inst.release()
         # The deleting commit is reported at once (no row shows its tid):
         # the sidecar holds the revision no more at views from its tid on.
-        a.storage.cache_stats()
+        a.storage.cache_stats(wait=True)
         assert a.storage._tc_reported >= u64(a.storage._storage.lastTransaction())
         # Views move past the deletion with the next commit that leaves a
         # row (a history-free poll sees rows only): nobody is served the
@@ -711,7 +711,7 @@ def test_own_commit_is_reported_exactly_in_a_history_free_database(sidecar, data
         inst.release()
         wait_for_horizon(writer.storage, u64(writer.storage.new_instance().lastTransaction()))
         assert root["x"]["v"] == 1  # a miss at the old view: stored closed at T
-        reader.storage.cache_stats()  # the store is applied
+        reader.storage.cache_stats(wait=True)  # the store is applied
         hit = reader.storage._tc_client.lookup(u64(x_oid), view)
         assert hit is not None, "the previous revision of x is not served at the older view"
         old.cacheMinimize()

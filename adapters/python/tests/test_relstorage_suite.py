@@ -93,7 +93,7 @@ def test_delete_object_is_not_served(sidecar, tmp_path):
         conn = db.open()
         storage = conn._storage
         _state, tid = storage.load(z64)
-        assert db.storage.cache_stats()["stores"] >= 1  # waits for the store
+        assert db.storage.cache_stats(wait=True)["stores"] >= 1  # waits for the store
         t = TransactionMetaData()
         storage.tpc_begin(t)
         assert storage.deleteObject(z64, tid, t) == 1

@@ -69,8 +69,8 @@ def test_a_restored_history_free_backup_is_not_proved_by_old_sampled_revisions(s
         b = wrapped(data_dir, False, sidecar)
         for k in ("k1", "k2", "k3"):
             assert read(b, k) == 0
-        a.storage.cache_stats()  # waits for the stores
-        b.storage.cache_stats()
+        a.storage.cache_stats(wait=True)  # waits for the stores
+        b.storage.cache_stats(wait=True)
         a.close()
         b.close()
         # The backup restored; a plain script commits past the horizon.
@@ -123,7 +123,7 @@ def test_an_object_deleted_through_the_wrapper_is_not_served(sidecar, data_dir):
         inst.tpc_finish(txn)
         inst.release()
         commit(db, x=2)  # polls, reports
-        db.storage.cache_stats()
+        db.storage.cache_stats(wait=True)
         plain = open_relstorage(data_dir, False)
         try:
             pi = plain.new_instance()
@@ -172,7 +172,7 @@ def test_a_process_rejoins_after_another_process_flushed(sidecar, data_dir):
             time.sleep(0.02)
         assert a.storage.cache_stats()["joined"], "a never joined again after b's flush"
         assert read(a, "x") == 2 and read(a, "y") == 1  # stores, once joined
-        before = a.storage.cache_stats()["hits"]  # (waits for those stores)
+        before = a.storage.cache_stats(wait=True)["hits"]  # (waits for those stores)
         for _ in range(3):
             assert read(a, "x") == 2 and read(a, "y") == 1
         assert a.storage.cache_stats()["hits"] > before
@@ -244,7 +244,7 @@ def test_a_wrapper_between_tidecache_and_relstorage_is_refused(sidecar, data_dir
                 k = conn.root()["k"]
                 conn.prefetch([k])
                 assert k["v"] == "x" * 500
-            db.storage.base.cache_stats()  # waits for the stores
+            db.storage.base.cache_stats(wait=True)  # waits for the stores
         assert db.storage.base.cache_stats()["hits"] > 0
     finally:
         db.close()
@@ -360,7 +360,7 @@ def test_zeo_processes_rejoin_after_a_pack_through_one_of_them(sidecar, zeo_serv
         assert b.storage._tc_client.attached, "the packing process never joined again"
         assert a.storage._tc_client.attached, "the other process never joined again"
         assert zread(a, "x") == 2 and zread(a, "y") == 1  # stores, once joined
-        before = a.storage.cache_stats()["hits"]  # (waits for those stores)
+        before = a.storage.cache_stats(wait=True)["hits"]  # (waits for those stores)
         for _ in range(3):
             assert zread(a, "x") == 2 and zread(a, "y") == 1
         assert a.storage.cache_stats()["hits"] > before

@@ -55,16 +55,16 @@ def test_the_watcher_does_not_flush_after_an_own_deleting_commit(sidecar, data_d
         inst.tpc_vote(txn)
         tid = inst.tpc_finish(txn)
         inst.release()
-        db.storage.cache_stats()
+        db.storage.cache_stats(wait=True)
         from ZODB.utils import u64
 
         # The deletion waits (no row shows its tid, so the horizon is not
         # moved past the database's newest row) until a report passes it.
         assert db.storage._tc_reported < u64(tid)
         assert [t for t, _ in db.storage._tc_deleted] == [u64(tid)]
-        flushes = db.storage.cache_stats()["flushes"]
+        flushes = db.storage.cache_stats(wait=True)["flushes"]
         left = db.storage._tc_watch_once()
-        assert not left and db.storage.cache_stats()["flushes"] == flushes
+        assert not left and db.storage.cache_stats(wait=True)["flushes"] == flushes
     finally:
         db.close()
 
@@ -139,9 +139,9 @@ def test_a_new_worker_does_not_flush_after_a_deleting_commit(sidecar, data_dir):
         inst.tpc_vote(txn)
         inst.tpc_finish(txn)
         inst.release()
-        a.storage.cache_stats()  # the reports are applied
+        a.storage.cache_stats(wait=True)  # the reports are applied
         b = wrapped(data_dir, False, sidecar)
-        assert b.storage.cache_stats()["flushes"] == 0
+        assert b.storage.cache_stats(wait=True)["flushes"] == 0
     finally:
         a.close()
         if b is not None:
@@ -181,17 +181,17 @@ def test_a_deleted_object_is_not_served_after_the_watchers_flush(sidecar, data_d
         inst.tpc_vote(txn)
         inst.tpc_finish(txn)
         inst.release()
-        a.storage.cache_stats()
+        a.storage.cache_stats(wait=True)
         a.storage._tc_watch_once()  # the watcher's check (every second): flush, forget
         with a.storage._tc_join_lock:  # joined again (the watcher or a poll starts it)
             if not a.storage._tc_joined:
                 a.storage._tc_join(wait=True)
         assert a.storage._tc_joined
         assert old.load(oid)[0]  # the old snapshot's state of g, stored open
-        a.storage.cache_stats()
+        a.storage.cache_stats(wait=True)
         old.release()
         commit(a, keep=2)  # another object; reported
-        a.storage.cache_stats()
+        a.storage.cache_stats(wait=True)
         plain = open_relstorage(data_dir, False)  # the truth: g is gone
         try:
             pi = plain.new_instance()
@@ -278,13 +278,13 @@ def test_a_zap_through_another_workers_wrapper_is_not_flushed_twice(sidecar, dat
     try:
         commit(a, x=1)
         commit(b, y=1)
-        a.storage.cache_stats()
-        b.storage.cache_stats()
+        a.storage.cache_stats(wait=True)
+        b.storage.cache_stats(wait=True)
         assert b.storage._tc_joined
         a.storage.zap_all()
-        assert a.storage.cache_stats()["flushes"] == 1
+        assert a.storage.cache_stats(wait=True)["flushes"] == 1
         b.storage._tc_watch_once()  # the watcher's check (every second)
-        assert b.storage.cache_stats()["flushes"] == 0
+        assert b.storage.cache_stats(wait=True)["flushes"] == 0
     finally:
         a.close()
         b.close()

@@ -45,7 +45,7 @@ def test_connections_share_states_and_see_their_own_snapshot(tmp_path, sidecar):
         c.root()["doc"] = PersistentMapping(x=1)
     for _ in range(3):
         assert read_fresh(db) == 1
-    stats = storage.cache_stats()
+    stats = storage.cache_stats(wait=True)
     assert stats["hits"] >= 2, stats
     assert stats["sidecar"]["entries"] >= 2
 
@@ -79,7 +79,7 @@ def test_a_connection_changes_its_own_copy_never_the_shared_state(tmp_path, side
     c1, c2 = db.open(tm1), db.open(tm2)
     c1.cacheMinimize()
     c2.cacheMinimize()
-    hits = storage.cache_stats()["hits"]
+    hits = storage.cache_stats(wait=True)["hits"]
     d1, d2 = c1.root()["doc"], c2.root()["doc"]
     assert d1["items"] == d2["items"] == [1, 2]
     assert storage.cache_stats()["hits"] > hits, "both read the cached revision"
@@ -136,9 +136,9 @@ def test_a_dead_sidecar_degrades_to_misses_and_a_restarted_one_is_used_again(tmp
         with db.transaction() as c:
             c.root()["doc"]["x"] += 1
         value = read_fresh(db)
-        hits = storage.cache_stats()["hits"]
+        hits = storage.cache_stats(wait=True)["hits"]
         assert value == read_fresh(db)
-        s = storage.cache_stats()
+        s = storage.cache_stats(wait=True)
         if s["hits"] > hits and s["sidecar"] is not None:
             break
         assert time.time() < deadline, "never served from the restarted sidecar: %s" % s
@@ -185,7 +185,7 @@ def test_a_restored_backup_flushes_the_database_and_a_lagging_client_joins(tmp_p
 
     monkeypatch.setattr(tidecache.storage, "RESTORE_GRACE_SECONDS", 0.2)
     storage, db = history_past_a_backup(tmp_path, sidecar.socket)
-    assert storage.cache_stats()["sidecar"]["entries"] > 0
+    assert storage.cache_stats(wait=True)["sidecar"]["entries"] > 0
     db.close()
     # Restore the backup over Data.fs: its lastTransaction is older than
     # what the sidecar knows.
@@ -195,7 +195,7 @@ def test_a_restored_backup_flushes_the_database_and_a_lagging_client_joins(tmp_p
         if p.exists():
             p.unlink()
     storage, db = make_db(tmp_path, sidecar.socket)
-    stats = storage.cache_stats()["sidecar"]
+    stats = storage.cache_stats(wait=True)["sidecar"]
     assert stats["horizon"] == u64(storage.lastTransaction())
     assert read_fresh(db) == "backed up"
     # A new commit (not touching doc) moves views past the old history's
@@ -213,9 +213,9 @@ def test_pack_flushes_the_database(tmp_path, sidecar):
         c.root()["doc"] = PersistentMapping(x=1)
     read_fresh(db)
     read_fresh(db)
-    assert storage.cache_stats()["sidecar"]["entries"] > 0
+    assert storage.cache_stats(wait=True)["sidecar"]["entries"] > 0
     db.pack()
-    assert storage.cache_stats()["sidecar"]["entries"] == 0
+    assert storage.cache_stats(wait=True)["sidecar"]["entries"] == 0
     assert read_fresh(db) == 1
     db.close()
 

@@ -40,7 +40,7 @@ def populate_and_cache(tmp_path, sidecar):
             c.root()[k] = PersistentMapping(x=0)
     for k in KEYS:
         assert read_fresh(db, k) == 0
-    assert storage.cache_stats()["sidecar"]["entries"] >= len(KEYS)
+    assert storage.cache_stats(wait=True)["sidecar"]["entries"] >= len(KEYS)
     db.close()
 
 
@@ -78,7 +78,7 @@ def test_the_first_adapter_catches_a_restarted_sidecar_up(tmp_path, sidecar, cap
     assert "by exact" in caplog.text
     assert recoveries(storage) == {"exact": 1, "collapsed": 0, "resync": 0}
     assert_no_wrong_hit(storage._tc_client, storage._storage.loadBefore, history(storage._storage))
-    hits = storage.cache_stats()["hits"]
+    hits = storage.cache_stats(wait=True)["hits"]
     for k in KEYS:
         assert read_fresh(db, k) == (1 if k in "bd" else 0), k
     # The root and the four unchanged mappings came from the re-attached

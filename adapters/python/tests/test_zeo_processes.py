@@ -129,7 +129,7 @@ def test_a_zeo_reconnect_is_one_collapsed_report_and_keeps_the_rest_warm(zeo_ser
     stats = storage.cache_stats()
     assert stats["reconnects_collapsed"] == 1, stats
     assert stats["resyncs"] == 0, stats
-    hits = storage.cache_stats()["hits"]
+    hits = storage.cache_stats(wait=True)["hits"]
     assert read("still") == "unchanged"
     assert storage.cache_stats()["hits"] > hits
     # Later commits are reported as usual.

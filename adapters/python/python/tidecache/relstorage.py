@@ -1112,6 +1112,7 @@ class TideCacheRelStorage(_Joining):
             for worker in (self._tc_worker, self._tc_watcher):
                 if worker is not None and worker is not threading.current_thread():
                     worker.join(30.0)
+            self._tc_join_stats_refresh()
             self._tc_client.close()
             self._storage.close()
         finally:
@@ -1291,13 +1292,18 @@ class TideCacheRelInstance:
                 return prefetched[0], p64(prefetched[1]), None, view
             try:
                 hit = self._tc_client.lookup(o, view)
-            except TideCacheError:
-                self._tc_stats.unavailable += 1
+            except TideCacheError as e:
+                self._tc_stats.fell_back(self._tc_client, e)
                 hit = None
+            else:
+                if self._tc_stats.falling_back:
+                    self._tc_stats.served(self._tc_client)
             if hit is not None:
                 self._tc_stats.hits += 1
                 return hit[1], p64(hit[0]), None, view
             self._tc_stats.misses += 1
+        elif view is not None:
+            self._tc_stats.fell_back(self._tc_client, "the database is not joined in the sidecar")
         else:
             self._tc_stats.unavailable += 1
         try:

@@ -34,6 +34,7 @@ If the sidecar is absent, dead or slow, every lookup is a miss and the
 application runs from its base storage (invariant 8 of docs/invariants.md).
 """
 
+import atexit
 import logging
 import os
 import threading
@@ -96,6 +97,14 @@ RETRY_UNAVAILABLE = 0.25
 _STAT_KEYS = ("hits", "misses", "stores", "invalidations", "resyncs", "unavailable", "proofs", "flushes",
               "recoveries_exact", "recoveries_collapsed", "recoveries_resync", "reconnects_collapsed")
 
+#: At most one WARNING per this many seconds per storage when its lookups
+#: start falling back to the base storage (see ``_Stats.fell_back``).
+FALLBACK_WARNING_INTERVAL = 60.0
+
+#: ``cache_stats()`` asks the sidecar for its counters in the background
+#: at most once per this many seconds (see ``_SidecarCounters``).
+SIDECAR_STATS_INTERVAL = 1.0
+
 #: Bound on the states one commit writes through (bytes): a larger
 #: commit (a bulk import, which ZODB spools to disk through savepoints)
 #: writes none through rather than hold its whole size in memory again.
@@ -131,18 +140,28 @@ if hasattr(os, "register_at_fork"):
 
 
 def database_key(base):
-    """The key naming ``base``'s database in the sidecar (invariant 7).
+    """The key naming ``base``'s database in the sidecar (invariant 7): a
+    readable string, the ``database`` label of the sidecar's metrics.
 
-    ZEO ``ClientStorage``: ``zeo:<address>:<storage name>``; FileStorage:
-    ``file:<absolute path>``; any other storage: ``<class>:<getName()>``,
-    with the process id for in-memory storages (``MappingStorage``,
-    ``DemoStorage``) that no other process can share. Pass ``database=`` to
-    ``TideCacheStorage`` where two spellings name one database (two
-    addresses of one ZEO server).
+    - ZEO ``ClientStorage``: ``zeo:<addresses>:<storage name>``, each
+      address a Unix socket's absolute path (``zeo:/run/zeo.sock:1``) or
+      ``host:port`` (``zeo:db.example:8100:1``, an IPv6 host in brackets:
+      ``zeo:[::1]:8100:1``), several joined with ``,`` in the order given
+      (``zeo:db1:8100,db2:8100:1``); see :func:`zeo_database_key`;
+    - FileStorage: ``file:<absolute path>`` (``file:/var/zodb/Data.fs``);
+    - any other storage: ``<class>:<getName()>``, with the process id for
+      in-memory storages (``MappingStorage``, ``DemoStorage``) that no
+      other process can share.
+
+    Pass ``database=`` to ``TideCacheStorage`` where two spellings name
+    one database (two addresses of one ZEO server). A key that changes
+    (an upgrade that spells it differently, a changed ``database``) names
+    a new database in the sidecar: its cache starts cold, it never hits
+    another key's revisions.
     """
     cls = type(base).__name__
     if hasattr(base, "_server_addr") or cls == "ClientStorage":
-        return "zeo:%s:%s" % (getattr(base, "_addr", "?"), getattr(base, "_storage", "1"))
+        return zeo_database_key(getattr(base, "_addr", None), getattr(base, "_storage", "1"))
     file_name = getattr(base, "_file_name", None)
     if file_name:
         return "file:" + os.path.abspath(file_name)
@@ -152,16 +171,226 @@ def database_key(base):
     return "%s:%s" % (cls, name)
 
 
+def _escaped(text, chars):
+    """``text`` with ``%`` and each of ``chars`` written ``%XX``: the
+    separators of a key never occur inside one of its parts."""
+    for c in "%" + chars:
+        text = text.replace(c, "%%%02X" % ord(c))
+    return text
+
+
+def zeo_database_key(addr, storage="1"):
+    """The key of ZEO storage ``storage`` at ``addr`` (as ``ClientStorage``
+    takes it or keeps it in ``_addr``: a Unix socket path, a ``(host,
+    port)`` pair, a port alone, or a list of these):
+    ``zeo:<address>[,<address>...]:<storage>``. A Unix socket's path is made
+    absolute; ``%``, ``,`` and ``:`` inside a path or the storage name, and
+    ``%`` and ``,`` inside a host, are written ``%25``, ``%2C``, ``%3A``, so
+    the storage name is what follows the last ``:`` and two keys are equal
+    only for the same addresses and storage."""
+    if addr is None:
+        addrs = []
+    elif isinstance(addr, (str, int)) or (isinstance(addr, tuple) and len(addr) == 2
+                                          and isinstance(addr[1], int)):
+        addrs = [addr]
+    else:
+        addrs = list(addr)
+    shown = []
+    for a in addrs:
+        if isinstance(a, int):
+            a = ("127.0.0.1", a)
+        if isinstance(a, str):
+            shown.append(_escaped(os.path.abspath(a), ",:"))
+        else:
+            host, port = a[0], a[1]
+            host = _escaped(str(host), ",")
+            if ":" in host:
+                host = "[%s]" % host
+            shown.append("%s:%s" % (host, port))
+    return "zeo:%s:%s" % (",".join(shown) or "?", _escaped(str(storage), ",:"))
+
+
 class _Stats:
-    """Counters of one storage; ``+=`` under the GIL is good enough for
-    statistics."""
+    """Counters of one storage (shared by its connections' instances);
+    ``+=`` under the GIL is good enough for statistics. Also whether its
+    lookups fall back to the base storage (:meth:`fell_back`,
+    :meth:`served`), for the log."""
+
+    #: Whether the last lookup fell back (read without a lock on the hot
+    #: path: :meth:`served` is called only when it is true).
+    falling_back = False
 
     def __init__(self):
         for k in _STAT_KEYS:
             setattr(self, k, 0)
+        self._fallback_lock = threading.Lock()
+        self._fallback_since = None
+        self._fallback_lookups = 0
+        self._fallback_warned = False
+        self._last_warning = None
+        self._suppressed = 0
 
     def as_dict(self):
         return {k: getattr(self, k) for k in _STAT_KEYS}
+
+    def fell_back(self, client, why):
+        """A lookup found no sidecar to ask (``Unavailable``: not connected,
+        the database not joined, a timeout) and goes to the base storage.
+        The first of a run of them logs a WARNING, at most one per
+        ``FALLBACK_WARNING_INTERVAL`` seconds per storage: a run that
+        starts sooner is counted, named in the next WARNING, and warned
+        about itself once the interval has passed if it still lasts."""
+        self.unavailable += 1
+        with self._fallback_lock:
+            now = time.monotonic()
+            if not self.falling_back:
+                self.falling_back = True
+                self._fallback_since = now
+                self._fallback_lookups = 0
+                self._fallback_warned = False
+            self._fallback_lookups += 1
+            if self._fallback_warned:
+                return
+            if self._last_warning is not None and now - self._last_warning < FALLBACK_WARNING_INTERVAL:
+                return
+            suppressed, self._suppressed = self._suppressed, 0
+            self._last_warning = now
+            self._fallback_warned = True
+        logger.warning(
+            "tidecache: %s: lookups fall back to the base storage (%s); the application goes on "
+            "uncached until the sidecar serves it again%s",
+            client.database, why,
+            "" if not suppressed else
+            " (%d more fallback%s since the previous warning, not logged)" % (
+                suppressed, "" if suppressed == 1 else "s"))
+
+    def warned_at_attach(self):
+        """The first attach found no sidecar and said so at WARNING: that
+        line starts the run of fallbacks (its lookups log no second
+        WARNING; the INFO line still ends it)."""
+        with self._fallback_lock:
+            now = time.monotonic()
+            if not self.falling_back:
+                self.falling_back = True
+                self._fallback_since = now
+                self._fallback_lookups = 0
+            self._fallback_warned = True
+            self._last_warning = now
+
+    def served(self, client):
+        """A lookup was answered by the sidecar (hit or miss) while
+        :attr:`falling_back`: one INFO line ends the run (if its WARNING
+        was logged; a run not warned about is counted for the next
+        WARNING instead)."""
+        with self._fallback_lock:
+            if not self.falling_back:
+                return
+            self.falling_back = False
+            seconds = time.monotonic() - self._fallback_since
+            lookups = self._fallback_lookups
+            if not self._fallback_warned:
+                self._suppressed += 1
+                return
+        logger.info("tidecache: %s: served by the sidecar again after %.1f s (%d lookup%s fell back "
+                    "to the base storage meanwhile)", client.database, seconds, lookups,
+                    "" if lookups == 1 else "s")
+
+
+#: ``_SidecarCounters`` that started a refresh thread, joined at exit.
+_refreshing = weakref.WeakSet()
+_exiting = False
+
+
+def _join_refreshes_at_exit():
+    """``atexit``: waits for the refresh threads of ``cache_stats`` (each
+    bounded by its client's timeout) and starts no more. A daemon thread
+    still inside the native client when the interpreter finalizes would
+    abort the process ("FATAL: exception not rethrown")."""
+    global _exiting
+    _exiting = True
+    for counters in list(_refreshing):
+        counters.join(CLOSE_JOIN_SECONDS)
+
+
+atexit.register(_join_refreshes_at_exit)
+
+
+class _SidecarCounters:
+    """The sidecar's counters of one database as a background refresh last
+    got them, for :meth:`_Joining.cache_stats`, which never asks the
+    sidecar on the caller's thread. At most one refresh runs at a time, in
+    a daemon thread of its own (``tidecache-stats``) that
+    :meth:`join` waits for (the storage's ``close`` and, at exit,
+    ``_join_refreshes_at_exit``); a refresh starts at most once per
+    ``SIDECAR_STATS_INTERVAL`` seconds."""
+
+    def __init__(self):
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._thread = None
+        self._asked_at = None
+        #: The database's counters in the last answer (``None``: no
+        #: answer yet, or the sidecar did not know the database).
+        self.answer = None
+        #: ``time.monotonic()`` of the last answer, ``None`` before one.
+        self.answered_at = None
+
+    def refresh_later(self, client, closing):
+        """Starts a refresh unless one runs, the last started less than
+        ``SIDECAR_STATS_INTERVAL`` seconds ago, or ``closing`` is set.
+        Never waits (only for this object's lock, held for a few
+        statements)."""
+        if self._pid != os.getpid():
+            # A forked child: the parent's thread is not here and its lock
+            # may have been copied held.
+            self._pid = os.getpid()
+            self._lock = threading.Lock()
+            self._thread = None
+        if not self._lock.acquire(blocking=False):
+            return
+        try:
+            if closing.is_set() or _exiting:
+                return
+            if self._thread is not None and self._thread.is_alive():
+                return
+            now = time.monotonic()
+            if self._asked_at is not None and now - self._asked_at < SIDECAR_STATS_INTERVAL:
+                return
+            self._asked_at = now
+            thread = threading.Thread(target=self._refresh, args=(client,), name="tidecache-stats",
+                                      daemon=True)
+            self._thread = thread
+            _refreshing.add(self)
+            thread.start()
+        finally:
+            self._lock.release()
+
+    def _refresh(self, client):
+        try:
+            s = client.stats()
+        except TideCacheError as e:
+            logger.debug("tidecache: %s: no counters from the sidecar: %s", client.database, e)
+            return
+        except Exception:
+            logger.exception("tidecache: %s: asking the sidecar for its counters failed",
+                             client.database)
+            return
+        self.remember(s, client.database)
+
+    def remember(self, stats, database):
+        """Keeps ``database``'s part of ``stats`` (a ``Stats`` answer)."""
+        self.answer = stats["databases"].get(database)
+        self.answered_at = time.monotonic()
+
+    def join(self, timeout):
+        """Waits up to ``timeout`` seconds for a refresh in flight (call
+        after setting the storage's ``_tc_closing``: none starts then)."""
+        if self._pid != os.getpid():
+            return
+        with self._lock:
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
 
 
 class _Joining:
@@ -271,6 +500,8 @@ class _Joining:
             # at the first attach.
             (logger.warning if wait else logger.debug)(
                 "tidecache: sidecar unavailable, running from the base storage: %s", e)
+            if wait:
+                self._tc_stats.warned_at_attach()
             self._tc_unavailable = True
             return last, False
 
@@ -358,34 +589,69 @@ class _Joining:
             if self._tc_reported is not None:
                 states.start_log(self._tc_reported)
 
-    def cache_stats(self):
-        """Counters of this storage (both adapters): ``hits``, ``misses``, ``stores``,
+    def cache_stats(self, wait=False):
+        """Counters of this storage (both adapters), returned at once: the
+        sidecar is never asked on the caller's thread (unless ``wait``).
+
+        This process's own: ``hits``, ``misses``, ``stores``,
         ``invalidations`` (changes reported), ``resyncs``, ``unavailable``
-        (calls that found no sidecar, or a database not joined yet),
-        ``proofs`` (proofs of the sidecar's horizon tried), ``flushes``
-        (the database flushed at attach: a restored backup, a failed
-        proof), ``recoveries_exact``, ``recoveries_collapsed``,
-        ``recoveries_resync`` (how the sidecar's horizon, found behind the
-        storage at attach, was brought up: see ``_tc_recover``),
-        ``reconnects_collapsed`` (ZEO reconnects reported as a collapsed
-        report rather than a resync; the ``recoveries_*`` and this are 0
-        over RelStorage), ``joined`` (whether the database is joined in the sidecar),
-        ``database`` (the key), and
-        ``sidecar``: the sidecar's counters for this database, or ``None``
-        when it is unavailable."""
+        (lookups that found no sidecar to ask, or a database not joined
+        yet, and went to the base storage; and queued messages dropped
+        while the sidecar was away), ``proofs`` (proofs of the sidecar's
+        horizon tried), ``flushes`` (the database flushed at attach: a
+        restored backup, a failed proof), ``recoveries_exact``,
+        ``recoveries_collapsed``, ``recoveries_resync`` (how the sidecar's
+        horizon, found behind the storage at attach, was brought up: see
+        ``_tc_recover``), ``reconnects_collapsed`` (ZEO reconnects
+        reported as a collapsed report rather than a resync; the
+        ``recoveries_*`` and this are 0 over RelStorage), ``joined``
+        (whether the database is joined in the sidecar), ``falling_back``
+        (whether the last lookup went to the base storage for want of a
+        sidecar), ``database`` (the key).
+
+        The sidecar's: ``sidecar``, its counters of this database (a dict:
+        ``entries``, ``bytes``, ``hits``, ``misses``, ``stores``, ... as
+        in ``tidecached stats``) from the last answer a background refresh
+        got, ``None`` before any answer; ``sidecar_age_s``, that answer's
+        age in seconds (``None`` without one): a sidecar that stopped
+        answering shows as a growing age. Each call starts a refresh in a
+        daemon thread unless one runs or one started less than
+        ``SIDECAR_STATS_INTERVAL`` (1 s) ago; ``close`` waits for it.
+
+        With ``wait=True`` (scripts and tests, never a request path) the
+        sidecar is asked on this thread, after this process's queued
+        stores were sent (up to 1 s, then the client's timeout), and
+        ``sidecar`` is ``None`` if it does not answer."""
         d = self._tc_stats.as_dict()
         resyncs, lost = self._tc_client.outbox_counts
         d["resyncs"] += resyncs
         d["unavailable"] += lost
         d["joined"] = self._tc_joined and self._tc_client.joined
+        d["falling_back"] = self._tc_stats.falling_back
         d["database"] = self._tc_client.database
-        try:
-            self._tc_client.wait_for_stores(1000)
-            s = self._tc_client.stats()
-            d["sidecar"] = s["databases"].get(self._tc_client.database)
-        except TideCacheError:
-            d["sidecar"] = None
+        counters = self.__dict__.get("_tc_sidecar_counters")
+        if counters is None:
+            counters = self.__dict__.setdefault("_tc_sidecar_counters", _SidecarCounters())
+        if wait:
+            try:
+                self._tc_client.wait_for_stores(1000)
+                counters.remember(self._tc_client.stats(), self._tc_client.database)
+            except TideCacheError:
+                d["sidecar"], d["sidecar_age_s"] = None, None
+                return d
+        else:
+            counters.refresh_later(self._tc_client, self._tc_closing)
+        at = counters.answered_at
+        d["sidecar"] = counters.answer if at is not None else None
+        d["sidecar_age_s"] = None if at is None else max(0.0, time.monotonic() - at)
         return d
+
+    def _tc_join_stats_refresh(self, timeout=CLOSE_JOIN_SECONDS):
+        """Waits for a background refresh of :meth:`cache_stats` (bounded
+        by the client's timeout); call with ``_tc_closing`` set."""
+        counters = self.__dict__.get("_tc_sidecar_counters")
+        if counters is not None:
+            counters.join(timeout)
 
 
 
@@ -1073,6 +1339,7 @@ class TideCacheStorage(_Joining, MVCCAdapter):
         try:
             self._tc_closing.set()
             self._tc_join_worker()
+            self._tc_join_stats_refresh()
             if not self.closed:
                 self._tc_client.close()
             MVCCAdapter.close(self)
@@ -1233,15 +1500,19 @@ class TideCacheInstance(MVCCAdapterInstance):
         assert self._start is not None
         view = u64(self._start) - 1
         o = u64(oid)
+        stats = self._tc_stats
         try:
             hit = self._tc_client.lookup(o, view)
-        except TideCacheError:
-            self._tc_stats.unavailable += 1
+        except TideCacheError as e:
+            stats.fell_back(self._tc_client, e)
             hit = None
+        else:
+            if stats.falling_back:
+                stats.served(self._tc_client)
         if hit is not None:
-            self._tc_stats.hits += 1
+            stats.hits += 1
             return hit[1], p64(hit[0]), None, view
-        self._tc_stats.misses += 1
+        stats.misses += 1
         r = self._storage.loadBefore(oid, self._start)
         if r is None:
             # As MVCCAdapterInstance.load: deleted, or packed away.
