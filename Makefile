@@ -30,7 +30,7 @@ build: $(DEPS)
 ## bindings), manylinux2014 (glibc 2.17, linked by zig from the ziglang
 ## package of requirements-dev.txt), into dist/.
 ## adapters/python/tests/test_wheels.py installs them into a fresh venv:
-## `make dist test`. DIST_PYTHONS: every python3.9 ... python3.13 on PATH
+## `make test` builds and tests this interpreter's. DIST_PYTHONS: every python3.9 ... python3.13 on PATH
 ## that runs (the venv's python3 at least).
 DIST_PYTHONS ?= $(or $(shell for v in 3.9 3.10 3.11 3.12 3.13; do python$$v -c '' 2>/dev/null && echo python$$v; done),python3)
 dist: $(DEPS)
@@ -54,8 +54,13 @@ demo: build
 demo-postgresql: build
 	$(PY) demo/run_demo.py --base relstorage-postgresql
 
-## Every test: Rust (unit, property, integration), loom models, Python.
-test: build test-rust test-loom test-python
+## Every test: Rust (unit, property, integration), loom models, Python;
+## the wheels of `make dist` (this interpreter's only) installed into a
+## fresh venv without cargo by test_wheels.py, which fails, not skips,
+## when they are missing.
+test: DIST_PYTHONS = $(PY)
+test: WHEELS_REQUIRED = 1
+test: build dist test-rust test-loom test-python
 
 test-rust:
 	cargo test --release --workspace --exclude tidecache-python
@@ -65,7 +70,8 @@ test-loom:
 		cargo test --release -p tidecache-loom-tests
 
 test-python: build
-	TIDECACHED=$(CURDIR)/target/release/tidecached $(PY) -m pytest -q adapters/python/tests
+	TIDECACHED=$(CURDIR)/target/release/tidecached TIDECACHE_WHEELS_REQUIRED=$(WHEELS_REQUIRED) \
+		$(PY) -m pytest -q adapters/python/tests
 
 ## RelStorage 4.3's own test suites with every storage wrapped in tidecache
 ## (adapters/python/tests/relstorage_suite.py), over PostgreSQL (psycopg2)

@@ -6,7 +6,8 @@ Cargo.toml's workspace version is what ``tidecached --version``, its
 metadata) show.
 
 The other tests take the wheels ``make dist`` left in ``dist/`` (they skip,
-saying so, when there are none: run ``make dist test``): their tags
+saying so, when there are none; ``make test`` builds them first and
+fails instead): their tags
 (tidecache: one wheel per CPython version, this interpreter's taken;
 tidecached: ``py3-none``; both manylinux 2.17), the LICENSE inside both, the glibc symbol versions their
 binaries need, and then an operator's install: a fresh venv, both wheels
@@ -72,8 +73,11 @@ def wheels():
     adapter = sorted(DIST.glob("tidecache-%s-%s-%s-*.whl" % (v, cp, cp)))
     daemon = sorted(DIST.glob("tidecached-%s-*.whl" % v))
     if not adapter or not daemon:
+        if os.environ.get("TIDECACHE_WHEELS_REQUIRED") == "1":  # make test
+            pytest.fail("make test built no tidecache (for %s) and tidecached %s wheels in dist/: "
+                        "see `make dist`'s output" % (cp, v))
         pytest.skip("no tidecache (for %s) and tidecached %s wheels in dist/: run `make dist` first "
-                    "(`make dist test`)" % (cp, v))
+                    "(`make test` does)" % (cp, v))
     assert len(adapter) == 1 and len(daemon) == 1, "one wheel of each, not %s %s" % (adapter, daemon)
     return adapter[0], daemon[0]
 
