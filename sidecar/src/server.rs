@@ -454,6 +454,7 @@ impl Server {
         let mut conn = Conn {
             views: Vec::new(),
             attached: Vec::new(),
+            behind: Vec::new(),
             hello: None,
         };
         if let Err(e) = self.converse(&stream, &mut conn) {
@@ -568,10 +569,19 @@ impl Server {
                     AttachOutcome::Started => AttachState::Started,
                     AttachOutcome::Joined => AttachState::Joined,
                     AttachOutcome::Behind { horizon } => {
-                        tracing::info!(
-                            db = %name, last_tid = %Tid(last_tid), horizon = %horizon,
-                            "a client's lastTransaction is below the horizon (lagging, or a restored backup)"
-                        );
+                        // A lagging client asks again every few ms until it
+                        // catches up or flushes: said once per connection.
+                        if conn.behind.iter().any(|d| d == &name) {
+                            tracing::debug!(db = %name, last_tid = %Tid(last_tid), horizon = %horizon,
+                                "a client's lastTransaction is still below the horizon");
+                        } else {
+                            tracing::info!(
+                                db = %name, last_tid = %Tid(last_tid), horizon = %horizon,
+                                "a client's lastTransaction is below the horizon (lagging, or a restored \
+                                 backup): nothing is served to it until it catches up or flushes the database"
+                            );
+                            conn.behind.push(name.clone());
+                        }
                         AttachState::Behind
                     }
                     AttachOutcome::Prove(p) => {
@@ -585,6 +595,9 @@ impl Server {
                         }
                     }
                 };
+                if !matches!(state, AttachState::Behind) {
+                    conn.behind.retain(|d| d != &name);
+                }
                 let slot = db.cache().slot();
                 ResponseBody::Attached {
                     state,
@@ -978,6 +991,9 @@ struct Conn {
     views: Vec<(String, ViewId)>,
     /// Databases this connection attached to (Attach or Resync).
     attached: Vec<String>,
+    /// Databases whose last attach on this connection was answered
+    /// `Behind` (logged once, not at every retry).
+    behind: Vec<String>,
     hello: Option<String>,
 }
 

@@ -570,3 +570,29 @@ fn clean_by_socket_names_the_default_arena_file() {
         "--socket and --cache-file conflict: {both:?}"
     );
 }
+
+/// A worker whose storage lags behind the horizon (or was restored from a
+/// backup) asks to attach every 20 ms for up to 2 s before it flushes: the
+/// sidecar logs that at INFO once per connection and database, not at
+/// every attempt (it logged a hundred identical lines).
+#[test]
+fn a_client_behind_the_horizon_is_logged_once_per_connection() {
+    let sc = Sidecar::start(&[]);
+    let h = tid_at(unix_now() - 60);
+    let first = client(&sc.socket);
+    first.attach("db", h, None).unwrap();
+    first.report("db", h, h + 100, vec![(1, h + 50)]).unwrap();
+    let lagging = client(&sc.socket);
+    for _ in 0..5 {
+        let (state, _) = lagging.attach("db", h + 10, None).unwrap();
+        assert_eq!(state, tidecache_protocol::AttachState::Behind);
+    }
+    let line = "a client's lastTransaction is below the horizon";
+    assert_eq!(sc.log().matches(line).count(), 1, "{}", sc.log());
+    // Another connection behind says so too (once).
+    let other = client(&sc.socket);
+    for _ in 0..3 {
+        other.attach("db", h + 20, None).unwrap();
+    }
+    assert_eq!(sc.log().matches(line).count(), 2, "{}", sc.log());
+}
