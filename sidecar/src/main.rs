@@ -197,6 +197,14 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
+            // Checked here, in the option's own unit: the arena's layout
+            // names bytes, and a huge value would overflow them.
+            if !(1..=MAX_MEMORY_MB).contains(&memory_mb) {
+                eprintln!(
+                    "tidecached: --memory-mb (the arena's size) must be between 1 and {MAX_MEMORY_MB} MiB, got {memory_mb}"
+                );
+                return ExitCode::FAILURE;
+            }
             let cache_file = cache_file.unwrap_or_else(|| default_cache_file(&socket));
             let server = Server::new(ServerConfig {
                 socket: socket.clone(),
@@ -310,6 +318,9 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// Largest `--memory-mb`: the arena's layout holds up to 32 GiB.
+const MAX_MEMORY_MB: u64 = 32 << 10;
 
 /// Why `stats` or `check` got no counters.
 #[derive(Debug, thiserror::Error)]

@@ -32,7 +32,9 @@ pub enum SidecarError {
         source: io::Error,
     },
     /// Another sidecar answers on the socket already.
-    #[error("another tidecached is already serving {0}")]
+    #[error(
+        "another tidecached is already serving {0}; stop it first, or give this one another --socket and --cache-file"
+    )]
     AlreadyRunning(PathBuf),
     /// The socket path exists and is not a socket: refusing to remove it.
     #[error("{0} exists and is not a socket; refusing to replace it")]

@@ -96,6 +96,11 @@ fn a_second_start_on_a_live_sidecar_changes_nothing() {
     ]);
     assert!(stderr(&out).contains("another tidecached"), "{out:?}");
     assert!(stderr(&out).contains(&*sc.socket.to_string_lossy()), "{out:?}");
+    // ... and says what to do.
+    assert!(
+        stderr(&out).contains("stop it first, or give this one another --socket"),
+        "{out:?}"
+    );
     // Another socket, the same file: the lock names the first one's pid.
     let other = sc.dir.path().join("other.sock");
     let out = serve_must_fail(&[
