@@ -371,7 +371,9 @@ impl Server {
                 if let Some((_, oldest)) = detached.first() {
                     tracing::warn!(
                         db = %name, views = detached.len(), oldest = %oldest, max = self.config.max_log_changes,
-                        "detached views holding the low-water mark back (log over --max-log-changes)"
+                        "detached views holding the low-water mark back (log over --max-log-changes): \
+                         their stores are refused, their lookups stay correct; close ZODB connections \
+                         kept open for long (or long transactions), or raise --max-log-changes"
                     );
                 }
             }

@@ -596,3 +596,32 @@ fn a_client_behind_the_horizon_is_logged_once_per_connection() {
     }
     assert_eq!(sc.log().matches(line).count(), 2, "{}", sc.log());
 }
+
+/// A view detached for holding the invalidation log past
+/// `--max-log-changes` is logged at WARNING with what it costs and what to
+/// do (docs/operations.md, "Failure behaviour").
+#[test]
+fn a_detached_view_is_logged_with_what_to_do() {
+    let sc = Sidecar::start(&["--max-log-changes", "5", "--reclaim-interval-ms", "10"]);
+    let h = tid_at(unix_now() - 60);
+    let c = client(&sc.socket);
+    c.attach("db", h, None).unwrap();
+    c.register_view("db", h);
+    let changes: Vec<(u64, u64)> = (1..=10).map(|i| (i, h + i)).collect();
+    c.report("db", h, h + 10, changes).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        if let Some(l) = sc.log().lines().find(|l| l.contains("detached views")) {
+            break l.to_owned();
+        }
+        assert!(Instant::now() < deadline, "no detach logged: {}", sc.log());
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(line.contains(" WARN "), "{line}");
+    assert!(
+        line.contains("their stores are refused, their lookups stay correct")
+            && line.contains("close ZODB connections kept open")
+            && line.contains("or raise --max-log-changes"),
+        "{line}"
+    );
+}
