@@ -37,7 +37,7 @@ pub enum SidecarError {
     )]
     AlreadyRunning(PathBuf),
     /// The socket path exists and is not a socket: refusing to remove it.
-    #[error("{0} exists and is not a socket; refusing to replace it")]
+    #[error("{0} exists and is not a socket; refusing to replace it: remove it or give another --socket")]
     NotASocket(PathBuf),
     /// The arena cannot be laid out (size out of range).
     #[error("arena: {0}")]

@@ -304,7 +304,13 @@ fn a_failing_start_leaves_a_warm_arena_as_it_was() {
     let missing = dir.path().join("no-such-dir").join("s.sock");
     let a_file = dir.path().join("a-file");
     std::fs::write(&a_file, b"not a socket").unwrap();
-    let failures: [(&Path, &str); 2] = [(&missing, "does not exist"), (&a_file, "is not a socket")];
+    let failures: [(&Path, &str); 2] = [
+        (&missing, "does not exist"),
+        (
+            &a_file,
+            "is not a socket; refusing to replace it: remove it or give another --socket",
+        ),
+    ];
     for (bad_socket, says) in failures {
         let out = serve_must_fail(&[
             os("--socket"),
