@@ -625,3 +625,46 @@ fn a_detached_view_is_logged_with_what_to_do() {
         "{line}"
     );
 }
+
+/// `--help` and docs/operations.md say the same: every option of every
+/// command is in the guide's table of options, on a row of its command,
+/// with the default `--help` shows.
+#[test]
+fn every_option_and_default_of_help_is_in_the_operators_guide() {
+    let guide = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/operations.md")).unwrap();
+    for command in ["serve", "stats", "check", "clean"] {
+        let help = stdout(&tidecached(&[os(command), os("--help")]));
+        let mut options = 0;
+        for (i, line) in help.lines().enumerate() {
+            let Some(option) = line.trim_start().strip_prefix("--") else {
+                continue;
+            };
+            let option = format!("--{}", option.split([' ', '<']).next().unwrap());
+            if option == "--help" {
+                continue;
+            }
+            options += 1;
+            let row = guide
+                .lines()
+                .find(|l| l.starts_with(&format!("| `{command}` | `{option}")))
+                .unwrap_or_else(|| panic!("{command} {option} is not in the table of docs/operations.md"));
+            // Its default, if --help gives one, a few lines below.
+            let default = help
+                .lines()
+                .skip(i + 1)
+                .take_while(|l| !l.trim_start().starts_with("--"))
+                .find_map(|l| {
+                    l.trim()
+                        .strip_prefix("[default: ")
+                        .map(|d| d.trim_end_matches(']').to_owned())
+                });
+            if let Some(d) = default {
+                assert!(
+                    row.contains(&format!("`{d}`")),
+                    "{command} {option}: default {d} not in {row}"
+                );
+            }
+        }
+        assert!(options > 0, "no options found in {command} --help:\n{help}");
+    }
+}
