@@ -390,7 +390,8 @@ pub enum ResponseBody {
 pub struct DatabaseStats {
     /// Revisions held.
     pub entries: u64,
-    /// Bytes charged for them (states plus per-revision overhead).
+    /// Bytes of their states (the arena's per-revision record header
+    /// and padding are not counted here: see `ArenaStats::record_bytes`).
     pub bytes: u64,
     /// Lookups answered.
     pub hits: u64,

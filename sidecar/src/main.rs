@@ -34,15 +34,19 @@ enum Command {
     /// (the arena file stays, for a warm restart). A start that fails
     /// changes nothing: it removes an arena file it created.
     Serve {
-        /// Path of the Unix socket to create (mode 0600), in an existing
-        /// directory. A stale socket file is replaced; a live one (another
+        /// Path of the Unix socket to create (mode 0600; 0660 with --group),
+        /// in an existing directory. Whoever can connect to it can store
+        /// states that every worker is served, and flush any database: give
+        /// it to the app servers' user only (docs/operations.md, Security
+        /// model). A stale socket file is replaced; a live one (another
         /// tidecached) or any other kind of file is an error, and nothing is
         /// changed.
         #[arg(long)]
         socket: PathBuf,
-        /// Size of the arena, MiB, all databases together: states plus 40
-        /// bytes per revision, the bucket array (1/256 to 1/128 of it) and the
-        /// database table. Between 1 and 32768. Allocated at start: if the
+        /// Size of the arena file, MiB, all databases together: states plus
+        /// 40 bytes and padding to 8 bytes per revision, the bucket array
+        /// (1/256 to 1/128 of it) and the database table; the file is exactly
+        /// this size. Between 1 and 32768. Sizing: docs/operations.md. Allocated at start: if the
         /// mount of the arena file (/dev/shm: 64 MiB in a default Docker
         /// container) has less free, the start fails with an error naming
         /// both and leaves no file.
@@ -62,8 +66,9 @@ enum Command {
         #[arg(long)]
         cache_file: Option<PathBuf>,
         /// Group whose members may use the socket (mode 0660) and map the
-        /// arena (0640). Default: the owner only (0600 both). The sidecar
-        /// must be root or a member of it; checked before any file changes.
+        /// arena read-only (0640: they cannot write it). Default: the owner
+        /// only (0600 both). The sidecar must be root or a member of it;
+        /// checked before any file changes.
         #[arg(long)]
         group: Option<String>,
         /// Largest request accepted, MiB (1 to 4096); a larger frame gets an
@@ -85,8 +90,8 @@ enum Command {
         /// Log level when RUST_LOG is not set (error, warn, info, debug, trace).
         #[arg(long, default_value = "info")]
         log_level: String,
-        /// Serve Prometheus metrics over HTTP at ADDR: GET /metrics, any
-        /// other path 404. Off by default. ADDR is host:port (127.0.0.1:9187,
+        /// Serve Prometheus metrics over HTTP at ADDR: GET or HEAD /metrics,
+        /// any other path 404. No authentication. Off by default. ADDR is host:port (127.0.0.1:9187,
         /// [::1]:9187; 0.0.0.0:9187 for every interface) or a port alone,
         /// which listens on the loopback interface only. Bound before the
         /// arena is touched: a bad or busy address fails the start with
@@ -119,8 +124,8 @@ enum Command {
     /// clients, arena X% full` (exit 0) or `error: ...` (exit 1: no socket,
     /// not a socket, nobody answering, no answer in time). M does not count
     /// the check's own connection; X is the arena's bytes in records over
-    /// its size. For Docker's HEALTHCHECK, Kubernetes exec probes, systemd
-    /// ExecStartPost or a monitoring agent.
+    /// its size. For Docker's HEALTHCHECK, Kubernetes exec probes, a
+    /// systemd timer or a monitoring agent. It never changes anything.
     Check {
         /// Path of the sidecar's socket.
         #[arg(long)]
@@ -197,6 +202,14 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
+            // Checked here, in the option's own unit: the arena's layout
+            // names bytes, and a huge value would overflow them.
+            if !(1..=MAX_MEMORY_MB).contains(&memory_mb) {
+                eprintln!(
+                    "tidecached: --memory-mb (the arena's size) must be between 1 and {MAX_MEMORY_MB} MiB, got {memory_mb}"
+                );
+                return ExitCode::FAILURE;
+            }
             let cache_file = cache_file.unwrap_or_else(|| default_cache_file(&socket));
             let server = Server::new(ServerConfig {
                 socket: socket.clone(),
@@ -310,6 +323,9 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// Largest `--memory-mb`: the arena's layout holds up to 32 GiB.
+const MAX_MEMORY_MB: u64 = 32 << 10;
 
 /// Why `stats` or `check` got no counters.
 #[derive(Debug, thiserror::Error)]

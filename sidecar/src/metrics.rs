@@ -169,7 +169,7 @@ impl Readout {
 
     fn text_database(&self, o: &mut String, title: &str, d: &DatabaseStats, inside: Option<Inside>) {
         let _ = writeln!(o, "{title}");
-        let _ = writeln!(o, "  {} revisions, {} charged", d.entries, size(d.bytes));
+        let _ = writeln!(o, "  {} revisions, {} of states", d.entries, size(d.bytes));
         let _ = writeln!(
             o,
             "  lookups the sidecar answered: {} hits, {} misses ({}); hits read from the arena are \
@@ -349,7 +349,7 @@ impl Readout {
             (
                 "tidecache_bytes",
                 "gauge",
-                "Bytes charged for the revisions held (states plus per-revision overhead).",
+                "Bytes of the states of the revisions held (each revision also takes 40 bytes of record header and padding to 8 bytes, counted in tidecache_arena_bytes only).",
                 |d, _| Some(Value::Int(d.bytes)),
             ),
             (

@@ -32,10 +32,12 @@ pub enum SidecarError {
         source: io::Error,
     },
     /// Another sidecar answers on the socket already.
-    #[error("another tidecached is already serving {0}")]
+    #[error(
+        "another tidecached is already serving {0}; stop it first, or give this one another --socket and --cache-file"
+    )]
     AlreadyRunning(PathBuf),
     /// The socket path exists and is not a socket: refusing to remove it.
-    #[error("{0} exists and is not a socket; refusing to replace it")]
+    #[error("{0} exists and is not a socket; refusing to replace it: remove it or give another --socket")]
     NotASocket(PathBuf),
     /// The arena cannot be laid out (size out of range).
     #[error("arena: {0}")]
@@ -369,7 +371,9 @@ impl Server {
                 if let Some((_, oldest)) = detached.first() {
                     tracing::warn!(
                         db = %name, views = detached.len(), oldest = %oldest, max = self.config.max_log_changes,
-                        "detached views holding the low-water mark back (log over --max-log-changes)"
+                        "detached views holding the low-water mark back (log over --max-log-changes): \
+                         their stores are refused, their lookups stay correct; close ZODB connections \
+                         kept open for long (or long transactions), or raise --max-log-changes"
                     );
                 }
             }
@@ -454,6 +458,7 @@ impl Server {
         let mut conn = Conn {
             views: Vec::new(),
             attached: Vec::new(),
+            behind: Vec::new(),
             hello: None,
         };
         if let Err(e) = self.converse(&stream, &mut conn) {
@@ -568,10 +573,19 @@ impl Server {
                     AttachOutcome::Started => AttachState::Started,
                     AttachOutcome::Joined => AttachState::Joined,
                     AttachOutcome::Behind { horizon } => {
-                        tracing::info!(
-                            db = %name, last_tid = %Tid(last_tid), horizon = %horizon,
-                            "a client's lastTransaction is below the horizon (lagging, or a restored backup)"
-                        );
+                        // A lagging client asks again every few ms until it
+                        // catches up or flushes: said once per connection.
+                        if conn.behind.iter().any(|d| d == &name) {
+                            tracing::debug!(db = %name, last_tid = %Tid(last_tid), horizon = %horizon,
+                                "a client's lastTransaction is still below the horizon");
+                        } else {
+                            tracing::info!(
+                                db = %name, last_tid = %Tid(last_tid), horizon = %horizon,
+                                "a client's lastTransaction is below the horizon (lagging, or a restored \
+                                 backup): nothing is served to it until it catches up or flushes the database"
+                            );
+                            conn.behind.push(name.clone());
+                        }
                         AttachState::Behind
                     }
                     AttachOutcome::Prove(p) => {
@@ -585,6 +599,9 @@ impl Server {
                         }
                     }
                 };
+                if !matches!(state, AttachState::Behind) {
+                    conn.behind.retain(|d| d != &name);
+                }
                 let slot = db.cache().slot();
                 ResponseBody::Attached {
                     state,
@@ -978,6 +995,9 @@ struct Conn {
     views: Vec<(String, ViewId)>,
     /// Databases this connection attached to (Attach or Resync).
     attached: Vec<String>,
+    /// Databases whose last attach on this connection was answered
+    /// `Behind` (logged once, not at every retry).
+    behind: Vec<String>,
     hello: Option<String>,
 }
 

@@ -55,12 +55,43 @@ fn the_arena_file_is_private_and_lookups_need_no_socket() {
 
 #[test]
 fn group_widens_file_and_socket_to_one_group() {
-    // The process's own group, which it may always chown to.
-    let gid = unsafe { libc::getgid() }.to_string();
-    let sc = Sidecar::start(&["--group", &gid]);
+    use std::os::unix::fs::MetadataExt;
+    // The process's own group, which it may always chown to; as root, a
+    // group it is not in (root may give files to any group), so that the
+    // files' group shows the option took effect.
+    let own = unsafe { libc::getgid() };
+    let gid = if unsafe { libc::geteuid() } == 0 {
+        own + 4242
+    } else {
+        own
+    };
+    let sc = Sidecar::start(&["--group", &gid.to_string()]);
+    let meta = |p: &std::path::Path| std::fs::metadata(p).unwrap();
+    let arena = sc.dir.path().join("cache.arena");
+    // What docs/operations.md ("Security model") says: the group may use
+    // the socket and read the arena, never write it; the lock file stays
+    // the owner's.
+    assert_eq!(meta(&arena).permissions().mode() & 0o777, 0o640);
+    assert_eq!(meta(&arena).gid(), gid);
+    assert_eq!(meta(&sc.socket).permissions().mode() & 0o777, 0o660);
+    assert_eq!(meta(&sc.socket).gid(), gid);
+    let lock = sc.dir.path().join("cache.arena.lock");
+    assert_eq!(meta(&lock).permissions().mode() & 0o777, 0o600);
+}
+
+#[test]
+fn without_group_the_socket_and_files_are_the_owners_only() {
+    let sc = Sidecar::start(&[]);
     let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode(&sc.dir.path().join("cache.arena")), 0o640);
-    assert_eq!(mode(&sc.socket), 0o660);
+    assert_eq!(mode(&sc.dir.path().join("cache.arena")), 0o600);
+    assert_eq!(mode(&sc.dir.path().join("cache.arena.lock")), 0o600);
+    assert_eq!(mode(&sc.socket), 0o600);
+    // The arena file is exactly --memory-mb MiB (16 here), all of it
+    // allocated.
+    let meta = std::fs::metadata(sc.dir.path().join("cache.arena")).unwrap();
+    assert_eq!(meta.len(), 16 << 20);
+    use std::os::unix::fs::MetadataExt;
+    assert!(meta.blocks() * 512 >= 16 << 20, "{} blocks", meta.blocks());
 }
 
 #[test]
@@ -180,9 +211,18 @@ fn an_unknown_group_or_a_bad_size_is_a_clear_error() {
         String::from_utf8_lossy(&out.stderr).contains("no group named"),
         "{out:?}"
     );
-    let out = run(&["--memory-mb", "0"]);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("arena"), "{out:?}");
+    // The size is named as the option gives it: MiB, with the range.
+    for size in ["0", "32769", "18446744073709551615"] {
+        let out = run(&["--memory-mb", size]);
+        assert_eq!(out.status.code(), Some(1), "{out:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.starts_with("tidecached: --memory-mb")
+                && err.contains("between 1 and 32768")
+                && err.contains(&format!("got {size}")),
+            "{out:?}"
+        );
+    }
     assert!(!dir.path().join("s.sock").exists(), "nothing left behind");
 }
 

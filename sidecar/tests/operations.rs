@@ -570,3 +570,101 @@ fn clean_by_socket_names_the_default_arena_file() {
         "--socket and --cache-file conflict: {both:?}"
     );
 }
+
+/// A worker whose storage lags behind the horizon (or was restored from a
+/// backup) asks to attach every 20 ms for up to 2 s before it flushes: the
+/// sidecar logs that at INFO once per connection and database, not at
+/// every attempt (it logged a hundred identical lines).
+#[test]
+fn a_client_behind_the_horizon_is_logged_once_per_connection() {
+    let sc = Sidecar::start(&[]);
+    let h = tid_at(unix_now() - 60);
+    let first = client(&sc.socket);
+    first.attach("db", h, None).unwrap();
+    first.report("db", h, h + 100, vec![(1, h + 50)]).unwrap();
+    let lagging = client(&sc.socket);
+    for _ in 0..5 {
+        let (state, _) = lagging.attach("db", h + 10, None).unwrap();
+        assert_eq!(state, tidecache_protocol::AttachState::Behind);
+    }
+    let line = "a client's lastTransaction is below the horizon";
+    assert_eq!(sc.log().matches(line).count(), 1, "{}", sc.log());
+    // Another connection behind says so too (once).
+    let other = client(&sc.socket);
+    for _ in 0..3 {
+        other.attach("db", h + 20, None).unwrap();
+    }
+    assert_eq!(sc.log().matches(line).count(), 2, "{}", sc.log());
+}
+
+/// A view detached for holding the invalidation log past
+/// `--max-log-changes` is logged at WARNING with what it costs and what to
+/// do (docs/operations.md, "Failure behaviour").
+#[test]
+fn a_detached_view_is_logged_with_what_to_do() {
+    let sc = Sidecar::start(&["--max-log-changes", "5", "--reclaim-interval-ms", "10"]);
+    let h = tid_at(unix_now() - 60);
+    let c = client(&sc.socket);
+    c.attach("db", h, None).unwrap();
+    c.register_view("db", h);
+    let changes: Vec<(u64, u64)> = (1..=10).map(|i| (i, h + i)).collect();
+    c.report("db", h, h + 10, changes).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let line = loop {
+        if let Some(l) = sc.log().lines().find(|l| l.contains("detached views")) {
+            break l.to_owned();
+        }
+        assert!(Instant::now() < deadline, "no detach logged: {}", sc.log());
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(line.contains(" WARN "), "{line}");
+    assert!(
+        line.contains("their stores are refused, their lookups stay correct")
+            && line.contains("close ZODB connections kept open")
+            && line.contains("or raise --max-log-changes"),
+        "{line}"
+    );
+}
+
+/// `--help` and docs/operations.md say the same: every option of every
+/// command is in the guide's table of options, on a row of its command,
+/// with the default `--help` shows.
+#[test]
+fn every_option_and_default_of_help_is_in_the_operators_guide() {
+    let guide = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/operations.md")).unwrap();
+    for command in ["serve", "stats", "check", "clean"] {
+        let help = stdout(&tidecached(&[os(command), os("--help")]));
+        let mut options = 0;
+        for (i, line) in help.lines().enumerate() {
+            let Some(option) = line.trim_start().strip_prefix("--") else {
+                continue;
+            };
+            let option = format!("--{}", option.split([' ', '<']).next().unwrap());
+            if option == "--help" {
+                continue;
+            }
+            options += 1;
+            let row = guide
+                .lines()
+                .find(|l| l.starts_with(&format!("| `{command}` | `{option}")))
+                .unwrap_or_else(|| panic!("{command} {option} is not in the table of docs/operations.md"));
+            // Its default, if --help gives one, a few lines below.
+            let default = help
+                .lines()
+                .skip(i + 1)
+                .take_while(|l| !l.trim_start().starts_with("--"))
+                .find_map(|l| {
+                    l.trim()
+                        .strip_prefix("[default: ")
+                        .map(|d| d.trim_end_matches(']').to_owned())
+                });
+            if let Some(d) = default {
+                assert!(
+                    row.contains(&format!("`{d}`")),
+                    "{command} {option}: default {d} not in {row}"
+                );
+            }
+        }
+        assert!(options > 0, "no options found in {command} --help:\n{help}");
+    }
+}

@@ -96,6 +96,11 @@ fn a_second_start_on_a_live_sidecar_changes_nothing() {
     ]);
     assert!(stderr(&out).contains("another tidecached"), "{out:?}");
     assert!(stderr(&out).contains(&*sc.socket.to_string_lossy()), "{out:?}");
+    // ... and says what to do.
+    assert!(
+        stderr(&out).contains("stop it first, or give this one another --socket"),
+        "{out:?}"
+    );
     // Another socket, the same file: the lock names the first one's pid.
     let other = sc.dir.path().join("other.sock");
     let out = serve_must_fail(&[
@@ -299,7 +304,13 @@ fn a_failing_start_leaves_a_warm_arena_as_it_was() {
     let missing = dir.path().join("no-such-dir").join("s.sock");
     let a_file = dir.path().join("a-file");
     std::fs::write(&a_file, b"not a socket").unwrap();
-    let failures: [(&Path, &str); 2] = [(&missing, "does not exist"), (&a_file, "is not a socket")];
+    let failures: [(&Path, &str); 2] = [
+        (&missing, "does not exist"),
+        (
+            &a_file,
+            "is not a socket; refusing to replace it: remove it or give another --socket",
+        ),
+    ];
     for (bad_socket, says) in failures {
         let out = serve_must_fail(&[
             os("--socket"),

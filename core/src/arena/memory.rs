@@ -66,7 +66,7 @@ mod file {
 
     impl Memory {
         /// Creates (or replaces) the file at `path` with `bytes` zero bytes,
-        /// mode 0600 (0660 with `group`, owned by that group), its blocks
+        /// mode 0600 (0640 with `group`, owned by that group), its blocks
         /// allocated (`posix_fallocate`), and maps it shared, read-write.
         ///
         /// The file is made under a temporary name beside `path`
