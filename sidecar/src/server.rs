@@ -149,6 +149,12 @@ pub struct Server {
     config: ServerConfig,
     arena: Arc<SharedArena>,
     arena_info: ArenaInfo,
+    /// The arena file opened read-only (`O_RDONLY`): a duplicate of it goes
+    /// to every client with the answer to its `Hello`, so clients need not
+    /// resolve `arena_info.path` (containers). Never a writable descriptor.
+    /// `None` if it could not be opened at start (logged): clients then
+    /// map the path.
+    arena_fd: Option<std::fs::File>,
     /// Held for the life of the process: no other sidecar uses the file.
     _lock: ArenaLock,
     databases: RwLock<HashMap<String, Entry>>,
@@ -210,7 +216,9 @@ impl Server {
             return Err(e);
         }
         let incarnation = arena.writer().incarnation();
+        let arena_fd = read_only_arena(&config.cache_file, incarnation);
         Ok(Arc::new(Server {
+            arena_fd,
             arena_info: ArenaInfo {
                 path: config.cache_file.display().to_string(),
                 incarnation,
@@ -521,8 +529,8 @@ impl Server {
                         tracing::info!(client = %client, "client said hello");
                         conn.hello = Some(client);
                         let server = format!("tidecached {}", env!("CARGO_PKG_VERSION"));
-                        reply(
-                            &mut stream,
+                        self.reply_hello(
+                            stream,
                             req.id,
                             ResponseBody::Hello {
                                 version: PROTOCOL_VERSION,
@@ -842,6 +850,18 @@ impl Server {
         &self.arena_info
     }
 
+    /// Answers a `Hello`: the frame carries the arena's read-only
+    /// descriptor on its first byte (`SCM_RIGHTS`, see
+    /// [`tidecache_protocol::handoff`]), or none if the sidecar could not
+    /// open one at start (then clients map `arena.path`).
+    fn reply_hello(&self, stream: &UnixStream, id: u64, body: ResponseBody) -> io::Result<()> {
+        let Some(fd) = &self.arena_fd else {
+            return reply(&mut &*stream, id, body);
+        };
+        let bytes = encode(&Response { id, body }).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        protocol::handoff::write_frame_with_fd(stream, &bytes, std::os::fd::AsFd::as_fd(fd))
+    }
+
     fn arena_stats(&self) -> WireArenaStats {
         let a = self.arena.stats();
         WireArenaStats {
@@ -947,6 +967,33 @@ fn open_arena(
         tracing::warn!(cache_file = %path.display(), error = %e, "cannot write the arena header to the disk");
     }
     Ok((SharedArena::new(writer), true))
+}
+
+/// Opens the arena file at `path` read-only (`O_RDONLY`, close-on-exec),
+/// the descriptor handed to clients, and checks that it is the file this
+/// run serves (its header holds `incarnation`). `None`, logged, if not:
+/// clients then map the path.
+fn read_only_arena(path: &std::path::Path, incarnation: u64) -> Option<std::fs::File> {
+    use std::os::unix::fs::FileExt;
+    let checked = std::fs::File::open(path).and_then(|file| {
+        let mut word = [0u8; 8];
+        file.read_exact_at(&mut word, layout::header::INCARNATION as u64 * 8)?;
+        if u64::from_ne_bytes(word) == incarnation {
+            Ok(file)
+        } else {
+            Err(io::Error::other("another file is at the path now"))
+        }
+    });
+    match checked {
+        Ok(file) => Some(file),
+        Err(e) => {
+            tracing::warn!(
+                cache_file = %path.display(), error = %e,
+                "cannot open the arena file read-only to hand it to clients; they map its path instead"
+            );
+            None
+        }
+    }
 }
 
 /// Removes the arena file this run created at `path` and its lock file,
