@@ -183,7 +183,11 @@ impl Server {
     /// background by [`Server::serve`]; after a reboot only its verified
     /// closed revisions are kept, see `ArenaWriter::recover`); otherwise it
     /// is discarded, with the reason in the log, and a new one created with
-    /// its blocks allocated. [`Server::bind`] comes last.
+    /// its blocks allocated. A file of another format version is never
+    /// mapped nor written: the new file is renamed over it (unlinked, never
+    /// truncated), with a log line naming both versions. The arena is then
+    /// opened once more, read-only, for the descriptor every `Hello` answer
+    /// hands over. [`Server::bind`] comes last.
     ///
     /// # Errors
     /// [`SidecarError::Arena`] (size out of range),
@@ -202,7 +206,10 @@ impl Server {
         }
         startup::socket_free(&config.socket)?;
         match startup::existing_arena(&config.cache_file)? {
-            Existing::Arena { bytes } if bytes == geometry.file_bytes => {}
+            Existing::Arena {
+                bytes,
+                version: Some(layout::LAYOUT_VERSION),
+            } if bytes == geometry.file_bytes => {}
             _ => startup::room_for(&config.cache_file, geometry.file_bytes)?,
         }
         let mut lock = ArenaLock::take(&config.cache_file, &config.socket)?;
@@ -898,7 +905,32 @@ fn open_arena(
     let path = &config.cache_file;
     let incarnation = fastrand::u64(1..);
     let mut discarded = None;
-    if let Existing::Arena { .. } = existing {
+    if let Existing::Arena { version, .. } = existing {
+        if version.is_none() {
+            tracing::warn!(cache_file = %path.display(), reason = "shorter than an arena header",
+                "discarding the arena file; starting empty");
+        }
+        if let Some(found) = version.filter(|&v| v != layout::LAYOUT_VERSION) {
+            // Never mapped, never written (its words may mean other things
+            // in its layout), never truncated (workers of the version that
+            // wrote it may still map it): the new file is renamed over its
+            // path, which unlinks it; its pages go back once the last
+            // mapping of it is gone.
+            tracing::warn!(
+                cache_file = %path.display(), found, writes = layout::LAYOUT_VERSION,
+                "arena {} has format version {found}, this tidecached writes {}: starting cold, \
+                 the old file is replaced (unlinked, never truncated; workers that still map it \
+                 let go of it when they reconnect or restart)",
+                path.display(),
+                layout::LAYOUT_VERSION
+            );
+        }
+    }
+    if let Existing::Arena {
+        version: Some(layout::LAYOUT_VERSION),
+        ..
+    } = existing
+    {
         let started = Instant::now();
         let reopened = Memory::open_file(path, config.group)
             .map_err(|e| e.to_string())
