@@ -259,13 +259,15 @@ const CHILD_ARENA: &str = "TIDECACHE_TEST_NAMESPACE_ARENA";
 #[test]
 fn in_a_mount_namespace_without_the_arena_a_client_still_hits() {
     let _g = serial();
+    let probe = tempfile::tempdir().unwrap();
     let usable = std::process::Command::new("unshare")
-        .args(["-rm", "true"])
+        .args(["-rm", "sh", "-c", "mount -t tmpfs tmpfs \"$0\""])
+        .arg(probe.path())
         .output()
         .map(|o| o.status.success())
         .unwrap_or(false);
     if !usable {
-        eprintln!("skipped: `unshare -rm` does not work here (no user namespaces for this user)");
+        eprintln!("skipped: `unshare -rm` cannot mount a tmpfs here (no user or mount namespaces for this user)");
         return;
     }
     let (sc, arena) = sidecar_with_arena_apart();
