@@ -14,6 +14,8 @@
 
 #![warn(missing_docs)]
 
+pub mod handoff;
+
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};

@@ -82,7 +82,7 @@ fn arena_bytes(path: &Path) -> Result<Option<u64>, CleanError> {
             path: path.to_path_buf(),
             reason: "it is empty: no magic word".into(),
         }),
-        Existing::Arena { bytes } => Ok(Some(bytes)),
+        Existing::Arena { bytes, .. } => Ok(Some(bytes)),
     }
 }
 

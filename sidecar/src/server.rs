@@ -151,6 +151,12 @@ pub struct Server {
     config: ServerConfig,
     arena: Arc<SharedArena>,
     arena_info: ArenaInfo,
+    /// The arena file opened read-only (`O_RDONLY`): a duplicate of it goes
+    /// to every client with the answer to its `Hello`, so clients need not
+    /// resolve `arena_info.path` (containers). Never a writable descriptor.
+    /// `None` if it could not be opened at start (logged): clients then
+    /// map the path.
+    arena_fd: Option<std::fs::File>,
     /// Held for the life of the process: no other sidecar uses the file.
     _lock: ArenaLock,
     databases: RwLock<HashMap<String, Entry>>,
@@ -179,7 +185,11 @@ impl Server {
     /// background by [`Server::serve`]; after a reboot only its verified
     /// closed revisions are kept, see `ArenaWriter::recover`); otherwise it
     /// is discarded, with the reason in the log, and a new one created with
-    /// its blocks allocated. [`Server::bind`] comes last.
+    /// its blocks allocated. A file of another format version is never
+    /// mapped nor written: the new file is renamed over it (unlinked, never
+    /// truncated), with a log line naming both versions. The arena is then
+    /// opened once more, read-only, for the descriptor every `Hello` answer
+    /// hands over. [`Server::bind`] comes last.
     ///
     /// # Errors
     /// [`SidecarError::Arena`] (size out of range),
@@ -198,7 +208,10 @@ impl Server {
         }
         startup::socket_free(&config.socket)?;
         match startup::existing_arena(&config.cache_file)? {
-            Existing::Arena { bytes } if bytes == geometry.file_bytes => {}
+            Existing::Arena {
+                bytes,
+                version: Some(layout::LAYOUT_VERSION),
+            } if bytes == geometry.file_bytes => {}
             _ => startup::room_for(&config.cache_file, geometry.file_bytes)?,
         }
         let mut lock = ArenaLock::take(&config.cache_file, &config.socket)?;
@@ -212,7 +225,9 @@ impl Server {
             return Err(e);
         }
         let incarnation = arena.writer().incarnation();
+        let arena_fd = read_only_arena(&config.cache_file, incarnation);
         Ok(Arc::new(Server {
+            arena_fd,
             arena_info: ArenaInfo {
                 path: config.cache_file.display().to_string(),
                 incarnation,
@@ -526,8 +541,8 @@ impl Server {
                         tracing::info!(client = %client, "client said hello");
                         conn.hello = Some(client);
                         let server = format!("tidecached {}", env!("CARGO_PKG_VERSION"));
-                        reply(
-                            &mut stream,
+                        self.reply_hello(
+                            stream,
                             req.id,
                             ResponseBody::Hello {
                                 version: PROTOCOL_VERSION,
@@ -859,6 +874,18 @@ impl Server {
         &self.arena_info
     }
 
+    /// Answers a `Hello`: the frame carries the arena's read-only
+    /// descriptor on its first byte (`SCM_RIGHTS`, see
+    /// [`tidecache_protocol::handoff`]), or none if the sidecar could not
+    /// open one at start (then clients map `arena.path`).
+    fn reply_hello(&self, stream: &UnixStream, id: u64, body: ResponseBody) -> io::Result<()> {
+        let Some(fd) = &self.arena_fd else {
+            return reply(&mut &*stream, id, body);
+        };
+        let bytes = encode(&Response { id, body }).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        protocol::handoff::write_frame_with_fd(stream, &bytes, std::os::fd::AsFd::as_fd(fd))
+    }
+
     fn arena_stats(&self) -> WireArenaStats {
         let a = self.arena.stats();
         WireArenaStats {
@@ -895,7 +922,32 @@ fn open_arena(
     let path = &config.cache_file;
     let incarnation = fastrand::u64(1..);
     let mut discarded = None;
-    if let Existing::Arena { .. } = existing {
+    if let Existing::Arena { version, .. } = existing {
+        if version.is_none() {
+            tracing::warn!(cache_file = %path.display(), reason = "shorter than an arena header",
+                "discarding the arena file; starting empty");
+        }
+        if let Some(found) = version.filter(|&v| v != layout::LAYOUT_VERSION) {
+            // Never mapped, never written (its words may mean other things
+            // in its layout), never truncated (workers of the version that
+            // wrote it may still map it): the new file is renamed over its
+            // path, which unlinks it; its pages go back once the last
+            // mapping of it is gone.
+            tracing::warn!(
+                cache_file = %path.display(), found, writes = layout::LAYOUT_VERSION,
+                "arena {} has format version {found}, this tidecached writes {}: starting cold, \
+                 the old file is replaced (unlinked, never truncated; workers that still map it \
+                 let go of it when they reconnect or restart)",
+                path.display(),
+                layout::LAYOUT_VERSION
+            );
+        }
+    }
+    if let Existing::Arena {
+        version: Some(layout::LAYOUT_VERSION),
+        ..
+    } = existing
+    {
         let started = Instant::now();
         let reopened = Memory::open_file(path, config.group)
             .map_err(|e| e.to_string())
@@ -964,6 +1016,33 @@ fn open_arena(
         tracing::warn!(cache_file = %path.display(), error = %e, "cannot write the arena header to the disk");
     }
     Ok((SharedArena::new(writer), true))
+}
+
+/// Opens the arena file at `path` read-only (`O_RDONLY`, close-on-exec),
+/// the descriptor handed to clients, and checks that it is the file this
+/// run serves (its header holds `incarnation`). `None`, logged, if not:
+/// clients then map the path.
+fn read_only_arena(path: &std::path::Path, incarnation: u64) -> Option<std::fs::File> {
+    use std::os::unix::fs::FileExt;
+    let checked = std::fs::File::open(path).and_then(|file| {
+        let mut word = [0u8; 8];
+        file.read_exact_at(&mut word, layout::header::INCARNATION as u64 * 8)?;
+        if u64::from_ne_bytes(word) == incarnation {
+            Ok(file)
+        } else {
+            Err(io::Error::other("another file is at the path now"))
+        }
+    });
+    match checked {
+        Ok(file) => Some(file),
+        Err(e) => {
+            tracing::warn!(
+                cache_file = %path.display(), error = %e,
+                "cannot open the arena file read-only to hand it to clients; they map its path instead"
+            );
+            None
+        }
+    }
 }
 
 /// Removes the arena file this run created at `path` and its lock file,

@@ -104,11 +104,14 @@ pub enum Existing {
     /// An empty file (a start cut short between creating and sizing it):
     /// nothing to lose, replaced.
     Empty,
-    /// A file that starts with the arena's magic word: re-attached if sound,
-    /// else replaced.
+    /// A file that starts with the arena's magic word: re-attached if sound
+    /// and of this format version, else replaced.
     Arena {
         /// Its length, bytes.
         bytes: u64,
+        /// Its format (layout) version word, read without mapping it;
+        /// `None` if the file is too short to hold one.
+        version: Option<u64>,
     },
 }
 
@@ -144,7 +147,21 @@ pub fn existing_arena(path: &Path) -> Result<Existing, SidecarError> {
     if u64::from_ne_bytes(first) != MAGIC {
         return Err(not_arena("it does not start with the arena's magic word"));
     }
-    Ok(Existing::Arena { bytes: meta.len() })
+    Ok(Existing::Arena {
+        bytes: meta.len(),
+        version: format_version(path),
+    })
+}
+
+/// The format (layout) version word of the arena file at `path`, read with
+/// `pread`, without mapping the file (a file of another format version is
+/// never mapped); `None` if it cannot be read.
+fn format_version(path: &Path) -> Option<u64> {
+    use std::os::unix::fs::FileExt;
+    let mut word = [0u8; 8];
+    let offset = tidecache_core::arena::layout::header::VERSION as u64 * 8;
+    File::open(path).and_then(|f| f.read_exact_at(&mut word, offset)).ok()?;
+    Some(u64::from_ne_bytes(word))
 }
 
 /// The file system holding `path` has `bytes` bytes free for a new file.

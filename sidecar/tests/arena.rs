@@ -153,7 +153,9 @@ fn damaged_truncated_and_foreign_files_are_discarded_with_a_log_line() {
         (
             "another layout version",
             Box::new(|p| poke(p, 8, &7u64.to_ne_bytes())),
-            "layout version 7",
+            // Never mapped, never written: a line of its own
+            // (sidecar/tests/startup.rs has the details).
+            "has format version 7, this tidecached writes 2: starting cold",
         ),
     ];
     for (what, damage, says) in damages {
@@ -167,8 +169,9 @@ fn damaged_truncated_and_foreign_files_are_discarded_with_a_log_line() {
         reconnect(&c);
         assert!(sc.alive(), "{what}: the sidecar died");
         let log = sc.log();
+        let other_version = what == "another layout version";
         assert!(
-            log.contains("discarding the arena file") && log.contains(says),
+            log.contains("discarding the arena file") != other_version && log.contains(says),
             "{what}: {log}"
         );
         assert!(

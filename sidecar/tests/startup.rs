@@ -258,9 +258,10 @@ fn a_small_dev_shm_is_a_clear_error_not_a_sigbus() {
         "{out:?}"
     );
     assert_eq!(std::fs::read(&arena).unwrap(), before, "the old file changed");
-    let mut left: Vec<_> = entries(shm.path());
-    left.sort();
-    assert_eq!(left, vec![arena.clone(), shm.path().join("cache.arena.lock")]);
+    // Its format version word (0) is not this build's: it could never be
+    // re-attached, so the room for a new one is checked before the lock is
+    // taken, and not even a lock file is left.
+    assert_eq!(entries(shm.path()), vec![arena.clone()]);
 }
 
 #[test]
@@ -434,4 +435,88 @@ fn after_a_reboot_a_torn_arena_serves_only_revisions_really_stored() {
         assert!(sc.log().contains("before a reboot"), "image {n}: {}", sc.log());
         (dir, _) = sc.kill();
     }
+}
+
+/// Rewrites the header of the arena file at `path` as another format
+/// version would: the version word changed, the header's CRC made to match
+/// (so only the version is different).
+fn set_format_version(path: &Path, version: u64) {
+    use std::os::unix::fs::FileExt;
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(path).unwrap();
+    let mut words = [0u64; header::CHECKED];
+    for (i, w) in words.iter_mut().enumerate() {
+        let mut b = [0u8; 8];
+        file.read_exact_at(&mut b, i as u64 * 8).unwrap();
+        *w = u64::from_ne_bytes(b);
+    }
+    words[header::VERSION] = version;
+    let crc = u64::from(tidecache_core::arena::layout::words_crc(words.iter().copied()));
+    file.write_all_at(&version.to_ne_bytes(), header::VERSION as u64 * 8)
+        .unwrap();
+    file.write_all_at(&crc.to_ne_bytes(), header::CRC as u64 * 8).unwrap();
+}
+
+#[test]
+fn an_arena_of_another_format_version_is_replaced_never_mapped_and_never_read_by_clients() {
+    use std::os::unix::fs::MetadataExt;
+    use tidecache_client::protocol::AttachState;
+    use tidecache_client::{MapError, MappedArena};
+    use tidecache_core::arena::layout::{LayoutError, LAYOUT_VERSION};
+
+    let sc = Sidecar::start(&[]);
+    let c = client(&sc.socket);
+    c.attach("db", 10, None).unwrap();
+    c.store("db", vec![item(1, 5, Some(8), 10, b"closed")]).unwrap();
+    assert_eq!(hit(&c, 1, 7).unwrap().state, b"closed");
+    drop(c);
+    let (dir, socket) = sc.kill();
+    let arena = dir.path().join("cache.arena");
+    let incarnation = word(&header_bytes(&arena), header::INCARNATION);
+    assert!(
+        MappedArena::open(&arena, incarnation).is_ok(),
+        "the file as its sidecar left it maps"
+    );
+
+    let other = LAYOUT_VERSION + 1;
+    set_format_version(&arena, other);
+    // A client never reads an arena of another format version, by path or
+    // by descriptor: it is refused (its lookups miss in the arena).
+    for mapped in [
+        MappedArena::open(&arena, incarnation),
+        MappedArena::from_file(&std::fs::File::open(&arena).unwrap(), incarnation),
+    ] {
+        match mapped {
+            Err(MapError::Layout(LayoutError::Version { found, expected })) => {
+                assert_eq!((found, expected), (other, LAYOUT_VERSION))
+            }
+            Err(e) => panic!("refused for another reason: {e}"),
+            Ok(_) => panic!("an arena of format version {other} was mapped"),
+        }
+    }
+    // What a worker of the other version still holds: the old file, open.
+    let old = std::fs::File::open(&arena).unwrap();
+    let old_inode = old.metadata().unwrap().ino();
+    let before = std::fs::read(&arena).unwrap();
+
+    let sc = Sidecar::start_at(dir, socket, &[]);
+    let line = format!(
+        "arena {} has format version {other}, this tidecached writes {LAYOUT_VERSION}: starting cold, \
+         the old file is replaced (unlinked, never truncated",
+        arena.display()
+    );
+    assert!(sc.log().contains(&line), "expected {line:?} in:\n{}", sc.log());
+    // The old file is neither truncated nor written (not even retired: its
+    // words may mean other things in its layout); a new file is at the path.
+    let mut still = Vec::new();
+    std::io::Read::read_to_end(&mut &old, &mut still).unwrap();
+    assert!(still == before, "the old file of another format version was changed");
+    assert_ne!(std::fs::metadata(&arena).unwrap().ino(), old_inode);
+    assert_eq!(word(&header_bytes(&arena), header::VERSION), LAYOUT_VERSION);
+    // Served cold, and correctly: the database starts anew, nothing of the
+    // old file answers, new stores hit.
+    let c = client(&sc.socket);
+    assert_eq!(c.attach("db", 10, None).unwrap().0, AttachState::Started);
+    assert!(hit(&c, 1, 7).is_none(), "a revision of the old file was served");
+    c.store("db", vec![item(1, 5, Some(8), 10, b"again")]).unwrap();
+    assert_eq!(hit(&c, 1, 7).unwrap().state, b"again");
 }

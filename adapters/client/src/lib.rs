@@ -205,8 +205,23 @@ impl MappedArena {
     /// [`MapError`]: the file cannot be mapped, is not a sound arena, or is
     /// of another incarnation.
     pub fn open(path: &std::path::Path, incarnation: u64) -> Result<Self, MapError> {
+        Self::checked(Memory::map_read_only(path)?, incarnation)
+    }
+
+    /// Maps the arena file open as `file` (the read-only descriptor the
+    /// sidecar handed over with its `Hello` answer) and checks it as
+    /// [`MappedArena::open`] does: a descriptor of some other file (not an
+    /// arena, another layout version, another incarnation) is refused.
+    /// The mapping outlives `file`, which the caller closes.
+    ///
+    /// # Errors
+    /// [`MapError`], as [`MappedArena::open`].
+    pub fn from_file(file: &std::fs::File, incarnation: u64) -> Result<Self, MapError> {
+        Self::checked(Memory::map_read_only_file(file)?, incarnation)
+    }
+
+    fn checked(memory: Memory, incarnation: u64) -> Result<Self, MapError> {
         use tidecache_core::arena::layout::header;
-        let memory = Memory::map_read_only(path)?;
         let geometry = Geometry::read(memory.words(), memory.len_bytes())?;
         let found = memory.words()[header::INCARNATION].load(std::sync::atomic::Ordering::Acquire);
         if found != incarnation {
@@ -249,6 +264,19 @@ impl MappedArena {
     /// Copies a located state into `buf` and validates it; `false` is a miss.
     pub fn copy(&self, found: &reader::Located, buf: &mut [u8]) -> bool {
         found.copy_to(self.memory.words(), buf)
+    }
+}
+
+/// Maps the arena a `Hello` answer named: the descriptor that came with
+/// it, or, when none came, the path (which a client in another mount
+/// namespace, e.g. another container, may not resolve).
+fn map_arena(arena: &protocol::ArenaInfo, fd: Option<std::fs::File>) -> Result<MappedArena, MapError> {
+    match fd {
+        Some(file) => MappedArena::from_file(&file, arena.incarnation),
+        None => {
+            tracing::info!(arena = %arena.path, "the sidecar handed over no arena descriptor; mapping its path");
+            MappedArena::open(std::path::Path::new(&arena.path), arena.incarnation)
+        }
     }
 }
 
@@ -593,6 +621,52 @@ impl Client {
         }
     }
 
+    /// Sends `Hello` and reads its answer with the arena's descriptor, if
+    /// one came with it ([`protocol::handoff`]): none from a sidecar that
+    /// hands out none (an earlier version, or one that could not open its
+    /// arena read-only). A wrong number of descriptors or a truncated
+    /// control message (`MSG_CTRUNC`) drops the connection (`Unavailable`:
+    /// lookups miss, invariant 8); every descriptor received is closed on
+    /// every path but the one kept.
+    fn hello(&self, p: &Proc, st: &mut State) -> Result<(ResponseBody, Option<std::fs::File>), ClientError> {
+        let conn = st.conn.as_mut().ok_or_else(|| self.unavailable("not connected"))?;
+        st.next_id += 1;
+        let id = st.next_id;
+        let hello = RequestBody::Hello {
+            version: PROTOCOL_VERSION,
+            client: self.config.name.clone(),
+        };
+        let bytes = encode(&Request { id, body: hello }).map_err(|e| self.unavailable(format!("encode: {e}")))?;
+        let result = (|| {
+            write_frame(conn, &bytes).map_err(|e| format!("send: {e}"))?;
+            let received =
+                protocol::handoff::read_frame_with_fds(conn, self.config.max_frame).map_err(|e| e.to_string())?;
+            let mut fds = received.fds;
+            if fds.len() > 1 {
+                return Err(format!(
+                    "the Hello answer came with {} descriptors where one arena was expected; all closed",
+                    fds.len()
+                ));
+            }
+            let resp: Response =
+                rmp_serde::from_slice(&received.body).map_err(|e| format!("undecodable answer: {e}"))?;
+            if resp.id != id {
+                return Err(format!("answer to request {} where {id} was expected", resp.id));
+            }
+            Ok((resp.body, fds.pop().map(std::fs::File::from)))
+        })();
+        match result {
+            Ok((ResponseBody::Error { code, message, horizon }, _)) => {
+                Err(ClientError::Refused { code, message, horizon })
+            }
+            Ok(answer) => Ok(answer),
+            Err(reason) => {
+                self.mark_down(p, st);
+                Err(self.unavailable(reason))
+            }
+        }
+    }
+
     fn mark_down(&self, p: &Proc, st: &mut State) {
         if p.take_conn(st).is_some() {
             tracing::warn!(socket = %self.config.socket.display(), "lost the connection to tidecached");
@@ -628,14 +702,10 @@ impl Client {
         }
         p.set_conn(st, stream);
         st.connects += 1;
-        let hello = RequestBody::Hello {
-            version: PROTOCOL_VERSION,
-            client: self.config.name.clone(),
-        };
-        match self.exchange(p, st, hello) {
-            Ok(ResponseBody::Hello { version, arena, .. }) if version == PROTOCOL_VERSION => {
+        match self.hello(p, st) {
+            Ok((ResponseBody::Hello { version, arena, .. }, fd)) if version == PROTOCOL_VERSION => {
                 if st.mapped.as_ref().map(|m| m.incarnation) != Some(arena.incarnation) {
-                    st.mapped = match MappedArena::open(std::path::Path::new(&arena.path), arena.incarnation) {
+                    st.mapped = match map_arena(&arena, fd) {
                         Ok(m) => Some(Arc::new(m)),
                         Err(reason) => {
                             tracing::warn!(arena = %arena.path, %reason, "cannot map the sidecar's arena; lookups go over the socket");
@@ -644,7 +714,7 @@ impl Client {
                     };
                 }
             }
-            Ok(other) => {
+            Ok((other, _)) => {
                 self.mark_down(p, st);
                 return Err(self.unavailable(format!("unexpected Hello answer {other:?}")));
             }

@@ -157,8 +157,17 @@ mod file {
         /// Any I/O error, with the path.
         pub fn map_read_only(path: &Path) -> io::Result<Self> {
             let file = File::open(path).map_err(|e| with_path(e, path))?;
+            Self::map_read_only_file(&file).map_err(|e| with_path(e, path))
+        }
+
+        /// Maps an open file read-only (a client mapping the descriptor the
+        /// sidecar handed it); the mapping outlives `file`.
+        ///
+        /// # Errors
+        /// The I/O error of `mmap` (e.g. `file` is not a regular file).
+        pub fn map_read_only_file(file: &File) -> io::Result<Self> {
             // SAFETY: as `map_shared`; this process only loads.
-            let map = unsafe { memmap2::MmapOptions::new().map(&file) }.map_err(|e| with_path(e, path))?;
+            let map = unsafe { memmap2::MmapOptions::new().map(file) }?;
             Ok(Memory {
                 backing: Backing::ReadOnly(map),
             })
