@@ -259,8 +259,12 @@ def test_a_backlog_past_the_bound_resyncs_and_warns(tmp_path, sidecar, caplog, m
     storage, db = make_db(tmp_path, sidecar.socket, timeout_ms=TIMEOUT_MS)
     wait_recovered(storage)
     assert recoveries(storage) == {"exact": 0, "collapsed": 0, "resync": 1}
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warnings) == 1 and "resyncing" in warnings[0].getMessage(), caplog.text
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len([w for w in warnings if "resyncing" in w]) == 1, caplog.text
+    # A loaded machine may time a call out (2 s): its fallback is logged
+    # too, and is no defect; any other warning is.
+    assert all("resyncing" in w or "fall back to the base storage" in w or "sidecar unavailable" in w
+               for w in warnings), caplog.text
     assert u64(storage.lastTransaction()) == storage._tc_client.stats()["databases"][
         storage._tc_client.database]["horizon"]
     base = storage._storage
