@@ -20,6 +20,13 @@
    sidecar memory for every side, and checks every read transaction's
    snapshot: a document's checksum must match its sections read in the same
    transaction. Exits non-zero if any check fails.
+5. Starts every tidecached with ``--metrics-listen 127.0.0.1:<free port>``
+   and, after each tidecache round (its workers closed, which sends their
+   last counts), reads ``/metrics`` as ``curl http://ADDR/metrics`` would:
+   ``tidecache_hits_total`` and ``tidecache_misses_total`` of the database,
+   the counts every worker process sent, printed beside the workers' own
+   count (``cache_stats()`` of the readers and the writer); their hit ratios
+   must agree within one point (they are the same lookups).
 
 ``--base`` chooses the storage under both sides: ``zeo`` (the default:
 the steps above), ``relstorage-sqlite`` (RelStorage over SQLite, a data
@@ -42,10 +49,13 @@ import argparse
 import json
 import os
 import pathlib
+import re
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -174,6 +184,51 @@ def summarize(mode, rounds, sidecar_stats):
     return row
 
 
+def free_port():
+    """A TCP port free on the loopback interface now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(address, database="demo"):
+    """``(hits, misses)`` of ``database`` as the sidecar's metrics endpoint
+    at ``address`` serves them (what ``curl http://ADDRESS/metrics`` shows):
+    the host-wide counts every worker process sent."""
+    with urllib.request.urlopen("http://%s/metrics" % address, timeout=5) as r:
+        text = r.read().decode()
+    counts = {}
+    for name in ("hits", "misses"):
+        m = re.search(r'^tidecache_%s_total\{database="%s"\} (\d+)$' % (name, re.escape(database)), text, re.M)
+        counts[name] = int(m.group(1)) if m else 0
+    return counts["hits"], counts["misses"]
+
+
+def metrics_check(address, results):
+    """Scrapes the endpoint after a round's workers closed (each sent its
+    counts when it closed) and sets it beside the workers' own count
+    (``cache_stats()`` of every worker, the writer's too); prints both and
+    returns them."""
+    hits, misses = scrape(address)
+    own_hits = sum((r["cache"] or {}).get("hits", 0) for r in results)
+    own_misses = sum((r["cache"] or {}).get("misses", 0) for r in results)
+    sample = {
+        "endpoint_hits": hits, "endpoint_misses": misses,
+        "endpoint_hit_ratio": hits / (hits + misses) if hits + misses else None,
+        "own_hits": own_hits, "own_misses": own_misses,
+        "own_hit_ratio": own_hits / (own_hits + own_misses) if own_hits + own_misses else None,
+    }
+    print("  curl http://%s/metrics: tidecache_hits_total %d, tidecache_misses_total %d (%s); "
+          "the workers' own count: %d hits, %d misses (%s)"
+          % (address, hits, misses, _percent(sample["endpoint_hit_ratio"]), own_hits, own_misses,
+             _percent(sample["own_hit_ratio"])))
+    return sample
+
+
+def _percent(ratio):
+    return "-" if ratio is None else "%.1f%% hits" % (100 * ratio)
+
+
 class _SidecarOf:
     """The host's sidecar seen as ``run`` wants it (``.socket``)."""
 
@@ -276,6 +331,7 @@ def rounds_zeo(t0, sides):
             per_round = SECONDS / ROUNDS
             rounds = {mode: [] for mode in sides}
             sidecar_stats = {mode: [] for mode in sides}
+            samples = {mode: [] for mode in sides}
             for n in range(1, ROUNDS + 1):
                 for mode in sides:
                     if mode == "plain":
@@ -283,16 +339,21 @@ def rounds_zeo(t0, sides):
                               % (n, ROUNDS, WORKERS, per_round))
                         rounds[mode].append(run("plain", zeo.address, None, words_path, tmp, per_round))
                         continue
-                    sidecar = Sidecar(tmp, memory_mb=256)
+                    metrics = "127.0.0.1:%d" % free_port()
+                    sidecar = Sidecar(tmp, memory_mb=256, extra=["--metrics-listen", metrics])
                     print("round %d/%d: ZODB + tidecache%s (a new tidecached on %s), same workload ..."
                           % (n, ROUNDS, " with shared state" if mode == "shared" else "", sidecar.socket))
                     rounds[mode].append(run(mode, zeo.address, sidecar, words_path, tmp, per_round))
+                    samples[mode].append(metrics_check(metrics, rounds[mode][-1]))
                     stats = sidecar.stats()["total"]
                     stats["rss_kib"] = rss_kib(sidecar.proc.pid)
                     sidecar_stats[mode].append(stats)
                     sidecar.stop()
                     sidecar = None
             summaries = {mode: summarize(mode, rounds[mode], sidecar_stats[mode] or None) for mode in sides}
+            for mode in sides:
+                if samples[mode]:
+                    summaries[mode]["metrics_samples"] = samples[mode]
         finally:
             if sidecar:
                 sidecar.stop()
@@ -389,6 +450,13 @@ def report(base, summaries, t0):
     if not cached["hit_ratio"]:
         print("CHECK FAILED: the tidecache run never hit the sidecar")
         return 1
+    for side in sides:
+        for sample in summaries[side].get("metrics_samples", []):
+            endpoint, own = sample["endpoint_hit_ratio"], sample["own_hit_ratio"]
+            if not sample["endpoint_hits"] or endpoint is None or own is None or abs(endpoint - own) > 0.01:
+                print("CHECK FAILED: the metrics endpoint's hit ratio does not match the workers' own count: %s"
+                      % sample)
+                return 1
     if "shared" in summaries and not summaries["shared"].get("template_hit_ratio"):
         print("CHECK FAILED: the shared-state run never activated an object from a template")
         return 1

@@ -20,8 +20,12 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 
-/// Version spoken by this build; the Hello of both sides carries it.
-pub const PROTOCOL_VERSION: u32 = 6;
+pub mod previous;
+
+/// Version spoken by this build; the Hello of both sides carries it. A
+/// sidecar also accepts clients of [`previous::VERSION`] (rolling upgrades:
+/// docs/protocol.md, "Versions").
+pub const PROTOCOL_VERSION: u32 = 7;
 
 /// Default largest frame body the sidecar accepts, bytes (64 MiB).
 pub const DEFAULT_MAX_FRAME: usize = 64 << 20;
@@ -209,18 +213,29 @@ pub enum RequestBody {
     /// Counters of the sidecar and each database. Answer: `Stats`.
     Stats,
     /// Revisions a client read from the arena (a sample of its hits), so
-    /// eviction keeps them. Answer: `Done`.
+    /// eviction keeps them, and the client's lookups counted since its last
+    /// `Touch` (the host-wide hit counters). Answer: `Done`.
     Touch {
         /// Database key.
         db: String,
-        /// `(oid, serial)` of each revision read.
+        /// `(oid, serial)` of each revision read; may be empty (a `Touch`
+        /// that only carries counts).
         revisions: Vec<(u64, u64)>,
         /// The slot identity the client attached to (`Attached.identity`):
         /// the sidecar refuses the request with `Stale` if the database
         /// was flushed since (its slot has a new identity). Nil: no check
-        /// (tools).
+        /// (tools). The counts below are added before this check.
         #[serde(default)]
         identity: Option<u64>,
+        /// Lookups of the client answered with a revision (from the arena
+        /// or over the socket) since its previous `Touch` (version 7; 0
+        /// when left out, as clients of version 6 do).
+        #[serde(default)]
+        hits: u64,
+        /// Lookups of the client that went to its base storage since its
+        /// previous `Touch` (version 7; 0 when left out).
+        #[serde(default)]
+        misses: u64,
     },
 }
 
@@ -395,9 +410,11 @@ pub struct DatabaseStats {
     /// Bytes of their states (the arena's per-revision record header
     /// and padding are not counted here: see `ArenaStats::record_bytes`).
     pub bytes: u64,
-    /// Lookups answered.
+    /// Lookups answered with a revision, as the clients counted and sent
+    /// them in `Touch` (from the arena or over the socket): the host-wide
+    /// hits. (Before version 7: [`DatabaseStats::socket_hits`].)
     pub hits: u64,
-    /// Lookups not answered.
+    /// Lookups that went to the base storage, as the clients counted them.
     pub misses: u64,
     /// Stores kept.
     pub stores: u64,
@@ -421,6 +438,14 @@ pub struct DatabaseStats {
     pub log_len: u64,
     /// Views detached for holding the log past `--max-log-changes`.
     pub detached: u64,
+    /// `Lookup` requests' oids the sidecar answered with a revision itself,
+    /// over the socket (clients that cannot map the arena, tools); version
+    /// 7, absent from the answer to a version 6 client.
+    #[serde(default)]
+    pub socket_hits: u64,
+    /// `Lookup` requests' oids the sidecar answered without one.
+    #[serde(default)]
+    pub socket_misses: u64,
 }
 
 impl DatabaseStats {
@@ -430,8 +455,9 @@ impl DatabaseStats {
     pub fn add(&mut self, other: &DatabaseStats) {
         self.entries += other.entries;
         self.bytes += other.bytes;
-        self.hits += other.hits;
-        self.misses += other.misses;
+        // Sums of what clients sent: saturating, whatever they sent.
+        self.hits = self.hits.saturating_add(other.hits);
+        self.misses = self.misses.saturating_add(other.misses);
         self.stores += other.stores;
         self.refused += other.refused;
         self.invalidations += other.invalidations;
@@ -440,6 +466,14 @@ impl DatabaseStats {
         self.views += other.views;
         self.log_len += other.log_len;
         self.detached += other.detached;
+        self.socket_hits += other.socket_hits;
+        self.socket_misses += other.socket_misses;
+    }
+
+    /// `hits / (hits + misses)`, `None` before any lookup was counted.
+    pub fn hit_ratio(&self) -> Option<f64> {
+        let n = self.hits as f64 + self.misses as f64;
+        (n > 0.0).then(|| self.hits as f64 / n)
     }
 }
 

@@ -102,14 +102,18 @@ enum Command {
     /// Print the counters of a running tidecached (json, text or prometheus).
     ///
     /// json (the default): one JSON object on one line, the sidecar's Stats
-    /// answer plus its version (as --version prints it) and, per database, horizon_time (ISO 8601 UTC) and
-    /// horizon_lag_s. text: for a person, tids also as ISO times, the
-    /// horizon's lag in seconds, hit ratios. prometheus: what
+    /// answer plus its version (as --version prints it), hit_ratio per
+    /// database and in total, and, per database, horizon_time (ISO 8601
+    /// UTC) and horizon_lag_s. text: for a person, tids also as ISO times,
+    /// the horizon's lag in seconds, hit ratios. prometheus: what
     /// --metrics-listen serves, less tidecache_resyncs_total and
     /// tidecache_hit_hints_total (known inside the sidecar only). clients
-    /// does not count this command's own connection. hits and misses count
-    /// the lookups the sidecar answered over its socket, not the hits
-    /// workers read from the arena (their cache_stats() counts those).
+    /// does not count this command's own connection. hits and misses are
+    /// host-wide: every worker process counts its lookups (hits from the
+    /// arena or over the socket, misses that went to its storage) and sends
+    /// them with its hit hints, within a second and when it closes;
+    /// socket_hits and socket_misses count the lookups the sidecar answered
+    /// over its socket.
     Stats {
         /// Path of the running sidecar's socket.
         #[arg(long)]

@@ -2,17 +2,19 @@
 //! [`Readout`] rendered as `tidecached stats --format json|text|prometheus`
 //! and served by the `--metrics-listen` endpoint ([`crate::scrape`]).
 //!
-//! What `hits` and `misses` count: the lookups the sidecar itself answered
-//! (`Lookup` requests over the socket, made by clients that cannot map the
-//! arena, and by tools). Hits a worker reads from the mapped arena never
-//! reach the sidecar. The hit hints clients send (`Touch`) are samples of
-//! `(oid, serial)` for eviction, without counts: the sidecar counts them
-//! apart ([`Inside::hit_hints`], `tidecache_hit_hints_total`), each one
-//! standing for `tidecache_client::session::TOUCH_EVERY` arena hits of a
-//! worker, less those lost with a full queue or not yet sent. With every
-//! worker mapping the arena `hits` and `misses` stay near zero; the
-//! workers' own `cache_stats()` count their hits. docs/operations.md says
-//! the same for operators.
+//! What `hits` and `misses` count: every client's lookups of the database,
+//! counted by the client itself (a hit: a revision served from the arena
+//! or over the socket; a miss: a lookup that went to the base storage) and
+//! sent with its hit hints in `Touch` (protocol version 7): host-wide
+//! counts, although hits read from the mapped arena never reach the
+//! sidecar. They lag a worker's own count by at most
+//! `tidecache_client::outbox::COUNTS_INTERVAL` (all of it is sent when the
+//! worker closes). `socket_hits` and `socket_misses` count the `Lookup`
+//! requests the sidecar answered itself (clients that cannot map the
+//! arena, tools): those are in `hits` and `misses` too when a client
+//! counted them. The hit hints (`(oid, serial)` samples for eviction) are
+//! counted apart ([`Inside::hit_hints`], `tidecache_hit_hints_total`).
+//! docs/operations.md says the same for operators.
 
 use crate::timestamp;
 use std::collections::BTreeMap;
@@ -23,8 +25,9 @@ use tidecache_protocol::{DatabaseStats, ServerStats};
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Format {
     /// One JSON object on one line: the sidecar's `Stats` answer
-    /// (docs/protocol.md) plus, per database, `horizon_time` (ISO 8601
-    /// UTC) and `horizon_lag_s`. The default, for scripts.
+    /// (docs/protocol.md) plus, per database and in `total`, `hit_ratio`
+    /// (`null` before any lookup), and per database `horizon_time` (ISO
+    /// 8601 UTC) and `horizon_lag_s`. The default, for scripts.
     Json,
     /// Lines for a person: tids also as ISO times, the horizon's lag in
     /// seconds, hit ratios.
@@ -99,10 +102,15 @@ impl Readout {
         if let Some(obj) = v.as_object_mut() {
             obj.insert("version".into(), version(&self.stats).into());
         }
+        if let Some(total) = v.get_mut("total").and_then(|t| t.as_object_mut()) {
+            total.insert("hit_ratio".into(), self.stats.total.hit_ratio().into());
+        }
         if let Some(dbs) = v.get_mut("databases").and_then(|d| d.as_object_mut()) {
             for (name, db) in dbs.iter_mut() {
                 let horizon = self.stats.databases.get(name).and_then(|d| d.horizon);
                 if let Some(obj) = db.as_object_mut() {
+                    let ratio = self.stats.databases.get(name).and_then(DatabaseStats::hit_ratio);
+                    obj.insert("hit_ratio".into(), ratio.into());
                     obj.insert("horizon_time".into(), horizon.map(timestamp::iso).into());
                     obj.insert("horizon_lag_s".into(), lag(horizon, self.at).into());
                     if let Some(i) = self.inside.as_ref().and_then(|r| r.get(name)) {
@@ -172,11 +180,15 @@ impl Readout {
         let _ = writeln!(o, "  {} revisions, {} of states", d.entries, size(d.bytes));
         let _ = writeln!(
             o,
-            "  lookups the sidecar answered: {} hits, {} misses ({}); hits read from the arena are \
-             counted by the workers",
+            "  lookups counted by the clients: {} hits, {} misses ({})",
             d.hits,
             d.misses,
             ratio(d.hits, d.misses)
+        );
+        let _ = writeln!(
+            o,
+            "  lookups the sidecar answered over its socket: {} hits, {} misses",
+            d.socket_hits, d.socket_misses
         );
         let _ = writeln!(
             o,
@@ -329,19 +341,59 @@ impl Readout {
             "Segments of a re-attached arena file still to verify (0 once verified).",
             a.unverified_segments,
         );
-        let per_db: [PerDatabase; 15] = [
+        let t = &s.total;
+        e.one(
+            "tidecache_host_hits_total",
+            "counter",
+            "Lookups answered with a revision, all databases: the sum of tidecache_hits_total.",
+            t.hits,
+        );
+        e.one(
+            "tidecache_host_misses_total",
+            "counter",
+            "Lookups that went to the base storage, all databases: the sum of tidecache_misses_total.",
+            t.misses,
+        );
+        e.family(
+            "tidecache_host_hit_ratio",
+            "gauge",
+            "Host hits / (hits + misses) since the sidecar started, all databases (absent before the \
+             first lookup is counted).",
+            t.hit_ratio().map(|r| (String::new(), Value::Float(r))),
+        );
+        let per_db: [PerDatabase; 18] = [
             (
                 "tidecache_hits_total",
                 "counter",
-                "Lookups the sidecar answered with a revision (over the socket; hits read from the \
-                 mapped arena are not seen by the sidecar).",
+                "Lookups answered with a revision (from the mapped arena or over the socket), counted \
+                 by every client process and sent with its hit hints.",
                 |d, _| Some(Value::Int(d.hits)),
             ),
             (
                 "tidecache_misses_total",
                 "counter",
-                "Lookups the sidecar answered without a revision (over the socket).",
+                "Lookups that went to the base storage, counted by every client process.",
                 |d, _| Some(Value::Int(d.misses)),
+            ),
+            (
+                "tidecache_hit_ratio",
+                "gauge",
+                "hits / (hits + misses) since the sidecar started (absent before the first lookup is \
+                 counted); rate() of the two counters gives it over a window.",
+                |d, _| d.hit_ratio().map(Value::Float),
+            ),
+            (
+                "tidecache_socket_lookup_hits_total",
+                "counter",
+                "Oids of Lookup requests the sidecar answered with a revision itself, over its socket \
+                 (clients that cannot map the arena, tools).",
+                |d, _| Some(Value::Int(d.socket_hits)),
+            ),
+            (
+                "tidecache_socket_lookup_misses_total",
+                "counter",
+                "Oids of Lookup requests the sidecar answered without a revision, over its socket.",
+                |d, _| Some(Value::Int(d.socket_misses)),
             ),
             ("tidecache_entries", "gauge", "Revisions held.", |d, _| {
                 Some(Value::Int(d.entries))
@@ -586,6 +638,7 @@ mod tests {
         let db = DatabaseStats {
             hits: 3,
             misses: 1,
+            socket_hits: 2,
             horizon: Some(timestamp::tid_at(1_700_000_000)),
             ..DatabaseStats::default()
         };
@@ -626,6 +679,13 @@ mod tests {
         assert!(text.contains("tidecache_resyncs_total{database=\"fs\"} 4\n"));
         assert!(text.contains("tidecache_hit_hints_total{database=\"fs\"} 5\n"));
         assert!(text.contains("tidecache_build_info{version=\"0.1.0\"} 1\n"));
+        assert!(text.contains("tidecache_hit_ratio{database=\"zeo:/run/zeo \\\"a\\\"\\\\b\\n\"} 0.75\n"));
+        // No lookup counted: no ratio.
+        assert!(!text.contains("tidecache_hit_ratio{database=\"fs\"}"));
+        assert!(text.contains("tidecache_socket_lookup_hits_total{database=\"fs\"} 0\n"));
+        assert!(text.contains("tidecache_host_hits_total 3\n"));
+        assert!(text.contains("tidecache_host_misses_total 1\n"));
+        assert!(text.contains("tidecache_host_hit_ratio 0.75\n"));
     }
 
     #[test]
@@ -639,6 +699,10 @@ mod tests {
         assert_eq!(v["databases"]["fs"]["resyncs"], 4);
         assert_eq!(v["databases"]["fs"]["hit_hints"], 5);
         assert_eq!(v["total"]["hits"], 3);
+        assert_eq!(v["total"]["hit_ratio"], 0.75);
+        assert_eq!(v["total"]["socket_hits"], 2);
+        assert_eq!(db["hit_ratio"], 0.75);
+        assert_eq!(v["databases"]["fs"]["hit_ratio"], serde_json::Value::Null);
         assert_eq!(v["version"], "0.1.0");
     }
 
@@ -646,7 +710,11 @@ mod tests {
     fn text_shows_iso_times_and_ratios() {
         let t = sample().text();
         assert!(t.contains("= 2023-11-14T22:13:20.000000Z (10.500 s ago)"), "{t}");
-        assert!(t.contains("3 hits, 1 misses (75.0% hits)"), "{t}");
+        assert!(
+            t.contains("lookups counted by the clients: 3 hits, 1 misses (75.0% hits)"),
+            "{t}"
+        );
+        assert!(t.contains("over its socket: 2 hits, 0 misses"), "{t}");
         assert!(t.contains("(25.0% full)"), "{t}");
     }
 }

@@ -31,8 +31,9 @@ pub enum Refusal {
     /// `Hello` a second time on one connection.
     #[error("Hello was said already")]
     HelloAgain,
-    /// The client speaks another protocol version.
-    #[error("protocol version {client} is not {server}")]
+    /// The client speaks a protocol version this sidecar does not: neither
+    /// its own nor the previous one.
+    #[error("{}", version_mismatch(*client, *server))]
     VersionMismatch {
         /// The client's version.
         client: u32,
@@ -82,6 +83,24 @@ pub enum Refusal {
     /// report, a view the database no longer has.
     #[error(transparent)]
     Core(#[from] CoreError),
+}
+
+/// The sentence of [`Refusal::VersionMismatch`]: which versions this
+/// sidecar speaks, and what to upgrade.
+fn version_mismatch(client: u32, server: u32) -> String {
+    let previous = tidecache_protocol::previous::VERSION;
+    if client < server {
+        format!(
+            "protocol version {client} is not spoken by this tidecached, which speaks {server} and, for rolling \
+             upgrades, {previous}: upgrade the client (the tidecache package) to a release of protocol \
+             {previous} or {server}"
+        )
+    } else {
+        format!(
+            "protocol version {client} is newer than this tidecached's {server} (it also accepts {previous}): \
+             upgrade tidecached first, then restart the workers"
+        )
+    }
 }
 
 impl Refusal {

@@ -14,8 +14,8 @@ use std::time::{Duration, Instant};
 use tidecache_core::arena::{layout, ArenaWriter, Geometry, LayoutError, Memory, SharedArena};
 use tidecache_core::{AttachOutcome, Oid, SharedDatabase, StoreOutcome, Tid, ViewId};
 use tidecache_protocol::{
-    self as protocol, encode, ArenaInfo, ArenaStats as WireArenaStats, AttachState, DatabaseStats as WireStats, Found,
-    Request, RequestBody, Response, ResponseBody, ServerStats, PROTOCOL_VERSION,
+    self as protocol, ArenaInfo, ArenaStats as WireArenaStats, AttachState, DatabaseStats as WireStats, Found, Request,
+    RequestBody, Response, ResponseBody, ServerStats, PROTOCOL_VERSION,
 };
 
 /// Errors that stop the sidecar from starting or serving.
@@ -144,6 +144,10 @@ struct Entry {
     /// Hit hints received for it, `(oid, serial)` pairs in `Touch`
     /// requests (`tidecache_hit_hints_total`).
     hit_hints: AtomicU64,
+    /// Lookups its clients counted and sent in `Touch`: answered with a
+    /// revision (`hits`), gone to the base storage (`misses`).
+    hits: AtomicU64,
+    misses: AtomicU64,
 }
 
 /// The sidecar's state, shared by every connection thread.
@@ -164,6 +168,9 @@ pub struct Server {
     /// check their slot identity ([`Server::unflushed`]).
     flush_gate: RwLock<()>,
     clients: AtomicU64,
+    /// Per refused protocol version: when it was last logged, and the
+    /// refusals not logged since ([`Server::log_version_refusal`]).
+    version_refusals: std::sync::Mutex<HashMap<u32, (Option<Instant>, u64)>>,
     started: Instant,
     /// This run created the arena file (none was there, or it replaced an
     /// empty or discarded one): [`Server::discard`] may remove it.
@@ -238,6 +245,7 @@ impl Server {
             databases: RwLock::default(),
             flush_gate: RwLock::default(),
             clients: AtomicU64::new(0),
+            version_refusals: std::sync::Mutex::default(),
             started: Instant::now(),
             created,
         }))
@@ -450,6 +458,8 @@ impl Server {
                 attached: 0,
                 resyncs: AtomicU64::new(0),
                 hit_hints: AtomicU64::new(0),
+                hits: AtomicU64::new(0),
+                misses: AtomicU64::new(0),
             },
         );
         Ok(db)
@@ -475,6 +485,7 @@ impl Server {
             attached: Vec::new(),
             behind: Vec::new(),
             hello: None,
+            version: PROTOCOL_VERSION,
         };
         if let Err(e) = self.converse(&stream, &mut conn) {
             tracing::debug!(error = %e, "client connection ended");
@@ -517,7 +528,7 @@ impl Server {
                     bytes: n,
                     max: self.config.max_frame,
                 };
-                return reply(&mut stream, 0, refusal.into_response());
+                return reply(&mut stream, conn.version, 0, refusal.into_response());
             }
             let mut body = vec![0u8; n];
             stream.read_exact(&mut body)?;
@@ -528,45 +539,80 @@ impl Server {
                         // Valid MessagePack: a message this version does not know.
                         let id = rmp_serde::from_slice::<(u64, serde::de::IgnoredAny)>(&body).map_or(0, |r| r.0);
                         tracing::warn!(error = %e, "unknown message");
-                        reply(&mut stream, id, Refusal::UnknownMessage(e.to_string()).into_response())?;
+                        reply(
+                            &mut stream,
+                            conn.version,
+                            id,
+                            Refusal::UnknownMessage(e.to_string()).into_response(),
+                        )?;
                         continue;
                     }
                     tracing::warn!(error = %e, "undecodable frame; closing the connection");
-                    return reply(&mut stream, 0, Refusal::Malformed(e.to_string()).into_response());
+                    return reply(
+                        &mut stream,
+                        conn.version,
+                        0,
+                        Refusal::Malformed(e.to_string()).into_response(),
+                    );
                 }
             };
             if conn.hello.is_none() {
                 match req.body {
-                    RequestBody::Hello { version, client } if version == PROTOCOL_VERSION => {
-                        tracing::info!(client = %client, "client said hello");
+                    RequestBody::Hello { version, client } if protocol::previous::accepted(version) => {
+                        tracing::info!(client = %client, version, "client said hello");
                         conn.hello = Some(client);
+                        // The connection speaks the client's version: its
+                        // answers are encoded so that it can decode them.
+                        conn.version = version;
                         let server = format!("tidecached {}", env!("CARGO_PKG_VERSION"));
                         self.reply_hello(
                             stream,
+                            conn.version,
                             req.id,
                             ResponseBody::Hello {
-                                version: PROTOCOL_VERSION,
+                                version,
                                 server,
                                 arena: self.arena_info.clone(),
                             },
                         )?;
                         continue;
                     }
-                    RequestBody::Hello { version, .. } => {
+                    RequestBody::Hello { version, client } => {
                         let refusal = Refusal::VersionMismatch {
                             client: version,
                             server: PROTOCOL_VERSION,
                         };
-                        return reply(&mut stream, req.id, refusal.into_response());
+                        self.log_version_refusal(version, &client, &refusal);
+                        return reply(&mut stream, conn.version, req.id, refusal.into_response());
                     }
                     _ => {
-                        return reply(&mut stream, req.id, Refusal::NoHello.into_response());
+                        return reply(&mut stream, conn.version, req.id, Refusal::NoHello.into_response());
                     }
                 }
             }
             let answer = self.dispatch(conn, req.body);
-            reply(&mut stream, req.id, answer)?;
+            reply(&mut stream, conn.version, req.id, answer)?;
         }
+    }
+
+    /// Logs a `Hello` refused for its protocol version, at WARN, at most
+    /// once a minute per version (a worker that cannot be served retries
+    /// every quarter second).
+    fn log_version_refusal(&self, version: u32, client: &str, refusal: &Refusal) {
+        let mut last = self.version_refusals.lock().unwrap_or_else(|p| p.into_inner());
+        let (at, suppressed) = last.entry(version).or_insert((None, 0));
+        if at.is_some_and(|t: Instant| t.elapsed() < VERSION_REFUSAL_LOG_EVERY) {
+            *suppressed += 1;
+            return;
+        }
+        tracing::warn!(
+            client = %client,
+            version,
+            refused_since_last_line = *suppressed,
+            "refused a client of protocol version {version}: {refusal}"
+        );
+        *at = Some(Instant::now());
+        *suppressed = 0;
     }
 
     fn dispatch(&self, conn: &mut Conn, body: RequestBody) -> ResponseBody {
@@ -751,9 +797,19 @@ impl Server {
                 db,
                 revisions,
                 identity,
+                hits,
+                misses,
             } => {
                 let name = db;
                 let db = self.database(&name)?;
+                if hits | misses != 0 {
+                    // Counted whatever the identity says: the lookups were
+                    // made (a stale client's missed in the arena anyway).
+                    if let Some(e) = self.databases.read().unwrap_or_else(|p| p.into_inner()).get(&name) {
+                        e.hits.fetch_add(hits, Ordering::Relaxed);
+                        e.misses.fetch_add(misses, Ordering::Relaxed);
+                    }
+                }
                 let _gate = self.unflushed(&db, identity)?;
                 db.cache().touch(&revisions);
                 if let Some(e) = self.databases.read().unwrap_or_else(|p| p.into_inner()).get(&name) {
@@ -841,14 +897,23 @@ impl Server {
             arena: self.arena_stats(),
             ..ServerStats::default()
         };
-        for (name, db) in self.snapshot_databases() {
+        let databases: Vec<(String, Db, u64, u64)> = {
+            let dbs = self.databases.read().unwrap_or_else(|p| p.into_inner());
+            dbs.iter()
+                .map(|(k, e)| {
+                    let (hits, misses) = (e.hits.load(Ordering::Relaxed), e.misses.load(Ordering::Relaxed));
+                    (k.clone(), e.db.clone(), hits, misses)
+                })
+                .collect()
+        };
+        for (name, db, hits, misses) in databases {
             let s = db.stats();
             let c = s.cache;
             let w = WireStats {
                 entries: c.entries,
                 bytes: c.bytes,
-                hits: c.hits,
-                misses: c.misses,
+                hits,
+                misses,
                 stores: c.stores,
                 refused: c.refused,
                 invalidations: c.invalidations,
@@ -860,6 +925,8 @@ impl Server {
                 log_start: s.log_start.map(|t| t.0),
                 log_len: s.log_len,
                 detached: s.detached,
+                socket_hits: c.hits,
+                socket_misses: c.misses,
             };
             out.total.add(&w);
             out.databases.insert(name, w);
@@ -878,11 +945,12 @@ impl Server {
     /// descriptor on its first byte (`SCM_RIGHTS`, see
     /// [`tidecache_protocol::handoff`]), or none if the sidecar could not
     /// open one at start (then clients map `arena.path`).
-    fn reply_hello(&self, stream: &UnixStream, id: u64, body: ResponseBody) -> io::Result<()> {
+    fn reply_hello(&self, stream: &UnixStream, version: u32, id: u64, body: ResponseBody) -> io::Result<()> {
         let Some(fd) = &self.arena_fd else {
-            return reply(&mut &*stream, id, body);
+            return reply(&mut &*stream, version, id, body);
         };
-        let bytes = encode(&Response { id, body }).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        let bytes = protocol::previous::encode_response(&Response { id, body }, version)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
         protocol::handoff::write_frame_with_fd(stream, &bytes, std::os::fd::AsFd::as_fd(fd))
     }
 
@@ -1078,6 +1146,9 @@ struct Conn {
     /// `Behind` (logged once, not at every retry).
     behind: Vec<String>,
     hello: Option<String>,
+    /// The protocol version the client said in Hello ([`PROTOCOL_VERSION`]
+    /// until then): its answers are encoded for it.
+    version: u32,
 }
 
 impl Conn {
@@ -1092,6 +1163,9 @@ impl Conn {
         }
     }
 }
+
+/// At most one log line per this long per refused protocol version.
+const VERSION_REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// How far past the sidecar's wall clock a tid may lie: clocks of hosts
 /// differ by seconds, not days.
@@ -1115,8 +1189,11 @@ fn not_in_the_future(what: &'static str, tid: u64) -> Result<(), Refusal> {
 
 pub use crate::timestamp::tid_at;
 
-fn reply(stream: &mut &UnixStream, id: u64, body: ResponseBody) -> io::Result<()> {
-    let bytes = encode(&Response { id, body }).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+/// Sends one answer, encoded for the connection's protocol `version`
+/// (the client's, once it said Hello; see [`protocol::previous`]).
+fn reply(stream: &mut &UnixStream, version: u32, id: u64, body: ResponseBody) -> io::Result<()> {
+    let bytes = protocol::previous::encode_response(&Response { id, body }, version)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     protocol::write_frame(stream, &bytes)?;
     stream.flush()
 }

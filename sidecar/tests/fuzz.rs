@@ -188,6 +188,9 @@ fn hostile(rng: &mut fastrand::Rng) -> (RequestBody, bool) {
             revisions: (0..rng.usize(1..200_000))
                 .map(|_| (rng.u64(0..OIDS + 2), big(rng)))
                 .collect(),
+            // Counts that overflow when summed.
+            hits: big(rng),
+            misses: big(rng),
         },
         6 => RequestBody::Attach {
             db: own,
@@ -272,10 +275,14 @@ fn bad_frame(rng: &mut fastrand::Rng) -> Vec<u8> {
                     db,
                     revisions,
                     identity,
+                    hits,
+                    misses,
                 } => RequestBody::Touch {
                     db,
                     revisions: revisions.into_iter().take(20).collect(),
                     identity,
+                    hits,
+                    misses,
                 },
                 RequestBody::Report {
                     db,

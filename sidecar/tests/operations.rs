@@ -58,6 +58,9 @@ fn some_traffic(socket: &Path) -> (Client, u64) {
     c.store("db", vec![item(1, h, None, h, b"one")]).unwrap();
     assert!(c.lookup_remote("db", h, vec![1]).unwrap()[0].is_some());
     assert!(c.lookup_remote("db", h, vec![2]).unwrap()[0].is_none());
+    // What workers counted of their lookups (arena hits included): 3 hits,
+    // 1 miss; the two lookups above are the sidecar's socket counts.
+    c.touch_counted("db", Vec::new(), 3, 1).unwrap();
     c.resync("db", h).unwrap();
     (c, h)
 }
@@ -147,7 +150,15 @@ fn stats_formats() {
     assert_eq!(stdout(&out).lines().count(), 1);
     let db = &v["databases"]["db"];
     assert_eq!(db["horizon"], h);
-    assert_eq!((db["hits"].as_u64(), db["misses"].as_u64()), (Some(1), Some(1)));
+    assert_eq!((db["hits"].as_u64(), db["misses"].as_u64()), (Some(3), Some(1)));
+    assert_eq!(
+        (db["socket_hits"].as_u64(), db["socket_misses"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert_eq!(
+        (db["hit_ratio"].as_f64(), v["total"]["hit_ratio"].as_f64()),
+        (Some(0.75), Some(0.75))
+    );
     let lag = db["horizon_lag_s"].as_f64().unwrap();
     assert!((59.0..3600.0).contains(&lag), "lag {lag}");
     assert!(db["horizon_time"].as_str().unwrap().ends_with('Z'));
@@ -164,14 +175,25 @@ fn stats_formats() {
     let iso = db["horizon_time"].as_str().unwrap();
     assert!(text.contains(&format!("horizon        {h:#018x} = {iso} (")), "{text}");
     assert!(text.contains("database db\n"), "{text}");
-    assert!(text.contains("1 hits, 1 misses (50.0% hits)"), "{text}");
+    assert!(
+        text.contains("lookups counted by the clients: 3 hits, 1 misses (75.0% hits)"),
+        "{text}"
+    );
+    assert!(text.contains("over its socket: 1 hits, 1 misses"), "{text}");
 
     // prometheus: the format, and the values.
     let out = tidecached(&[os("stats"), os("--socket"), sock, os("--format"), os("prometheus")]);
     assert!(out.status.success());
     let samples = parse_exposition(&stdout(&out));
-    assert_eq!(sample(&samples, "tidecache_hits_total{database=\"db\"}"), 1.0);
+    assert_eq!(sample(&samples, "tidecache_hits_total{database=\"db\"}"), 3.0);
     assert_eq!(sample(&samples, "tidecache_misses_total{database=\"db\"}"), 1.0);
+    assert_eq!(sample(&samples, "tidecache_hit_ratio{database=\"db\"}"), 0.75);
+    assert_eq!(
+        sample(&samples, "tidecache_socket_lookup_hits_total{database=\"db\"}"),
+        1.0
+    );
+    assert_eq!(sample(&samples, "tidecache_host_hits_total"), 3.0);
+    assert_eq!(sample(&samples, "tidecache_host_hit_ratio"), 0.75);
     assert_eq!(sample(&samples, "tidecache_entries{database=\"db\"}"), 1.0);
     assert_eq!(sample(&samples, "tidecache_clients"), 1.0);
     let lag = sample(&samples, "tidecache_horizon_lag_seconds{database=\"db\"}");
@@ -239,7 +261,7 @@ fn metrics_endpoint_serves_prometheus_text() {
     ] {
         sample(&samples, name);
     }
-    assert_eq!(sample(&samples, "tidecache_hits_total{database=\"db\"}"), 1.0);
+    assert_eq!(sample(&samples, "tidecache_hits_total{database=\"db\"}"), 3.0);
     assert_eq!(sample(&samples, "tidecache_resyncs_total{database=\"db\"}"), 1.0);
     assert_eq!(sample(&samples, "tidecache_hit_hints_total{database=\"db\"}"), 0.0);
     // The endpoint is no client: the one connection is some_traffic's.
@@ -253,7 +275,13 @@ fn metrics_endpoint_serves_prometheus_text() {
     let (_, _, body) = http(&addr, b"GET /metrics HTTP/1.1\r\n\r\n");
     let samples = parse_exposition(&body);
     assert_eq!(sample(&samples, "tidecache_hit_hints_total{database=\"db\"}"), 3.0);
-    assert_eq!(sample(&samples, "tidecache_hits_total{database=\"db\"}"), 1.0);
+    assert_eq!(sample(&samples, "tidecache_hits_total{database=\"db\"}"), 3.0);
+    // Counts sent with hints add up.
+    c.touch_counted("db", vec![(1, h)], 2, 0).unwrap();
+    let (_, _, body) = http(&addr, b"GET /metrics HTTP/1.1\r\n\r\n");
+    let samples = parse_exposition(&body);
+    assert_eq!(sample(&samples, "tidecache_hits_total{database=\"db\"}"), 5.0);
+    assert_eq!(sample(&samples, "tidecache_hit_hints_total{database=\"db\"}"), 4.0);
     drop(c);
 
     let (status, _, body) = http(&addr, b"HEAD /metrics HTTP/1.0\r\n\r\n");

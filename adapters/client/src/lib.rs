@@ -280,6 +280,17 @@ fn map_arena(arena: &protocol::ArenaInfo, fd: Option<std::fs::File>) -> Result<M
     }
 }
 
+/// The sentence of a `VersionMismatch` answer to this client's `Hello`,
+/// with what the operator should do: the sidecar is older than this
+/// client (a newer one accepts its own and the previous version).
+fn version_mismatch(sidecar_said: &str) -> String {
+    format!(
+        "{sidecar_said} (this client speaks protocol version {PROTOCOL_VERSION}; a tidecached accepts clients of \
+         its own protocol version and of the previous one, so upgrade tidecached before the workers; until then \
+         this process runs from its storage, uncached)"
+    )
+}
+
 /// What lookups read without the connection's lock: the mapped arena and
 /// the slot (number and identity) of each attached database, replaced
 /// whole on every change.
@@ -718,6 +729,18 @@ impl Client {
                 self.mark_down(p, st);
                 return Err(self.unavailable(format!("unexpected Hello answer {other:?}")));
             }
+            Err(ClientError::Refused {
+                code: ErrorCode::VersionMismatch,
+                message,
+                horizon,
+            }) => {
+                self.mark_down(p, st);
+                return Err(ClientError::Refused {
+                    code: ErrorCode::VersionMismatch,
+                    message: version_mismatch(&message),
+                    horizon,
+                });
+            }
             Err(e) => {
                 self.mark_down(p, st);
                 return Err(e);
@@ -1143,11 +1166,33 @@ impl Client {
     /// # Errors
     /// [`ClientError`]: the hints are lost, which only costs hit ratio.
     pub fn touch(&self, db: &str, revisions: Vec<(u64, u64)>) -> Result<(), ClientError> {
+        self.touch_counted(db, revisions, 0, 0)
+    }
+
+    /// [`Client::touch`] that also carries `hits` and `misses`: this
+    /// client's lookups of `db` answered with a revision, and gone to the
+    /// base storage, since the counts it last sent (the sidecar adds them
+    /// to the database's host-wide counters; `revisions` may be empty).
+    ///
+    /// # Errors
+    /// [`ClientError`]. `Unavailable`: nothing was counted, unless the
+    /// sidecar took the request and its answer was lost (a timeout);
+    /// `Refused`: the counts were added unless the database could not be
+    /// served at all (`Limit`); `Stale` comes after they were added.
+    pub fn touch_counted(
+        &self,
+        db: &str,
+        revisions: Vec<(u64, u64)>,
+        hits: u64,
+        misses: u64,
+    ) -> Result<(), ClientError> {
         let identity = self.identity_of(db);
         let answer = self.call(RequestBody::Touch {
             db: db.to_owned(),
             revisions,
             identity,
+            hits,
+            misses,
         });
         match answer.map_err(|e| self.forget_if_stale(db, e))? {
             ResponseBody::Done => Ok(()),

@@ -59,6 +59,13 @@ pub const STORE_TICK: Duration = Duration::from_millis(10);
 /// low-water mark back (memory), for at most this long.
 pub const VIEW_LINGER: Duration = Duration::from_secs(1);
 
+/// How often the counts of lookups ([`Counters::hits`],
+/// [`Counters::misses`]) go to the sidecar on their own, in a `Touch`
+/// without revisions, when no hint batch carried them meanwhile: the
+/// host-wide counters lag a worker's own by at most this long (and a
+/// barrier or [`Outbox::close`] sends them at once).
+pub const COUNTS_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Most state bytes sent in one `Store` request (a batch is cut before it
 /// would pass this), so that one request fits the call's timeout.
 pub const MAX_BATCH_BYTES: usize = 4 << 20;
@@ -110,6 +117,20 @@ pub struct Counters {
     /// Reports and resyncs lost to an unavailable sidecar (each makes the
     /// next report a resync).
     pub lost: AtomicU64,
+    /// Lookups answered with a revision (from the arena or over the
+    /// socket), counted since the session was made (in a forked child, the
+    /// parent's count at the fork and the child's since): the worker sends
+    /// what it has not sent yet in `Touch`.
+    pub hits: AtomicU64,
+    /// Lookups that went to the base storage, counted as `hits`.
+    pub misses: AtomicU64,
+}
+
+impl Counters {
+    /// `(hits, misses)` counted so far.
+    pub fn lookups(&self) -> (u64, u64) {
+        (self.hits.load(Ordering::Relaxed), self.misses.load(Ordering::Relaxed))
+    }
 }
 
 /// The sending side of a session's queue, and its worker thread.
@@ -132,7 +153,8 @@ pub struct Outbox {
 impl Outbox {
     /// Starts the worker thread for `db` over `client` (the session's own),
     /// publishing `views`' minimum; the queue holds at most `capacity`
-    /// messages.
+    /// messages. `counted`: the `(hits, misses)` of `counters` already
+    /// sent, or not this process's to send (a forked child's parent's).
     ///
     /// # Errors
     /// The thread could not be spawned.
@@ -142,6 +164,7 @@ impl Outbox {
         views: Arc<ProcessViews>,
         counters: Arc<Counters>,
         capacity: usize,
+        counted: (u64, u64),
     ) -> std::io::Result<Self> {
         let (tx, rx) = bounded(capacity);
         let lost = Arc::new(Overflow::default());
@@ -158,6 +181,8 @@ impl Outbox {
             stores: Vec::new(),
             store_bytes: 0,
             touches: Vec::new(),
+            sent: counted,
+            counts_sent_at: Instant::now(),
         };
         let handle = std::thread::Builder::new()
             .name("tidecache-outbox".into())
@@ -325,6 +350,11 @@ struct Worker {
     stores: Vec<StoreItem>,
     store_bytes: usize,
     touches: Vec<(u64, u64)>,
+    /// The `(hits, misses)` of [`Counters`] sent to the sidecar (or not
+    /// this process's to send).
+    sent: (u64, u64),
+    /// When counts last went out.
+    counts_sent_at: Instant,
 }
 
 impl Worker {
@@ -400,6 +430,7 @@ impl Worker {
             Msg::Views => self.publish_views(),
             Msg::Barrier(done) => {
                 self.send_pending();
+                self.send_counts(true);
                 self.publish_views();
                 if last {
                     // Everything queued or lost before the barrier is
@@ -410,6 +441,7 @@ impl Worker {
             }
             Msg::Close => {
                 self.send_pending();
+                self.send_counts(true);
                 return true;
             }
         }
@@ -426,6 +458,7 @@ impl Worker {
             tracing::debug!(db = %self.db, "reconnected from the outbox");
         }
         self.publish_views();
+        self.send_counts(false);
     }
 
     /// The queue is empty and a report or resync that did not fit in it
@@ -506,8 +539,41 @@ impl Worker {
         self.send_stores();
         if !self.touches.is_empty() {
             let revisions = std::mem::take(&mut self.touches);
-            if let Err(e) = self.client.touch(&self.db, revisions) {
-                tracing::debug!(error = %e, "hit hints dropped");
+            self.touch(revisions);
+        }
+    }
+
+    /// Sends the counts of lookups not sent yet, in a `Touch` without
+    /// revisions: when `now` (a barrier, closing), else once
+    /// [`COUNTS_INTERVAL`] has passed since counts last went out. Only
+    /// while connected (a call would reconnect otherwise); what is not
+    /// sent stays counted for the next time.
+    fn send_counts(&mut self, now: bool) {
+        let (hits, misses) = self.counters.lookups();
+        if (hits, misses) == self.sent || !self.client.is_connected() {
+            return;
+        }
+        if now || self.counts_sent_at.elapsed() >= COUNTS_INTERVAL {
+            self.touch(Vec::new());
+        }
+    }
+
+    /// Sends `revisions` as hit hints, with the counts of lookups not sent
+    /// yet. The counts are kept for the next `Touch` only when the sidecar
+    /// did not answer (`Unavailable`); an answer, a refusal included, took
+    /// them (docs/protocol.md, `Touch`).
+    fn touch(&mut self, revisions: Vec<(u64, u64)>) {
+        let counted = self.counters.lookups();
+        let (hits, misses) = (counted.0.wrapping_sub(self.sent.0), counted.1.wrapping_sub(self.sent.1));
+        self.counts_sent_at = Instant::now();
+        match self.client.touch_counted(&self.db, revisions, hits, misses) {
+            Ok(()) => self.sent = counted,
+            Err(e @ ClientError::Unavailable { .. }) => {
+                tracing::debug!(error = %e, "hit hints dropped; the counts of lookups are kept for the next time");
+            }
+            Err(e) => {
+                self.sent = counted;
+                tracing::debug!(error = %e, "hit hints refused");
             }
         }
     }

@@ -5,6 +5,22 @@
 //! background thread on the session's connection. Nothing here but
 //! [`Session::attach`], [`Session::flush`], [`Session::stats`],
 //! [`Session::store`] and [`Session::lookup`] waits on the socket.
+//!
+//! # Counting lookups
+//!
+//! The session counts this process's lookups of its database: a *hit* is a
+//! lookup answered with a revision ([`Session::lookup_into`] in the arena,
+//! or [`Session::lookup`], in the arena or over the socket), a *miss* one
+//! that went to the base storage (missed in the arena or over the socket,
+//! failed, or [`Session::note_miss`] for a load that did not ask).
+//! [`Session::peek_into`] (a prefetch's probe) counts nothing. Counting
+//! is one relaxed atomic add on the lookup's path (a hit's was there
+//! already, for the hint sampling). The outbox sends the counts not sent
+//! yet in `Touch` with each batch of hit hints, on their own every
+//! [`crate::outbox::COUNTS_INTERVAL`] while connected, and at once on a
+//! barrier ([`Session::wait_for_stores`], [`Session::send_counts`]) and on
+//! [`Session::close`]: the sidecar's per-database `hits` and `misses` are
+//! the sums over every process of the host.
 
 use crate::outbox::{Counters, Outbox};
 use crate::protocol::{AttachState, Found, ServerStats, StoreItem};
@@ -70,16 +86,21 @@ struct Senders {
     /// The newest `to` of a report queued: stores up to it may be kept
     /// once the report is answered.
     queued_to: AtomicU64,
+    /// The session's `(hits, misses)` when this process's senders were
+    /// made: in a forked child, the parent's (its to send), so the child
+    /// sends only its own.
+    counted: (u64, u64),
 }
 
 impl Senders {
-    fn new(pid: u32, last_view_id: u64) -> Self {
+    fn new(pid: u32, last_view_id: u64, counted: (u64, u64)) -> Self {
         Senders {
             pid,
             queue: OnceLock::new(),
             views: Arc::new(ProcessViews::starting_after(last_view_id)),
             touched: Mutex::new(Vec::with_capacity(TOUCH_BATCH)),
             queued_to: AtomicU64::new(0),
+            counted,
         }
     }
 }
@@ -91,10 +112,9 @@ impl Senders {
 pub struct Session {
     client: Arc<Client>,
     database: String,
-    /// Hits so far; every [`TOUCH_EVERY`]th is reported to the sidecar.
-    hits: AtomicU64,
     /// The horizon in the last answer that carried one (the outbox's
-    /// answers included), and the outbox's counters.
+    /// answers included), the outbox's counters, and the lookups counted
+    /// (every [`TOUCH_EVERY`]th hit in the arena is sent as a hint).
     counters: Arc<Counters>,
     /// The largest state the arena can keep (bytes; 0: not known yet).
     largest_state: AtomicU64,
@@ -109,10 +129,9 @@ impl Session {
         Session {
             client: Arc::new(Client::new(config)),
             database: database.into(),
-            hits: AtomicU64::new(0),
             counters: Arc::new(Counters::default()),
             largest_state: AtomicU64::new(0),
-            senders: arc_swap::ArcSwap::from_pointee(Senders::new(fork::process(), 0)),
+            senders: arc_swap::ArcSwap::from_pointee(Senders::new(fork::process(), 0, (0, 0))),
         }
     }
 
@@ -156,7 +175,9 @@ impl Session {
         if current.pid == pid {
             return current;
         }
-        let fresh = Senders::new(pid, current.views.last_id());
+        // Counted until now: the parent's (a few of this child's before its
+        // first call here are left out; never counted twice).
+        let fresh = Senders::new(pid, current.views.last_id(), self.counters.lookups());
         let previous = self.senders.compare_and_swap(&*current, Arc::new(fresh));
         if Arc::ptr_eq(&previous, &current) {
             // Dropping the parent's queue would disconnect its channel,
@@ -178,6 +199,7 @@ impl Session {
                     senders.views.clone(),
                     self.counters.clone(),
                     STORE_QUEUE_CAPACITY,
+                    senders.counted,
                 ) {
                     Ok(q) => Some(q),
                     Err(e) => {
@@ -210,8 +232,42 @@ impl Session {
     /// no lock, no system call. `fill(len, copy)` makes the caller's
     /// buffer of `len` bytes and calls `copy` on it, which copies the state
     /// in and validates it (`false`: it changed while read, a miss); `fill`
-    /// returns `None` for a miss. A hit is counted for the hints.
+    /// returns `None` for a miss. A hit is counted, and sampled for the
+    /// hints ([`Session::note_hit`]); a miss is counted
+    /// ([`Session::note_miss`]): the caller loads from its storage.
+    /// `NoArena` is not counted: the caller asks over the socket
+    /// ([`Session::lookup`], which counts) or notes its miss.
     pub fn lookup_into<R>(
+        &self,
+        oid: u64,
+        view: u64,
+        fill: impl FnOnce(usize, &mut dyn FnMut(&mut [u8]) -> bool) -> Option<R>,
+    ) -> Read<R> {
+        match self.read_into(oid, view, fill) {
+            Read::Hit { serial, state } => {
+                self.note_hit(oid, serial);
+                Read::Hit { serial, state }
+            }
+            Read::Miss => {
+                self.note_miss(1);
+                Read::Miss
+            }
+            Read::NoArena => Read::NoArena,
+        }
+    }
+
+    /// [`Session::lookup_into`] that counts nothing and sends no hint: a
+    /// probe (a prefetch), whose loads will look up again.
+    pub fn peek_into<R>(
+        &self,
+        oid: u64,
+        view: u64,
+        fill: impl FnOnce(usize, &mut dyn FnMut(&mut [u8]) -> bool) -> Option<R>,
+    ) -> Read<R> {
+        self.read_into(oid, view, fill)
+    }
+
+    fn read_into<R>(
         &self,
         oid: u64,
         view: u64,
@@ -225,27 +281,72 @@ impl Session {
         match read {
             None => Read::NoArena,
             Some(None) => Read::Miss,
-            Some(Some((serial, state))) => {
-                self.note_hit(oid, serial);
-                Read::Hit { serial, state }
-            }
+            Some(Some((serial, state))) => Read::Hit { serial, state },
         }
     }
 
     /// Looks up `oids` at `view`: in the mapped arena, or over the socket
-    /// when there is none; one result per oid. Hits are not counted.
+    /// when there is none; one result per oid. Each is counted, a hit or a
+    /// miss; an error counts every oid a miss (the caller loads them from
+    /// its storage). No hints are sent.
     ///
     /// # Errors
     /// [`ClientError`]: treat as all misses.
     pub fn lookup(&self, view: u64, oids: Vec<u64>) -> Result<Vec<Option<Found>>, ClientError> {
+        let n = oids.len() as u64;
+        let found = self.client.lookup(&self.database, view, oids);
+        match &found {
+            Ok(results) => {
+                let hits = results.iter().filter(|r| r.is_some()).count() as u64;
+                self.counters.hits.fetch_add(hits, Ordering::Relaxed);
+                self.note_miss(n - hits);
+            }
+            Err(_) => self.note_miss(n),
+        }
+        found
+    }
+
+    /// [`Session::lookup`] that counts nothing: a probe (a prefetch).
+    ///
+    /// # Errors
+    /// [`ClientError`]: treat as all misses.
+    pub fn peek(&self, view: u64, oids: Vec<u64>) -> Result<Vec<Option<Found>>, ClientError> {
         self.client.lookup(&self.database, view, oids)
+    }
+
+    /// Counts `n` lookups that went to the base storage: what
+    /// [`Session::lookup_into`] and [`Session::lookup`] count themselves,
+    /// and what an adapter counts when it loads from its storage without
+    /// asking (no arena and no connection to ask over, a state a prefetch
+    /// loaded). One relaxed atomic add.
+    pub fn note_miss(&self, n: u64) {
+        self.counters.misses.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// This process's lookups counted so far, `(hits, misses)` (see the
+    /// module's "Counting lookups"), sent or not.
+    pub fn lookups(&self) -> (u64, u64) {
+        self.counters.lookups()
+    }
+
+    /// Sends the counts of lookups not sent yet now, with everything queued
+    /// before (a barrier of the outbox, started if it was not); returns
+    /// whether that happened within `timeout`. Counts are sent only while
+    /// connected: `false` also when the sidecar is unavailable (they stay
+    /// counted for the next time).
+    pub fn send_counts(&self, timeout: Duration) -> bool {
+        let senders = self.senders();
+        match self.queue(&senders) {
+            Some(q) => q.barrier(timeout) && self.client.is_connected(),
+            None => false,
+        }
     }
 
     /// Counts a hit in the arena; every [`TOUCH_EVERY`]th is batched, and
     /// each [`TOUCH_BATCH`] queued as hints for the sidecar's eviction.
     pub fn note_hit(&self, oid: u64, serial: u64) {
         #[allow(clippy::manual_is_multiple_of)] // is_multiple_of is newer than rust-version
-        if self.hits.fetch_add(1, Ordering::Relaxed) % TOUCH_EVERY != 0 {
+        if self.counters.hits.fetch_add(1, Ordering::Relaxed) % TOUCH_EVERY != 0 {
             return;
         }
         let senders = self.senders();
@@ -425,13 +526,25 @@ impl Session {
         }
     }
 
-    /// Drains the outbox (at most [`CLOSE_DRAIN`]) and ends its thread,
-    /// then closes the connection for good; see [`Client::close`]. Nothing
-    /// of this session runs afterwards.
+    /// Drains the outbox (at most [`CLOSE_DRAIN`]), sends the counts of
+    /// lookups not sent yet (while connected), and ends its thread, then
+    /// closes the connection for good; see [`Client::close`]. Nothing of
+    /// this session runs afterwards.
     pub fn close(&self) {
         let senders = self.senders();
         if let Some(Some(q)) = senders.queue.get() {
             q.close(&self.client, CLOSE_DRAIN);
+        } else if self.client.is_connected() {
+            // No outbox ever started (nothing was queued): the counts go
+            // out from here.
+            let (hits, misses) = self.counters.lookups();
+            let (hits, misses) = (
+                hits.wrapping_sub(senders.counted.0),
+                misses.wrapping_sub(senders.counted.1),
+            );
+            if hits + misses > 0 {
+                let _ = self.client.touch_counted(&self.database, Vec::new(), hits, misses);
+            }
         }
         self.client.close();
     }

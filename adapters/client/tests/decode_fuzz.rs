@@ -187,6 +187,8 @@ fn valid_body(pick: u8, size: u8) -> Vec<u8> {
             identity: Some(u64::MAX),
             db,
             revisions: (0..n as u64).map(|i| (i, i)).collect(),
+            hits: n as u64,
+            misses: u64::MAX,
         }),
         6 => req(RequestBody::AdvanceView { db, view: 3, tid: 4 }),
         7 => req(RequestBody::Stats),

@@ -231,12 +231,17 @@ impl PyClient {
     /// system call, the GIL held (it takes well under a microsecond). Before
     /// the first attach, or when the arena cannot be mapped, it asks the
     /// sidecar over the socket. Raises `Unavailable` when the sidecar is
-    /// down (the caller loads from its storage).
+    /// down (the caller loads from its storage). Counted, a hit or a miss
+    /// (an `Unavailable` too: the caller loads from its storage), in the
+    /// counts sent to the sidecar (`tidecache_hits_total`).
     fn lookup<'py>(&self, py: Python<'py>, oid: u64, view: u64) -> PyResult<PyHit<'py>> {
-        if let Some(hit) = self.read(py, oid, view) {
+        if let Some(hit) = self.read(py, oid, view, true) {
             return Ok(hit);
         }
-        self.socket_lookups_allowed()?;
+        if let Err(e) = self.socket_lookups_allowed() {
+            self.session.note_miss(1);
+            return Err(e);
+        }
         let mut r = py
             .allow_threads(|| self.session.lookup(view, vec![oid]))
             .map_err(to_py)?;
@@ -244,14 +249,15 @@ impl PyClient {
     }
 
     /// [`lookup`] for many oids: a list with one `(serial, state)` or `None`
-    /// per oid. Raises `Unavailable`.
+    /// per oid. Raises `Unavailable`. A probe (RelStorage's prefetch): not
+    /// counted as hits or misses, the loads that follow are.
     fn lookup_many<'py>(&self, py: Python<'py>, oids: Vec<u64>, view: u64) -> PyResult<Vec<PyHit<'py>>> {
-        let local: Option<Vec<PyHit<'py>>> = oids.iter().map(|&oid| self.read(py, oid, view)).collect();
+        let local: Option<Vec<PyHit<'py>>> = oids.iter().map(|&oid| self.read(py, oid, view, false)).collect();
         if let Some(hits) = local {
             return Ok(hits);
         }
         self.socket_lookups_allowed()?;
-        let r = py.allow_threads(|| self.session.lookup(view, oids)).map_err(to_py)?;
+        let r = py.allow_threads(|| self.session.peek(view, oids)).map_err(to_py)?;
         Ok(r.into_iter()
             .map(|o| o.map(|f| (f.serial, PyBytes::new(py, &f.state))))
             .collect())
@@ -386,6 +392,28 @@ impl PyClient {
         self.session.release_view(view_id)
     }
 
+    /// Counts `n` lookups that went to the base storage without `lookup`
+    /// (a state a prefetch loaded): sent to the sidecar with the others.
+    #[pyo3(signature = (n = 1))]
+    fn note_miss(&self, n: u64) {
+        self.session.note_miss(n)
+    }
+
+    /// `(hits, misses)`: this process's lookups counted by `lookup` and
+    /// `note_miss`, the counts it sends to the sidecar.
+    #[getter]
+    fn lookups(&self) -> (u64, u64) {
+        self.session.lookups()
+    }
+
+    /// Sends the counts of lookups not sent yet to the sidecar now (with
+    /// everything queued before); returns whether they went out within
+    /// `timeout_ms` (False while the sidecar is unavailable: they are kept).
+    #[pyo3(signature = (timeout_ms = 1000))]
+    fn send_counts(&self, py: Python<'_>, timeout_ms: u64) -> bool {
+        py.allow_threads(|| self.session.send_counts(Duration::from_millis(timeout_ms)))
+    }
+
     /// `(resyncs, lost)`: resyncs the background thread sent in place of a
     /// report (a gap, a report lost before), and reports or resyncs lost to
     /// an unavailable sidecar.
@@ -452,9 +480,10 @@ impl PyClient {
 
     /// Reads `oid` at `view` from the mapped arena straight into a new
     /// `bytes` (one copy, validated in place): `Some(hit or None)`, or
-    /// `None` when there is no arena to read.
-    fn read<'py>(&self, py: Python<'py>, oid: u64, view: u64) -> Option<PyHit<'py>> {
-        let read = self.session.lookup_into(oid, view, |len, copy| {
+    /// `None` when there is no arena to read. `counted`: a lookup
+    /// ([`Session::lookup_into`]), else a probe ([`Session::peek_into`]).
+    fn read<'py>(&self, py: Python<'py>, oid: u64, view: u64, counted: bool) -> Option<PyHit<'py>> {
+        let fill = |len: usize, copy: &mut dyn FnMut(&mut [u8]) -> bool| {
             PyBytes::new_with(py, len, |buf| {
                 if copy(buf) {
                     Ok(())
@@ -463,7 +492,12 @@ impl PyClient {
                 }
             })
             .ok()
-        });
+        };
+        let read = if counted {
+            self.session.lookup_into(oid, view, fill)
+        } else {
+            self.session.peek_into(oid, view, fill)
+        };
         match read {
             Read::Hit { serial, state } => Some(Some((serial, state))),
             Read::Miss => Some(None),

@@ -1,6 +1,7 @@
 """`make demo` keeps working: a short run of demo/run_demo.py (a few
 modules, 2 s per side and round) must finish, print its table and pass its
-checks (no torn snapshot; the tidecache side hit the sidecar; the shared
+checks (no torn snapshot; the tidecache side hit the sidecar, and the
+sidecar's metrics endpoint counted the hits the workers counted; the shared
 state side, when the tree has shared state, activated objects from
 templates), on ZEO and on RelStorage/SQLite."""
 
@@ -54,6 +55,14 @@ def test_demo_runs_end_to_end(zeo_demo):
         assert result[side]["failures"] == []
         # The readers' memory when they ended, for the table.
         assert result[side]["reader_rss_kib"] > 0 and result[side]["reader_anon_kib"] > 0
+    # The metrics endpoint, read after each tidecache round: non-zero hits,
+    # whose ratio is the workers' own within a point.
+    assert "curl http://127.0.0.1:" in r.stdout
+    samples = [s for side in result["sides"] for s in result[side].get("metrics_samples", [])]
+    assert samples and "metrics_samples" in result["tidecache"], result["tidecache"]
+    for sample in samples:
+        assert sample["endpoint_hits"] > 0, sample
+        assert abs(sample["endpoint_hit_ratio"] - sample["own_hit_ratio"]) <= 0.01, sample
 
 
 @needs_shared_state

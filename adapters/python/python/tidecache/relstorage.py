@@ -1289,6 +1289,7 @@ class TideCacheRelInstance:
             prefetched = self._tc_prefetched.pop(o, None)
             if prefetched is not None and self._tc_prefetched_at == view:
                 self._tc_stats.misses += 1
+                self._tc_client.note_miss()
                 return prefetched[0], p64(prefetched[1]), None, view
             try:
                 hit = self._tc_client.lookup(o, view)
