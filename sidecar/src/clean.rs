@@ -86,7 +86,15 @@ fn arena_bytes(path: &Path) -> Result<Option<u64>, CleanError> {
     }
 }
 
-/// Removes the arena file at `cache_file` and its `<cache-file>.lock`, if
+/// The file `clean` works on for `cache_file`: its real path, symlinks
+/// resolved (a symlink to an arena names the arena: removing the link
+/// alone would free nothing), or `cache_file` itself if nothing is there.
+pub fn real_file(cache_file: &Path) -> PathBuf {
+    std::fs::canonicalize(cache_file).unwrap_or_else(|_| cache_file.to_path_buf())
+}
+
+/// Removes the arena file at `cache_file` ([`real_file`]: a symlink's
+/// target, the link itself is left) and its `<cache-file>.lock`, if
 /// no sidecar holds the lock and the file starts with the arena's magic
 /// word. Under the lock (taken as a sidecar takes it, so no sidecar can
 /// start on the file meanwhile) the file is checked again, its LIVE word
@@ -98,6 +106,7 @@ fn arena_bytes(path: &Path) -> Result<Option<u64>, CleanError> {
 /// [`CleanError::InUse`], [`CleanError::NotAnArena`] (an empty file too:
 /// nothing proves it is an arena), [`CleanError::Io`].
 pub fn clean(cache_file: &Path, dry_run: bool) -> Result<Cleaned, CleanError> {
+    let cache_file = &real_file(cache_file);
     if arena_bytes(cache_file)?.is_none() {
         return Ok(Cleaned::Nothing);
     }

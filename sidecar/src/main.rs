@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 use tidecache_client::{Client, ClientConfig};
-use tidecache_sidecar::clean::{clean, Cleaned};
+use tidecache_sidecar::clean::{clean, real_file, Cleaned};
 use tidecache_sidecar::metrics::{self, Format, Readout};
 use tidecache_sidecar::scrape::MetricsEndpoint;
 use tidecache_sidecar::{readiness, Server, ServerConfig};
@@ -131,6 +131,7 @@ enum Command {
     },
     /// Remove an arena file no sidecar uses, and its <cache-file>.lock.
     ///
+    /// A symlink is resolved: its target is removed (the link is left).
     /// The file is unlinked, never truncated: workers that still map it keep
     /// valid pages, and the memory is freed when the last one unmaps it
     /// (restart them). Refused, changing nothing (exit 1), if a sidecar
@@ -285,6 +286,8 @@ fn main() -> ExitCode {
                 eprintln!("tidecached clean: give --cache-file or --socket");
                 return ExitCode::FAILURE;
             };
+            // A symlink's target is what is removed, and what is named.
+            let path = real_file(&path);
             match clean(&path, dry_run) {
                 Ok(Cleaned::Nothing) => {
                     println!("no file at {}: nothing to remove", path.display());

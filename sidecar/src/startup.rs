@@ -335,11 +335,14 @@ impl ArenaLock {
         // another lock file, not another inode.
         let arena = match flock_file(cache_file)? {
             Some(None) => {
+                // Refused: leave no lock file behind (held, so nobody
+                // relies on it; one opened meanwhile is found replaced).
+                let _ = std::fs::remove_file(&path);
                 return Err(SidecarError::Locked {
                     lock: cache_file.to_path_buf(),
                     cache_file: cache_file.to_path_buf(),
                     holder: "a sidecar using this file under another name (a hard link)".to_owned(),
-                })
+                });
             }
             Some(Some(f)) => Some(f),
             None => None,
