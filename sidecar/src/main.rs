@@ -131,6 +131,9 @@ enum Command {
     },
     /// Remove an arena file no sidecar uses, and its <cache-file>.lock.
     ///
+    /// The unfinished <cache-file>.new-<pid> files of starts killed while
+    /// allocating the arena go too (a start removes them as well).
+    ///
     /// A symlink is resolved: its target is removed (the link is left).
     /// The file is unlinked, never truncated: workers that still map it keep
     /// valid pages, and the memory is freed when the last one unmaps it

@@ -200,6 +200,7 @@ impl Server {
             _ => startup::room_for(&config.cache_file, geometry.file_bytes)?,
         }
         let mut lock = ArenaLock::take(&config.cache_file, &config.socket)?;
+        startup::remove_dead_starts_files(&config.cache_file);
         // Under the lock: what lies there now is what this run works on.
         let existing = startup::existing_arena(&config.cache_file)?;
         let (arena, created) = open_arena(&config, geometry, existing)?;

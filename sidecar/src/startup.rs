@@ -427,6 +427,48 @@ impl ArenaLock {
     }
 }
 
+/// Removes the `<cache-file>.new-<pid>` files of starts killed while they
+/// were creating an arena (`Memory::create_file` makes the new arena under
+/// that name and renames it over the cache file once allocated): a start
+/// killed then (a service manager's start timeout, `kill`) leaves one,
+/// empty or as large as the arena, that nothing else would ever remove.
+/// Call with the arena's lock held ([`ArenaLock`]): such files are only
+/// made under it, so every one found then is a dead start's. Returns how
+/// many were removed; errors are logged.
+pub fn remove_dead_starts_files(cache_file: &Path) -> usize {
+    let (Some(name), dir) = (cache_file.file_name(), parent(cache_file)) else {
+        return 0;
+    };
+    let mut prefix = name.to_owned();
+    prefix.push(".new-");
+    let prefix = prefix.as_encoded_bytes();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let bytes = file_name.as_encoded_bytes();
+        let dead = bytes.len() > prefix.len()
+            && bytes.starts_with(prefix)
+            && bytes[prefix.len()..].iter().all(u8::is_ascii_digit)
+            && entry.file_type().is_ok_and(|t| t.is_file());
+        if !dead {
+            continue;
+        }
+        match std::fs::remove_file(entry.path()) {
+            Ok(()) => {
+                removed += 1;
+                tracing::info!(file = %entry.path().display(), "removed the unfinished arena file of a start that was killed");
+            }
+            Err(e) => {
+                tracing::warn!(file = %entry.path().display(), error = %e, "cannot remove the unfinished arena file of a killed start")
+            }
+        }
+    }
+    removed
+}
+
 fn io_error(context: String, source: io::Error) -> SidecarError {
     SidecarError::Io { context, source }
 }

@@ -228,3 +228,30 @@ fn a_refusal_by_hard_link_leaves_no_lock_file() {
     assert!(!socket.exists());
     drop(sc);
 }
+
+/// A start killed while allocating its arena (a service manager's start
+/// timeout, `kill`) leaves `<cache-file>.new-<pid>`, empty or as large as
+/// the arena. Before the fix nothing ever removed it: not the next start,
+/// not `clean` ("no file at ...: nothing to remove"). Now both do, under
+/// the arena's lock.
+#[test]
+fn the_unfinished_arena_file_of_a_killed_start_is_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let arena = dir.path().join("cache.arena");
+    let dead = dir.path().join("cache.arena.new-4194304");
+    let unrelated = dir.path().join("cache.arena.new-notapid");
+    std::fs::write(&dead, vec![0u8; 1 << 20]).unwrap();
+    std::fs::write(&unrelated, b"keep").unwrap();
+
+    let out = tidecached(&[os("clean"), os("--cache-file"), arena.as_os_str()]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(!dead.exists(), "clean left {}", dead.display());
+    assert!(unrelated.exists());
+
+    std::fs::write(&dead, vec![0u8; 1 << 20]).unwrap();
+    let socket = dir.path().join("tidecached.sock");
+    let sc = Sidecar::start_at(dir, socket, &[]);
+    assert!(!dead.exists(), "a start left {}", dead.display());
+    assert!(unrelated.exists());
+    drop(sc);
+}
