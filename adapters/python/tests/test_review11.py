@@ -1,6 +1,7 @@
 """Review of issue 11's adapter surface: database keys (the ``database``
 label the metrics endpoint serves), collisions of keys across databases."""
 
+import os
 import shutil
 
 import pytest
@@ -95,3 +96,26 @@ def test_two_live_databases_under_one_key_never_hit_each_other(tmp_path, sidecar
     for name, (storage, db) in dbs.items():
         assert_hits_match_load_before(storage)
         db.close()
+
+
+# -- keys of paths through symlinks ---------------------------------------------------
+
+
+def test_paths_through_a_symlink_and_dotdot_name_their_real_file(tmp_path):
+    """``os.path.abspath`` folds ``link/..`` lexically: with ``link`` a
+    symlink to another directory, ``a/link/../zeo.sock`` is the socket in
+    ``link``'s target's parent, not ``a/zeo.sock``, yet both got the key
+    ``zeo:<tmp>/a/zeo.sock:1``: two ZEO servers, one key (a collision: see
+    the test above for what one does). (A FileStorage opens the path it
+    folded itself, so its ``file:`` key was right.) Seen failing before
+    (abspath); realpath now."""
+    from tidecache.storage import zeo_database_key
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "elsewhere" / "deep").mkdir(parents=True)
+    (tmp_path / "a" / "link").symlink_to(tmp_path / "elsewhere" / "deep")
+    through = str(tmp_path / "a" / "link" / ".." / "zeo.sock")
+    # The path the kernel resolves: elsewhere/zeo.sock.
+    assert os.path.realpath(through) == str(tmp_path / "elsewhere" / "zeo.sock")
+    assert zeo_database_key(through, "1") != zeo_database_key(str(tmp_path / "a" / "zeo.sock"), "1")
+    assert zeo_database_key(through, "1") == zeo_database_key(str(tmp_path / "elsewhere" / "zeo.sock"), "1")
