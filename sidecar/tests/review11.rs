@@ -255,3 +255,29 @@ fn the_unfinished_arena_file_of_a_killed_start_is_removed() {
     assert!(unrelated.exists());
     drop(sc);
 }
+
+/// A sidecar stopped (SIGTERM) after its socket file was removed by hand
+/// and a second sidecar started on the same path leaves the second one's
+/// socket alone. Before the fix it removed the path, whatever was there
+/// now: the running sidecar became unreachable.
+#[test]
+fn a_stopping_sidecar_removes_only_its_own_socket() {
+    let first = Sidecar::start(&[]);
+    std::fs::remove_file(&first.socket).unwrap();
+    let other_dir = tempfile::tempdir().unwrap();
+    let second = Sidecar::start_at(other_dir, first.socket.clone(), &[]);
+    // SAFETY: signalling a child process of this test.
+    assert_eq!(unsafe { libc::kill(first.child.id() as i32, libc::SIGTERM) }, 0);
+    let mut first = first;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while first.alive() {
+        assert!(Instant::now() < deadline, "the first sidecar did not stop");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(
+        second.socket.exists(),
+        "the stopping sidecar removed the second one's socket"
+    );
+    let out = tidecached(&[os("check"), os("--socket"), second.socket.as_os_str()]);
+    assert!(out.status.success(), "{out:?}");
+}
