@@ -147,6 +147,37 @@ pub fn existing_arena(path: &Path) -> Result<Existing, SidecarError> {
     Ok(Existing::Arena { bytes: meta.len() })
 }
 
+/// The arena file at `path`, about to be re-attached, is owned by this
+/// process's effective user. A file another user owns is refused: its
+/// owner could write it at any time, so whatever it put there (or put
+/// later) would be served to every worker as cached state. In a shared
+/// directory such as /dev/shm, where the default arena's name is
+/// predictable, any local user could otherwise plant it before the
+/// sidecar starts. Nothing at `path`: nothing to check.
+///
+/// # Errors
+/// [`SidecarError::NotAnArena`] naming the owner, [`SidecarError::Io`].
+pub fn owned_by_this_user(path: &Path) -> Result<(), SidecarError> {
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_error(format!("reading {}", path.display()), e)),
+    };
+    // SAFETY: geteuid cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if meta.uid() == euid {
+        return Ok(());
+    }
+    Err(SidecarError::NotAnArena {
+        path: path.to_path_buf(),
+        reason: format!(
+            "it is owned by uid {}, not by this sidecar's uid {euid}: its owner could write what \
+             the sidecar would serve",
+            meta.uid()
+        ),
+    })
+}
+
 /// The file system holding `path` has `bytes` bytes free for a new file.
 ///
 /// # Errors

@@ -281,3 +281,57 @@ fn a_stopping_sidecar_removes_only_its_own_socket() {
     let out = tidecached(&[os("check"), os("--socket"), second.socket.as_os_str()]);
     assert!(out.status.success(), "{out:?}");
 }
+
+/// An arena file owned by another user is never re-attached: its owner
+/// can write it whenever it likes, so what it plants would be served to
+/// every worker (the default arena's name in the world-writable /dev/shm
+/// is predictable: any local user could create it before the sidecar
+/// starts). Before the fix a root sidecar re-attached a file owned by
+/// `nobody`. Needs root to give the file away; skipped otherwise.
+#[test]
+fn an_arena_owned_by_another_user_is_refused() {
+    // SAFETY: geteuid cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root to chown a file to another user");
+        return;
+    }
+    let sc = Sidecar::start(&[]);
+    let (dir, socket) = sc.kill();
+    let arena = dir.path().join("cache.arena");
+    let lock = dir.path().join("cache.arena.lock");
+    let _ = std::fs::remove_file(&lock);
+    std::os::unix::fs::chown(&arena, Some(65534), None).unwrap();
+    let before = std::fs::read(&arena).unwrap();
+    // Spawned, bounded: a sidecar that accepts the file serves for ever.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tidecached"))
+        .args([
+            os("serve"),
+            os("--socket"),
+            socket.as_os_str(),
+            os("--cache-file"),
+            arena.as_os_str(),
+        ])
+        .args(["--memory-mb", "16"])
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the sidecar re-attached an arena owned by another user and serves it");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(1));
+    let mut err = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(err.contains("owned by uid 65534"), "{err}");
+    assert_eq!(std::fs::read(&arena).unwrap(), before, "the refused file was changed");
+    assert!(!lock.exists(), "a refused start left {}", lock.display());
+}
