@@ -86,7 +86,16 @@ fn arena_bytes(path: &Path) -> Result<Option<u64>, CleanError> {
     }
 }
 
-/// Removes the arena file at `cache_file` and its `<cache-file>.lock`, if
+/// The file `clean` works on for `cache_file`: its real path, symlinks
+/// resolved (a symlink to an arena names the arena: removing the link
+/// alone would free nothing), or `cache_file` itself if nothing is there.
+pub fn real_file(cache_file: &Path) -> PathBuf {
+    std::fs::canonicalize(cache_file).unwrap_or_else(|_| cache_file.to_path_buf())
+}
+
+/// Removes the arena file at `cache_file` ([`real_file`]: a symlink's
+/// target, the link itself is left), its `<cache-file>.lock` and the
+/// unfinished `<cache-file>.new-<pid>` files of killed starts, if
 /// no sidecar holds the lock and the file starts with the arena's magic
 /// word. Under the lock (taken as a sidecar takes it, so no sidecar can
 /// start on the file meanwhile) the file is checked again, its LIVE word
@@ -98,7 +107,16 @@ fn arena_bytes(path: &Path) -> Result<Option<u64>, CleanError> {
 /// [`CleanError::InUse`], [`CleanError::NotAnArena`] (an empty file too:
 /// nothing proves it is an arena), [`CleanError::Io`].
 pub fn clean(cache_file: &Path, dry_run: bool) -> Result<Cleaned, CleanError> {
+    let cache_file = &real_file(cache_file);
     if arena_bytes(cache_file)?.is_none() {
+        // No arena; a start killed while creating it may have left its
+        // unfinished file (removed under the lock, unless a start holds it).
+        if !dry_run {
+            if let Ok(lock) = ArenaLock::take_as(cache_file, &format!("pid {}, tidecached clean", std::process::id())) {
+                startup::remove_dead_starts_files(cache_file);
+                lock.remove_lock_file();
+            }
+        }
         return Ok(Cleaned::Nothing);
     }
     if dry_run {
@@ -114,6 +132,8 @@ pub fn clean(cache_file: &Path, dry_run: bool) -> Result<Cleaned, CleanError> {
         });
     }
     let lock = ArenaLock::take_as(cache_file, &format!("pid {}, tidecached clean", std::process::id()))?;
+    // Under the lock: unfinished arena files of killed starts go too.
+    startup::remove_dead_starts_files(cache_file);
     let Some(bytes) = arena_bytes(cache_file)? else {
         lock.remove_lock_file();
         return Ok(Cleaned::Nothing);

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 use tidecache_client::{Client, ClientConfig};
-use tidecache_sidecar::clean::{clean, Cleaned};
+use tidecache_sidecar::clean::{clean, real_file, Cleaned};
 use tidecache_sidecar::metrics::{self, Format, Readout};
 use tidecache_sidecar::scrape::MetricsEndpoint;
 use tidecache_sidecar::{readiness, Server, ServerConfig};
@@ -140,6 +140,10 @@ enum Command {
     },
     /// Remove an arena file no sidecar uses, and its <cache-file>.lock.
     ///
+    /// The unfinished <cache-file>.new-<pid> files of starts killed while
+    /// allocating the arena go too (a start removes them as well).
+    ///
+    /// A symlink is resolved: its target is removed (the link is left).
     /// The file is unlinked, never truncated: workers that still map it keep
     /// valid pages, and the memory is freed when the last one unmaps it
     /// (restart them). Refused, changing nothing (exit 1), if a sidecar
@@ -257,7 +261,14 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            if let Err(e) = remove_socket_on_signal(socket.clone()) {
+            // The socket file this run made: on a signal, only that one is
+            // removed (not a later sidecar's, made after this one's was
+            // removed by hand).
+            let bound = std::fs::symlink_metadata(&socket).ok().map(|m| {
+                use std::os::unix::fs::MetadataExt;
+                (m.dev(), m.ino())
+            });
+            if let Err(e) = remove_socket_on_signal(socket.clone(), bound) {
                 eprintln!("tidecached: cannot install signal handlers: {e}");
                 let _ = std::fs::remove_file(&socket);
                 server.discard();
@@ -302,6 +313,8 @@ fn main() -> ExitCode {
                 eprintln!("tidecached clean: give --cache-file or --socket");
                 return ExitCode::FAILURE;
             };
+            // A symlink's target is what is removed, and what is named.
+            let path = real_file(&path);
             match clean(&path, dry_run) {
                 Ok(Cleaned::Nothing) => {
                     println!("no file at {}: nothing to remove", path.display());
@@ -363,15 +376,27 @@ fn ask_stats(socket: &std::path::Path, timeout: Duration) -> Result<Readout, Ask
 }
 
 /// On SIGTERM or SIGINT: STOPPING=1 to a service manager, log, remove the
-/// socket file, exit 0 (the arena file stays, for a warm restart).
-fn remove_socket_on_signal(socket: PathBuf) -> std::io::Result<()> {
+/// socket file if it is still the one this run bound (`bound`: its device
+/// and inode), exit 0 (the arena file stays, for a warm restart).
+fn remove_socket_on_signal(socket: PathBuf, bound: Option<(u64, u64)>) -> std::io::Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM};
     let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
     std::thread::Builder::new().name("signals".into()).spawn(move || {
         if let Some(sig) = signals.forever().next() {
             readiness::stopping();
-            tracing::info!(signal = sig, "stopping; removing the socket file");
-            let _ = std::fs::remove_file(&socket);
+            let now = std::fs::symlink_metadata(&socket).ok().map(|m| {
+                use std::os::unix::fs::MetadataExt;
+                (m.dev(), m.ino())
+            });
+            if now.is_some() && now == bound {
+                tracing::info!(signal = sig, "stopping; removing the socket file");
+                let _ = std::fs::remove_file(&socket);
+            } else {
+                tracing::info!(
+                    signal = sig,
+                    "stopping; the socket file is no longer this sidecar's: left as it is"
+                );
+            }
             std::process::exit(0);
         }
     })?;

@@ -6,20 +6,24 @@
 //! 405, a request line that does not parse 400, a request head over
 //! [`MAX_REQUEST_HEAD`] bytes 431. Every answer closes the connection.
 //! Connections are served one at a time, each bounded by
-//! [`CONNECTION_TIMEOUT`] for reading and writing, so a stuck scraper holds
-//! the thread for at most that long and never anything of the server's:
+//! [`CONNECTION_TIMEOUT`] in all for reading the request and writing the
+//! answer (a deadline, not a bound per read: a client trickling a byte at a
+//! time is cut off too), then by `DRAIN_TIMEOUT` in all while its last
+//! bytes are read, so a stuck scraper holds the thread for at most that
+//! long and never anything of the server's:
 //! rendering takes the locks [`crate::Server::readout`] names, each for a
 //! copy of counters.
 
 use crate::metrics::Readout;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// The longest request head read (request line and headers), bytes.
 pub const MAX_REQUEST_HEAD: usize = 8192;
 
-/// Bound on reading a request and writing its answer.
+/// Bound on reading a request and writing its answer, in all (a deadline
+/// from the connection's accept).
 pub const CONNECTION_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// After an answer, how long the client is given to close, and how much
@@ -177,9 +181,20 @@ pub fn parse_request(head: &[u8]) -> Asked {
     }
 }
 
-/// Reads the request head, at most [`MAX_REQUEST_HEAD`] bytes; `None` if
-/// it is longer.
-fn read_head(stream: &mut TcpStream) -> io::Result<Option<Vec<u8>>> {
+/// Sets the read and write timeouts of `stream` to what is left until
+/// `deadline`; `TimedOut` once it has passed.
+fn until(stream: &TcpStream, deadline: Instant) -> io::Result<()> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(io::ErrorKind::TimedOut.into());
+    }
+    stream.set_read_timeout(Some(left))?;
+    stream.set_write_timeout(Some(left))
+}
+
+/// Reads the request head, at most [`MAX_REQUEST_HEAD`] bytes, by
+/// `deadline`; `None` if it is longer.
+fn read_head(stream: &mut TcpStream, deadline: Instant) -> io::Result<Option<Vec<u8>>> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     loop {
@@ -190,6 +205,7 @@ fn read_head(stream: &mut TcpStream) -> io::Result<Option<Vec<u8>>> {
             return Ok(None);
         }
         let want = (MAX_REQUEST_HEAD - buf.len()).min(chunk.len());
+        until(stream, deadline)?;
         let n = stream.read(&mut chunk[..want])?;
         if n == 0 {
             // Closed before the end of the head: answer what came.
@@ -200,13 +216,13 @@ fn read_head(stream: &mut TcpStream) -> io::Result<Option<Vec<u8>>> {
 }
 
 fn answer(mut stream: TcpStream, readout: &impl Fn() -> Readout) -> io::Result<()> {
-    stream.set_read_timeout(Some(CONNECTION_TIMEOUT))?;
-    stream.set_write_timeout(Some(CONNECTION_TIMEOUT))?;
-    let asked = match read_head(&mut stream)? {
+    let deadline = Instant::now() + CONNECTION_TIMEOUT;
+    let asked = match read_head(&mut stream, deadline)? {
         Some(head) => parse_request(&head),
         None => {
             return respond(
                 &mut stream,
+                deadline,
                 "431 Request Header Fields Too Large",
                 "",
                 b"request head too large\n",
@@ -219,6 +235,7 @@ fn answer(mut stream: TcpStream, readout: &impl Fn() -> Readout) -> io::Result<(
             let body = readout().prometheus();
             respond(
                 &mut stream,
+                deadline,
                 "200 OK",
                 "Content-Type: text/plain; version=0.0.4; charset=utf-8\r\n",
                 body.as_bytes(),
@@ -227,6 +244,7 @@ fn answer(mut stream: TcpStream, readout: &impl Fn() -> Readout) -> io::Result<(
         }
         Asked::NotFound => respond(
             &mut stream,
+            deadline,
             "404 Not Found",
             "",
             b"not found: the metrics are at /metrics\n",
@@ -234,16 +252,24 @@ fn answer(mut stream: TcpStream, readout: &impl Fn() -> Readout) -> io::Result<(
         ),
         Asked::MethodNotAllowed => respond(
             &mut stream,
+            deadline,
             "405 Method Not Allowed",
             "Allow: GET, HEAD\r\n",
             b"method not allowed\n",
             false,
         ),
-        Asked::BadRequest => respond(&mut stream, "400 Bad Request", "", b"bad request\n", false),
+        Asked::BadRequest => respond(&mut stream, deadline, "400 Bad Request", "", b"bad request\n", false),
     }
 }
 
-fn respond(stream: &mut TcpStream, status: &str, headers: &str, body: &[u8], head_only: bool) -> io::Result<()> {
+fn respond(
+    stream: &mut TcpStream,
+    deadline: Instant,
+    status: &str,
+    headers: &str,
+    body: &[u8],
+    head_only: bool,
+) -> io::Result<()> {
     let mut out = format!(
         "HTTP/1.1 {status}\r\n{headers}{}Content-Length: {}\r\nConnection: close\r\n\r\n",
         if headers.contains("Content-Type") {
@@ -257,16 +283,27 @@ fn respond(stream: &mut TcpStream, status: &str, headers: &str, body: &[u8], hea
     if !head_only {
         out.extend_from_slice(body);
     }
-    stream.write_all(&out)?;
-    stream.flush()?;
+    let mut written = 0;
+    while written < out.len() {
+        until(stream, deadline)?;
+        match stream.write(&out[written..]) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => written += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
     // Closing with unread bytes would reset the connection, and the client
     // could lose the answer: read what it still sends (bounded) until it
-    // closes.
+    // closes, by a deadline of its own.
     stream.shutdown(std::net::Shutdown::Write)?;
-    stream.set_read_timeout(Some(DRAIN_TIMEOUT))?;
+    let drain_until = Instant::now() + DRAIN_TIMEOUT;
     let mut sink = [0u8; 4096];
     let mut drained = 0;
     while drained < MAX_DRAIN {
+        if until(stream, drain_until).is_err() {
+            break;
+        }
         match stream.read(&mut sink) {
             Ok(0) | Err(_) => break,
             Ok(n) => drained += n,

@@ -214,6 +214,7 @@ impl Server {
             startup::group_applicable(gid)?;
         }
         startup::socket_free(&config.socket)?;
+        startup::owned_by_this_user(&config.cache_file)?;
         match startup::existing_arena(&config.cache_file)? {
             Existing::Arena {
                 bytes,
@@ -222,8 +223,12 @@ impl Server {
             _ => startup::room_for(&config.cache_file, geometry.file_bytes)?,
         }
         let mut lock = ArenaLock::take(&config.cache_file, &config.socket)?;
+        startup::remove_dead_starts_files(&config.cache_file);
         // Under the lock: what lies there now is what this run works on.
         let existing = startup::existing_arena(&config.cache_file)?;
+        if existing != Existing::Nothing {
+            startup::owned_by_this_user(&config.cache_file)?;
+        }
         let (arena, created) = open_arena(&config, geometry, existing)?;
         if let Err(e) = lock.hold_arena(&config.cache_file) {
             if created {

@@ -164,6 +164,37 @@ fn format_version(path: &Path) -> Option<u64> {
     Some(u64::from_ne_bytes(word))
 }
 
+/// The arena file at `path`, about to be re-attached, is owned by this
+/// process's effective user. A file another user owns is refused: its
+/// owner could write it at any time, so whatever it put there (or put
+/// later) would be served to every worker as cached state. In a shared
+/// directory such as /dev/shm, where the default arena's name is
+/// predictable, any local user could otherwise plant it before the
+/// sidecar starts. Nothing at `path`: nothing to check.
+///
+/// # Errors
+/// [`SidecarError::NotAnArena`] naming the owner, [`SidecarError::Io`].
+pub fn owned_by_this_user(path: &Path) -> Result<(), SidecarError> {
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(io_error(format!("reading {}", path.display()), e)),
+    };
+    // SAFETY: geteuid cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    if meta.uid() == euid {
+        return Ok(());
+    }
+    Err(SidecarError::NotAnArena {
+        path: path.to_path_buf(),
+        reason: format!(
+            "it is owned by uid {}, not by this sidecar's uid {euid}: its owner could write what \
+             the sidecar would serve",
+            meta.uid()
+        ),
+    })
+}
+
 /// The file system holding `path` has `bytes` bytes free for a new file.
 ///
 /// # Errors
@@ -352,11 +383,14 @@ impl ArenaLock {
         // another lock file, not another inode.
         let arena = match flock_file(cache_file)? {
             Some(None) => {
+                // Refused: leave no lock file behind (held, so nobody
+                // relies on it; one opened meanwhile is found replaced).
+                let _ = std::fs::remove_file(&path);
                 return Err(SidecarError::Locked {
                     lock: cache_file.to_path_buf(),
                     cache_file: cache_file.to_path_buf(),
                     holder: "a sidecar using this file under another name (a hard link)".to_owned(),
-                })
+                });
             }
             Some(Some(f)) => Some(f),
             None => None,
@@ -439,6 +473,48 @@ impl ArenaLock {
             None => Ok(()),
         }
     }
+}
+
+/// Removes the `<cache-file>.new-<pid>` files of starts killed while they
+/// were creating an arena (`Memory::create_file` makes the new arena under
+/// that name and renames it over the cache file once allocated): a start
+/// killed then (a service manager's start timeout, `kill`) leaves one,
+/// empty or as large as the arena, that nothing else would ever remove.
+/// Call with the arena's lock held ([`ArenaLock`]): such files are only
+/// made under it, so every one found then is a dead start's. Returns how
+/// many were removed; errors are logged.
+pub fn remove_dead_starts_files(cache_file: &Path) -> usize {
+    let (Some(name), dir) = (cache_file.file_name(), parent(cache_file)) else {
+        return 0;
+    };
+    let mut prefix = name.to_owned();
+    prefix.push(".new-");
+    let prefix = prefix.as_encoded_bytes();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let bytes = file_name.as_encoded_bytes();
+        let dead = bytes.len() > prefix.len()
+            && bytes.starts_with(prefix)
+            && bytes[prefix.len()..].iter().all(u8::is_ascii_digit)
+            && entry.file_type().is_ok_and(|t| t.is_file());
+        if !dead {
+            continue;
+        }
+        match std::fs::remove_file(entry.path()) {
+            Ok(()) => {
+                removed += 1;
+                tracing::info!(file = %entry.path().display(), "removed the unfinished arena file of a start that was killed");
+            }
+            Err(e) => {
+                tracing::warn!(file = %entry.path().display(), error = %e, "cannot remove the unfinished arena file of a killed start")
+            }
+        }
+    }
+    removed
 }
 
 fn io_error(context: String, source: io::Error) -> SidecarError {

@@ -58,6 +58,7 @@
 
 #![warn(missing_docs)]
 
+mod connect;
 mod fork;
 pub use tidecache_protocol as protocol;
 pub mod outbox;
@@ -702,7 +703,7 @@ impl Client {
         if st.down_until.is_some_and(|t| Instant::now() < t) {
             return Err(self.unavailable("down; waiting before reconnecting"));
         }
-        let stream = UnixStream::connect(&self.config.socket).map_err(|e| {
+        let stream = connect::connect(&self.config.socket, self.config.timeout).map_err(|e| {
             st.down_until = Some(Instant::now() + self.config.retry_after);
             self.unavailable(format!("connect: {e}"))
         })?;

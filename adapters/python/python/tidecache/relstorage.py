@@ -167,7 +167,47 @@ def _without_password(dsn):
             rest, query = rest.split("?", 1)
             query = "&".join(p for p in query.split("&") if not p.lower().startswith("password="))
         return scheme + "://" + rest + ("?" + query if query else "")
-    return " ".join(p for p in dsn.split() if not p.lower().startswith("password"))
+    pairs = _conninfo_pairs(dsn)
+    if pairs is None:
+        # libpq would refuse it too; nothing of it is shown.
+        return "(a DSN that does not parse)"
+    return " ".join("%s=%s" % (k, raw) for k, raw in pairs if k.lower() != "password")
+
+
+def _conninfo_pairs(dsn):
+    """``(keyword, value as written)`` of a libpq ``keyword = value`` DSN:
+    spaces around ``=`` are allowed, a value is single-quoted (``\\'``
+    and ``\\\\`` inside) or runs to the next space (``\\`` escapes in
+    it). ``None`` if it does not parse."""
+    pairs, i, n = [], 0, len(dsn)
+    while True:
+        while i < n and dsn[i].isspace():
+            i += 1
+        if i == n:
+            return pairs
+        start = i
+        while i < n and not dsn[i].isspace() and dsn[i] != "=":
+            i += 1
+        keyword = dsn[start:i]
+        while i < n and dsn[i].isspace():
+            i += 1
+        if not keyword or i == n or dsn[i] != "=":
+            return None
+        i += 1
+        while i < n and dsn[i].isspace():
+            i += 1
+        start = i
+        if i < n and dsn[i] == "'":
+            i += 1
+            while i < n and dsn[i] != "'":
+                i += 2 if dsn[i] == "\\" else 1
+            if i >= n:
+                return None
+            i += 1
+        else:
+            while i < n and not dsn[i].isspace():
+                i += 2 if dsn[i] == "\\" else 1
+        pairs.append((keyword, dsn[start:min(i, n)]))
 
 
 class _Changes:

@@ -184,7 +184,9 @@ def zeo_database_key(addr, storage="1"):
     takes it or keeps it in ``_addr``: a Unix socket path, a ``(host,
     port)`` pair, a port alone, or a list of these):
     ``zeo:<address>[,<address>...]:<storage>``. A Unix socket's path is made
-    absolute; ``%``, ``,`` and ``:`` inside a path or the storage name, and
+    absolute with its symlinks resolved (``os.path.realpath``: a lexical
+    ``link/..`` would name another directory than the one the socket is
+    in, and two sockets one key); ``%``, ``,`` and ``:`` inside a path or the storage name, and
     ``%`` and ``,`` inside a host, are written ``%25``, ``%2C``, ``%3A``, so
     the storage name is what follows the last ``:`` and two keys are equal
     only for the same addresses and storage."""
@@ -200,7 +202,7 @@ def zeo_database_key(addr, storage="1"):
         if isinstance(a, int):
             a = ("127.0.0.1", a)
         if isinstance(a, str):
-            shown.append(_escaped(os.path.abspath(a), ",:"))
+            shown.append(_escaped(os.path.realpath(a), ",:"))
         else:
             host, port = a[0], a[1]
             host = _escaped(str(host), ",")
