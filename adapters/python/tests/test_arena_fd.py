@@ -68,6 +68,6 @@ def test_a_worker_that_cannot_resolve_the_arena_path_reads_the_arena(tmp_path, a
         # Every hit came from the mapped arena: the sidecar answered none
         # over its socket (where a client without the arena would ask).
         sidecar = apart.stats()["databases"][mine["database"]]
-        assert sidecar["hits"] == 0, (mine, sidecar)
+        assert sidecar["socket_hits"] == 0, (mine, sidecar)
     finally:
         db.close()

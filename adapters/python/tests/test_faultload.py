@@ -64,11 +64,13 @@ def test_faults_degrade_to_misses_under_load(tmp_path):
 
 
 def _blocked_reading(native_id):
-    """Whether thread ``native_id`` of this process waits in read/recvfrom
-    (x86-64 syscalls 0 and 45): inside a client call, holding its lock."""
+    """Whether thread ``native_id`` of this process waits in read,
+    recvfrom or recvmsg (x86-64 syscalls 0, 45 and 47; a connection's
+    Hello answer is read with recvmsg, for the arena's descriptor): inside
+    a client call, holding its lock."""
     try:
         with open("/proc/self/task/%d/syscall" % native_id) as f:
-            return f.read().split()[0] in ("0", "45")
+            return f.read().split()[0] in ("0", "45", "47")
     except (OSError, IndexError):
         return False
 
