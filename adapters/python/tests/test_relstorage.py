@@ -622,35 +622,46 @@ def test_a_pack_made_outside_tidecache_is_detected(sidecar, data_dir, monkeypatc
         db.close()
 
 
+def delete_unreachable(a, b):
+    """``a`` commits a mapping and then makes it unreachable; ``b`` reads
+    it (its open revision stored in the sidecar); a new instance of ``a``
+    deletes it (``deleteObject``, history-free: the commit leaves no row).
+    Returns the oid."""
+    from ZODB.Connection import TransactionMetaData
+
+    with a.transaction() as conn:
+        conn.root()["gone"] = PersistentMapping(v=1)
+    with a.transaction() as conn:
+        oid = conn.root()["gone"]._p_oid
+        serial = conn.root()["gone"]._p_serial
+        del conn.root()["gone"]
+    b.pool.clear()
+    with b.transaction() as conn:  # b stores the open revision
+        assert conn.get(oid)["v"] == 1
+    b.storage.cache_stats(wait=True)
+    inst = a.storage.new_instance()
+    inst.poll_invalidations()
+    txn = TransactionMetaData()
+    inst.tpc_begin(txn)
+    inst.deleteObject(oid, serial, txn)
+    inst.tpc_vote(txn)
+    inst.tpc_finish(txn)
+    inst.release()
+    return oid
+
+
 def test_deleted_objects_are_not_served(sidecar, data_dir):
     """``deleteObject`` (IExternalGC, zc.zodbdgc) in a history-free
     database leaves no row, so no poll lists it: the deletion is reported
     with the commit's tid, and no process is served the deleted state at a
     view past it. (RelStorage's own views stay below a commit that only
     deleted until a commit that leaves a row.)"""
-    from ZODB.Connection import TransactionMetaData
     from ZODB.POSException import POSKeyError
 
     a = ZODB.DB(TideCacheStorage(open_relstorage(data_dir, False), socket=sidecar.socket))
     b = ZODB.DB(TideCacheStorage(open_relstorage(data_dir, False), socket=sidecar.socket))
     try:
-        with a.transaction() as conn:
-            conn.root()["gone"] = PersistentMapping(v=1)
-        with a.transaction() as conn:
-            oid = conn.root()["gone"]._p_oid
-            serial = conn.root()["gone"]._p_serial
-            del conn.root()["gone"]
-        b.pool.clear()
-        with b.transaction() as conn:  # b stores the open revision
-            assert conn.get(oid)["v"] == 1
-        inst = a.storage.new_instance()
-        inst.poll_invalidations()
-        txn = TransactionMetaData()
-        inst.tpc_begin(txn)
-        inst.deleteObject(oid, serial, txn)
-        inst.tpc_vote(txn)
-        inst.tpc_finish(txn)
-        inst.release()
+        oid = delete_unreachable(a, b)
         # The deleting commit is reported at once (no row shows its tid):
         # the sidecar holds the revision no more at views from its tid on.
         a.storage.cache_stats(wait=True)
@@ -697,7 +708,6 @@ def test_a_deletion_is_served_until_the_deleting_process_polls(sidecar, data_dir
     oid at a view past it. Strict: the fix (the deletion known to the
     sidecar before its commit ends, e.g. a pending change applied when the
     horizon passes its tid) makes it pass, and then this mark goes."""
-    from ZODB.Connection import TransactionMetaData
     from ZODB.POSException import POSKeyError
     import tidecache.relstorage
 
@@ -705,24 +715,7 @@ def test_a_deletion_is_served_until_the_deleting_process_polls(sidecar, data_dir
     a = ZODB.DB(TideCacheStorage(open_relstorage(data_dir, False), socket=sidecar.socket))
     b = ZODB.DB(TideCacheStorage(open_relstorage(data_dir, False), socket=sidecar.socket))
     try:
-        with a.transaction() as conn:
-            conn.root()["gone"] = PersistentMapping(v=1)
-        with a.transaction() as conn:
-            oid = conn.root()["gone"]._p_oid
-            serial = conn.root()["gone"]._p_serial
-            del conn.root()["gone"]
-        b.pool.clear()
-        with b.transaction() as conn:  # b stores the open revision
-            assert conn.get(oid)["v"] == 1
-        b.storage.cache_stats(wait=True)
-        inst = a.storage.new_instance()
-        inst.poll_invalidations()
-        txn = TransactionMetaData()
-        inst.tpc_begin(txn)
-        inst.deleteObject(oid, serial, txn)
-        inst.tpc_vote(txn)
-        inst.tpc_finish(txn)
-        inst.release()
+        oid = delete_unreachable(a, b)
         commit(b, other=1)
         b.storage.cache_stats(wait=True)
         b.pool.clear()
